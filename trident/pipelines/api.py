@@ -1,0 +1,103 @@
+"""The contract between the runtime (workers) and the model adapters.
+
+A worker process opens a served pipeline with :func:`trident.pipelines.open_pipeline`
+and runs its stages through the :class:`PipelineStages` protocol below. Everything that
+crosses a process boundary is a flat ``dict[str, torch.Tensor]`` (the runtime's wire
+protocol carries the tensors as zero-copy frames) plus JSON-like ``params``.
+
+Stage contract (all families):
+
+- ``encode``:  inputs ``{}``; params ``prompt``, ``negative_prompt``, ``guidance_scale``
+  (and any family-specific knobs); returns the embeddings the diffuse stage needs.
+- ``diffuse``: inputs = encode's output; params ``height``, ``width``, ``num_frames``
+  (videos), ``num_inference_steps``, ``guidance_scale``, ``seed``; returns
+  ``{"latents": ...}`` (plus whatever decode needs).
+- ``decode``:  inputs = diffuse's output; returns ``{"output": float32 tensor}`` laid out
+  exactly as diffusers' ``output_type="np"`` for one request: ``images[0]`` (H, W, 3) or
+  ``frames[0]`` (F, H, W, 3).
+
+``seed=S`` means ``generator=torch.Generator("cpu").manual_seed(S)`` in diffusers. A
+request run through the three stages returns the same pixels as the pipeline called
+whole with ``output_type="np"``.
+
+Degree k > 1 (diffuse only): every rank of the instance calls ``run`` with the same
+``params`` and its :class:`ParallelContext`; rank 0 passes the real inputs, the other
+ranks pass ``None`` and obtain them from rank 0 through the group. Only rank 0's return
+value is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:  # torch is heavy: simulated workers and the scheduler never import it
+    import torch
+
+__all__ = ["ModelMeta", "ParallelContext", "PipelineStages", "StageName"]
+
+StageName = Literal["encode", "diffuse", "decode"]
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What can be known about a diffusers directory without importing torch.
+
+    Read from ``model_index.json`` and the component configs; used by the scheduler to
+    register a model and validate requests before any worker sees them.
+    """
+
+    path: str
+    family: str  # flux, sd3, wan, cogvideox, hunyuanvideo
+    pipeline_class: str  # model_index.json "_class_name"
+    is_video: bool
+    vae_scale_factor_spatial: int
+    vae_scale_factor_temporal: int = 1  # videos: num_frames must be 1 + k * this
+    # Height/width must be multiples of this (VAE factor x transformer patch size).
+    size_multiple: int = 16
+    max_frames: int | None = None
+    default_num_frames: int | None = None
+    default_steps: int = 28
+    default_guidance_scale: float = 3.5
+    uses_cfg: bool = True  # whether guidance_scale > 1 runs an unconditional branch
+    context_parallel: bool = False  # diffusers has a _cp_plan for its transformer
+    # On-disk bytes of each stage's components (encode: text encoders, diffuse:
+    # transformer, decode: vae).
+    stage_weight_bytes: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelContext:
+    """An instance's process group, as seen from one rank."""
+
+    rank: int
+    world_size: int
+    group: Any  # torch.distributed.ProcessGroup
+    backend: str = "gloo"
+
+
+class PipelineStages(Protocol):
+    """One served pipeline opened on one device."""
+
+    meta: ModelMeta
+    device: str  # "cpu", "cuda:0"
+
+    def load(self, stage: StageName) -> float:
+        """Make ``stage``'s weights resident; returns seconds spent (0 if already)."""
+        ...
+
+    def unload(self, stage: StageName) -> None: ...
+
+    def loaded(self) -> set[StageName]: ...
+
+    def run(
+        self,
+        stage: StageName,
+        inputs: Mapping[str, torch.Tensor] | None,
+        params: Mapping[str, Any],
+        options: Mapping[str, Any] | None = None,
+        parallel: ParallelContext | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run one stage for one request. ``options``: e.g. ``{"vae_tiling": True}``."""
+        ...

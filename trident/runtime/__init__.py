@@ -1,0 +1,1 @@
+"""Mechanism: wire protocol, transport, daemons, workers and devices."""

@@ -1,0 +1,1 @@
+"""Policy: the sans-IO scheduler core (graph, cost model, planner, baselines)."""

@@ -1,0 +1,389 @@
+"""The vocabulary of the sans-IO scheduler core: requests, devices, events, commands.
+
+The scheduler core is driven only through ``Policy.handle(event, now) -> list[Command]``.
+The runtime daemon feeds it real events (from sockets) and executes the commands; the
+simulator feeds it virtual events and executes the commands on virtual time. Nothing in
+this module touches sockets, asyncio or the wall clock.
+
+Conventions:
+- Device ids are strings ``"<node_id>/<kind>:<index>"`` (e.g. ``"n0/sim:3"``).
+- A *task* is one or more consecutive stages of one request run on one instance
+  (``devices``, leader first, at degree ``len(devices)``). Its output is kept on the
+  leader under the key ``task_id`` until the core sends ``ReleaseOutput``.
+- Times are seconds on the caller's clock (``now``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, TypeAlias
+
+__all__ = [
+    "STAGES",
+    "Command",
+    "CompleteRequest",
+    "CostModel",
+    "DeviceInfo",
+    "DeviceKind",
+    "DeviceLost",
+    "DeviceUp",
+    "ErrorCode",
+    "Event",
+    "FailRequest",
+    "InputRef",
+    "LoadStage",
+    "LogEvent",
+    "ModelInfo",
+    "NodeJoined",
+    "NodeLost",
+    "Policy",
+    "ReleaseOutput",
+    "RequestArrived",
+    "RequestCancelled",
+    "RequestSpec",
+    "RunTask",
+    "Shape",
+    "Stage",
+    "StageLoaded",
+    "StageUnloaded",
+    "TaskFailed",
+    "TaskFinished",
+    "TaskStarted",
+    "Tick",
+    "UnloadStage",
+    "new_stimulus_id",
+]
+
+Stage: TypeAlias = Literal["encode", "diffuse", "decode"]
+STAGES: tuple[Stage, ...] = ("encode", "diffuse", "decode")
+DeviceKind: TypeAlias = Literal["cpu", "sim", "cuda"]
+
+# Error codes carried by FailRequest / TaskFailed; the client maps them onto the
+# exception tree in trident.errors.
+ErrorCode: TypeAlias = Literal[
+    "unknown_model",
+    "invalid_request",
+    "overloaded",
+    "stage_failed",
+    "timeout",
+    "cancelled",
+    "out_of_memory",
+    "internal",
+]
+
+_stimulus_counter = itertools.count()
+
+
+def new_stimulus_id(prefix: str = "ev") -> str:
+    """A process-unique id for an event (for logs and tracing)."""
+    return f"{prefix}-{next(_stimulus_counter)}"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a request asks of the model, as far as cost and memory are concerned."""
+
+    height: int
+    width: int
+    num_frames: int = 1  # 1 for images
+    num_inference_steps: int = 28
+    cfg: bool = False  # classifier-free guidance doubles the diffuse batch
+
+    @property
+    def pixels(self) -> int:
+        """height * width * frames: the size the cost model interpolates in."""
+        return self.height * self.width * self.num_frames
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """A request as the scheduler core sees it.
+
+    ``params`` carries everything the stages need but the core does not look at
+    (prompt, negative prompt, seed, guidance scale...), passed through to RunTask.
+    """
+
+    request_id: str
+    model: str  # served model name
+    shape: Shape
+    arrival: float
+    slo_s: float | None = None  # explicit latency budget; default slo_scale x standalone
+    params: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served pipeline."""
+
+    name: str  # served name, e.g. "flux" or "my-flux-dev"
+    family: str  # flux, sd3, wan, cogvideox, hunyuanvideo
+    path: str | None = None  # local diffusers directory; None for simulated-only models
+    is_video: bool = False
+    # Weight bytes per stage on the device (bf16 on GPU); used for placement.
+    stage_weight_bytes: Mapping[str, int] = field(default_factory=dict)
+    # Families whose diffuse stage can run at degree > 1 (context parallel or CFG).
+    max_degree: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device (GPU, CPU slot or simulated GPU) on a node."""
+
+    device_id: str
+    node_id: str
+    kind: DeviceKind
+    index: int  # position within its node: degree-k groups are aligned on it
+    memory_bytes: int
+    speed: float = 1.0  # relative compute speed (1.0 = profile's reference device)
+
+
+@dataclass(frozen=True, slots=True)
+class InputRef:
+    """A stage output kept on a device under ``key`` (the producing task's id)."""
+
+    key: str
+    device_id: str
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class NodeJoined:
+    node_id: str
+    devices: tuple[DeviceInfo, ...]
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLost:
+    node_id: str
+    reason: str = ""
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUp:
+    """A device's worker is ready (first start or after a restart); it holds no stages."""
+
+    device: DeviceInfo
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLost:
+    """A device's worker died or went silent; its queued tasks and kept outputs are gone."""
+
+    device_id: str
+    reason: str = ""
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestArrived:
+    request: RequestSpec
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCancelled:
+    request_id: str
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """The instance began computing the task (inputs received, stages loaded)."""
+
+    task_id: str
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    task_id: str
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)  # per stage run
+    transfer_seconds: float = 0.0  # fetching inputs from peers
+    load_seconds: float = 0.0  # loading stage weights on demand
+    output_bytes: int = 0
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    task_id: str
+    error: ErrorCode = "stage_failed"
+    message: str = ""
+    # True when the failure is the device's, not the request's (a re-run may succeed).
+    retryable: bool = False
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StageLoaded:
+    device_id: str
+    model: str
+    stage: Stage
+    seconds: float = 0.0
+    source: str = ""  # "peer", "node-cache", "disk"
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StageUnloaded:
+    device_id: str
+    model: str
+    stage: Stage
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Periodic wake-up: timeouts, re-planning, monitor windows."""
+
+    stimulus_id: str = ""
+
+
+Event: TypeAlias = (
+    NodeJoined
+    | NodeLost
+    | DeviceUp
+    | DeviceLost
+    | RequestArrived
+    | RequestCancelled
+    | TaskStarted
+    | TaskFinished
+    | TaskFailed
+    | StageLoaded
+    | StageUnloaded
+    | Tick
+)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class RunTask:
+    """Run ``stages`` (consecutive, merged into one call) of a request on ``devices``.
+
+    All devices of the instance receive the task; the leader (``devices[0]``) fetches
+    ``inputs`` from the devices holding them and keeps the output under ``task_id``.
+    When ``final`` the leader sends the output to the scheduler for the client instead.
+    Workers run the tasks they receive first-in-first-out, in the order sent.
+    """
+
+    task_id: str
+    request_id: str
+    model: str
+    stages: tuple[Stage, ...]
+    devices: tuple[str, ...]
+    inputs: tuple[InputRef, ...] = ()
+    final: bool = False
+    params: Mapping[str, object] = field(default_factory=dict)  # request params
+    options: Mapping[str, object] = field(default_factory=dict)  # e.g. {"vae_tiling": True}
+
+    @property
+    def degree(self) -> int:
+        return len(self.devices)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutput:
+    """The kept output ``key`` on ``device_id`` is no longer needed."""
+
+    device_id: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStage:
+    """Prefetch a stage's weights onto a device (optional; tasks also load on demand)."""
+
+    device_id: str
+    model: str
+    stage: Stage
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadStage:
+    device_id: str
+    model: str
+    stage: Stage
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRequest:
+    """The request's final output (sent by its final task) goes to the client."""
+
+    request_id: str
+    timings: Mapping[str, float]  # queue, encode, diffuse, decode, transfer, load, total
+    devices: Mapping[str, tuple[str, ...]]  # stage -> devices that ran it
+    deadline: float | None = None
+    met_slo: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FailRequest:
+    request_id: str
+    error: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """A structured log line the core wants written (e.g. which solver decided)."""
+
+    event: str
+    fields: Mapping[str, object] = field(default_factory=dict)
+
+
+Command: TypeAlias = (
+    RunTask
+    | ReleaseOutput
+    | LoadStage
+    | UnloadStage
+    | CompleteRequest
+    | FailRequest
+    | LogEvent
+)
+
+
+# --------------------------------------------------------------------------- interfaces
+
+
+class Policy(Protocol):
+    """A scheduler core. Pure: its output depends only on the events and ``now``."""
+
+    name: str
+
+    def handle(self, event: Event, now: float) -> list[Command]: ...
+
+
+class CostModel(Protocol):
+    """Latency and memory of stages; the planner's estimate and the simulator's truth."""
+
+    def stage_seconds(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> float:
+        """Seconds for one request's ``stage`` at ``degree`` on a speed-1.0 device."""
+        ...
+
+    def stage_peak_bytes(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> int:
+        """Peak activation bytes per device for ``stage`` (weights excluded)."""
+        ...
+
+    def weight_bytes(self, family: str, stage: Stage) -> int: ...
+
+    def output_bytes(self, family: str, stage: Stage, shape: Shape) -> int:
+        """Bytes of the tensors ``stage`` hands to the next stage (or the client)."""
+        ...
+
+    def transfer_seconds(self, nbytes: int, same_node: bool) -> float: ...
+
+    def load_seconds(self, family: str, stage: Stage, source: str) -> float:
+        """Seconds to load a stage's weights from "peer", "node-cache" or "disk"."""
+        ...

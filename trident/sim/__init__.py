@@ -1,0 +1,1 @@
+"""Discrete-event simulator driving the scheduler core on virtual time."""
