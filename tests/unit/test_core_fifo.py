@@ -1,0 +1,127 @@
+"""The request lifecycle of the scheduler core, driven with plain calls (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trident.sched.core import CoreConfig, FifoPolicy
+from trident.sched.types import (
+    CompleteRequest,
+    DeviceInfo,
+    DeviceLost,
+    FailRequest,
+    ModelInfo,
+    NodeJoined,
+    ReleaseOutput,
+    RequestArrived,
+    RequestCancelled,
+    RequestSpec,
+    RunTask,
+    Shape,
+    TaskFailed,
+    TaskFinished,
+    TaskStarted,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+MODELS = {"flux": ModelInfo(name="flux", family="flux")}
+
+
+def node(n: int, node_id: str = "n0") -> NodeJoined:
+    return NodeJoined(
+        node_id,
+        tuple(DeviceInfo(f"{node_id}/sim:{i}", node_id, "sim", i, 80 << 30) for i in range(n)),
+    )
+
+
+def request(rid: str, t: float = 0.0, model: str = "flux") -> RequestArrived:
+    return RequestArrived(RequestSpec(rid, model, Shape(64, 64, 1, 2), arrival=t, params={"prompt": "x"}))
+
+
+def runs(cmds: list) -> list[RunTask]:
+    return [c for c in cmds if isinstance(c, RunTask)]
+
+
+def drive_to_completion(core: FifoPolicy, cmds: list, now: float = 1.0) -> list:
+    """Finish every task as soon as it is issued; return all commands seen."""
+    seen = list(cmds)
+    pending = runs(cmds)
+    while pending:
+        task = pending.pop(0)
+        core.handle(TaskStarted(task.task_id), now)
+        out = core.handle(TaskFinished(task.task_id, {task.stages[0]: 0.1}), now)
+        seen += out
+        pending += runs(out)
+        now += 0.5
+    return seen
+
+
+def test_request_runs_encode_diffuse_decode_in_order_and_completes() -> None:
+    core = FifoPolicy(MODELS)
+    core.handle(node(1), 0.0)
+    cmds = core.handle(request("r1"), 0.0)
+    seen = drive_to_completion(core, cmds)
+    stages = [t.stages for t in runs(seen)]
+    assert stages == [("encode",), ("diffuse",), ("decode",)]
+    tasks = runs(seen)
+    # each stage consumes the previous stage's output, only the last goes to the client
+    assert tasks[1].inputs[0].key == tasks[0].task_id
+    assert tasks[2].inputs[0].key == tasks[1].task_id
+    assert [t.final for t in tasks] == [False, False, True]
+    done = [c for c in seen if isinstance(c, CompleteRequest)]
+    assert len(done) == 1 and done[0].request_id == "r1"
+    assert done[0].timings["encode"] == pytest.approx(0.1)
+    # every kept output is released once nobody needs it
+    released = {c.key for c in seen if isinstance(c, ReleaseOutput)}
+    assert released == {tasks[0].task_id, tasks[1].task_id}
+
+
+def test_unknown_model_and_overload_are_typed_failures() -> None:
+    core = FifoPolicy(MODELS, config=CoreConfig(max_queue=2))
+    core.handle(node(1), 0.0)
+    [fail] = core.handle(request("x", model="nope"), 0.0)
+    assert isinstance(fail, FailRequest) and fail.error == "unknown_model"
+    core.handle(request("a"), 0.0)
+    core.handle(request("b"), 0.0)
+    out = core.handle(request("c"), 0.0)
+    assert [c.error for c in out if isinstance(c, FailRequest)] == ["overloaded"]
+
+
+def test_lost_device_reruns_the_stage_elsewhere() -> None:
+    core = FifoPolicy(MODELS)
+    core.handle(node(2), 0.0)
+    [enc] = runs(core.handle(request("r1"), 0.0))
+    core.handle(TaskFinished(enc.task_id, {"encode": 0.1}), 0.1)
+    # the diffuse task went somewhere; kill that device
+    diffuse = next(t.cmd for t in core.tasks.values())
+    out = core.handle(DeviceLost(diffuse.devices[0], "killed"), 0.2)
+    rerun = runs(out)
+    assert rerun, "the request must be re-dispatched on the surviving device"
+    assert all(d != diffuse.devices[0] for t in rerun for d in t.devices)
+    seen = drive_to_completion(core, out, 0.3)
+    assert any(isinstance(c, CompleteRequest) for c in seen)
+
+
+def test_non_retryable_failure_fails_only_that_request() -> None:
+    core = FifoPolicy(MODELS)
+    core.handle(node(1), 0.0)
+    [t1] = runs(core.handle(request("bad"), 0.0))
+    core.handle(request("good"), 0.0)
+    out = core.handle(TaskFailed(t1.task_id, "stage_failed", "boom", retryable=False), 0.1)
+    fails = [c for c in out if isinstance(c, FailRequest)]
+    assert [(f.request_id, f.error) for f in fails] == [("bad", "stage_failed")]
+    seen = drive_to_completion(core, out + runs(core.handle(TaskStarted("none"), 0.2)), 0.2)
+    # the other request still completes
+    pending = [t for t in core.tasks.values()]
+    seen += drive_to_completion(core, [t.cmd for t in pending], 0.3)
+    assert any(isinstance(c, CompleteRequest) and c.request_id == "good" for c in seen)
+
+
+def test_cancel_waiting_request_replies_cancelled() -> None:
+    core = FifoPolicy(MODELS, config=CoreConfig(max_inflight_per_device=1))
+    core.handle(node(1), 0.0)
+    core.handle(request("a"), 0.0)
+    core.handle(request("b"), 0.0)  # waits: the only device is busy
+    out = core.handle(RequestCancelled("b"), 0.1)
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("b", "cancelled")]

@@ -1,0 +1,508 @@
+# CORE-READY
+"""The request lifecycle of the scheduler core, and the simple stage-level FIFO policy.
+
+``SchedulerCore`` owns the bookkeeping every policy needs and no policy should redo:
+admission control, the request -> task state machine, kept stage outputs and when to
+release them, re-runs after a device is lost, completion and failure replies, timings.
+Subclasses decide only *where and when* stages run by overriding :meth:`plan`, using
+:meth:`start_task` to issue a task.
+
+Output keeping: a stage's output stays on its leader device until the stage after it
+has *finished* (not merely fetched it), so a worker that dies mid-stage costs one re-run
+of that stage. If the device holding a request's latest output is lost, the request
+restarts from the first stage whose input still exists (encode needs none).
+
+Pure: no sockets, no asyncio, no wall clock — ``now`` comes with each event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from trident.sched.types import (
+    STAGES,
+    Command,
+    CompleteRequest,
+    CostModel,
+    DeviceInfo,
+    DeviceLost,
+    DeviceUp,
+    ErrorCode,
+    Event,
+    FailRequest,
+    InputRef,
+    LogEvent,
+    ModelInfo,
+    NodeJoined,
+    NodeLost,
+    ReleaseOutput,
+    RequestArrived,
+    RequestCancelled,
+    RequestSpec,
+    RunTask,
+    Stage,
+    StageLoaded,
+    StageUnloaded,
+    TaskFailed,
+    TaskFinished,
+    TaskStarted,
+    Tick,
+)
+
+__all__ = [
+    "CoreConfig",
+    "DeviceState",
+    "FifoPolicy",
+    "RequestState",
+    "SchedulerCore",
+    "TaskState",
+    "standalone_latency",
+]
+
+
+@dataclass
+class CoreConfig:
+    max_queue: int = 1024  # admitted-but-unfinished requests; past it: "overloaded"
+    max_attempts: int = 3  # per request, re-runs after device loss / retryable failures
+    max_inflight_per_device: int = 2  # tasks sent to one worker and not finished
+    slo_scale: float = 2.5
+    efficiency: float = 0.8  # (t1/tk)/k threshold for an "efficient" degree
+
+
+@dataclass
+class DeviceState:
+    info: DeviceInfo
+    up: bool = True
+    holds: set[tuple[str, Stage]] = field(default_factory=set)  # (model, stage) resident
+    inflight: list[str] = field(default_factory=list)  # task ids, in send order
+    busy_until: float = 0.0  # policy's estimate of when the queue drains
+
+    @property
+    def device_id(self) -> str:
+        return self.info.device_id
+
+
+@dataclass
+class RequestState:
+    spec: RequestSpec
+    family: str
+    deadline: float | None
+    next_stage: int = 0  # index into STAGES of the first stage not yet finished
+    output: InputRef | None = None  # latest kept stage output
+    older_output: InputRef | None = None  # kept until the stage consuming `output` ends
+    task_id: str | None = None  # in-flight task
+    attempts: int = 1
+    cancelled: bool = False
+    first_start: float | None = None
+    timings: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("encode", "diffuse", "decode", "transfer", "load"), 0.0
+        )
+    )
+    stage_devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def pending_stages(self) -> tuple[Stage, ...]:
+        return STAGES[self.next_stage :]
+
+
+@dataclass
+class TaskState:
+    cmd: RunTask
+    sent_at: float
+    started_at: float | None = None
+
+
+def standalone_latency(
+    cost: CostModel, family: str, spec: RequestSpec, max_degree: int = 8, efficiency: float = 0.8
+) -> tuple[float, int]:
+    """(seconds, degree): all three stages alone on an idle cluster at the best efficient
+    diffuse degree — the base of the request's deadline."""
+    shape = spec.shape
+    t1 = cost.stage_seconds(family, "diffuse", shape, 1)
+    best_k, best_t = 1, t1
+    k = 2
+    while k <= max_degree:
+        tk = cost.stage_seconds(family, "diffuse", shape, k)
+        if tk > 0 and (t1 / tk) / k >= efficiency and tk < best_t:
+            best_k, best_t = k, tk
+        k *= 2
+    total = (
+        cost.stage_seconds(family, "encode", shape, 1)
+        + best_t
+        + cost.stage_seconds(family, "decode", shape, 1)
+    )
+    return total, best_k
+
+
+class SchedulerCore:
+    """Request lifecycle; subclasses override :meth:`plan` to dispatch."""
+
+    name = "core"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel | None = None,
+        config: CoreConfig | None = None,
+    ) -> None:
+        self.models = dict(models)
+        self.cost = cost
+        self.config = config or CoreConfig()
+        self.devices: dict[str, DeviceState] = {}
+        self.requests: dict[str, RequestState] = {}  # admitted, not yet ended
+        self.tasks: dict[str, TaskState] = {}
+        # Requests whose next stage waits for dispatch, in arrival order.
+        self.waiting: dict[str, RequestState] = {}
+        self._task_seq = 0
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        out: list[Command] = []
+        if isinstance(event, RequestArrived):
+            self._on_arrived(event.request, now, out)
+        elif isinstance(event, TaskStarted):
+            self._on_started(event, now)
+        elif isinstance(event, TaskFinished):
+            self._on_finished(event, now, out)
+        elif isinstance(event, TaskFailed):
+            self._on_failed(event, now, out)
+        elif isinstance(event, NodeJoined):
+            for dev in event.devices:
+                self._on_device_up(dev, now, out)
+        elif isinstance(event, DeviceUp):
+            self._on_device_up(event.device, now, out)
+        elif isinstance(event, DeviceLost):
+            self._on_device_lost(event.device_id, event.reason, now, out)
+        elif isinstance(event, NodeLost):
+            for dev_id in [d for d, s in self.devices.items() if s.info.node_id == event.node_id]:
+                self._on_device_lost(dev_id, event.reason or "node lost", now, out)
+        elif isinstance(event, RequestCancelled):
+            self._on_cancelled(event.request_id, now, out)
+        elif isinstance(event, StageLoaded):
+            dev = self.devices.get(event.device_id)
+            if dev is not None:
+                dev.holds.add((event.model, event.stage))
+        elif isinstance(event, StageUnloaded):
+            dev = self.devices.get(event.device_id)
+            if dev is not None:
+                dev.holds.discard((event.model, event.stage))
+        elif isinstance(event, Tick):
+            pass
+        else:  # pragma: no cover - a programming error, not input
+            raise TypeError(f"unknown event {event!r}")
+        out.extend(self.plan(now))
+        return out
+
+    # ------------------------------------------------------------------ policy hook
+
+    def plan(self, now: float) -> list[Command]:
+        """Dispatch waiting stages. Override in policies."""
+        return []
+
+    # ------------------------------------------------------------------ helpers for policies
+
+    def up_devices(self) -> list[DeviceState]:
+        return [d for d in self.devices.values() if d.up]
+
+    def start_task(
+        self,
+        req: RequestState,
+        stages: tuple[Stage, ...],
+        devices: tuple[str, ...],
+        now: float,
+        options: Mapping[str, object] | None = None,
+        est_seconds: float = 0.0,
+    ) -> RunTask:
+        """Issue ``stages`` (the request's next ones, consecutive) on ``devices``."""
+        expected = req.pending_stages[: len(stages)]
+        if tuple(stages) != expected or not stages:
+            raise ValueError(f"{req.request_id}: stages {stages} are not the next ones {expected}")
+        if req.task_id is not None:
+            raise ValueError(f"{req.request_id} already has task {req.task_id} in flight")
+        self._task_seq += 1
+        task_id = f"{req.request_id}.{'+'.join(s[:3] for s in stages)}.{self._task_seq}"
+        final = req.next_stage + len(stages) == len(STAGES)
+        spec = req.spec
+        params = dict(spec.params)
+        params.update(
+            height=spec.shape.height,
+            width=spec.shape.width,
+            num_frames=spec.shape.num_frames,
+            num_inference_steps=spec.shape.num_inference_steps,
+        )
+        cmd = RunTask(
+            task_id=task_id,
+            request_id=req.request_id,
+            model=spec.model,
+            stages=tuple(stages),
+            devices=tuple(devices),
+            inputs=(req.output,) if req.output is not None else (),
+            final=final,
+            params=params,
+            options=dict(options or {}),
+        )
+        self.tasks[task_id] = TaskState(cmd=cmd, sent_at=now)
+        req.task_id = task_id
+        self.waiting.pop(req.request_id, None)
+        for d in devices:
+            st = self.devices[d]
+            st.inflight.append(task_id)
+            st.busy_until = max(st.busy_until, now) + est_seconds
+        return cmd
+
+    # ------------------------------------------------------------------ event handlers
+
+    def _on_arrived(self, spec: RequestSpec, now: float, out: list[Command]) -> None:
+        model = self.models.get(spec.model)
+        if model is None:
+            out.append(FailRequest(spec.request_id, "unknown_model", f"no model named {spec.model!r} is served"))
+            return
+        if spec.request_id in self.requests:
+            out.append(FailRequest(spec.request_id, "invalid_request", "duplicate request id"))
+            return
+        if len(self.requests) >= self.config.max_queue:
+            out.append(
+                FailRequest(
+                    spec.request_id,
+                    "overloaded",
+                    f"{len(self.requests)} requests in flight (limit {self.config.max_queue})",
+                )
+            )
+            return
+        deadline = self.deadline_for(spec, model)
+        req = RequestState(spec=spec, family=model.family, deadline=deadline)
+        self.requests[spec.request_id] = req
+        self.waiting[spec.request_id] = req
+
+    def deadline_for(self, spec: RequestSpec, model: ModelInfo) -> float | None:
+        if spec.slo_s is not None:
+            return spec.arrival + spec.slo_s
+        if self.cost is None:
+            return None
+        base, _ = standalone_latency(
+            self.cost, model.family, spec, model.max_degree, self.config.efficiency
+        )
+        return spec.arrival + self.config.slo_scale * base
+
+    def _on_started(self, ev: TaskStarted, now: float) -> None:
+        task = self.tasks.get(ev.task_id)
+        if task is None or task.started_at is not None:
+            return
+        task.started_at = now
+        req = self.requests.get(task.cmd.request_id)
+        if req is not None and req.first_start is None:
+            req.first_start = now
+
+    def _finish_task_bookkeeping(self, task_id: str) -> TaskState | None:
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return None
+        for d in task.cmd.devices:
+            st = self.devices.get(d)
+            if st is not None and task_id in st.inflight:
+                st.inflight.remove(task_id)
+        return task
+
+    def _on_finished(self, ev: TaskFinished, now: float, out: list[Command]) -> None:
+        task = self._finish_task_bookkeeping(ev.task_id)
+        if task is None:
+            return  # a late report for a task we already gave up on
+        cmd = task.cmd
+        req = self.requests.get(cmd.request_id)
+        if req is None or req.task_id != cmd.task_id:
+            if not cmd.final:
+                out.append(ReleaseOutput(cmd.devices[0], cmd.task_id))
+            return
+        req.task_id = None
+        for stage, secs in ev.stage_seconds.items():
+            if stage in req.timings:
+                req.timings[stage] += float(secs)
+        req.timings["transfer"] += ev.transfer_seconds
+        req.timings["load"] += ev.load_seconds
+        for s in cmd.stages:
+            req.stage_devices[s] = cmd.devices
+            leader = self.devices.get(cmd.devices[0])
+            if leader is not None:
+                leader.holds.add((cmd.model, s))
+        req.next_stage += len(cmd.stages)
+        # The output that fed this task can go once this task is done; the one before
+        # it certainly can.
+        if req.older_output is not None:
+            out.append(ReleaseOutput(req.older_output.device_id, req.older_output.key))
+        req.older_output = req.output
+        if cmd.final:
+            if req.older_output is not None:
+                out.append(ReleaseOutput(req.older_output.device_id, req.older_output.key))
+            req.older_output = None
+            req.output = None
+            self._complete(req, now, out)
+            return
+        req.output = InputRef(cmd.task_id, cmd.devices[0])
+        if req.cancelled:
+            self._fail(req, "cancelled", "cancelled by the client", out)
+            return
+        self.waiting[req.request_id] = req
+
+    def _complete(self, req: RequestState, now: float, out: list[Command]) -> None:
+        total = now - req.spec.arrival
+        t = dict(req.timings)
+        busy = sum(t.values())
+        t["queue"] = max(0.0, total - busy)
+        t["total"] = total
+        met = None if req.deadline is None else now <= req.deadline + 1e-9
+        out.append(
+            CompleteRequest(
+                request_id=req.request_id,
+                timings=t,
+                devices=dict(req.stage_devices),
+                deadline=req.deadline,
+                met_slo=met,
+            )
+        )
+        self.requests.pop(req.request_id, None)
+        self.waiting.pop(req.request_id, None)
+
+    def _fail(self, req: RequestState, error: ErrorCode, message: str, out: list[Command]) -> None:
+        for ref in (req.output, req.older_output):
+            if ref is not None and ref.device_id in self.devices and self.devices[ref.device_id].up:
+                out.append(ReleaseOutput(ref.device_id, ref.key))
+        req.output = req.older_output = None
+        out.append(FailRequest(req.request_id, error, message))
+        self.requests.pop(req.request_id, None)
+        self.waiting.pop(req.request_id, None)
+
+    def _on_failed(self, ev: TaskFailed, now: float, out: list[Command]) -> None:
+        task = self._finish_task_bookkeeping(ev.task_id)
+        if task is None:
+            return
+        req = self.requests.get(task.cmd.request_id)
+        if req is None or req.task_id != task.cmd.task_id:
+            return
+        req.task_id = None
+        if req.cancelled:
+            self._fail(req, "cancelled", "cancelled by the client", out)
+            return
+        if ev.retryable and req.attempts < self.config.max_attempts:
+            req.attempts += 1
+            out.append(
+                LogEvent(
+                    "stage.retry",
+                    {"request_id": req.request_id, "task_id": ev.task_id, "reason": ev.message},
+                )
+            )
+            self.waiting[req.request_id] = req
+            return
+        stage = task.cmd.stages[0]
+        self._fail(req, ev.error, f"{stage} failed on {task.cmd.devices[0]}: {ev.message}", out)
+
+    def _on_device_up(self, info: DeviceInfo, now: float, out: list[Command]) -> None:
+        old = self.devices.get(info.device_id)
+        if old is not None and old.up:
+            # A restart we did not see die: everything it held is gone.
+            self._on_device_lost(info.device_id, "restarted", now, out)
+        self.devices[info.device_id] = DeviceState(info=info, up=True, busy_until=now)
+
+    def _on_device_lost(self, device_id: str, reason: str, now: float, out: list[Command]) -> None:
+        st = self.devices.get(device_id)
+        if st is None or not st.up:
+            return
+        st.up = False
+        st.holds.clear()
+        lost_tasks = list(st.inflight)
+        st.inflight.clear()
+        for task_id in lost_tasks:
+            task = self._finish_task_bookkeeping(task_id)
+            if task is None:
+                continue
+            req = self.requests.get(task.cmd.request_id)
+            if req is not None and req.task_id == task_id:
+                req.task_id = None
+                self._requeue_after_loss(req, f"task {task_id} lost with {device_id}: {reason}", out)
+        # Requests whose kept output lived on the lost device must redo the stage(s).
+        for req in list(self.requests.values()):
+            if req.task_id is not None:
+                task = self.tasks.get(req.task_id)
+                feeds = task is not None and any(i.device_id == device_id for i in task.cmd.inputs)
+                if not feeds:
+                    continue
+                # Its in-flight task cannot get its input: abandon it (the workers will
+                # report it failed; the late report is ignored).
+                self._finish_task_bookkeeping(req.task_id)
+                req.task_id = None
+            if req.output is not None and req.output.device_id == device_id:
+                self._rollback(req)
+                self._requeue_after_loss(req, f"output lost with {device_id}: {reason}", out)
+            elif req.older_output is not None and req.older_output.device_id == device_id:
+                req.older_output = None
+
+    def _rollback(self, req: RequestState) -> None:
+        """The latest output is gone: resume from the newest stage whose input exists."""
+        if req.older_output is not None and req.older_output.device_id in self.devices and self.devices[req.older_output.device_id].up:
+            req.output = req.older_output
+            req.older_output = None
+            req.next_stage -= 1
+        else:
+            req.output = req.older_output = None
+            req.next_stage = 0
+            for k in ("encode", "diffuse", "decode", "transfer", "load"):
+                req.timings[k] = 0.0
+
+    def _requeue_after_loss(self, req: RequestState, why: str, out: list[Command]) -> None:
+        if req.cancelled:
+            self._fail(req, "cancelled", "cancelled by the client", out)
+            return
+        if req.attempts >= self.config.max_attempts:
+            self._fail(req, "stage_failed", f"gave up after {req.attempts} attempts: {why}", out)
+            return
+        req.attempts += 1
+        out.append(LogEvent("stage.rerun", {"request_id": req.request_id, "reason": why}))
+        self.waiting[req.request_id] = req
+
+    def _on_cancelled(self, request_id: str, now: float, out: list[Command]) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.task_id is None:
+            self._fail(req, "cancelled", "cancelled by the client", out)
+        else:
+            req.cancelled = True  # ends when its running task reports
+
+
+class FifoPolicy(SchedulerCore):
+    """Stage-level FIFO: each waiting stage, in arrival order, goes to the least-loaded
+    up device (preferring the one holding its input, then one holding the stage's
+    weights), at degree 1. Every device may hold every stage."""
+
+    name = "fifo"
+
+    def plan(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        if not self.waiting:
+            return out
+        limit = self.config.max_inflight_per_device
+        free = {d.device_id: d for d in self.devices.values() if d.up and len(d.inflight) < limit}
+        if not free:
+            return out
+        for req in list(self.waiting.values()):
+            if not free:
+                break
+            stage = req.pending_stages[0]
+            model = req.spec.model
+
+            def rank(d: DeviceState, req: RequestState = req, stage: Stage = stage) -> tuple[int, int, int, str]:
+                has_input = req.output is not None and req.output.device_id == d.device_id
+                return (len(d.inflight), 0 if has_input else 1, 0 if (model, stage) in d.holds else 1, d.device_id)
+
+            best = min(free.values(), key=rank)
+            est = self.cost.stage_seconds(req.family, stage, req.spec.shape, 1) if self.cost else 0.0
+            out.append(self.start_task(req, (stage,), (best.device_id,), now, est_seconds=est))
+            if len(best.inflight) >= limit:
+                free.pop(best.device_id)
+        return out
