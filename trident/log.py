@@ -1,0 +1,53 @@
+"""Structured logging: structlog JSON lines with stable event names and bound ids.
+
+Event names are part of the interface (``trident report`` and users' dashboards read
+them): ``request.arrived``, ``request.finished``, ``request.failed``,
+``stage.dispatched``, ``stage.started``, ``stage.finished``, ``stage.failed``,
+``stage.loaded``, ``stage.unloaded``, ``placement.changed``, ``node.joined``,
+``node.lost``, ``worker.joined``, ``worker.died``, ``worker.restarted``,
+``protocol.error``, ``dispatch.solved``. Every line has ``ts`` (unix seconds),
+``component`` and the ids it concerns (``request_id``, ``task_id``, ``device_id``...).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger"]
+
+_configured = False
+
+
+def configure_logging(
+    log_file: str | None = None, *, level: str = "info", stream: TextIO | None = None
+) -> None:
+    """JSON lines to ``log_file`` (appending) or ``stream`` (default stderr)."""
+    global _configured
+    out: TextIO
+    if log_file:
+        out = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    else:
+        out = stream or sys.stderr
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt=None, key="ts"),  # unix seconds, float
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def get_logger(component: str, **bound: Any) -> Any:
+    if not _configured:
+        configure_logging()
+    return structlog.get_logger().bind(component=component, **bound)

@@ -1,0 +1,316 @@
+"""Device kinds and the executors that run stage tasks on them.
+
+- ``sim``: a simulated GPU. A stage sleeps for the cost model's time (times the node's
+  ``time_scale``) and memory is accounted (weights of resident stages + the task's peak
+  activation); a task that would not fit fails with ``out_of_memory`` as on a real GPU.
+  Never imports torch, so a 128-device load test fits on a small machine.
+- ``cpu``: a CPU slot running the real diffusers stages (``trident.pipelines``).
+- ``cuda``: one GPU running the real stages.
+
+Executors are called from the worker's compute thread; they never touch sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trident.errors import ConfigError
+from trident.sched.types import Shape
+
+__all__ = [
+    "DeviceSpec",
+    "Executor",
+    "OutOfMemory",
+    "SimExecutor",
+    "StageError",
+    "TorchExecutor",
+    "make_executor",
+    "parse_devices",
+]
+
+GiB = 1 << 30
+
+
+class StageError(Exception):
+    """A stage failed for reasons of the request (bad input), not of the device."""
+
+
+class OutOfMemory(Exception):
+    """A stage did not fit in the device's memory."""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    kind: str  # cpu | sim | cuda
+    index: int  # position on the node
+    ordinal: int  # cuda ordinal (cuda), else == index
+    memory_bytes: int
+    speed: float = 1.0
+
+
+def parse_devices(spec: str, *, sim_memory_gb: float = 80.0, speed: float = 1.0) -> list[DeviceSpec]:
+    """``cpu:N``, ``sim:N`` or ``cuda:0,1,...`` (``cuda:all`` = every visible GPU)."""
+    m = re.fullmatch(r"(cpu|sim|cuda):([0-9,]+|all)", spec.strip())
+    if not m:
+        raise ConfigError(f"--devices {spec!r}: expected cpu:N, sim:N or cuda:0,1,...")
+    kind, rest = m.group(1), m.group(2)
+    if kind in ("cpu", "sim"):
+        if not rest.isdigit() or not 1 <= int(rest) <= 1024:
+            raise ConfigError(f"--devices {spec!r}: N must be an integer in [1, 1024]")
+        n = int(rest)
+        if kind == "sim":
+            mem = int(sim_memory_gb * GiB)
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            mem = total // n
+        return [DeviceSpec(kind, i, i, mem, speed) for i in range(n)]
+    import torch  # cuda nodes only
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--devices cuda:...: no CUDA device is visible")
+    count = torch.cuda.device_count()
+    ordinals = list(range(count)) if rest == "all" else [int(x) for x in rest.split(",") if x]
+    for o in ordinals:
+        if not 0 <= o < count:
+            raise ConfigError(f"--devices {spec!r}: cuda:{o} does not exist ({count} visible)")
+    return [
+        DeviceSpec("cuda", i, o, int(torch.cuda.get_device_properties(o).total_memory), speed)
+        for i, o in enumerate(ordinals)
+    ]
+
+
+@dataclass
+class TaskResult:
+    outputs: dict[str, Any]
+    stage_seconds: dict[str, float]
+    load_seconds: float = 0.0
+    loaded: list[tuple[str, str, float, str]] = field(default_factory=list)  # model, stage, s, source
+
+
+class Executor:
+    """Runs the stages of one task on this device (called in the compute thread)."""
+
+    kind = "base"
+
+    def run(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: Mapping[str, Any] | None,
+        params: Mapping[str, Any],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> TaskResult:
+        raise NotImplementedError
+
+    def load(self, model: str, stage: str) -> tuple[float, str]:
+        return 0.0, "none"
+
+    def unload(self, model: str, stage: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class SimExecutor(Executor):
+    """Sleeps for the cost model's time; accounts memory; emits small stand-in tensors."""
+
+    kind = "sim"
+
+    def __init__(
+        self,
+        models: Mapping[str, Mapping[str, Any]],
+        memory_bytes: int,
+        *,
+        time_scale: float = 1.0,
+        speed: float = 1.0,
+        payload_cap: int = 64 << 10,
+    ) -> None:
+        from trident.sched.cost import load_cost_model
+
+        self.cost = load_cost_model()
+        self.models = dict(models)
+        self.memory_bytes = memory_bytes
+        self.time_scale = time_scale
+        self.speed = speed
+        self.payload_cap = payload_cap
+        self.resident: dict[tuple[str, str], int] = {}  # (model, stage) -> weight bytes
+
+    def _family(self, model: str) -> str:
+        info = self.models.get(model)
+        if info is None:
+            raise StageError(f"unknown model {model!r}")
+        return str(info["family"])
+
+    def load(self, model: str, stage: str) -> tuple[float, str]:
+        if (model, stage) in self.resident:
+            return 0.0, "resident"
+        family = self._family(model)
+        need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
+        self._make_room(need, keep={(model, stage)})
+        secs = self.cost.load_seconds(family, stage, "node-cache") * self.time_scale  # type: ignore[arg-type]
+        time.sleep(secs)
+        self.resident[(model, stage)] = need
+        return secs, "node-cache"
+
+    def unload(self, model: str, stage: str) -> None:
+        self.resident.pop((model, stage), None)
+
+    def _make_room(self, need: int, keep: set[tuple[str, str]], peak: int = 0) -> None:
+        used = sum(self.resident.values())
+        if used + need + peak <= self.memory_bytes:
+            return
+        # Evict stages this task does not need, largest first.
+        for key, size in sorted(self.resident.items(), key=lambda kv: -kv[1]):
+            if key in keep:
+                continue
+            del self.resident[key]
+            used -= size
+            if used + need + peak <= self.memory_bytes:
+                return
+        raise OutOfMemory(
+            f"needs {(need + peak) / GiB:.1f} GiB with {used / GiB:.1f} GiB resident "
+            f"of {self.memory_bytes / GiB:.1f} GiB"
+        )
+
+    def run(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: Mapping[str, Any] | None,
+        params: Mapping[str, Any],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> TaskResult:
+        family = self._family(model)
+        degree = int(options.get("degree", 1))
+        shape = Shape(
+            height=int(params["height"]),
+            width=int(params["width"]),
+            num_frames=int(params.get("num_frames") or 1),
+            num_inference_steps=int(params["num_inference_steps"]),
+        )
+        result = TaskResult(outputs={}, stage_seconds={})
+        for stage in stages:
+            secs, source = self.load(model, stage)
+            if secs:
+                result.load_seconds += secs
+                result.loaded.append((model, stage, secs, source))
+        for stage in stages:
+            peak = self.cost.stage_peak_bytes(family, stage, shape, degree)  # type: ignore[arg-type]
+            self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
+            secs = self.cost.stage_seconds(family, stage, shape, degree) / self.speed  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            time.sleep(secs * self.time_scale)
+            result.stage_seconds[stage] = time.perf_counter() - t0
+        last = stages[-1]
+        if last == "decode":
+            # The client gets an array of the real layout, scaled down to stay cheap.
+            h = max(1, shape.height // 64)
+            w = max(1, shape.width // 64)
+            arr = np.full((h, w, 3), 0.5, dtype=np.float32)
+            if shape.num_frames > 1:
+                arr = np.repeat(arr[None], min(shape.num_frames, 8), axis=0)
+            result.outputs = {"output": arr}
+        else:
+            nbytes = min(self.cost.output_bytes(family, last, shape), self.payload_cap)  # type: ignore[arg-type]
+            result.outputs = {"latents": np.zeros(max(1, nbytes // 4), dtype=np.float32)}
+        return result
+
+
+class TorchExecutor(Executor):
+    """Runs the real diffusers stages of ``trident.pipelines`` on a CPU or CUDA device."""
+
+    def __init__(self, models: Mapping[str, Mapping[str, Any]], device: str, threads: int | None = None) -> None:
+        import torch
+
+        self.kind = "cuda" if device.startswith("cuda") else "cpu"
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.models = dict(models)
+        self.pipes: dict[str, Any] = {}
+
+    def _pipe(self, model: str) -> Any:
+        pipe = self.pipes.get(model)
+        if pipe is None:
+            info = self.models.get(model)
+            if info is None or not info.get("path"):
+                raise StageError(f"model {model!r} has no weights directory on this node")
+            from trident.pipelines import open_pipeline
+
+            pipe = open_pipeline(str(info["path"]), device=self.device)
+            self.pipes[model] = pipe
+        return pipe
+
+    def load(self, model: str, stage: str) -> tuple[float, str]:
+        pipe = self._pipe(model)
+        if stage in pipe.loaded():
+            return 0.0, "resident"
+        return float(pipe.load(stage)), "disk"
+
+    def unload(self, model: str, stage: str) -> None:
+        pipe = self.pipes.get(model)
+        if pipe is not None:
+            pipe.unload(stage)
+
+    def run(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: Mapping[str, Any] | None,
+        params: Mapping[str, Any],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> TaskResult:
+        import torch
+
+        result = TaskResult(outputs={}, stage_seconds={})
+        for stage in stages:
+            secs, source = self.load(model, stage)
+            if secs:
+                result.load_seconds += secs
+                result.loaded.append((model, stage, secs, source))
+        pipe = self._pipe(model)
+        current: Mapping[str, Any] | None = inputs
+        for i, stage in enumerate(stages):
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    current = pipe.run(
+                        stage, current, params, options, parallel if stage == "diffuse" else None
+                    )
+            except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+                raise OutOfMemory(str(exc)) from exc
+            result.stage_seconds[stage] = time.perf_counter() - t0
+            if parallel is not None and parallel.rank != 0 and i == len(stages) - 1:
+                current = {}
+        result.outputs = dict(current or {})
+        return result
+
+
+def make_executor(
+    kind: str,
+    models: Mapping[str, Mapping[str, Any]],
+    *,
+    memory_bytes: int,
+    ordinal: int = 0,
+    time_scale: float = 1.0,
+    speed: float = 1.0,
+    threads: int | None = None,
+) -> Executor:
+    if kind == "sim":
+        return SimExecutor(models, memory_bytes, time_scale=time_scale, speed=speed)
+    if kind == "cpu":
+        return TorchExecutor(models, "cpu", threads=threads)
+    if kind == "cuda":
+        return TorchExecutor(models, f"cuda:{ordinal}", threads=threads)
+    raise ConfigError(f"unknown device kind {kind!r}")

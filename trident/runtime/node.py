@@ -1,0 +1,301 @@
+"""``trident-node``: one per machine. Registers its devices, spawns one worker process
+per device, restarts a worker that dies (with exponential backoff), and heartbeats.
+
+The node reports a worker's death to the scheduler the moment the process exits (the
+fast channel); the scheduler's heartbeat TTL is the slow one. Shutdown is cooperative
+(SIGTERM to workers) with escalation (SIGKILL after a grace period); workers also exit
+on their own if the node disappears (they watch their parent pid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from trident.errors import ConfigError, ProtocolError
+from trident.log import configure_logging, get_logger
+from trident.runtime import protocol
+from trident.runtime.devices import DeviceSpec, parse_devices
+from trident.runtime.transport import make_socket
+
+__all__ = ["NodeArgs", "NodeDaemon", "main"]
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0  # a worker up this long has its backoff reset
+GRACE_S = 5.0
+
+
+@dataclass
+class NodeArgs:
+    scheduler: str
+    devices: str
+    node_id: str
+    host: str = "127.0.0.1"
+    time_scale: float = 1.0
+    sim_memory_gb: float = 80.0
+    speed: float = 1.0
+    threads: int | None = None
+    log_file: str | None = None
+    heartbeat_s: float = 1.0
+    handshake_timeout_s: float = 30.0
+
+
+@dataclass
+class _Slot:
+    spec: DeviceSpec
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_START_S
+    restart_at: float | None = None
+
+
+class NodeDaemon:
+    def __init__(self, args: NodeArgs) -> None:
+        self.args = args
+        self.specs = parse_devices(args.devices, sim_memory_gb=args.sim_memory_gb, speed=args.speed)
+        self.slots = [_Slot(spec=s) for s in self.specs]
+        self.log = get_logger("node", node_id=args.node_id)
+        self.ctx = zmq.asyncio.Context()
+        self.sock: Any = None
+        self.stopping = asyncio.Event()
+
+    @property
+    def kind(self) -> str:
+        return self.specs[0].kind
+
+    def device_id(self, slot: _Slot) -> str:
+        return f"{self.args.node_id}/{slot.spec.kind}:{slot.spec.index}"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode())
+        self.sock.connect(self.args.scheduler)
+        try:
+            if not await self._handshake():
+                return 3
+            for slot in self.slots:
+                self._spawn(slot)
+            loops = [
+                asyncio.create_task(self._recv_loop()),
+                asyncio.create_task(self._supervise_loop()),
+                asyncio.create_task(self._heartbeat_loop()),
+            ]
+            await self.stopping.wait()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            with contextlib.suppress(zmq.ZMQError):
+                await self.sock.send_multipart([protocol.encode("node_bye", node_id=self.args.node_id)])
+            return 0
+        finally:
+            await self._stop_workers()
+            self.sock.close(0)
+            self.ctx.term()
+
+    async def _handshake(self) -> bool:
+        hello = protocol.encode(
+            "node_hello",
+            version=protocol.PROTOCOL_VERSION,
+            node_id=self.args.node_id,
+            host=socket.gethostname(),
+            devices=[
+                {"index": s.index, "kind": s.kind, "memory_bytes": s.memory_bytes, "speed": s.speed}
+                for s in self.specs
+            ],
+        )
+        deadline = time.monotonic() + self.args.handshake_timeout_s
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            await self.sock.send_multipart([hello])
+            if await self.sock.poll(1000):
+                header, _ = protocol.decode(await self.sock.recv_multipart())
+                if header["t"] == "reject":
+                    self.log.error("node.rejected", reason=header["reason"])
+                    print(f"trident-node: rejected by scheduler: {header['reason']}", file=sys.stderr)
+                    return False
+                if header["t"] == "node_welcome":
+                    self.args.heartbeat_s = float(header["heartbeat_s"])
+                    self.log.info("node.joined", scheduler=self.args.scheduler, devices=len(self.specs))
+                    return True
+        print(f"trident-node: no answer from scheduler at {self.args.scheduler}", file=sys.stderr)
+        self.log.error("node.no_scheduler", scheduler=self.args.scheduler)
+        return False
+
+    # ------------------------------------------------------------------ workers
+
+    def _spawn(self, slot: _Slot) -> None:
+        a = self.args
+        cmd = [
+            sys.executable,
+            "-m",
+            "trident.runtime.worker",
+            "--scheduler", a.scheduler,
+            "--node-id", a.node_id,
+            "--kind", slot.spec.kind,
+            "--index", str(slot.spec.index),
+            "--ordinal", str(slot.spec.ordinal),
+            "--memory-bytes", str(slot.spec.memory_bytes),
+            "--speed", str(slot.spec.speed),
+            "--host", a.host,
+            "--time-scale", str(a.time_scale),
+            "--parent-pid", str(os.getpid()),
+        ]
+        if a.threads:
+            cmd += ["--threads", str(a.threads)]
+        if a.log_file:
+            cmd += ["--log-file", a.log_file]
+        env = dict(os.environ)
+        if slot.spec.kind == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = str(slot.spec.ordinal)
+            cmd[cmd.index("--ordinal") + 1] = "0"
+        slot.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        self.log.info("worker.spawned", device_id=self.device_id(slot), pid=slot.proc.pid, restarts=slot.restarts)
+
+    async def _supervise_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for slot in self.slots:
+                proc = slot.proc
+                if proc is not None and proc.poll() is not None:
+                    code = proc.returncode
+                    slot.proc = None
+                    if now - slot.started > STABLE_AFTER_S:
+                        slot.backoff = BACKOFF_START_S
+                    slot.restart_at = now + slot.backoff
+                    self.log.warning(
+                        "worker.died", device_id=self.device_id(slot), exitcode=code,
+                        restart_in_s=slot.backoff, restarts=slot.restarts,
+                    )
+                    slot.backoff = min(BACKOFF_MAX_S, slot.backoff * 2)
+                    with contextlib.suppress(zmq.ZMQError):
+                        await self.sock.send_multipart([protocol.encode(
+                            "worker_exited", node_id=self.args.node_id, index=slot.spec.index,
+                            device_id=self.device_id(slot), exitcode=code, restarts=slot.restarts,
+                        )])
+                    if code in (3,):  # rejected by the scheduler: restarting will not help
+                        slot.restart_at = None
+                        self.log.error("worker.not_restarted", device_id=self.device_id(slot), exitcode=code)
+                elif proc is None and slot.restart_at is not None and now >= slot.restart_at:
+                    slot.restarts += 1
+                    self.log.info("worker.restarted", device_id=self.device_id(slot), restarts=slot.restarts)
+                    self._spawn(slot)
+
+    async def _stop_workers(self) -> None:
+        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for p in procs:
+            if p.poll() is None:
+                self.log.warning("worker.killed", pid=p.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait()
+        for s in self.slots:
+            s.proc = None
+
+    # ------------------------------------------------------------------ scheduler
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.heartbeat_s)
+            workers = {
+                str(s.spec.index): {"pid": s.proc.pid if s.proc else None, "alive": s.proc is not None, "restarts": s.restarts}
+                for s in self.slots
+            }
+            await self.sock.send_multipart([protocol.encode("node_heartbeat", node_id=self.args.node_id, workers=workers)])
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                header, _ = protocol.decode(frames)
+            except ProtocolError as exc:
+                self.log.warning("protocol.error", error=str(exc))
+                continue
+            t = header["t"]
+            if t == "shutdown":
+                self.log.info("node.shutdown", reason="scheduler asked")
+                self.stopping.set()
+                return
+            if t == "reregister":
+                # The scheduler restarted or forgot us: say hello again.
+                await self.sock.send_multipart([protocol.encode(
+                    "node_hello", version=protocol.PROTOCOL_VERSION, node_id=self.args.node_id,
+                    host=socket.gethostname(),
+                    devices=[{"index": s.index, "kind": s.kind, "memory_bytes": s.memory_bytes, "speed": s.speed} for s in self.specs],
+                )])
+
+
+def _parse(argv: list[str] | None) -> NodeArgs:
+    p = argparse.ArgumentParser(prog="trident-node", description="Trident node daemon: one per machine.")
+    p.add_argument("--scheduler", default="tcp://127.0.0.1:5556", help="the scheduler's node address")
+    p.add_argument("--devices", required=True, help="cpu:N, sim:N or cuda:0,1,...")
+    p.add_argument("--node-id", default=None, help="unique node name (default: HOSTNAME-PID)")
+    p.add_argument("--host", default="127.0.0.1", help="address workers bind their data-plane sockets on")
+    p.add_argument("--time-scale", type=float, default=1.0, help="sim devices: multiply simulated stage times")
+    p.add_argument("--sim-memory-gb", type=float, default=80.0, help="sim devices: memory per simulated GPU")
+    p.add_argument("--speed", type=float, default=1.0, help="relative device speed reported to the planner")
+    p.add_argument("--threads", type=int, default=None, help="cpu devices: torch threads per worker")
+    p.add_argument("--log-file", default=None)
+    ns = p.parse_args(argv)
+    node_id = ns.node_id or f"{socket.gethostname()}-{os.getpid()}"
+    if "/" in node_id or ":" in node_id:
+        raise ConfigError("--node-id must not contain '/' or ':'")
+    return NodeArgs(
+        scheduler=ns.scheduler,
+        devices=ns.devices,
+        node_id=node_id,
+        host=ns.host,
+        time_scale=ns.time_scale,
+        sim_memory_gb=ns.sim_memory_gb,
+        speed=ns.speed,
+        threads=ns.threads,
+        log_file=ns.log_file,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parse(argv)
+        configure_logging(args.log_file)
+        daemon = NodeDaemon(args)
+    except ConfigError as exc:
+        print(f"trident-node: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def _main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stopping.set)
+        return await daemon.run()
+
+    return asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

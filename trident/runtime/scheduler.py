@@ -1,0 +1,653 @@
+"""``trident-scheduler``: the cluster's one scheduler daemon.
+
+It owns two ROUTER sockets — clients on ``--client-addr``; nodes and their workers on
+``--node-addr`` — turns what arrives into events for the sans-IO scheduler core
+(:mod:`trident.sched`), and carries out the commands the core returns. It decides
+nothing itself: every choice of where and when a stage runs is the core's.
+
+Liveness: a worker or node silent for longer than ``worker_ttl_s`` is lost; a node
+also reports a worker's process exit at once (two channels, as vLLM does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from trident.config import SchedulerConfig, load_scheduler_config, parse_model_flag
+from trident.errors import ConfigError, InvalidRequestError, ModelError, ProtocolError, TridentError
+from trident.log import configure_logging, get_logger
+from trident.runtime import protocol
+from trident.runtime.registry import ServedModel, build_request_shape, register_models
+from trident.runtime.transport import make_socket
+from trident.sched.core import CoreConfig, FifoPolicy
+from trident.sched.types import (
+    Command,
+    CompleteRequest,
+    DeviceInfo,
+    DeviceLost,
+    DeviceUp,
+    Event,
+    FailRequest,
+    LoadStage,
+    LogEvent,
+    NodeLost,
+    Policy,
+    ReleaseOutput,
+    RequestArrived,
+    RequestCancelled,
+    RequestSpec,
+    RunTask,
+    StageLoaded,
+    StageUnloaded,
+    TaskFailed,
+    TaskFinished,
+    TaskStarted,
+    Tick,
+    UnloadStage,
+    new_stimulus_id,
+)
+
+__all__ = ["SchedulerDaemon", "main", "make_core"]
+
+TICK_S = 0.05
+MAX_REQUEST_ID = 128
+
+
+@dataclass
+class _WorkerConn:
+    ident: bytes
+    info: DeviceInfo
+    peer_addr: str
+    pid: int | None
+    last_seen: float
+    up: bool = True
+
+
+@dataclass
+class _NodeConn:
+    ident: bytes
+    node_id: str
+    last_seen: float
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    up: bool = True
+
+
+@dataclass
+class _Pending:
+    client: bytes
+    client_rid: str
+    arrival: float
+
+
+def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
+    """The scheduling policy named by the configuration."""
+    models = {name: m.info for name, m in served.items()}
+    try:
+        from trident.sched.cost import load_cost_model
+
+        cost: Any = load_cost_model()
+    except ImportError:  # the planner's cost model is optional for FIFO
+        cost = None
+    core_cfg = CoreConfig(max_queue=cfg.max_queue, slo_scale=cfg.slo_scale)
+    if cfg.policy == "fifo":
+        return FifoPolicy(models, cost, core_cfg)
+    try:
+        from trident.sched.policy import make_policy
+    except ImportError as exc:
+        raise ConfigError(f"policy {cfg.policy!r} needs the planner (trident.sched.policy): {exc}") from exc
+    return make_policy(
+        cfg.policy, models, cost, slo_scale=cfg.slo_scale, max_queue=cfg.max_queue, **cfg.policy_options
+    )
+
+
+class SchedulerDaemon:
+    def __init__(self, cfg: SchedulerConfig, served: dict[str, ServedModel], core: Policy | None = None) -> None:
+        self.cfg = cfg
+        self.served = served
+        self.core = core if core is not None else make_core(cfg, served)
+        self.log = get_logger("scheduler")
+        self.ctx = zmq.asyncio.Context()
+        self.clients: Any = None
+        self.nodes_sock: Any = None
+        self.workers: dict[str, _WorkerConn] = {}  # device id -> connection
+        self.worker_by_ident: dict[bytes, str] = {}
+        self.nodes: dict[str, _NodeConn] = {}
+        self.pending: dict[str, _Pending] = {}  # request id -> who asked
+        self.results: dict[str, tuple[list[Any], list[Any]]] = {}  # request id -> (meta, frames)
+        self.task_info: dict[str, RunTask] = {}
+        self.events: deque[Event] = deque()
+        self.out: deque[tuple[Any, list[Any]]] = deque()  # (socket, frames) to send
+        self.stopping = asyncio.Event()
+        self.started = time.monotonic()
+        self.counters = {"dispatched": 0, "finished": 0, "failed": 0}
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        self.clients = make_socket(self.ctx, zmq.ROUTER, heartbeat_ms=0)
+        self.clients.bind(self.cfg.client_addr)
+        self.nodes_sock = make_socket(self.ctx, zmq.ROUTER)
+        self.nodes_sock.bind(self.cfg.node_addr)
+        self.log.info(
+            "scheduler.started",
+            client_addr=self.cfg.client_addr,
+            node_addr=self.cfg.node_addr,
+            policy=getattr(self.core, "name", type(self.core).__name__),
+            models={n: m.describe() for n, m in self.served.items()},
+        )
+        loops = [
+            asyncio.create_task(self._client_loop(), name="clients"),
+            asyncio.create_task(self._node_loop(), name="nodes"),
+            asyncio.create_task(self._tick_loop(), name="tick"),
+        ]
+        await self.stopping.wait()
+        await self._shutdown_cluster()
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        self.clients.close(0)
+        self.nodes_sock.close(0)
+        self.ctx.term()
+        self.log.info("scheduler.stopped", **self.counters)
+
+    async def _shutdown_cluster(self) -> None:
+        # Fail what is still in flight: nothing is silently lost.
+        for rid in list(self.pending):
+            self._reply_error(rid, "internal", "scheduler is shutting down")
+        for node in self.nodes.values():
+            self.out.append((self.nodes_sock, [node.ident, protocol.encode("shutdown")]))
+        await self._flush()
+
+    # ------------------------------------------------------------------ event pump
+
+    def feed(self, event: Event) -> None:
+        self.events.append(event)
+
+    async def _pump(self) -> None:
+        """Run queued events through the core and send what results."""
+        while self.events:
+            event = self.events.popleft()
+            for cmd in self.core.handle(event, self.now()):
+                self._execute(cmd)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        while self.out:
+            sock, frames = self.out.popleft()
+            try:
+                await sock.send_multipart(frames, copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._unreachable(frames[0])
+                else:
+                    self.log.warning("send.failed", error=str(exc))
+        if self.events:
+            await self._pump()
+
+    def _unreachable(self, ident: bytes) -> None:
+        dev = self.worker_by_ident.get(ident)
+        if dev is not None and self.workers[dev].up:
+            self._worker_lost(dev, "unreachable")
+        elif ident.startswith(b"cli:"):
+            self.log.info("client.gone", client=ident.decode(errors="replace"))
+
+    # ------------------------------------------------------------------ commands
+
+    def _execute(self, cmd: Command) -> None:
+        if isinstance(cmd, RunTask):
+            self._run_task(cmd)
+        elif isinstance(cmd, ReleaseOutput):
+            self._to_worker(cmd.device_id, protocol.encode("release", key=cmd.key))
+        elif isinstance(cmd, CompleteRequest):
+            self._complete(cmd)
+        elif isinstance(cmd, FailRequest):
+            self._reply_error(cmd.request_id, cmd.error, cmd.message)
+        elif isinstance(cmd, LoadStage):
+            self._to_worker(cmd.device_id, protocol.encode("load_stage", model=cmd.model, stage=cmd.stage))
+        elif isinstance(cmd, UnloadStage):
+            self._to_worker(cmd.device_id, protocol.encode("unload_stage", model=cmd.model, stage=cmd.stage))
+        elif isinstance(cmd, LogEvent):
+            self.log.info(cmd.event, **dict(cmd.fields))
+
+    def _to_worker(self, device_id: str, header: bytes, frames: list[Any] | None = None) -> bool:
+        conn = self.workers.get(device_id)
+        if conn is None or not conn.up:
+            return False
+        self.out.append((self.nodes_sock, [conn.ident, header, *(frames or [])]))
+        return True
+
+    def _run_task(self, cmd: RunTask) -> None:
+        conns = [self.workers.get(d) for d in cmd.devices]
+        if any(c is None or not c.up for c in conns):
+            self.feed(TaskFailed(cmd.task_id, "stage_failed", "device not available", retryable=True))
+            return
+        inputs = []
+        for ref in cmd.inputs:
+            holder = self.workers.get(ref.device_id)
+            if holder is None or not holder.up:
+                self.feed(TaskFailed(cmd.task_id, "stage_failed", "input holder lost", retryable=True))
+                return
+            inputs.append({"key": ref.key, "device_id": ref.device_id, "addr": holder.peer_addr})
+        leader = conns[0]
+        assert leader is not None
+        self.task_info[cmd.task_id] = cmd
+        self.counters["dispatched"] += 1
+        group = None
+        if cmd.degree > 1:
+            group = {"key": cmd.task_id, "rendezvous": leader.peer_addr, "devices": list(cmd.devices)}
+        for rank, conn in enumerate(conns):
+            assert conn is not None
+            header = protocol.encode(
+                "run_task",
+                task_id=cmd.task_id,
+                request_id=cmd.request_id,
+                model=cmd.model,
+                stages=list(cmd.stages),
+                devices=list(cmd.devices),
+                rank=rank,
+                inputs=inputs if rank == 0 else [],
+                final=cmd.final,
+                params=dict(cmd.params),
+                options=dict(cmd.options),
+                leader_addr=leader.peer_addr,
+                group=group,
+            )
+            self.out.append((self.nodes_sock, [conn.ident, header]))
+        self.log.info(
+            "stage.dispatched",
+            request_id=cmd.request_id,
+            task_id=cmd.task_id,
+            stages=list(cmd.stages),
+            devices=list(cmd.devices),
+            degree=cmd.degree,
+            inputs=[i["device_id"] for i in inputs],
+        )
+
+    def _complete(self, cmd: CompleteRequest) -> None:
+        pend = self.pending.pop(cmd.request_id, None)
+        meta, frames = self.results.pop(cmd.request_id, ([], []))
+        self.counters["finished"] += 1
+        self.log.info(
+            "request.finished",
+            request_id=cmd.request_id,
+            timings=dict(cmd.timings),
+            devices={k: list(v) for k, v in cmd.devices.items()},
+            deadline=cmd.deadline,
+            met_slo=cmd.met_slo,
+        )
+        if pend is None:
+            return
+        header = protocol.encode(
+            "result",
+            id=pend.client_rid,
+            timings=dict(cmd.timings),
+            devices={k: list(v) for k, v in cmd.devices.items()},
+            tensors=meta,
+            met_slo=cmd.met_slo,
+            slo_s=None if cmd.deadline is None else cmd.deadline - pend.arrival,
+        )
+        self.out.append((self.clients, [pend.client, header, *frames]))
+
+    def _reply_error(self, request_id: str, code: str, message: str) -> None:
+        pend = self.pending.pop(request_id, None)
+        self.results.pop(request_id, None)
+        self.counters["failed"] += 1
+        self.log.info("request.failed", request_id=request_id, error=code, message=message)
+        if pend is None:
+            return
+        self.out.append(
+            (self.clients, [pend.client, protocol.error_message(code, message, id=pend.client_rid)])
+        )
+
+    # ------------------------------------------------------------------ clients
+
+    async def _client_loop(self) -> None:
+        while True:
+            frames = await self.clients.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            try:
+                header, _ = protocol.decode(frames[1:])
+                self._on_client(ident, header)
+            except ProtocolError as exc:
+                self.log.warning("protocol.error", channel="client", error=str(exc))
+                self.out.append((self.clients, [ident, protocol.error_message("protocol", str(exc))]))
+            await self._pump()
+
+    def _on_client(self, ident: bytes, header: dict[str, Any]) -> None:
+        t = header["t"]
+        if t == "ping":
+            self.out.append((self.clients, [ident, protocol.encode(
+                "pong",
+                models={n: m.describe() for n, m in self.served.items()},
+                devices=sorted(d for d, w in self.workers.items() if w.up),
+                nodes=sorted(n for n, c in self.nodes.items() if c.up),
+            )]))
+        elif t == "submit":
+            self._on_submit(ident, header)
+        elif t == "cancel":
+            rid = self._request_id(ident, header["id"])
+            if rid in self.pending:
+                self.feed(RequestCancelled(rid, new_stimulus_id("cancel")))
+        else:
+            raise ProtocolError(f"{t!r} is not a client message")
+
+    def _request_id(self, ident: bytes, client_rid: Any) -> str:
+        # Scoped by client identity so two clients cannot collide or cancel each other.
+        return f"{ident.hex()[:12]}-{client_rid}"
+
+    def _on_submit(self, ident: bytes, header: dict[str, Any]) -> None:
+        client_rid = header["id"]
+        if not isinstance(client_rid, str) or not 0 < len(client_rid) <= MAX_REQUEST_ID:
+            raise ProtocolError("submit: id must be a non-empty string of at most 128 characters")
+        rid = self._request_id(ident, client_rid)
+
+        def refuse(code: str, message: str) -> None:
+            self.counters["failed"] += 1
+            self.log.info("request.failed", request_id=rid, error=code, message=message)
+            self.out.append((self.clients, [ident, protocol.error_message(code, message, id=client_rid)]))
+
+        if rid in self.pending:
+            refuse("invalid_request", f"request id {client_rid!r} is already in flight")
+            return
+        model_name = header["model"]
+        served = self.served.get(model_name) if isinstance(model_name, str) else None
+        if served is None:
+            refuse("unknown_model", f"no model named {model_name!r}; served: {sorted(self.served)}")
+            return
+        params = header["params"]
+        if not isinstance(params, dict):
+            refuse("invalid_request", "params must be a map")
+            return
+        params = {k: v for k, v in params.items() if isinstance(k, str)}
+        slo_s = header.get("slo_s")
+        try:
+            shape = build_request_shape(served, params)
+            if slo_s is not None and (not isinstance(slo_s, int | float) or isinstance(slo_s, bool) or slo_s <= 0):
+                raise InvalidRequestError(f"slo_s must be a positive number, got {slo_s!r}")
+        except InvalidRequestError as exc:
+            refuse("invalid_request", exc.message)
+            return
+        now = self.now()
+        self.pending[rid] = _Pending(client=ident, client_rid=client_rid, arrival=now)
+        self.log.info(
+            "request.arrived",
+            request_id=rid,
+            model=model_name,
+            height=shape.height,
+            width=shape.width,
+            num_frames=shape.num_frames,
+            steps=shape.num_inference_steps,
+        )
+        spec = RequestSpec(
+            request_id=rid,
+            model=model_name,
+            shape=shape,
+            arrival=now,
+            slo_s=float(slo_s) if slo_s is not None else None,
+            params=params,
+        )
+        self.feed(RequestArrived(spec, new_stimulus_id("submit")))
+
+    # ------------------------------------------------------------------ nodes and workers
+
+    async def _node_loop(self) -> None:
+        while True:
+            frames = await self.nodes_sock.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            try:
+                header, rest = protocol.decode(frames[1:])
+                if ident.startswith(b"dev:"):
+                    self._on_worker(ident, header, rest)
+                else:
+                    self._on_node(ident, header)
+            except ProtocolError as exc:
+                self.log.warning("protocol.error", channel="node", peer=ident.decode(errors="replace"), error=str(exc))
+                self.out.append((self.nodes_sock, [ident, protocol.error_message("protocol", str(exc))]))
+            await self._pump()
+
+    def _models_for_workers(self) -> dict[str, dict[str, Any]]:
+        return {n: {"family": m.info.family, "path": m.info.path} for n, m in self.served.items()}
+
+    def _on_node(self, ident: bytes, header: dict[str, Any]) -> None:
+        t = header["t"]
+        now = self.now()
+        if t == "node_hello":
+            if header["version"] != protocol.PROTOCOL_VERSION:
+                reason = f"protocol version {header['version']} != scheduler's {protocol.PROTOCOL_VERSION}"
+                self.log.warning("node.rejected", node=ident.decode(errors="replace"), reason=reason)
+                self.out.append((self.nodes_sock, [ident, protocol.encode("reject", reason=reason)]))
+                return
+            node_id = str(header["node_id"])
+            self.nodes[node_id] = _NodeConn(ident=ident, node_id=node_id, last_seen=now, devices=list(header["devices"]))
+            self.out.append((self.nodes_sock, [ident, protocol.encode(
+                "node_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
+            )]))
+            self.log.info("node.joined", node_id=node_id, devices=len(header["devices"]))
+            return
+        node_id = str(header.get("node_id", ""))
+        node = self.nodes.get(node_id)
+        if node is None or not node.up:
+            self.out.append((self.nodes_sock, [ident, protocol.encode("reregister")]))
+            return
+        node.last_seen = now
+        if t == "node_heartbeat":
+            return
+        if t == "worker_exited":
+            dev = str(header.get("device_id") or f"{node_id}/{self._node_kind(node)}:{header['index']}")
+            self.log.warning(
+                "worker.died", device_id=dev, exitcode=header["exitcode"], restarts=header["restarts"]
+            )
+            if dev in self.workers and self.workers[dev].up:
+                self._worker_lost(dev, f"process exited with {header['exitcode']}")
+        elif t == "node_bye":
+            self._node_lost(node_id, "node shut down")
+        else:
+            raise ProtocolError(f"{t!r} is not a node message")
+
+    @staticmethod
+    def _node_kind(node: _NodeConn) -> str:
+        return str(node.devices[0]["kind"]) if node.devices else "sim"
+
+    def _on_worker(self, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+        t = header["t"]
+        now = self.now()
+        if t == "worker_hello":
+            self._worker_hello(ident, header)
+            return
+        dev = self.worker_by_ident.get(ident)
+        conn = self.workers.get(dev) if dev else None
+        if conn is None or not conn.up:
+            self.out.append((self.nodes_sock, [ident, protocol.encode("reregister")]))
+            return
+        conn.last_seen = now
+        if t == "heartbeat":
+            return
+        if t == "task_started":
+            self.feed(TaskStarted(str(header["task_id"])))
+        elif t == "task_finished":
+            task_id = str(header["task_id"])
+            cmd = self.task_info.pop(task_id, None)
+            if cmd is not None and cmd.final:
+                self.results[cmd.request_id] = (list(header.get("tensors") or []), frames)
+            self.feed(
+                TaskFinished(
+                    task_id,
+                    stage_seconds={str(k): float(v) for k, v in dict(header["stage_seconds"]).items()},
+                    transfer_seconds=float(header.get("transfer_seconds", 0.0)),
+                    load_seconds=float(header.get("load_seconds", 0.0)),
+                    output_bytes=int(header.get("output_bytes", 0)),
+                )
+            )
+            self.log.info(
+                "stage.finished",
+                task_id=task_id,
+                request_id=cmd.request_id if cmd else None,
+                device_id=dev,
+                seconds=dict(header["stage_seconds"]),
+                transfer_s=header.get("transfer_seconds", 0.0),
+            )
+        elif t == "task_failed":
+            task_id = str(header["task_id"])
+            cmd = self.task_info.pop(task_id, None)
+            self.log.warning(
+                "stage.failed",
+                task_id=task_id,
+                request_id=cmd.request_id if cmd else None,
+                device_id=dev,
+                error=header["error"],
+                message=header["message"],
+            )
+            self.feed(TaskFailed(task_id, header["error"], str(header["message"]), bool(header["retryable"])))
+        elif t == "stage_loaded":
+            self.feed(StageLoaded(conn.info.device_id, str(header["model"]), header["stage"], float(header["seconds"]), str(header["source"])))
+        elif t == "stage_unloaded":
+            self.feed(StageUnloaded(conn.info.device_id, str(header["model"]), header["stage"]))
+        else:
+            raise ProtocolError(f"{t!r} is not a worker message")
+
+    def _worker_hello(self, ident: bytes, header: dict[str, Any]) -> None:
+        if header["version"] != protocol.PROTOCOL_VERSION:
+            reason = f"protocol version {header['version']} != scheduler's {protocol.PROTOCOL_VERSION}"
+            self.out.append((self.nodes_sock, [ident, protocol.encode("reject", reason=reason)]))
+            self.log.warning("worker.rejected", worker=ident.decode(errors="replace"), reason=reason)
+            return
+        info = DeviceInfo(
+            device_id=str(header["device_id"]),
+            node_id=str(header["node_id"]),
+            kind=header["kind"],
+            index=int(header["index"]),
+            memory_bytes=int(header["memory_bytes"]),
+            speed=float(header.get("speed", 1.0)),
+        )
+        if ident != f"dev:{info.device_id}".encode():
+            raise ProtocolError("worker identity does not match its device id")
+        old = self.workers.get(info.device_id)
+        if old is not None and old.up and old.pid == header.get("pid"):
+            # A repeated hello (the welcome was lost): welcome again, nothing changes.
+            self.out.append((self.nodes_sock, [ident, protocol.encode(
+                "worker_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
+            )]))
+            return
+        if old is not None and old.up:
+            self._worker_lost(info.device_id, "replaced by a new process")
+        self.workers[info.device_id] = _WorkerConn(
+            ident=ident, info=info, peer_addr=str(header["peer_addr"]), pid=header.get("pid"), last_seen=self.now()
+        )
+        self.worker_by_ident[ident] = info.device_id
+        self.out.append((self.nodes_sock, [ident, protocol.encode(
+            "worker_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
+        )]))
+        self.log.info("worker.joined", device_id=info.device_id, kind=info.kind, pid=header.get("pid"), peer_addr=header["peer_addr"])
+        self.feed(DeviceUp(info, new_stimulus_id("hello")))
+
+    def _worker_lost(self, device_id: str, reason: str) -> None:
+        conn = self.workers.get(device_id)
+        if conn is None or not conn.up:
+            return
+        conn.up = False
+        self.log.warning("worker.lost", device_id=device_id, reason=reason)
+        self.feed(DeviceLost(device_id, reason, new_stimulus_id("lost")))
+
+    def _node_lost(self, node_id: str, reason: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is None or not node.up:
+            return
+        node.up = False
+        self.log.warning("node.lost", node_id=node_id, reason=reason)
+        for dev, conn in self.workers.items():
+            if conn.info.node_id == node_id and conn.up:
+                conn.up = False
+        self.feed(NodeLost(node_id, reason, new_stimulus_id("node-lost")))
+
+    # ------------------------------------------------------------------ ticks
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = self.now()
+            ttl = self.cfg.worker_ttl_s
+            for dev, conn in list(self.workers.items()):
+                if conn.up and now - conn.last_seen > ttl:
+                    self._worker_lost(dev, f"silent for {now - conn.last_seen:.1f}s")
+            for node_id, node in list(self.nodes.items()):
+                if node.up and now - node.last_seen > ttl:
+                    self._node_lost(node_id, f"silent for {now - node.last_seen:.1f}s")
+            self.feed(Tick())
+            await self._pump()
+
+
+def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="trident-scheduler", description="Trident's central scheduler daemon.")
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--client-addr", help="address clients connect to (default tcp://127.0.0.1:5555)")
+    p.add_argument("--node-addr", help="address nodes and workers connect to (default tcp://127.0.0.1:5556)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model")
+    p.add_argument("--policy", help="scheduling policy (fifo; trident, b1, b4, b6, authors with the planner)")
+    p.add_argument("--slo-scale", type=float)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--heartbeat-s", type=float)
+    p.add_argument("--worker-ttl-s", type=float)
+    p.add_argument("--log-file")
+    ns = p.parse_args(argv)
+    cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
+    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file"):
+        value = getattr(ns, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.models.extend(parse_model_flag(m) for m in ns.model)
+    if not cfg.models:
+        raise ConfigError("no model to serve: pass --model NAME=DIR or a config file with [[models]]")
+    if cfg.max_queue < 1:
+        raise ConfigError("--max-queue must be at least 1")
+    return cfg, ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, _ = _parse(argv)
+        configure_logging(cfg.log_file)
+        served = register_models(cfg.models)
+        daemon = SchedulerDaemon(cfg, served)
+    except (ConfigError, ModelError) as exc:
+        print(f"trident-scheduler: {exc}", file=sys.stderr)
+        return 2
+    except TridentError as exc:  # pragma: no cover
+        print(f"trident-scheduler: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def _main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stopping.set)
+        await daemon.run()
+
+    try:
+        asyncio.run(_main())
+    except zmq.ZMQError as exc:
+        print(f"trident-scheduler: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,525 @@
+"""A stage worker: one process per device, spawned and supervised by ``trident-node``.
+
+Channels:
+- control: a DEALER to the scheduler (identity ``dev:<device_id>``): hello/welcome
+  handshake, heartbeats, ``run_task`` in, ``task_*`` reports out.
+- peer: a ROUTER other workers fetch kept stage outputs from (``fetch`` -> ``data``),
+  and a DEALER per peer to fetch from them. Stage outputs go worker to worker, never
+  through the scheduler; only a final output goes to the scheduler, for the client.
+
+Tasks run first-in-first-out in the order the scheduler sent them. Inputs of queued
+tasks are fetched while earlier tasks compute, and compute runs in a thread so the
+event loop keeps answering heartbeats and peers' fetches during a long stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from trident.errors import ProtocolError
+from trident.log import configure_logging, get_logger
+from trident.runtime import protocol
+from trident.runtime.devices import Executor, OutOfMemory, StageError, make_executor
+from trident.runtime.serial import pack_tensors, unpack_tensors
+from trident.runtime.transport import bound_address, make_socket
+
+__all__ = ["Worker", "WorkerArgs", "main"]
+
+EXIT_REJECTED = 3
+EXIT_NO_SCHEDULER = 4
+
+
+@dataclass
+class WorkerArgs:
+    scheduler: str
+    node_id: str
+    kind: str
+    index: int
+    ordinal: int
+    memory_bytes: int
+    speed: float = 1.0
+    host: str = "127.0.0.1"
+    time_scale: float = 1.0
+    threads: int | None = None
+    heartbeat_s: float = 1.0
+    log_file: str | None = None
+    parent_pid: int | None = None
+
+    @property
+    def device_id(self) -> str:
+        return f"{self.node_id}/{self.kind}:{self.index}"
+
+
+@dataclass
+class _Task:
+    msg: dict[str, Any]
+    inputs: asyncio.Future[dict[str, Any]] | None = None
+    transfer_seconds: float = 0.0
+
+
+@dataclass
+class _Peer:
+    sock: Any
+    reader: asyncio.Task[None]
+    waiting: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, args: WorkerArgs) -> None:
+        self.args = args
+        self.log = get_logger("worker", device_id=args.device_id)
+        self.ctx = zmq.asyncio.Context()
+        self.ctl: Any = None
+        self.peer: Any = None
+        self.peer_addr = ""
+        self.peers: dict[str, _Peer] = {}
+        self.outputs: dict[str, dict[str, Any]] = {}  # kept stage outputs by task id
+        self.queue: deque[_Task] = deque()
+        self.queue_event = asyncio.Event()
+        self.models: dict[str, dict[str, Any]] = {}
+        self.executor: Executor | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.stopping = asyncio.Event()
+        self.barriers: dict[str, set[int]] = {}  # task id -> ranks arrived (leader side)
+        self.barrier_idents: dict[str, list[bytes]] = {}
+        self.go: dict[str, asyncio.Future[None]] = {}
+        self.groups: dict[str, Any] = {}
+        self._rid = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        a = self.args
+        self.ctl = make_socket(self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode())
+        self.ctl.connect(a.scheduler)
+        self.peer = make_socket(self.ctx, zmq.ROUTER)
+        self.peer.bind(f"tcp://{a.host}:*")
+        self.peer_addr = bound_address(self.peer)
+        if a.kind in ("cpu", "cuda"):
+            # Import torch before saying hello so the first task does not pay for it.
+            await asyncio.get_running_loop().run_in_executor(self.pool, _warm_torch)
+        code = await self._handshake()
+        if code is not None:
+            return code
+        self.log.info("worker.joined", peer_addr=self.peer_addr, kind=a.kind, pid=os.getpid())
+        loops = [
+            asyncio.create_task(self._control_loop(), name="control"),
+            asyncio.create_task(self._peer_loop(), name="peer"),
+            asyncio.create_task(self._run_loop(), name="run"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._parent_watchdog(), name="watchdog"),
+        ]
+        await self.stopping.wait()
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await self._close()
+        return 0
+
+    async def _handshake(self) -> int | None:
+        a = self.args
+        hello = protocol.encode(
+            "worker_hello",
+            version=protocol.PROTOCOL_VERSION,
+            device_id=a.device_id,
+            node_id=a.node_id,
+            index=a.index,
+            kind=a.kind,
+            memory_bytes=a.memory_bytes,
+            speed=a.speed,
+            peer_addr=self.peer_addr,
+            pid=os.getpid(),
+        )
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            await self.ctl.send_multipart([hello])
+            if await self.ctl.poll(2000):
+                header, _ = protocol.decode(await self.ctl.recv_multipart())
+                if header["t"] == "reject":
+                    self.log.error("worker.rejected", reason=header["reason"])
+                    print(f"trident worker: rejected by scheduler: {header['reason']}", file=sys.stderr)
+                    return EXIT_REJECTED
+                if header["t"] == "worker_welcome":
+                    self.models = dict(header["models"])
+                    self.args.heartbeat_s = float(header["heartbeat_s"])
+                    self.executor = make_executor(
+                        a.kind,
+                        self.models,
+                        memory_bytes=a.memory_bytes,
+                        ordinal=a.ordinal,
+                        time_scale=a.time_scale,
+                        speed=a.speed,
+                        threads=a.threads,
+                    )
+                    return None
+        self.log.error("worker.no_scheduler", scheduler=a.scheduler)
+        return EXIT_NO_SCHEDULER
+
+    async def _close(self) -> None:
+        for p in self.peers.values():
+            p.reader.cancel()
+            p.sock.close(0)
+        if self.executor is not None:
+            self.executor.close()
+        self.ctl.close(0)
+        self.peer.close(0)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.ctx.term()
+
+    async def _parent_watchdog(self) -> None:
+        # A worker must not outlive its node (no orphans after a node crash).
+        parent = self.args.parent_pid
+        while parent is not None:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                self.log.warning("worker.orphaned", parent_pid=parent)
+                self.stopping.set()
+                return
+
+    async def _heartbeat_loop(self) -> None:
+        msg = protocol.encode("heartbeat", queued=0)
+        while True:
+            await asyncio.sleep(self.args.heartbeat_s)
+            await self.ctl.send_multipart([msg])
+
+    # ------------------------------------------------------------------ control
+
+    async def _send(self, msg_type: str, frames: list[Any] | None = None, **fields: Any) -> None:
+        header = protocol.encode(msg_type, fields)
+        await self.ctl.send_multipart([header, *(frames or [])], copy=False)
+
+    async def _control_loop(self) -> None:
+        while True:
+            frames = await self.ctl.recv_multipart(copy=False)
+            try:
+                header, _ = protocol.decode(frames)
+            except ProtocolError as exc:
+                self.log.warning("protocol.error", error=str(exc), channel="control")
+                continue
+            t = header["t"]
+            if t == "run_task":
+                self._enqueue(header)
+            elif t == "release":
+                self.outputs.pop(str(header["key"]), None)
+            elif t == "load_stage":
+                self.queue.append(_Task(msg=header))
+                self.queue_event.set()
+            elif t == "unload_stage":
+                self.queue.append(_Task(msg=header))
+                self.queue_event.set()
+            elif t == "shutdown":
+                self.log.info("worker.shutdown")
+                self.stopping.set()
+                return
+            elif t == "reregister":
+                await self._handshake()
+            elif t == "reject":
+                self.log.error("worker.rejected", reason=header.get("reason"))
+                self.stopping.set()
+                return
+
+    def _enqueue(self, msg: dict[str, Any]) -> None:
+        task = _Task(msg=msg)
+        if int(msg["rank"]) == 0 and msg["inputs"]:
+            task.inputs = asyncio.ensure_future(self._fetch_inputs(task))
+        self.queue.append(task)
+        self.queue_event.set()
+
+    # ------------------------------------------------------------------ data plane
+
+    async def _fetch_inputs(self, task: _Task) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        merged: dict[str, Any] = {}
+        for ref in task.msg["inputs"]:
+            key, addr = str(ref["key"]), str(ref["addr"])
+            if addr == self.peer_addr:
+                local = self.outputs.get(key)
+                if local is None:
+                    raise StageError(f"input {key} is no longer kept on this device")
+                merged.update(local)
+                continue
+            header, frames = await self._peer_request(addr, "fetch", key=key)
+            if header["t"] == "missing":
+                raise StageError(f"input {key} is no longer kept on {ref.get('device_id')}")
+            merged.update(unpack_tensors(header["tensors"], frames))
+        task.transfer_seconds = time.perf_counter() - t0
+        return merged
+
+    async def _peer_request(self, addr: str, msg_type: str, **fields: Any) -> tuple[dict[str, Any], list[Any]]:
+        peer = self.peers.get(addr)
+        if peer is None:
+            sock = make_socket(self.ctx, zmq.DEALER)
+            sock.connect(addr)
+            peer = _Peer(sock=sock, reader=asyncio.create_task(self._peer_reader(addr, sock)))
+            self.peers[addr] = peer
+        self._rid += 1
+        rid = f"{self._rid}"
+        fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
+        peer.waiting[rid] = fut
+        await peer.sock.send_multipart([protocol.encode(msg_type, fields, rid=rid)])
+        try:
+            return await asyncio.wait_for(fut, timeout=120.0)
+        finally:
+            peer.waiting.pop(rid, None)
+
+    async def _peer_reader(self, addr: str, sock: Any) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                header, rest = protocol.decode(frames)
+            except ProtocolError as exc:
+                self.log.warning("protocol.error", error=str(exc), channel="peer", peer=addr)
+                continue
+            if header["t"] == "go":
+                fut = self.go.get(str(header["task_id"]))
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                continue
+            waiter = self.peers[addr].waiting.get(str(header.get("rid")))
+            if waiter is not None and not waiter.done():
+                waiter.set_result((header, rest))
+
+    async def _peer_loop(self) -> None:
+        while True:
+            frames = await self.peer.recv_multipart(copy=False)
+            ident, body = frames[0].bytes, frames[1:]
+            try:
+                header, _ = protocol.decode(body)
+            except ProtocolError as exc:
+                self.log.warning("protocol.error", error=str(exc), channel="peer")
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.peer.send_multipart([ident, protocol.error_message("protocol", str(exc))])
+                continue
+            t = header["t"]
+            if t == "fetch":
+                key = str(header["key"])
+                kept = self.outputs.get(key)
+                if kept is None:
+                    reply = [protocol.encode("missing", key=key, rid=header["rid"])]
+                else:
+                    meta, tensor_frames = pack_tensors(kept)
+                    reply = [protocol.encode("data", key=key, rid=header["rid"], tensors=meta), *tensor_frames]
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.peer.send_multipart([ident, *reply], copy=False)
+            elif t == "barrier":
+                task_id = str(header["task_id"])
+                self.barriers.setdefault(task_id, set()).add(int(header["rank"]))
+                self.barrier_idents.setdefault(task_id, []).append(ident)
+                self.queue_event.set()
+
+    # ------------------------------------------------------------------ compute
+
+    async def _run_loop(self) -> None:
+        while True:
+            while not self.queue:
+                self.queue_event.clear()
+                await self.queue_event.wait()
+            task = self.queue.popleft()
+            t = task.msg["t"]
+            if t == "run_task":
+                await self._run_task(task)
+            elif t in ("load_stage", "unload_stage"):
+                await self._load_unload(task.msg)
+
+    async def _load_unload(self, msg: dict[str, Any]) -> None:
+        assert self.executor is not None
+        loop = asyncio.get_running_loop()
+        model, stage = str(msg["model"]), str(msg["stage"])
+        try:
+            if msg["t"] == "load_stage":
+                secs, source = await loop.run_in_executor(self.pool, self.executor.load, model, stage)
+                if secs:
+                    self.log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
+                await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+            else:
+                await loop.run_in_executor(self.pool, self.executor.unload, model, stage)
+                self.log.info("stage.unloaded", model=model, stage=stage)
+                await self._send("stage_unloaded", model=model, stage=stage)
+        except Exception as exc:
+            self.log.warning("stage.load_failed", model=model, stage=stage, error=str(exc))
+
+    async def _barrier(self, msg: dict[str, Any]) -> None:
+        """Degree-k tasks start together on all their devices (as collectives would)."""
+        task_id, rank = str(msg["task_id"]), int(msg["rank"])
+        degree = len(msg["devices"])
+        if rank == 0:
+            while len(self.barriers.get(task_id, ())) < degree - 1:
+                self.queue_event.clear()
+                await self.queue_event.wait()
+            for ident in self.barrier_idents.pop(task_id, []):
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.peer.send_multipart([ident, protocol.encode("go", task_id=task_id)])
+            self.barriers.pop(task_id, None)
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.go[task_id] = fut
+            try:
+                await self._peer_request_nowait(str(msg["leader_addr"]), task_id, rank)
+                await asyncio.wait_for(fut, timeout=600.0)
+            finally:
+                self.go.pop(task_id, None)
+
+    async def _peer_request_nowait(self, addr: str, task_id: str, rank: int) -> None:
+        peer = self.peers.get(addr)
+        if peer is None:
+            sock = make_socket(self.ctx, zmq.DEALER)
+            sock.connect(addr)
+            peer = _Peer(sock=sock, reader=asyncio.create_task(self._peer_reader(addr, sock)))
+            self.peers[addr] = peer
+        await peer.sock.send_multipart([protocol.encode("barrier", task_id=task_id, rank=rank)])
+
+    async def _run_task(self, task: _Task) -> None:
+        assert self.executor is not None
+        msg = task.msg
+        task_id = str(msg["task_id"])
+        rank = int(msg["rank"])
+        stages = tuple(str(s) for s in msg["stages"])
+        degree = len(msg["devices"])
+        log = self.log.bind(task_id=task_id, request_id=msg["request_id"], stages=list(stages))
+        loop = asyncio.get_running_loop()
+        parallel = None
+        try:
+            inputs: dict[str, Any] | None = None
+            if task.inputs is not None:
+                inputs = await task.inputs
+            elif rank == 0:
+                inputs = {}
+            if degree > 1:
+                if self.args.kind == "sim":
+                    await self._barrier(msg)
+                else:
+                    parallel = await loop.run_in_executor(self.pool, self._join_group, msg)
+            if rank == 0:
+                await self._send("task_started", task_id=task_id)
+                log.debug("stage.started")
+            options = dict(msg.get("options") or {})
+            options["degree"] = degree
+            result = await loop.run_in_executor(
+                self.pool,
+                self.executor.run,
+                str(msg["model"]),
+                stages,
+                inputs,
+                dict(msg["params"]),
+                options,
+                parallel,
+            )
+        except OutOfMemory as exc:
+            await self._fail(task_id, rank, "out_of_memory", str(exc), retryable=False, log=log)
+            return
+        except StageError as exc:
+            retryable = "no longer kept" in str(exc)
+            await self._fail(task_id, rank, "stage_failed", str(exc), retryable=retryable, log=log)
+            return
+        except Exception as exc:
+            log.error("stage.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
+            await self._fail(task_id, rank, "stage_failed", f"{type(exc).__name__}: {exc}", retryable=False, log=None)
+            return
+        for model, stage, secs, source in result.loaded:
+            log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
+            if rank == 0:
+                await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+        if rank != 0:
+            return
+        meta, frames = pack_tensors(result.outputs)
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        fields = {
+            "task_id": task_id,
+            "stage_seconds": result.stage_seconds,
+            "transfer_seconds": task.transfer_seconds,
+            "load_seconds": result.load_seconds,
+            "output_bytes": nbytes,
+        }
+        if msg["final"]:
+            await self._send("task_finished", frames, tensors=meta, **fields)
+        else:
+            self.outputs[task_id] = result.outputs
+            await self._send("task_finished", **fields)
+        log.debug("stage.finished", seconds=result.stage_seconds)
+
+    def _join_group(self, msg: dict[str, Any]) -> Any:
+        from trident.pipelines.parallel import join_group
+
+        group = msg["group"]
+        backend = "nccl" if self.args.kind == "cuda" else "gloo"
+        return join_group(str(group["rendezvous"]), str(group["key"]), int(msg["rank"]), len(msg["devices"]), backend)
+
+    async def _fail(self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any) -> None:
+        if log is not None:
+            log.warning("stage.failed", error=error, message=message)
+        if rank == 0:
+            await self._send("task_failed", task_id=task_id, error=error, message=message, retryable=retryable)
+
+
+def _warm_torch() -> None:
+    import torch  # noqa: F401
+
+
+def _parse(argv: list[str] | None) -> WorkerArgs:
+    p = argparse.ArgumentParser(prog="trident-worker", description="A Trident stage worker (spawned by trident-node).")
+    p.add_argument("--scheduler", required=True)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--kind", required=True, choices=["cpu", "sim", "cuda"])
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--ordinal", type=int, default=0)
+    p.add_argument("--memory-bytes", type=int, required=True)
+    p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--parent-pid", type=int, default=None)
+    ns = p.parse_args(argv)
+    return WorkerArgs(
+        scheduler=ns.scheduler,
+        node_id=ns.node_id,
+        kind=ns.kind,
+        index=ns.index,
+        ordinal=ns.ordinal,
+        memory_bytes=ns.memory_bytes,
+        speed=ns.speed,
+        host=ns.host,
+        time_scale=ns.time_scale,
+        threads=ns.threads,
+        log_file=ns.log_file,
+        parent_pid=ns.parent_pid,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    configure_logging(args.log_file)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    worker = Worker(args)
+
+    async def _main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stopping.set)
+        return await worker.run()
+
+    return asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
