@@ -1,0 +1,153 @@
+"""Start a real local cluster — a scheduler and nodes as separate processes on
+loopback — for the demo, tests and live benchmarks, and take it down cleanly.
+
+Each daemon runs in its own session (process group) so teardown reaches the workers
+too: SIGTERM first (cooperative), SIGKILL to the group after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trident.errors import TridentError
+
+__all__ = ["LocalCluster", "NodeSpec", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NodeSpec:
+    devices: str  # cpu:N | sim:N
+    node_id: str | None = None
+    time_scale: float = 1.0
+    sim_memory_gb: float = 80.0
+    threads: int | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return int(self.devices.split(":")[1])
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        models: list[str],
+        nodes: list[NodeSpec],
+        *,
+        policy: str = "fifo",
+        log_dir: str | os.PathLike[str] | None = None,
+        scheduler_args: list[str] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.models = models
+        self.nodes = nodes
+        self.policy = policy
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.scheduler_args = scheduler_args or []
+        self.startup_timeout = startup_timeout
+        port_a, port_b = free_port(), free_port()
+        self.client_addr = f"tcp://127.0.0.1:{port_a}"
+        self.node_addr = f"tcp://127.0.0.1:{port_b}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.node_procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def log_file(self) -> str | None:
+        return str(self.log_dir / "trident.log") if self.log_dir else None
+
+    def _popen(self, args: list[str]) -> subprocess.Popen[bytes]:
+        stderr: Any = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stderr = open(self.log_dir / "stderr.log", "ab")  # noqa: SIM115 - closed at teardown by the OS
+        p = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        self.procs.append(p)
+        return p
+
+    def start(self) -> LocalCluster:
+        log = ["--log-file", self.log_file] if self.log_file else []
+        sched = ["trident.runtime.scheduler", "--client-addr", self.client_addr, "--node-addr", self.node_addr, "--policy", self.policy]
+        for m in self.models:
+            sched += ["--model", m]
+        self.scheduler = self._popen(sched + log + self.scheduler_args)
+        for i, n in enumerate(self.nodes):
+            self.start_node(n, i, log)
+        try:
+            self.wait_ready(sum(n.count for n in self.nodes))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_node(self, n: NodeSpec, i: int, log: list[str] | None = None) -> subprocess.Popen[bytes]:
+        log = log if log is not None else (["--log-file", self.log_file] if self.log_file else [])
+        args = [
+            "trident.runtime.node", "--scheduler", self.node_addr, "--devices", n.devices,
+            "--node-id", n.node_id or f"n{i}", "--time-scale", str(n.time_scale),
+            "--sim-memory-gb", str(n.sim_memory_gb),
+        ]
+        if n.threads:
+            args += ["--threads", str(n.threads)]
+        p = self._popen(args + n.extra + log)
+        self.node_procs.append(p)
+        return p
+
+    def wait_ready(self, devices: int, timeout: float | None = None) -> dict[str, Any]:
+        from trident.client import Client
+
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        with Client(self.client_addr) as c:
+            while time.monotonic() < deadline:
+                if self.scheduler is not None and self.scheduler.poll() is not None:
+                    raise TridentError(f"scheduler exited with {self.scheduler.returncode}")
+                with contextlib.suppress(TridentError):
+                    pong = c.ping(timeout=1.0)
+                    if len(pong.get("devices", [])) >= devices:
+                        return pong
+                time.sleep(0.1)
+        raise TridentError(f"cluster not ready: fewer than {devices} devices after startup timeout")
+
+    def stop(self, grace: float = 10.0) -> None:
+        # Nodes first (they stop their workers), then the scheduler.
+        for group in (self.node_procs, [self.scheduler] if self.scheduler else []):
+            for p in group:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for p in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.1, deadline - time.monotonic()))
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # anything left in its session
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
