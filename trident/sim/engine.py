@@ -84,6 +84,8 @@ __all__ = [
 
 GIB = 1 << 30
 
+_Key = tuple[str, Stage]  # (model, stage) resident on a device
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
@@ -214,8 +216,8 @@ class _Dev:
         self.busy = False  # head item is executing (loading or computing)
         self.seen: _Task | None = None  # head task already counted in its ``heads``
         # (model, stage) -> weight bytes; insertion order + last_use drive LRU
-        self.resident: dict[tuple[str, str], int] = {}
-        self.last_use: dict[tuple[str, str], float] = {}
+        self.resident: dict[_Key, int] = {}
+        self.last_use: dict[_Key, float] = {}
         self.used_weights = 0
 
 
@@ -503,25 +505,25 @@ class Simulator:
                 self._begin(task)
             return
 
-    def _source(self, d: _Dev, key: tuple[str, str]) -> str:
+    def _source(self, d: _Dev, key: _Key) -> str:
         for other in self.node_devs.get(d.node, ()):
             od = self.devs[other]
             if od is not d and od.alive and key in od.resident:
                 return "peer"
         return "node-cache"
 
-    def _add_resident(self, d: _Dev, key: tuple[str, str], nbytes: int) -> None:
+    def _add_resident(self, d: _Dev, key: _Key, nbytes: int) -> None:
         d.resident[key] = nbytes
         d.last_use[key] = self.now
         d.used_weights += nbytes
 
-    def _evict(self, d: _Dev, key: tuple[str, str]) -> None:
+    def _evict(self, d: _Dev, key: _Key) -> None:
         nbytes = d.resident.pop(key)
         d.last_use.pop(key, None)
         d.used_weights -= nbytes
-        self._deliver_later(StageUnloaded(d.info.device_id, key[0], key[1]))  # type: ignore[arg-type]
+        self._deliver_later(StageUnloaded(d.info.device_id, key[0], key[1]))
 
-    def _make_room(self, d: _Dev, need: int, keep: set[tuple[str, str]]) -> bool:
+    def _make_room(self, d: _Dev, need: int, keep: set[_Key]) -> bool:
         """Free memory so that ``need`` more bytes fit, evicting LRU stages not in keep."""
         cap = d.info.memory_bytes
         if d.used_weights + need <= cap:
@@ -548,7 +550,7 @@ class Simulator:
         keep = set(keys)
         peak = max(int(self.cost.stage_peak_bytes(fam, s, task.shape, deg)) for s in cmd.stages)
         load_s = 0.0
-        loads: list[tuple[_Dev, tuple[str, str], float, str]] = []
+        loads: list[tuple[_Dev, _Key, float, str]] = []
         for dev_id in cmd.devices:
             d = self.devs[dev_id]
             missing = [k for k in keys if k not in d.resident]
@@ -630,18 +632,18 @@ class Simulator:
 
     # ------------------------------------------------------------------ timed events
 
-    def _on_loaded(self, task: _Task, loads: list[tuple[_Dev, tuple[str, str], float, str]]) -> None:
+    def _on_loaded(self, task: _Task, loads: list[tuple[_Dev, _Key, float, str]]) -> None:
         if task.state != "loading":
             return
         for d, k, secs, src in loads:
             if d.alive:
                 self._deliver_later(
-                    StageLoaded(d.info.device_id, k[0], k[1], seconds=secs, source=src)  # type: ignore[arg-type]
+                    StageLoaded(d.info.device_id, k[0], k[1], seconds=secs, source=src)
                 )
         task.state = "running"
-        secs = self._compute_seconds(task)
+        stage_secs = self._compute_seconds(task)
         self._deliver_later(TaskStarted(task.cmd.task_id))
-        self._push(self.now + sum(secs.values()), _DONE, (task, secs))
+        self._push(self.now + sum(stage_secs.values()), _DONE, (task, stage_secs))
 
     def _on_done(self, task: _Task, secs: dict[str, float]) -> None:
         if task.state != "running":
@@ -750,10 +752,11 @@ class Simulator:
             self._advance_pending()
             if lost:
                 self._deliver(NodeLost(fault.node_id, reason=fault.reason))
-        elif fault.device_id is not None:
-            if self._lose_device(fault.device_id, fault.reason, fault.restart_after_s):
-                self._advance_pending()
-                self._deliver(DeviceLost(fault.device_id, reason=fault.reason))
+        elif fault.device_id is not None and self._lose_device(
+            fault.device_id, fault.reason, fault.restart_after_s
+        ):
+            self._advance_pending()
+            self._deliver(DeviceLost(fault.device_id, reason=fault.reason))
 
     def _on_restart(self, dev_id: str) -> None:
         d = self.devs[dev_id]
@@ -821,7 +824,7 @@ class Simulator:
             elif kind == _TICK:
                 if self.open_requests == 0 and pending_arrivals == 0:
                     continue  # everything ended: stop ticking
-                busy = self.running > 0 or len(heap) > 0 and _has_work(heap)
+                busy = self.running > 0 or pending_arrivals > 0 or _has_work(heap)
                 if not busy:
                     if idle_since is None:
                         idle_since = t
@@ -839,10 +842,14 @@ class Simulator:
                 self._on_fault(payload)
             elif kind == _RESTART:
                 self._on_restart(payload)
-            if self.open_requests == 0 and pending_arrivals == 0 and not self.config.faults:
-                # Drain already-scheduled policy deliveries at this instant, then stop.
-                if not heap or heap[0][0] > self.now:
-                    break
+            # Everything ended: drain policy deliveries due at this instant, then stop.
+            if (
+                self.open_requests == 0
+                and pending_arrivals == 0
+                and not self.config.faults
+                and (not heap or heap[0][0] > self.now)
+            ):
+                break
         self.stats["stuck_tasks"] = sum(
             1 for tk in self.tasks.values() if tk.state in ("queued", "loading", "running")
         )

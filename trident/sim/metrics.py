@@ -75,9 +75,11 @@ def summarize(result: SimResult | Sequence[RequestRecord]) -> Summary:
     lat = [r.latency for r in done if r.latency is not None]
     met = sum(1 for r in records if r.met_slo)
     errors = Counter(r.error or "unfinished" for r in records if r.status != "completed")
-    stage_sum: Counter[str] = Counter()
+    stage_sum: dict[str, float] = dict.fromkeys(
+        ("queue", "encode", "diffuse", "decode", "transfer", "load"), 0.0
+    )
     for r in done:
-        for k in ("queue", "encode", "diffuse", "decode", "transfer", "load"):
+        for k in stage_sum:
             stage_sum[k] += float(r.timings.get(k, 0.0))
     s = Summary(
         requests=n,

@@ -287,7 +287,9 @@ class TraceSpec:
     build: Callable[[int, random.Random, float, float], list[tuple[str, ShapeTuple]]]
 
 
-def _single(family: str) -> Callable[[int, random.Random, float, float], list[tuple[str, ShapeTuple]]]:
+def _single(
+    family: str,
+) -> Callable[[int, random.Random, float, float], list[tuple[str, ShapeTuple]]]:
     def build(n: int, rng: random.Random, p0: float, p1: float) -> list[tuple[str, ShapeTuple]]:
         shapes = FAMILY_SHAPES[family]
         return [(family, rng.choice(shapes)) for _ in range(n)]
@@ -326,9 +328,7 @@ TRACES: dict[str, TraceSpec] = {
         )
         for fam in FAMILY_SHAPES
     },
-    "mixed": TraceSpec(
-        "mixed", 1.0, "flux, sd3, cogvideox, hunyuanvideo in equal shares", _mixed
-    ),
+    "mixed": TraceSpec("mixed", 1.0, "flux, sd3, cogvideox, hunyuanvideo in equal shares", _mixed),
     "shifting": TraceSpec(
         "shifting",
         1.0,

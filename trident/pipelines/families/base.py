@@ -1,0 +1,229 @@
+"""The shared half of every family adapter: lazy per-stage loading and the ``run`` entry.
+
+Each stage owns its own diffusers pipeline object holding only that stage's components
+(``from_pretrained(dir, <other components>=None)``), so a device that holds only ``decode``
+never reads the text encoders or the transformer. Family modules implement three hooks,
+built on the pipelines' public methods:
+
+- ``_encode(pipe, params)``: ``pipe.encode_prompt(...)``;
+- ``_diffuse(pipe, inputs, params)``: ``pipe(prompt_embeds=..., output_type="latent")``
+  inside :func:`trident.pipelines.parallel.diffuse_context`;
+- ``_decode(pipe, inputs, params)``: ``pipe.vae.decode`` + the pipeline's own processor.
+
+Pitfall handled here: a pipeline built with ``vae=None`` falls back to a hard-coded VAE scale
+factor (8 / 4). ``_configure`` restores the factors from the model's real VAE config (read by
+:func:`trident.pipelines.meta.inspect_model`) on every stage's pipeline object.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trident.errors import InvalidRequestError
+from trident.pipelines.api import ModelMeta, ParallelContext, StageName
+from trident.pipelines.meta import stage_components
+from trident.pipelines.parallel import broadcast_inputs, diffuse_context
+
+__all__ = ["STAGES", "FamilyStages", "drop_none", "to_numpy_output"]
+
+STAGES: tuple[StageName, ...] = ("encode", "diffuse", "decode")
+
+
+def drop_none(**tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Stage outputs are flat tensor dicts without ``None`` values."""
+    return {k: v for k, v in tensors.items() if v is not None}
+
+
+def to_numpy_output(array: Any) -> dict[str, torch.Tensor]:
+    """Wrap diffusers' ``output_type="np"`` array for one request as the decode output."""
+    return {"output": torch.from_numpy(array[0]).to(torch.float32)}
+
+
+class FamilyStages:
+    """Implements :class:`trident.pipelines.api.PipelineStages` for one family."""
+
+    #: Names of params read by ``run`` besides the common ones (documentation only).
+    family_params: tuple[str, ...] = ()
+
+    def __init__(self, meta: ModelMeta, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.meta = meta
+        self.device = device
+        self.dtype = dtype
+        self._root = Path(meta.path)
+        with (self._root / "model_index.json").open() as f:
+            self._components: dict[str, Any] = {
+                k: v for k, v in json.load(f).items() if not k.startswith("_")
+            }
+        self._pipes: dict[StageName, Any] = {}
+        self._lock = threading.Lock()  # load/unload may come from a loader thread
+
+    # ------------------------------------------------------------------ loading
+    def _pipeline_class(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.meta.pipeline_class)
+
+    def load(self, stage: StageName) -> float:
+        """Make ``stage``'s weights resident; returns seconds spent (0 if already)."""
+        self._check_stage(stage)
+        with self._lock:
+            if stage in self._pipes:
+                return 0.0
+            t0 = time.perf_counter()
+            keep = set(stage_components(self._components, stage))
+            absent = {name: None for name in self._components if name not in keep}
+            pipe = self._pipeline_class().from_pretrained(
+                self._root, torch_dtype=self.dtype, **absent
+            )
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self._configure(pipe)
+            self._pipes[stage] = pipe
+            return time.perf_counter() - t0
+
+    def unload(self, stage: StageName) -> None:
+        self._check_stage(stage)
+        with self._lock:
+            pipe = self._pipes.pop(stage, None)
+        if pipe is not None and str(self.device).startswith("cuda"):
+            del pipe
+            torch.cuda.empty_cache()
+
+    def loaded(self) -> set[StageName]:
+        return set(self._pipes)
+
+    def _pipe(self, stage: StageName) -> Any:
+        if stage not in self._pipes:
+            self.load(stage)  # the runtime normally loads first; be forgiving
+        return self._pipes[stage]
+
+    @staticmethod
+    def _check_stage(stage: str) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+    def _configure(self, pipe: Any) -> None:
+        """Restore the VAE factors a ``vae=None`` pipeline lost (see module doc)."""
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        stage: StageName,
+        inputs: Mapping[str, torch.Tensor] | None,
+        params: Mapping[str, Any],
+        options: Mapping[str, Any] | None = None,
+        parallel: ParallelContext | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run one stage for one request (see :mod:`trident.pipelines.api`)."""
+        self._check_stage(stage)
+        pipe = self._pipe(stage)
+        with torch.no_grad():
+            if stage == "encode":
+                return self._encode(pipe, params)
+            if stage == "diffuse":
+                # Degree k: rank 0 holds the inputs, the others receive them here.
+                tensors = broadcast_inputs(inputs, parallel)
+                tensors = {k: v.to(self.device) for k, v in tensors.items()}
+                with diffuse_context(pipe, self.meta, parallel):
+                    return self._diffuse(pipe, tensors, params)
+            if inputs is None:
+                raise InvalidRequestError("decode needs the diffuse stage's output")
+            tensors = {k: v.to(self.device) for k, v in inputs.items()}
+            return self._decode_with_options(pipe, tensors, params, options or {})
+
+    def _decode_with_options(
+        self,
+        pipe: Any,
+        inputs: dict[str, torch.Tensor],
+        params: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        # VAE tiling/slicing lower decode's activation peak for one call; tiling changes
+        # pixels slightly at tile seams (blended overlaps), slicing does not for batch 1.
+        vae = pipe.vae
+        tiling = bool(options.get("vae_tiling", False))
+        slicing = bool(options.get("vae_slicing", False))
+        if tiling:
+            vae.enable_tiling()
+        if slicing:
+            vae.enable_slicing()
+        try:
+            return self._decode(pipe, inputs, params)
+        finally:
+            if tiling:
+                vae.disable_tiling()
+            if slicing:
+                vae.disable_slicing()
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def call_default(pipe: Any, name: str) -> Any:
+        """Default of ``name`` in the pipeline's ``__call__`` (what a whole-pipeline call uses)."""
+        return inspect.signature(type(pipe).__call__).parameters[name].default
+
+    def max_sequence_length(self, pipe: Any, params: Mapping[str, Any]) -> int:
+        value = params.get("max_sequence_length")
+        return int(value) if value is not None else int(self.call_default(pipe, "max_sequence_length"))
+
+    @staticmethod
+    def prompt(params: Mapping[str, Any], key: str = "prompt") -> str | None:
+        value = params.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequestError(f"{key} must be a string, got {type(value).__name__}")
+        return value
+
+    def guidance(self, params: Mapping[str, Any]) -> float:
+        value = params.get("guidance_scale")
+        return float(value) if value is not None else float(self.meta.default_guidance_scale)
+
+    @staticmethod
+    def generator(params: Mapping[str, Any]) -> torch.Generator:
+        # seed=S means torch.Generator("cpu").manual_seed(S), whatever the device.
+        return torch.Generator("cpu").manual_seed(int(params.get("seed", 0)))
+
+    def diffuse_kwargs(self, pipe: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Arguments common to every family's ``__call__`` in the diffuse stage."""
+        kwargs: dict[str, Any] = {
+            "height": params.get("height"),
+            "width": params.get("width"),
+            "num_inference_steps": int(params.get("num_inference_steps") or self.meta.default_steps),
+            "guidance_scale": self.guidance(params),
+            "generator": self.generator(params),
+            "output_type": "latent",
+            "return_dict": False,
+        }
+        if self.meta.is_video:
+            kwargs["num_frames"] = params.get("num_frames") or self.meta.default_num_frames
+        if "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters:
+            kwargs["max_sequence_length"] = self.max_sequence_length(pipe, params)
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    @staticmethod
+    def require(inputs: Mapping[str, torch.Tensor], *names: str) -> None:
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InvalidRequestError(
+                f"stage input lacks {', '.join(missing)} (was encode run with the same guidance?)"
+            )
+
+    # ------------------------------------------------------------------ family hooks
+    def _encode(self, pipe: Any, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _diffuse(
+        self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode(
+        self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

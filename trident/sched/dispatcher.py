@@ -1,0 +1,495 @@
+"""The resource-aware dispatcher: which degree and which devices each queued request's
+diffuse stage gets, with encode and decode following.
+
+One *round* (:meth:`Dispatcher.solve`) sees a snapshot: the queue (:class:`QueueItem`)
+and the devices (:class:`DeviceView`: plan placement, estimated free time, free memory,
+whether it can take a task now). It returns :class:`Assignment` s, at most one per
+request, each device used at most once per round.
+
+Model (kept small on purpose — MEASURED.md: CBC needs 30 s for 2,000 binaries):
+
+- Window: the ``max_requests`` most urgent waiting requests (earliest deadline first;
+  late ones are first by construction). Devices: only those that can take a task now
+  and free up within ``lookahead_s``.
+- Variables ``x[r, g]`` only for efficient degrees ((t1/tk)/k >= threshold) and
+  memory-feasible aligned groups ``g``; per (r, k) only the ``groups_per_degree`` groups
+  with the earliest predicted completion.
+- Predicted completion counts the group's free time (queueing), encode (on the leader
+  if it holds encode, else the earliest-free encode device, plus the embeddings'
+  transfer), diffuse at degree k on the slowest member, decode (on the leader if it
+  holds decode, else the earliest-free decode device, plus the latents' transfer).
+- Objective: sum of rewards — on time: ``on_time_reward`` plus an urgency bonus; late:
+  an aging reward growing with the fraction of the latency budget already spent — minus
+  a cross-node transfer penalty and a small device-seconds penalty (prefer thrifty
+  degrees). On-time-ness of each (r, g) is known before the solve (completion is a
+  function of the choice), so no big-M constraints are needed.
+- Constraints: each request at most once; each device at most once.
+- Hard time limit; warm start from the greedy plan (which keeps the last round's
+  choices where still possible); greedy fallback (EDF + thriftiest on-time efficient
+  degree, else earliest completion) when the solver hits the limit without a proven
+  optimum, fails, or python-mip is missing. Rounds that are trivially optimal for
+  greedy (no two candidates share a device) skip the solver.
+
+Batching several same-shape requests into one diffuse call is not done here (MEASURED:
+batched outputs differ from unbatched ones by up to 3e-5; left for later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trident.sched.cost import efficient_degrees
+from trident.sched.types import CostModel, Shape, Stage
+
+__all__ = [
+    "Assignment",
+    "DeviceView",
+    "DispatchConfig",
+    "DispatchResult",
+    "Dispatcher",
+    "QueueItem",
+]
+
+SolverName = Literal["cbc", "highs"]
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """A waiting request whose next stage is ``next_stage``."""
+
+    request_id: str
+    model: str
+    family: str
+    shape: Shape
+    arrival: float
+    deadline: float
+    next_stage: Stage
+    input_device: str | None = None  # where the previous stage's output is kept
+    max_degree: int = 8
+
+
+@dataclass
+class DeviceView:
+    device_id: str
+    node_id: str
+    index: int
+    speed: float
+    free_at: float  # estimated time its queue drains
+    free_memory: int  # memory_bytes - weights of the stages its plan puts on it
+    holds: Mapping[str, frozenset[Stage]]  # model -> stages (plan)
+    available: bool = True  # can take a new task now (in-flight limit)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    request_id: str
+    degree: int  # diffuse degree
+    group: tuple[str, ...]  # diffuse devices (leader first)
+    stages: tuple[Stage, ...]  # the task to issue now
+    devices: tuple[str, ...]  # where that task runs
+    start: float  # predicted start of the task
+    task_end: float  # predicted end of the task
+    finish: float  # predicted completion of the request
+    on_time: bool
+    cross_node: int = 0  # inter-node transfers on the predicted path
+
+
+@dataclass
+class DispatchResult:
+    assignments: list[Assignment]
+    solver: Literal["mip", "greedy"]
+    reason: str  # "optimal", "feasible", "trivial", "time_limit", "error", "no_solver", "empty"
+    ms: float
+    variables: int = 0
+    objective: float = 0.0
+
+
+@dataclass
+class DispatchConfig:
+    solver: SolverName = "cbc"
+    time_limit_s: float = 0.04
+    max_requests: int = 24
+    groups_per_degree: int = 3
+    lookahead_s: float = 2.0
+    efficiency: float = 0.8
+    on_time_reward: float = 1000.0
+    late_reward: float = 100.0  # base reward for serving a request that will be late
+    cross_node_penalty: float = 5.0
+    device_seconds_penalty: float = 0.01  # per device-second of diffuse
+    use_mip: bool = True
+
+
+@dataclass
+class _Cand:
+    item: QueueItem
+    k: int
+    group: tuple[str, ...]
+    stages: tuple[Stage, ...]
+    devices: tuple[str, ...]
+    start: float
+    task_end: float
+    finish: float
+    on_time: bool
+    cross: int
+    dev_seconds: float
+    weight: float = 0.0
+
+    def assignment(self) -> Assignment:
+        return Assignment(
+            self.item.request_id,
+            self.k,
+            self.group,
+            self.stages,
+            self.devices,
+            self.start,
+            self.task_end,
+            self.finish,
+            self.on_time,
+            self.cross,
+        )
+
+
+@dataclass
+class Dispatcher:
+    """Stateless but for the last solution (warm start) and solver statistics."""
+
+    cost: CostModel
+    config: DispatchConfig = field(default_factory=DispatchConfig)
+    last: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ public
+
+    def solve(
+        self, items: Sequence[QueueItem], devices: Sequence[DeviceView], now: float
+    ) -> DispatchResult:
+        t0 = time.perf_counter()
+        cfg = self.config
+        dev = {d.device_id: d for d in devices}
+        queue = sorted(
+            (i for i in items if i.next_stage != "decode"),
+            key=lambda i: (i.deadline, i.arrival, i.request_id),
+        )
+        cands = self.candidates(queue, dev, now)
+        if not cands:
+            return DispatchResult([], "greedy", "empty", (time.perf_counter() - t0) * 1e3)
+        greedy = self.greedy(cands)
+        trivial = self._trivial(cands) if cfg.use_mip else None
+        if trivial is not None:
+            res = DispatchResult(
+                [c.assignment() for c in trivial], "greedy", "trivial", 0.0, len(cands),
+                sum(c.weight for c in trivial),
+            )
+        elif not cfg.use_mip:
+            res = DispatchResult(
+                [c.assignment() for c in greedy], "greedy", "configured", 0.0, len(cands),
+                sum(c.weight for c in greedy),
+            )
+        else:
+            res = self._mip(cands, greedy)
+        self.last = {a.request_id: a.group for a in res.assignments}
+        res.ms = (time.perf_counter() - t0) * 1e3
+        return res
+
+    def follow_decode(
+        self, item: QueueItem, devices: Sequence[DeviceView], now: float
+    ) -> Assignment | None:
+        """Decode follows diffuse: the input's device if it holds decode, else the
+        earliest-completing available decode device."""
+        best: tuple[float, DeviceView, int] | None = None
+        size = self.cost.output_bytes(item.family, "diffuse", item.shape)
+        src = item.input_device
+        src_node = next((d.node_id for d in devices if d.device_id == src), None)
+        for d in devices:
+            if not d.available or "decode" not in d.holds.get(item.model, frozenset()):
+                continue
+            if self.cost.stage_peak_bytes(item.family, "decode", item.shape) > d.free_memory:
+                continue
+            xfer = 0.0
+            cross = 0
+            if src is not None and src != d.device_id:
+                same = src_node == d.node_id
+                xfer = self.cost.transfer_seconds(size, same)
+                cross = 0 if same else 1
+            start = max(now, d.free_at)
+            end = start + xfer + self.cost.stage_seconds(item.family, "decode", item.shape) / d.speed
+            key = end + 1e-6 * cross
+            if best is None or key < best[0]:
+                best = (key, d, cross)
+        if best is None:
+            return None
+        _, d, cross = best
+        start = max(now, d.free_at)
+        end = best[0] - 1e-6 * cross
+        return Assignment(
+            item.request_id, 1, (d.device_id,), ("decode",), (d.device_id,), start, end, end,
+            end <= item.deadline + 1e-9, cross,
+        )
+
+    # ------------------------------------------------------------------ candidates
+
+    def candidates(
+        self, window: Iterable[QueueItem], dev: Mapping[str, DeviceView], now: float
+    ) -> list[_Cand]:
+        cfg = self.config
+        cost = self.cost
+        horizon = now + cfg.lookahead_s
+        usable = [d for d in dev.values() if d.available and d.free_at <= horizon]
+        by_node: dict[str, dict[int, DeviceView]] = {}
+        for d in usable:
+            by_node.setdefault(d.node_id, {})[d.index] = d
+        # Per model, no more requests than usable devices holding its diffuse stage.
+        room: dict[str, int] = {}
+        for d in usable:
+            for m, st in d.holds.items():
+                if "diffuse" in st:
+                    room[m] = room.get(m, 0) + 1
+        taken = 0
+        out: list[_Cand] = []
+        for item in window:
+            if taken >= cfg.max_requests:
+                break
+            if room.get(item.model, 0) <= 0:
+                continue
+            before = len(out)
+            fam, shape, model = item.family, item.shape, item.model
+            ks = efficient_degrees(cost, fam, shape, item.max_degree, cfg.efficiency)
+            enc_t = cost.stage_seconds(fam, "encode", shape)
+            dec_t = cost.stage_seconds(fam, "decode", shape)
+            enc_peak = cost.stage_peak_bytes(fam, "encode", shape)
+            dec_peak = cost.stage_peak_bytes(fam, "decode", shape)
+            text_b = cost.output_bytes(fam, "encode", shape)
+            lat_b = cost.output_bytes(fam, "diffuse", shape)
+            aux_enc = _earliest(usable, model, "encode", enc_peak, now)
+            aux_dec = _earliest(usable, model, "decode", dec_peak, now)
+            budget = max(1e-6, item.deadline - item.arrival)
+            age = max(0.0, now - item.arrival) / budget
+            for k in ks:
+                dif_t = cost.stage_seconds(fam, "diffuse", shape, k)
+                dif_peak = cost.stage_peak_bytes(fam, "diffuse", shape, k)
+                per_k: list[_Cand] = []
+                for node, idx in by_node.items():
+                    for grp in _aligned(idx, k):
+                        if not all(model in g.holds and "diffuse" in g.holds[model] for g in grp):
+                            continue
+                        if any(g.free_memory < dif_peak for g in grp):
+                            continue
+                        c = self._predict(
+                            item, k, grp, node, now, enc_t, dif_t, dec_t, enc_peak, dec_peak,
+                            text_b, lat_b, aux_enc, aux_dec, dev,
+                        )
+                        if c is None:
+                            continue
+                        late = c.finish > item.deadline + 1e-9
+                        c.on_time = not late
+                        if late:
+                            w = cfg.late_reward * (1.0 + min(age, 8.0))
+                        else:
+                            slack = (item.deadline - c.finish) / budget
+                            w = cfg.on_time_reward + 100.0 * max(0.0, 1.0 - slack)
+                        w -= cfg.cross_node_penalty * c.cross
+                        w -= cfg.device_seconds_penalty * c.dev_seconds
+                        w -= 1e-3 * (c.finish - now)  # tie-break: earlier is better
+                        c.weight = w
+                        per_k.append(c)
+                per_k.sort(key=lambda c: (-c.weight, c.group))
+                out.extend(per_k[: cfg.groups_per_degree])
+            if len(out) > before:
+                taken += 1
+                room[item.model] -= 1
+        return out
+
+    def _predict(
+        self,
+        item: QueueItem,
+        k: int,
+        grp: Sequence[DeviceView],
+        node: str,
+        now: float,
+        enc_t: float,
+        dif_t: float,
+        dec_t: float,
+        enc_peak: int,
+        dec_peak: int,
+        text_b: int,
+        lat_b: int,
+        aux_enc: DeviceView | None,
+        aux_dec: DeviceView | None,
+        dev: Mapping[str, DeviceView],
+    ) -> _Cand | None:
+        cost = self.cost
+        leader = grp[0]
+        held = leader.holds.get(item.model, frozenset())
+        speed = min(g.speed for g in grp)
+        g_free = max(max(g.free_at for g in grp), now)
+        ids = tuple(g.device_id for g in grp)
+        cross = 0
+        first_end = now
+        stages: list[Stage] = []
+        if item.next_stage == "encode":
+            if "encode" in held and leader.free_memory >= enc_peak:
+                stages = ["encode", "diffuse"]
+                start = g_free
+                d_start = start + enc_t / leader.speed
+                task_devices = ids
+            else:
+                if aux_enc is None:
+                    return None
+                e_start = max(now, aux_enc.free_at)
+                e_end = e_start + enc_t / aux_enc.speed
+                same = aux_enc.node_id == node
+                cross += 0 if same else 1
+                d_start = max(g_free, e_end + cost.transfer_seconds(text_b, same))
+                # The task issued now is encode alone; diffuse is re-planned when it ends.
+                stages = ["encode"]
+                start = e_start
+                task_devices = (aux_enc.device_id,)
+                first_end = e_end
+        else:  # diffuse
+            src = item.input_device
+            xfer = 0.0
+            if src is not None and src != leader.device_id:
+                src_view = dev.get(src)
+                same = src_view is not None and src_view.node_id == node
+                cross += 0 if same else 1
+                xfer = cost.transfer_seconds(text_b, same)
+            stages = ["diffuse"]
+            start = g_free
+            d_start = start + xfer
+            task_devices = ids
+        d_end = d_start + dif_t / speed
+        if "decode" in held and leader.free_memory >= dec_peak:
+            finish = d_end + dec_t / leader.speed
+            if stages[-1] == "diffuse":
+                stages.append("decode")
+                task_end = finish
+            else:
+                task_end = first_end
+        else:
+            if aux_dec is None:
+                return None
+            same = aux_dec.node_id == node
+            cross += 0 if same else 1
+            c_start = max(aux_dec.free_at, d_end + cost.transfer_seconds(lat_b, same))
+            finish = c_start + dec_t / aux_dec.speed
+            task_end = d_end if stages[-1] == "diffuse" else first_end
+        return _Cand(
+            item=item,
+            k=k,
+            group=ids,
+            stages=tuple(stages),
+            devices=task_devices,
+            start=start,
+            task_end=task_end,
+            finish=finish,
+            on_time=finish <= item.deadline,
+            cross=cross,
+            dev_seconds=k * dif_t / speed,
+        )
+
+    # ------------------------------------------------------------------ solvers
+
+    def greedy(self, cands: Sequence[_Cand]) -> list[_Cand]:
+        """EDF; per request the thriftiest on-time candidate (least device-seconds), else
+        the earliest completion; each device once. Last round's choice first."""
+        by_req: dict[str, list[_Cand]] = {}
+        for c in cands:
+            by_req.setdefault(c.item.request_id, []).append(c)
+        order = sorted(by_req.values(), key=lambda cs: (cs[0].item.deadline, cs[0].item.arrival, cs[0].item.request_id))
+        used: set[str] = set()
+        out: list[_Cand] = []
+        for cs in order:
+            prev = self.last.get(cs[0].item.request_id)
+
+            def key(c: _Cand, prev: tuple[str, ...] | None = prev) -> tuple[int, int, float, float]:
+                return (0 if c.group == prev else 1, 0 if c.on_time else 1,
+                        c.dev_seconds if c.on_time else c.finish, c.finish)
+
+            for c in sorted(cs, key=key):
+                if used.isdisjoint(c.group) and used.isdisjoint(c.devices):
+                    out.append(c)
+                    used.update(c.group)
+                    used.update(c.devices)
+                    break
+        return out
+
+    @staticmethod
+    def _trivial(cands: Sequence[_Cand]) -> list[_Cand] | None:
+        """When no device appears in candidates of two different requests, the optimum
+        is each request's best candidate: return it (no solver needed); else None."""
+        owner: dict[str, str] = {}
+        for c in cands:
+            for d in (*c.group, *c.devices):
+                if owner.setdefault(d, c.item.request_id) != c.item.request_id:
+                    return None
+        best: dict[str, _Cand] = {}
+        for c in cands:
+            b = best.get(c.item.request_id)
+            if b is None or c.weight > b.weight:
+                best[c.item.request_id] = c
+        return [c for c in best.values() if c.weight > 0]
+
+    def _mip(self, cands: Sequence[_Cand], greedy: Sequence[_Cand]) -> DispatchResult:
+        cfg = self.config
+        try:
+            import mip
+        except ImportError:  # pragma: no cover - mip is a dependency
+            return DispatchResult([c.assignment() for c in greedy], "greedy", "no_solver", 0.0, len(cands))
+        try:
+            m = mip.Model(sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC")
+            m.verbose = 0
+            m.threads = 1
+            x = [m.add_var(var_type=mip.BINARY, obj=c.weight) for c in cands]
+            by_req: dict[str, list[int]] = {}
+            by_dev: dict[str, list[int]] = {}
+            for j, c in enumerate(cands):
+                by_req.setdefault(c.item.request_id, []).append(j)
+                for d in set(c.group) | set(c.devices):
+                    by_dev.setdefault(d, []).append(j)
+            for js in by_req.values():
+                if len(js) > 1:
+                    m.add_constr(mip.xsum(x[j] for j in js) <= 1)
+            for js in by_dev.values():
+                if len(js) > 1:
+                    m.add_constr(mip.xsum(x[j] for j in js) <= 1)
+            index = {id(c): j for j, c in enumerate(cands)}
+            m.start = [(x[index[id(c)]], 1.0) for c in greedy]
+            status = m.optimize(max_seconds=cfg.time_limit_s)
+        except Exception:  # solver trouble must never stop dispatch
+            return DispatchResult([c.assignment() for c in greedy], "greedy", "error", 0.0, len(cands))
+        if status == mip.OptimizationStatus.OPTIMAL:
+            chosen = [c for j, c in enumerate(cands) if (x[j].x or 0.0) > 0.5]
+            return DispatchResult(
+                [c.assignment() for c in chosen], "mip", "optimal", 0.0, len(cands),
+                sum(c.weight for c in chosen),
+            )
+        # Time limit (feasible or not) or anything else: the greedy plan.
+        return DispatchResult(
+            [c.assignment() for c in greedy], "greedy", "time_limit", 0.0, len(cands),
+            sum(c.weight for c in greedy),
+        )
+
+
+def _aligned(idx: Mapping[int, DeviceView], k: int) -> list[list[DeviceView]]:
+    if not idx:
+        return []
+    out = []
+    for j in range(max(idx) // k + 1):
+        grp = [idx.get(i) for i in range(j * k, (j + 1) * k)]
+        if all(g is not None for g in grp):
+            out.append([g for g in grp if g is not None])
+    return out
+
+
+def _earliest(
+    usable: Sequence[DeviceView], model: str, stage: Stage, peak: int, now: float
+) -> DeviceView | None:
+    best: DeviceView | None = None
+    for d in usable:
+        if stage in d.holds.get(model, frozenset()) and d.free_memory >= peak and (
+            best is None or (max(now, d.free_at), d.device_id) < (max(now, best.free_at), best.device_id)
+        ):
+            best = d
+    return best

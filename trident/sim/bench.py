@@ -1,0 +1,530 @@
+"""``trident bench sim``: every policy on the same trace and cluster, side by side.
+
+Example (the paper's flux trace on 16 nodes x 8 simulated L20s)::
+
+    python -m trident.sim.bench --trace flux --nodes 16 --gpus-per-node 8 \\
+        --policies trident,b1,b4,b6,authors --slo-scale 2.5 --json out.json
+
+Each request's deadline is ``arrival + slo_s``: the trace's ``slo_s`` when given, else
+``slo_scale`` x its standalone latency (encode + diffuse at the best efficient degree
++ decode, no queueing; :func:`trident.sched.core.standalone_latency`). The deadline is
+put in the request itself, so every policy plans against, and is judged by, the same
+deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from trident.sched.types import CostModel, ModelInfo, Policy, RequestSpec
+from trident.sim.engine import GIB, ClusterSpec, SimConfig, SimResult, simulate
+from trident.sim.metrics import Summary, summarize
+from trident.sim.traces import (
+    ARRIVALS,
+    TRACES,
+    VIDEO_FAMILIES,
+    TraceError,
+    TraceRequest,
+    load_trace,
+    make_trace,
+    to_request_specs,
+)
+
+__all__ = [
+    "GPU_PROFILES",
+    "BenchConfig",
+    "GpuProfile",
+    "build_models",
+    "main",
+    "make_requests",
+    "make_sim_policy",
+    "run_bench",
+    "run_policies",
+]
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    memory_bytes: int
+    speed: float  # relative to the cost model's reference device (L20 = 1.0)
+    note: str = ""
+
+
+# Speeds other than L20's are rough (dense bf16 throughput ratios, discounted for
+# memory-bound parts); measure with `trident profile` for real numbers.
+GPU_PROFILES: dict[str, GpuProfile] = {
+    "l20": GpuProfile("l20", 48 * GIB, 1.0, "the paper's device; the cost model's reference"),
+    "l40s": GpuProfile("l40s", 48 * GIB, 1.6, "rough"),
+    "a100": GpuProfile("a100", 80 * GIB, 1.8, "A100 80GB; rough"),
+    "h100": GpuProfile("h100", 80 * GIB, 3.0, "H100 SXM; rough"),
+    "h200": GpuProfile("h200", 141 * GIB, 3.3, "rough"),
+}
+
+DEFAULT_POLICIES = ("trident", "b1", "b4", "b6", "authors")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    trace: str | None = "flux"
+    trace_file: str | None = None
+    nodes: int = 16
+    gpus_per_node: int = 8
+    gpu: str = "l20"
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    slo_scale: float = 2.5
+    rate: float | None = None
+    duration_s: float = 1800.0
+    seed: int = 0
+    arrival: str = "constant"
+    cv: float = 3.0
+    noise: float = 0.0
+    tick_s: float = 0.1
+    max_time_s: float | None = None
+    policy_options: tuple[tuple[str, Any], ...] = ()
+    model_map: tuple[tuple[str, str], ...] = ()  # served name -> family
+    profiles: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["policies"] = list(self.policies)
+        d["policy_options"] = dict(self.policy_options)
+        d["model_map"] = dict(self.model_map)
+        d["profiles"] = list(self.profiles)
+        return d
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def build_models(
+    cost: CostModel, names: Sequence[str], model_map: Mapping[str, str] | None = None
+) -> dict[str, ModelInfo]:
+    """A :class:`ModelInfo` per served model name used by the trace.
+
+    A name is its own family when the cost model knows it (``flux``); ``model_map``
+    maps other served names (``my-flux-dev``) to families; otherwise a name that
+    starts with a known family (``flux-dev``) gets that family.
+    """
+    mm = dict(model_map or {})
+    known = tuple(getattr(cost, "families", ()))
+    out: dict[str, ModelInfo] = {}
+    for name in dict.fromkeys(names):
+        family = mm.get(name)
+        if family is None:
+            if name in known or not known:
+                family = name
+            else:
+                family = next(
+                    (f for f in sorted(known, key=len, reverse=True) if name.startswith(f)), None
+                )
+        if family is None:
+            raise TraceError(
+                f"model {name!r}: unknown family (known: {', '.join(known)}); "
+                f"map it with --model {name}=FAMILY"
+            )
+        out[name] = ModelInfo(
+            name=name,
+            family=family,
+            is_video=family in VIDEO_FAMILIES,
+            stage_weight_bytes={
+                s: int(cost.weight_bytes(family, s)) for s in ("encode", "diffuse", "decode")
+            },
+            max_degree=8,
+        )
+    return out
+
+
+def make_requests(
+    trace: Sequence[TraceRequest],
+    models: Mapping[str, ModelInfo],
+    cost: CostModel,
+    slo_scale: float,
+    max_degree: int,
+) -> list[RequestSpec]:
+    """Requests with explicit ``slo_s`` = trace's, else ``slo_scale`` x standalone."""
+    from trident.sched.core import standalone_latency
+
+    def slo_for(req: TraceRequest, served: str) -> float:
+        info = models[served]
+        spec = RequestSpec("slo", served, req.shape, 0.0)
+        base, _k = standalone_latency(cost, info.family, spec, min(info.max_degree, max_degree))
+        return slo_scale * base
+
+    return to_request_specs(trace, slo_for=slo_for)
+
+
+def make_sim_policy(
+    name: str, models: Mapping[str, ModelInfo], cost: CostModel, **config: Any
+) -> Policy:
+    """The named policy from ``trident.sched.policy.make_policy``; ``fifo`` is the core's
+    stage-level FIFO (always available)."""
+    if name == "fifo":
+        from trident.sched.core import CoreConfig, FifoPolicy
+
+        known = CoreConfig.__dataclass_fields__
+        cc = CoreConfig(**{k: v for k, v in config.items() if k in known})
+        return FifoPolicy(models, cost, cc)
+    try:
+        from trident.sched.policy import make_policy  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise SystemExit(
+            f"policy {name!r} needs trident.sched.policy.make_policy, which is not available "
+            f"({exc}); use --policies fifo"
+        ) from None
+    pol: Policy = make_policy(name, models, cost, **config)
+    return pol
+
+
+def _load_cost(profiles: Sequence[str]) -> CostModel:
+    from trident.sched.cost import load_cost_model
+
+    return load_cost_model(list(profiles))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_policies(
+    cfg: BenchConfig,
+    cost: CostModel | None = None,
+    *,
+    policy_factory: Callable[..., Policy] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Summary], dict[str, Any]]:
+    """Run every policy of ``cfg`` on the same trace; return summaries and run info."""
+    cost = cost or _load_cost(cfg.profiles)
+    if cfg.trace_file:
+        trace = load_trace(cfg.trace_file)
+    else:
+        if cfg.trace is None:
+            raise TraceError("give a trace name or a trace file")
+        trace = make_trace(
+            cfg.trace,
+            rate=cfg.rate,
+            duration_s=cfg.duration_s,
+            seed=cfg.seed,
+            arrival=cfg.arrival,  # type: ignore[arg-type]
+            cv=cfg.cv,
+        )
+    if not trace:
+        raise TraceError("the trace has no requests")
+    gpu = GPU_PROFILES[cfg.gpu]
+    models = build_models(cost, [r.model for r in trace], dict(cfg.model_map))
+    requests = make_requests(trace, models, cost, cfg.slo_scale, cfg.gpus_per_node)
+    cluster = ClusterSpec(
+        cfg.nodes, cfg.gpus_per_node, memory_bytes=gpu.memory_bytes, speed=gpu.speed
+    )
+    sim_cfg = SimConfig(
+        seed=cfg.seed, tick_s=cfg.tick_s, noise=cfg.noise, max_time_s=cfg.max_time_s
+    )
+    factory = policy_factory or make_sim_policy
+    options = dict(cfg.policy_options)
+    options.setdefault("slo_scale", cfg.slo_scale)
+    out: dict[str, Summary] = {}
+    info: dict[str, Any] = {"requests": len(requests), "runs": {}}
+    for name in cfg.policies:
+        t0 = time.perf_counter()
+        policy = _build_policy(factory, name, models, cost, options)
+        res: SimResult = simulate(policy, cost, models, cluster, requests, sim_cfg)
+        s = summarize(res)
+        out[name] = s
+        info["runs"][name] = {
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "stats": res.stats,
+            "log_events": res.log_events,
+        }
+        if log:
+            log(
+                f"  {name:<10} slo={s.slo_attainment:.3f} mean={s.mean_latency_s:.1f}s "
+                f"p95={s.p95_latency_s:.1f}s done={s.completed} failed={s.failed} "
+                f"({time.perf_counter() - t0:.1f}s wall, policy {res.policy_seconds:.1f}s)"
+            )
+    return out, info
+
+
+def _build_policy(
+    factory: Callable[..., Policy],
+    name: str,
+    models: Mapping[str, ModelInfo],
+    cost: CostModel,
+    options: dict[str, Any],
+) -> Policy:
+    try:
+        return factory(name, models, cost, **options)
+    except TypeError as exc:
+        # A policy that does not take slo_scale (the deadline is in each request anyway).
+        if "slo_scale" in options and "slo_scale" in str(exc):
+            rest = {k: v for k, v in options.items() if k != "slo_scale"}
+            return factory(name, models, cost, **rest)
+        raise
+
+
+def _ratios(
+    summaries: Mapping[str, Summary], base: str = "b1"
+) -> dict[str, dict[str, float | None]]:
+    """Per policy: SLO attainment / base's, and base's latency / the policy's (x lower)."""
+    b = summaries.get(base)
+    if b is None:
+        return {}
+
+    def div(x: float, y: float) -> float | None:
+        if not (math.isfinite(x) and math.isfinite(y)) or y == 0:
+            return None
+        return round(x / y, 3)
+
+    return {
+        n: {
+            "slo_attainment_x": div(s.slo_attainment, b.slo_attainment),
+            "mean_latency_lower_x": div(b.mean_latency_s, s.mean_latency_s),
+            "p95_latency_lower_x": div(b.p95_latency_s, s.p95_latency_s),
+        }
+        for n, s in summaries.items()
+    }
+
+
+def format_table(summaries: Mapping[str, Summary], base: str = "b1") -> str:
+    ratios = _ratios(summaries, base)
+
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None or not math.isfinite(x) else format(x, fmt)
+
+    head = (
+        f"{'policy':<10} {'SLO':>6} {'mean s':>9} {'P95 s':>9} {'done':>6} {'failed':>6} "
+        f"{'OOM':>5}  {'SLO x' + base:>8} {'mean /':>7} {'P95 /':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for n, s in summaries.items():
+        r = ratios.get(n, {})
+        lines.append(
+            f"{n:<10} {f(s.slo_attainment, '.3f'):>6} {f(s.mean_latency_s, '.1f'):>9} "
+            f"{f(s.p95_latency_s, '.1f'):>9} {s.completed:>6} {s.failed:>6} {s.oom:>5}  "
+            f"{f(r.get('slo_attainment_x'), '.2f'):>8} {f(r.get('mean_latency_lower_x'), '.2f'):>7} "
+            f"{f(r.get('p95_latency_lower_x'), '.2f'):>7}"
+        )
+    if base in summaries:
+        lines.append(
+            f"(ratios against {base}: SLO x = attainment ratio; mean / and P95 / = times lower latency)"
+        )
+    return "\n".join(lines)
+
+
+def _policy_json(s: Summary) -> dict[str, Any]:
+    d = s.to_json()
+    # The documented core keys first.
+    keys = ("slo_attainment", "mean_latency_s", "p95_latency_s", "completed", "failed", "oom")
+    return {**{k: d[k] for k in keys}, **{k: v for k, v in d.items() if k not in keys}}
+
+
+def run_bench(
+    cfg: BenchConfig,
+    *,
+    sweep: tuple[str, list[float]] | None = None,
+    json_out: str | None = None,
+    plot_out: str | None = None,
+    cost: CostModel | None = None,
+    policy_factory: Callable[..., Policy] | None = None,
+    out: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    cost = cost or _load_cost(cfg.profiles)
+    doc: dict[str, Any] = {"config": cfg.to_json()}
+    t0 = time.perf_counter()
+    if sweep is None:
+        out(_describe(cfg))
+        summaries, info = run_policies(cfg, cost, policy_factory=policy_factory, log=out)
+        out("")
+        out(format_table(summaries))
+        doc["policies"] = {n: _policy_json(s) for n, s in summaries.items()}
+        doc["ratios_vs_b1"] = _ratios(summaries)
+        doc["config"]["requests"] = info["requests"]
+        doc["runs"] = info["runs"]
+        if plot_out:
+            from trident.sim.plots import plot_policies
+
+            plot_policies(doc["policies"], plot_out, title=_title(cfg))
+    else:
+        param, values = sweep
+        points = []
+        for v in values:
+            c = replace(cfg, rate=v) if param == "rate" else replace(cfg, slo_scale=v)
+            out(f"== {param} = {v}: {_describe(c)}")
+            summaries, info = run_policies(c, cost, policy_factory=policy_factory, log=out)
+            out(format_table(summaries))
+            out("")
+            points.append(
+                {
+                    "value": v,
+                    "requests": info["requests"],
+                    "policies": {n: _policy_json(s) for n, s in summaries.items()},
+                    "ratios_vs_b1": _ratios(summaries),
+                }
+            )
+        doc["sweep"] = {"param": param, "points": points}
+        # The last point also fills the top-level "policies" for tools expecting it.
+        doc["policies"] = points[-1]["policies"] if points else {}
+        if plot_out:
+            from trident.sim.plots import plot_sweep
+
+            plot_sweep(param, points, plot_out, title=_title(cfg))
+    doc["wall_s"] = round(time.perf_counter() - t0, 2)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        out(f"wrote {json_out}")
+    if plot_out:
+        out(f"wrote {plot_out}")
+    return doc
+
+
+def _describe(cfg: BenchConfig) -> str:
+    src = (
+        f"trace file {cfg.trace_file}"
+        if cfg.trace_file
+        else (
+            f"trace {cfg.trace} ({cfg.arrival}, rate {cfg.rate if cfg.rate is not None else TRACES[cfg.trace or 'flux'].rate} req/s, "
+            f"{cfg.duration_s:g} s, seed {cfg.seed})"
+        )
+    )
+    return (
+        f"{src} on {cfg.nodes}x{cfg.gpus_per_node} {cfg.gpu}, slo_scale {cfg.slo_scale}, "
+        f"noise {cfg.noise}"
+    )
+
+
+def _title(cfg: BenchConfig) -> str:
+    name = Path(cfg.trace_file).name if cfg.trace_file else cfg.trace
+    return f"{name} on {cfg.nodes}x{cfg.gpus_per_node} {cfg.gpu}, SLO scale {cfg.slo_scale}"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_sweep(text: str) -> tuple[str, list[float]]:
+    param, _, vals = text.partition("=")
+    param = param.strip().replace("-", "_")
+    if param not in ("rate", "slo_scale") or not vals:
+        raise argparse.ArgumentTypeError("--sweep takes rate=V1,V2,... or slo_scale=V1,V2,...")
+    try:
+        values = [float(v) for v in vals.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep values must be numbers: {vals!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("--sweep values must be > 0")
+    return param, values
+
+
+def _parse_kv(text: str) -> tuple[str, Any]:
+    key, sep, val = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(val)
+    except json.JSONDecodeError:
+        value = val
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trident bench sim",
+        description="Run scheduling policies on a simulated cluster against the same trace.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--trace", default=None, help=f"built-in trace: {', '.join(TRACES)} (default flux)"
+    )
+    src.add_argument("--trace-file", default=None, help="JSON Lines trace file (see bench/sim.md)")
+    p.add_argument("--nodes", type=int, default=16)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES))
+    p.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="comma-separated: trident,b1,b4,b6,authors (and fifo)",
+    )
+    p.add_argument("--slo-scale", type=float, default=2.5)
+    p.add_argument("--rate", type=float, default=None, help="req/s (default: the trace's)")
+    p.add_argument("--duration", type=float, default=1800.0, help="seconds of arrivals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arrival", default="constant", choices=ARRIVALS)
+    p.add_argument("--cv", type=float, default=3.0, help="gap coefficient of variation (bursty)")
+    p.add_argument("--noise", type=float, default=0.0, help="log-normal sigma on stage times")
+    p.add_argument("--tick", type=float, default=0.1, help="Tick period, virtual seconds")
+    p.add_argument("--max-time", type=float, default=None, help="stop at this virtual time")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
+    p.add_argument("--plot", dest="plot_out", default=None, metavar="OUT.png")
+    p.add_argument("--sweep", type=_parse_sweep, default=None, metavar="rate=..|slo_scale=..")
+    p.add_argument(
+        "--policy-opt",
+        type=_parse_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to make_policy (repeatable; VALUE parsed as JSON when it can be)",
+    )
+    p.add_argument(
+        "--model",
+        type=_parse_kv,
+        action="append",
+        default=[],
+        metavar="NAME=FAMILY",
+        help="served model name in the trace -> family (repeatable)",
+    )
+    p.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="trident profile file(s) overriding the reference cost model",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    if not policies:
+        print("error: --policies is empty", file=sys.stderr)
+        return 2
+    for name, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            print(f"error: {name} must be >= 1", file=sys.stderr)
+            return 2
+    cfg = BenchConfig(
+        trace=None if args.trace_file else (args.trace or "flux"),
+        trace_file=args.trace_file,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu=args.gpu,
+        policies=policies,
+        slo_scale=args.slo_scale,
+        rate=args.rate,
+        duration_s=args.duration,
+        seed=args.seed,
+        arrival=args.arrival,
+        cv=args.cv,
+        noise=args.noise,
+        tick_s=args.tick,
+        max_time_s=args.max_time,
+        policy_options=tuple(args.policy_opt),
+        model_map=tuple((k, str(v)) for k, v in args.model),
+        profiles=tuple(args.profile),
+    )
+    try:
+        run_bench(cfg, sweep=args.sweep, json_out=args.json_out, plot_out=args.plot_out)
+    except TraceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
