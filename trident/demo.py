@@ -65,7 +65,7 @@ def _save(result: GenerateResult, out: Path, i: int) -> Path:
     if max(frames[0].size) < 256:
         scale = 256 // max(frames[0].size)
         strip = np.concatenate([np.asarray(f) for f in frames[:8]], axis=1)
-        Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST).save(
+        Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.Resampling.NEAREST).save(
             out / f"{i:02d}-{result.model}-preview.png"
         )
     return path

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_hundreds_of_mixed_requests_each_end_in_result_or_typed_error(sim_cluster: LocalCluster) -> None:
     rng = random.Random(7)
     jobs: list[dict] = []
-    for i in range(150):
+    for _ in range(150):
         kind = rng.random()
         if kind < 0.55:
             side = rng.choice([256, 512, 1024])

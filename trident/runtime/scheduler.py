@@ -568,7 +568,7 @@ class SchedulerDaemon:
             return
         node.up = False
         self.log.warning("node.lost", node_id=node_id, reason=reason)
-        for dev, conn in self.workers.items():
+        for conn in self.workers.values():
             if conn.info.node_id == node_id and conn.up:
                 conn.up = False
         self.feed(NodeLost(node_id, reason, new_stimulus_id("node-lost")))

@@ -56,7 +56,7 @@ def pack_tensors(tensors: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)
             meta.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "lib": "np"})
-            frames.append(memoryview(arr).cast("B") if arr.size else b"")
+            frames.append(memoryview(arr).cast("B") if arr.size else b"")  # type: ignore[arg-type]
             continue
         # torch tensor (duck-typed so this module never imports torch itself)
         if not hasattr(value, "detach"):

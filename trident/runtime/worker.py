@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -33,9 +32,10 @@ import zmq.asyncio
 from trident.errors import ProtocolError
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
+from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
 from trident.runtime.devices import Executor, OutOfMemory, StageError, make_executor
-from trident.runtime.serial import pack_tensors, unpack_tensors
-from trident.runtime.transport import bound_address, make_socket
+from trident.runtime.serial import pack_tensors
+from trident.runtime.transport import make_socket
 
 __all__ = ["Worker", "WorkerArgs", "main"]
 
@@ -71,22 +71,15 @@ class _Task:
     transfer_seconds: float = 0.0
 
 
-@dataclass
-class _Peer:
-    sock: Any
-    reader: asyncio.Task[None]
-    waiting: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = field(default_factory=dict)
-
-
 class Worker:
     def __init__(self, args: WorkerArgs) -> None:
         self.args = args
         self.log = get_logger("worker", device_id=args.device_id)
         self.ctx = zmq.asyncio.Context()
         self.ctl: Any = None
-        self.peer: Any = None
+        self.server: PeerServer | None = None
+        self.peers: PeerClient | None = None
         self.peer_addr = ""
-        self.peers: dict[str, _Peer] = {}
         self.outputs: dict[str, dict[str, Any]] = {}  # kept stage outputs by task id
         self.queue: deque[_Task] = deque()
         self.queue_event = asyncio.Event()
@@ -94,11 +87,9 @@ class Worker:
         self.executor: Executor | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stopping = asyncio.Event()
-        self.barriers: dict[str, set[int]] = {}  # task id -> ranks arrived (leader side)
-        self.barrier_idents: dict[str, list[bytes]] = {}
+        self.barriers: dict[str, list[bytes]] = {}  # task id -> peers arrived (leader side)
+        self.barrier_event = asyncio.Event()
         self.go: dict[str, asyncio.Future[None]] = {}
-        self.groups: dict[str, Any] = {}
-        self._rid = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,9 +97,12 @@ class Worker:
         a = self.args
         self.ctl = make_socket(self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode())
         self.ctl.connect(a.scheduler)
-        self.peer = make_socket(self.ctx, zmq.ROUTER)
-        self.peer.bind(f"tcp://{a.host}:*")
-        self.peer_addr = bound_address(self.peer)
+        self.server = PeerServer(
+            self.ctx, a.host, self.outputs, on_barrier=self._on_barrier,
+            on_error=lambda e: self.log.warning("protocol.error", channel="peer", error=e),
+        )
+        self.peer_addr = self.server.address
+        self.peers = PeerClient(self.ctx, on_go=self._on_go)
         if a.kind in ("cpu", "cuda"):
             # Import torch before saying hello so the first task does not pay for it.
             await asyncio.get_running_loop().run_in_executor(self.pool, _warm_torch)
@@ -118,7 +112,7 @@ class Worker:
         self.log.info("worker.joined", peer_addr=self.peer_addr, kind=a.kind, pid=os.getpid())
         loops = [
             asyncio.create_task(self._control_loop(), name="control"),
-            asyncio.create_task(self._peer_loop(), name="peer"),
+            asyncio.create_task(self.server.serve(), name="peer"),
             asyncio.create_task(self._run_loop(), name="run"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._parent_watchdog(), name="watchdog"),
@@ -170,13 +164,13 @@ class Worker:
         return EXIT_NO_SCHEDULER
 
     async def _close(self) -> None:
-        for p in self.peers.values():
-            p.reader.cancel()
-            p.sock.close(0)
+        if self.peers is not None:
+            self.peers.close()
+        if self.server is not None:
+            self.server.close()
         if self.executor is not None:
             self.executor.close()
         self.ctl.close(0)
-        self.peer.close(0)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.ctx.term()
 
@@ -198,7 +192,7 @@ class Worker:
 
     # ------------------------------------------------------------------ control
 
-    async def _send(self, msg_type: str, frames: list[Any] | None = None, **fields: Any) -> None:
+    async def _send(self, msg_type: str, frames: list[Any] | None = None, /, **fields: Any) -> None:
         header = protocol.encode(msg_type, fields)
         await self.ctl.send_multipart([header, *(frames or [])], copy=False)
 
@@ -215,10 +209,7 @@ class Worker:
                 self._enqueue(header)
             elif t == "release":
                 self.outputs.pop(str(header["key"]), None)
-            elif t == "load_stage":
-                self.queue.append(_Task(msg=header))
-                self.queue_event.set()
-            elif t == "unload_stage":
+            elif t == "load_stage" or t == "unload_stage":
                 self.queue.append(_Task(msg=header))
                 self.queue_event.set()
             elif t == "shutdown":
@@ -242,8 +233,9 @@ class Worker:
     # ------------------------------------------------------------------ data plane
 
     async def _fetch_inputs(self, task: _Task) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        assert self.peers is not None
         merged: dict[str, Any] = {}
+        total = 0.0
         for ref in task.msg["inputs"]:
             key, addr = str(ref["key"]), str(ref["addr"])
             if addr == self.peer_addr:
@@ -252,74 +244,25 @@ class Worker:
                     raise StageError(f"input {key} is no longer kept on this device")
                 merged.update(local)
                 continue
-            header, frames = await self._peer_request(addr, "fetch", key=key)
-            if header["t"] == "missing":
-                raise StageError(f"input {key} is no longer kept on {ref.get('device_id')}")
-            merged.update(unpack_tensors(header["tensors"], frames))
-        task.transfer_seconds = time.perf_counter() - t0
+            try:
+                tensors, secs = await self.peers.fetch(addr, key)
+            except FetchMissing:
+                raise StageError(f"input {key} is no longer kept on {ref.get('device_id')}") from None
+            except TimeoutError:
+                raise StageError(f"input {key} is no longer kept: {ref.get('device_id')} did not answer") from None
+            merged.update(tensors)
+            total += secs
+        task.transfer_seconds = total
         return merged
 
-    async def _peer_request(self, addr: str, msg_type: str, **fields: Any) -> tuple[dict[str, Any], list[Any]]:
-        peer = self.peers.get(addr)
-        if peer is None:
-            sock = make_socket(self.ctx, zmq.DEALER)
-            sock.connect(addr)
-            peer = _Peer(sock=sock, reader=asyncio.create_task(self._peer_reader(addr, sock)))
-            self.peers[addr] = peer
-        self._rid += 1
-        rid = f"{self._rid}"
-        fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
-        peer.waiting[rid] = fut
-        await peer.sock.send_multipart([protocol.encode(msg_type, fields, rid=rid)])
-        try:
-            return await asyncio.wait_for(fut, timeout=120.0)
-        finally:
-            peer.waiting.pop(rid, None)
+    def _on_barrier(self, task_id: str, rank: int, ident: bytes) -> None:
+        self.barriers.setdefault(task_id, []).append(ident)
+        self.barrier_event.set()
 
-    async def _peer_reader(self, addr: str, sock: Any) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            try:
-                header, rest = protocol.decode(frames)
-            except ProtocolError as exc:
-                self.log.warning("protocol.error", error=str(exc), channel="peer", peer=addr)
-                continue
-            if header["t"] == "go":
-                fut = self.go.get(str(header["task_id"]))
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-                continue
-            waiter = self.peers[addr].waiting.get(str(header.get("rid")))
-            if waiter is not None and not waiter.done():
-                waiter.set_result((header, rest))
-
-    async def _peer_loop(self) -> None:
-        while True:
-            frames = await self.peer.recv_multipart(copy=False)
-            ident, body = frames[0].bytes, frames[1:]
-            try:
-                header, _ = protocol.decode(body)
-            except ProtocolError as exc:
-                self.log.warning("protocol.error", error=str(exc), channel="peer")
-                with contextlib.suppress(zmq.ZMQError):
-                    await self.peer.send_multipart([ident, protocol.error_message("protocol", str(exc))])
-                continue
-            t = header["t"]
-            if t == "fetch":
-                key = str(header["key"])
-                kept = self.outputs.get(key)
-                if kept is None:
-                    reply = [protocol.encode("missing", key=key, rid=header["rid"])]
-                else:
-                    meta, tensor_frames = pack_tensors(kept)
-                    reply = [protocol.encode("data", key=key, rid=header["rid"], tensors=meta), *tensor_frames]
-                with contextlib.suppress(zmq.ZMQError):
-                    await self.peer.send_multipart([ident, *reply], copy=False)
-            elif t == "barrier":
-                task_id = str(header["task_id"])
-                self.barriers.setdefault(task_id, set()).add(int(header["rank"]))
-                self.barrier_idents.setdefault(task_id, []).append(ident)
-                self.queue_event.set()
+    def _on_go(self, task_id: str) -> None:
+        fut = self.go.get(task_id)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     # ------------------------------------------------------------------ compute
 
@@ -354,33 +297,23 @@ class Worker:
 
     async def _barrier(self, msg: dict[str, Any]) -> None:
         """Degree-k tasks start together on all their devices (as collectives would)."""
+        assert self.server is not None and self.peers is not None
         task_id, rank = str(msg["task_id"]), int(msg["rank"])
         degree = len(msg["devices"])
         if rank == 0:
             while len(self.barriers.get(task_id, ())) < degree - 1:
-                self.queue_event.clear()
-                await self.queue_event.wait()
-            for ident in self.barrier_idents.pop(task_id, []):
-                with contextlib.suppress(zmq.ZMQError):
-                    await self.peer.send_multipart([ident, protocol.encode("go", task_id=task_id)])
-            self.barriers.pop(task_id, None)
+                self.barrier_event.clear()
+                await self.barrier_event.wait()
+            for ident in self.barriers.pop(task_id, []):
+                await self.server.send_go(ident, task_id)
         else:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.go[task_id] = fut
             try:
-                await self._peer_request_nowait(str(msg["leader_addr"]), task_id, rank)
+                await self.peers.barrier(str(msg["leader_addr"]), task_id, rank)
                 await asyncio.wait_for(fut, timeout=600.0)
             finally:
                 self.go.pop(task_id, None)
-
-    async def _peer_request_nowait(self, addr: str, task_id: str, rank: int) -> None:
-        peer = self.peers.get(addr)
-        if peer is None:
-            sock = make_socket(self.ctx, zmq.DEALER)
-            sock.connect(addr)
-            peer = _Peer(sock=sock, reader=asyncio.create_task(self._peer_reader(addr, sock)))
-            self.peers[addr] = peer
-        await peer.sock.send_multipart([protocol.encode("barrier", task_id=task_id, rank=rank)])
 
     async def _run_task(self, task: _Task) -> None:
         assert self.executor is not None
@@ -437,7 +370,7 @@ class Worker:
             return
         meta, frames = pack_tensors(result.outputs)
         nbytes = sum(memoryview(f).nbytes for f in frames)
-        fields = {
+        fields: dict[str, Any] = {
             "task_id": task_id,
             "stage_seconds": result.stage_seconds,
             "transfer_seconds": task.transfer_seconds,

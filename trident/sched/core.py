@@ -186,13 +186,13 @@ class SchedulerCore:
         elif isinstance(event, RequestCancelled):
             self._on_cancelled(event.request_id, now, out)
         elif isinstance(event, StageLoaded):
-            dev = self.devices.get(event.device_id)
-            if dev is not None:
-                dev.holds.add((event.model, event.stage))
+            loaded = self.devices.get(event.device_id)
+            if loaded is not None:
+                loaded.holds.add((event.model, event.stage))
         elif isinstance(event, StageUnloaded):
-            dev = self.devices.get(event.device_id)
-            if dev is not None:
-                dev.holds.discard((event.model, event.stage))
+            unloaded = self.devices.get(event.device_id)
+            if unloaded is not None:
+                unloaded.holds.discard((event.model, event.stage))
         elif isinstance(event, Tick):
             pass
         else:  # pragma: no cover - a programming error, not input
@@ -496,9 +496,12 @@ class FifoPolicy(SchedulerCore):
             stage = req.pending_stages[0]
             model = req.spec.model
 
-            def rank(d: DeviceState, req: RequestState = req, stage: Stage = stage) -> tuple[int, int, int, str]:
+            def rank(
+                d: DeviceState, req: RequestState = req, stage: Stage = stage, model: str = model
+            ) -> tuple[int, int, int, str]:
                 has_input = req.output is not None and req.output.device_id == d.device_id
-                return (len(d.inflight), 0 if has_input else 1, 0 if (model, stage) in d.holds else 1, d.device_id)
+                held = (model, stage) in d.holds
+                return (len(d.inflight), 0 if has_input else 1, 0 if held else 1, d.device_id)
 
             best = min(free.values(), key=rank)
             est = self.cost.stage_seconds(req.family, stage, req.spec.shape, 1) if self.cost else 0.0
