@@ -61,6 +61,7 @@ from trident.sched.types import (
 __all__ = ["SchedulerDaemon", "main", "make_core"]
 
 TICK_S = 0.05
+DRAIN_MAX = 512
 MAX_REQUEST_ID = 128
 
 
@@ -315,16 +316,27 @@ class SchedulerDaemon:
 
     # ------------------------------------------------------------------ clients
 
+    async def _drain(self, sock: Any) -> list[list[Any]]:
+        """One awaited message plus whatever else is already queued (bounded), so a
+        burst costs one pass through the core and one flush instead of one each."""
+        batch = [await sock.recv_multipart(copy=False)]
+        while len(batch) < DRAIN_MAX:
+            try:
+                batch.append(await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return batch
+
     async def _client_loop(self) -> None:
         while True:
-            frames = await self.clients.recv_multipart(copy=False)
-            ident = frames[0].bytes
-            try:
-                header, _ = protocol.decode(frames[1:])
-                self._on_client(ident, header)
-            except ProtocolError as exc:
-                self.log.warning("protocol.error", channel="client", error=str(exc))
-                self.out.append((self.clients, [ident, protocol.error_message("protocol", str(exc))]))
+            for frames in await self._drain(self.clients):
+                ident = frames[0].bytes
+                try:
+                    header, _ = protocol.decode(frames[1:])
+                    self._on_client(ident, header)
+                except ProtocolError as exc:
+                    self.log.warning("protocol.error", channel="client", error=str(exc))
+                    self.out.append((self.clients, [ident, protocol.error_message("protocol", str(exc))]))
             await self._pump()
 
     def _on_client(self, ident: bytes, header: dict[str, Any]) -> None:
@@ -406,17 +418,17 @@ class SchedulerDaemon:
 
     async def _node_loop(self) -> None:
         while True:
-            frames = await self.nodes_sock.recv_multipart(copy=False)
-            ident = frames[0].bytes
-            try:
-                header, rest = protocol.decode(frames[1:])
-                if ident.startswith(b"dev:"):
-                    self._on_worker(ident, header, rest)
-                else:
-                    self._on_node(ident, header)
-            except ProtocolError as exc:
-                self.log.warning("protocol.error", channel="node", peer=ident.decode(errors="replace"), error=str(exc))
-                self.out.append((self.nodes_sock, [ident, protocol.error_message("protocol", str(exc))]))
+            for frames in await self._drain(self.nodes_sock):
+                ident = frames[0].bytes
+                try:
+                    header, rest = protocol.decode(frames[1:])
+                    if ident.startswith(b"dev:"):
+                        self._on_worker(ident, header, rest)
+                    else:
+                        self._on_node(ident, header)
+                except ProtocolError as exc:
+                    self.log.warning("protocol.error", channel="node", peer=ident.decode(errors="replace"), error=str(exc))
+                    self.out.append((self.nodes_sock, [ident, protocol.error_message("protocol", str(exc))]))
             await self._pump()
 
     def _models_for_workers(self) -> dict[str, dict[str, Any]]:
