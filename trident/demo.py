@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trident demo: {exc}", file=sys.stderr)
         return 1
 
-    header = f"{'#':>2} {'model':<10} {'shape':<12} {'queue':>7} {'encode':>7} {'diffuse':>7} {'decode':>7} {'xfer':>7} {'total':>7}  {'SLO':<4} devices (E | D | C)"
+    header = f"{'#':>2} {'model':<10} {'shape':<12} {'queue':>7} {'encode':>7} {'diffuse':>7} {'decode':>7} {'xfer':>7} {'load':>7} {'total':>7}  {'SLO':<4} devices (E | D | C)"
     print(header)
     print("-" * len(header))
     met = 0
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         devs = " | ".join(_short(res.devices.get(s, [])) for s in ("encode", "diffuse", "decode"))
         print(
             f"{i:>2} {r['model']:<10} {shape:<12} {_fmt(t, 'queue')} {_fmt(t, 'encode')} {_fmt(t, 'diffuse')} "
-            f"{_fmt(t, 'decode')} {_fmt(t, 'transfer')} {_fmt(t, 'total')}  {'yes' if res.met_slo else 'no':<4} {devs}"
+            f"{_fmt(t, 'decode')} {_fmt(t, 'transfer')} {_fmt(t, 'load')} {_fmt(t, 'total')}  {'yes' if res.met_slo else 'no':<4} {devs}"
         )
     print(f"\n{ok}/{len(reqs)} completed, {met}/{len(reqs)} met their SLO; outputs in {out}")
     return 0 if ok == len(reqs) else 1

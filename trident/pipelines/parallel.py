@@ -21,9 +21,8 @@ Store. ``rendezvous`` is ``"tcp://HOST:PORT"`` of a torch ``TCPStore``. Recommen
 every worker calls :func:`host_store` once at start-up and reports the address; an
 instance uses its rank-0 worker's address. A store that outlives formations avoids
 choosing a free port per formation, and a restarted worker simply hosts a new store
-(new address) and joins new formations under new keys. Fallback (``host=None`` and
-the address is not hosted by this process): rank 0 hosts a store on that port for
-this one formation and drops it on ``leave_group``.
+(new address) and joins new formations under new keys. If rank 0 does not host the
+address yet, it starts hosting it there (on that port, for the rest of its life).
 
 One model, many degrees. ``diffusers``' ``enable_parallelism`` may be applied once per
 model object, but one worker's diffuse weights serve degree 1 now and degree 4 with
@@ -72,7 +71,6 @@ class _GroupState:
     ctx: ParallelContext
     group_key: str
     store: Any  # the TCPStore (kept alive for the group's lifetime)
-    owns_store: bool  # hosted for this formation only
     # (id(transformer), ulysses degree) -> (transformer, its parallel clone)
     clones: dict[tuple[int, int], tuple[Any, Any]] = field(default_factory=dict)
 
@@ -119,26 +117,24 @@ def host_store(host: str = "127.0.0.1", port: int = 0, *, timeout: float = DEFAU
         return addr
 
 
-def _open_store(
-    rendezvous: str, rank: int, world_size: int, host: bool | None, timeout: float
-) -> tuple[Any, bool]:
+def _open_store(rendezvous: str, rank: int, world_size: int, host: bool | None, timeout: float) -> Any:
     from torch.distributed import TCPStore
 
     hostname, port = _parse_rendezvous(rendezvous)
+    addr = _format_rendezvous(hostname, port)
     with _LOCK:
-        hosted = _HOSTED.get(_format_rendezvous(hostname, port))
-    if hosted is not None and host is not True:
-        return hosted, False
-    is_master = host if host is not None else rank == 0
-    store = TCPStore(
-        hostname,
-        port,
-        world_size if is_master else None,
-        is_master=is_master,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout),
+        hosted = _HOSTED.get(addr)
+    if hosted is not None:
+        return hosted
+    if host or (host is None and rank == 0):
+        # Host it now, for the life of the process: a store freed after each formation
+        # leaves its port in use for a while and the next formation could not bind it.
+        host_store(hostname, port, timeout=timeout)
+        with _LOCK:
+            return _HOSTED[addr]
+    return TCPStore(
+        hostname, port, None, is_master=False, timeout=timedelta(seconds=timeout)
     )
-    return store, is_master
 
 
 # --------------------------------------------------------------------------- groups
@@ -156,13 +152,13 @@ def join_group(
 ) -> ParallelContext:
     """Join the process group ``group_key`` of ``world_size`` ranks; blocks until all joined.
 
-    ``rendezvous`` is ``"tcp://HOST:PORT"`` of a torch ``TCPStore``: one this process
-    hosts (:func:`host_store`), or another process's. With ``host=None`` (default) a
-    store this process hosts at that address is used; otherwise rank 0 hosts one for
-    this formation and the other ranks connect to it. ``host=False`` forces a client
-    (store hosted elsewhere, e.g. by the node daemon). ``group_key`` must be new for
-    every formation (e.g. instance id + formation counter): it namespaces the store's
-    keys, so a restarted partner can never meet a stale half-formed group.
+    ``rendezvous`` is ``"tcp://HOST:PORT"`` of a torch ``TCPStore``. If this process
+    hosts it (:func:`host_store`) it is used; otherwise rank 0 starts hosting it on
+    that port (and keeps it for later formations) and the other ranks connect as
+    clients. ``host=False`` makes rank 0 a client too (store hosted by another process,
+    e.g. the node daemon); ``host=True`` makes any rank host it. ``group_key`` must be
+    new for every formation (e.g. instance id + formation counter): it namespaces the
+    store's keys, so a restarted partner never meets a stale half-formed group.
 
     ``backend``: ``"gloo"`` for CPU workers, ``"nccl"`` for CUDA workers (each worker
     must already have its GPU selected, e.g. ``CUDA_VISIBLE_DEVICES`` or
@@ -180,7 +176,7 @@ def join_group(
         raise RuntimeError(
             "this process is already in a process group: leave_group() it before joining another"
         )
-    store, owns = _open_store(rendezvous, rank, world_size, host, timeout)
+    store = _open_store(rendezvous, rank, world_size, host, timeout)
     prefixed = dist.PrefixStore(f"{_KEY_PREFIX}{group_key}/", store)
     dist.init_process_group(
         backend,
@@ -192,7 +188,7 @@ def join_group(
     group = dist.group.WORLD
     ctx = ParallelContext(rank=rank, world_size=world_size, group=group, backend=backend)
     with _LOCK:
-        _GROUPS[id(ctx)] = _GroupState(ctx=ctx, group_key=group_key, store=store, owns_store=owns)
+        _GROUPS[id(ctx)] = _GroupState(ctx=ctx, group_key=group_key, store=store)
     return ctx
 
 
@@ -200,8 +196,7 @@ def leave_group(ctx: ParallelContext) -> None:
     """Tear down ``ctx``'s group (and every sub-group made for it); idempotent.
 
     Local only (no collective), so it is safe after a partner died. Drops the parallel
-    model clones made for this group and, if rank 0 hosted the store for this
-    formation only, that store.
+    model clones made for this group; a store hosted by this process stays up.
     """
     import torch.distributed as dist
 

@@ -489,7 +489,13 @@ class SchedulerDaemon:
         if t == "heartbeat":
             return
         if t == "task_started":
-            self.feed(TaskStarted(str(header["task_id"])))
+            task_id = str(header["task_id"])
+            started = self.task_info.get(task_id)
+            self.log.info(
+                "stage.started", task_id=task_id, device_id=dev,
+                request_id=started.request_id if started else None,
+            )
+            self.feed(TaskStarted(task_id))
         elif t == "task_finished":
             task_id = str(header["task_id"])
             cmd = self.task_info.pop(task_id, None)

@@ -399,7 +399,13 @@ class Worker:
 
 
 def _warm_torch() -> None:
+    # Importing diffusers + transformers costs seconds; pay it before saying hello,
+    # not inside the first request.
+    import diffusers  # noqa: F401
     import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import trident.pipelines.families  # noqa: F401
 
 
 def _parse(argv: list[str] | None) -> WorkerArgs:

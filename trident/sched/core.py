@@ -32,6 +32,7 @@ from trident.sched.types import (
     Event,
     FailRequest,
     InputRef,
+    LoadStage,
     LogEvent,
     ModelInfo,
     NodeJoined,
@@ -68,6 +69,7 @@ class CoreConfig:
     max_inflight_per_device: int = 2  # tasks sent to one worker and not finished
     slo_scale: float = 2.5
     efficiency: float = 0.8  # (t1/tk)/k threshold for an "efficient" degree
+    preload: bool = True  # FIFO: load every served stage on a device as soon as it joins
 
 
 @dataclass
@@ -408,6 +410,11 @@ class SchedulerCore:
             # A restart we did not see die: everything it held is gone.
             self._on_device_lost(info.device_id, "restarted", now, out)
         self.devices[info.device_id] = DeviceState(info=info, up=True, busy_until=now)
+        out.extend(self.device_ready(self.devices[info.device_id], now))
+
+    def device_ready(self, dev: DeviceState, now: float) -> list[Command]:
+        """A device (re)joined holding nothing: what should it load? Override in policies."""
+        return []
 
     def _on_device_lost(self, device_id: str, reason: str, now: float, out: list[Command]) -> None:
         st = self.devices.get(device_id)
@@ -481,6 +488,11 @@ class FifoPolicy(SchedulerCore):
     weights), at degree 1. Every device may hold every stage."""
 
     name = "fifo"
+
+    def device_ready(self, dev: DeviceState, now: float) -> list[Command]:
+        if not self.config.preload:
+            return []
+        return [LoadStage(dev.device_id, m, s) for m in self.models for s in STAGES]
 
     def plan(self, now: float) -> list[Command]:
         out: list[Command] = []

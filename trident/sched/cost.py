@@ -391,8 +391,10 @@ def read_profile(source: str | os.PathLike[str] | Mapping[str, object]) -> Profi
 
 def _load_reference_table() -> dict[str, dict[int, list[tuple[float, float]]]]:
     """family -> degree -> [(pixels, per-step seconds)] from the packaged CSV."""
-    text = resources.files("trident.sched").joinpath("data/diffuse_step_seconds.csv").read_text(
-        encoding="utf-8"
+    text = (
+        resources.files("trident.sched")
+        .joinpath("data/diffuse_step_seconds.csv")
+        .read_text(encoding="utf-8")
     )
     rows = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     out: dict[str, dict[int, list[tuple[float, float]]]] = {}
@@ -454,7 +456,9 @@ class ReferenceCostModel:
         fam = self._families.get(prof.family)
         if fam is None:
             base = REFERENCE_FAMILIES.get(prof.family) or replace(
-                REFERENCE_FAMILIES["flux"], family=prof.family, notes="unknown family: flux estimates"
+                REFERENCE_FAMILIES["flux"],
+                family=prof.family,
+                notes="unknown family: flux estimates",
             )
             fam = _Family(est=base, weights=dict(base.weights))
             self._families[prof.family] = fam
@@ -469,11 +473,15 @@ class ReferenceCostModel:
             stage = key[0]
 
             def per(e: ProfileEntry, stage: str = stage) -> float:
-                return e.seconds / max(1, e.num_inference_steps) if stage == "diffuse" else e.seconds
+                return (
+                    e.seconds / max(1, e.num_inference_steps) if stage == "diffuse" else e.seconds
+                )
 
             secs = MonotoneCurve((e.pixels, per(e)) for e in entries)
             peaks = [(e.pixels, float(e.peak_bytes)) for e in entries if e.peak_bytes > 0]
-            fam.measured[key] = _Measured(secs, MonotoneCurve(peaks, max_slope=1.0) if peaks else None)
+            fam.measured[key] = _Measured(
+                secs, MonotoneCurve(peaks, max_slope=1.0) if peaks else None
+            )
 
     # ------------------------------------------------------------------ queries
 
@@ -541,7 +549,9 @@ class ReferenceCostModel:
             return est.text_bytes
         if stage == "diffuse":
             s = est.vae_spatial
-            lat_frames = 1 if shape.num_frames <= 1 else (shape.num_frames - 1) // est.vae_temporal + 1
+            lat_frames = (
+                1 if shape.num_frames <= 1 else (shape.num_frames - 1) // est.vae_temporal + 1
+            )
             return (shape.height // s) * (shape.width // s) * lat_frames * est.latent_channels * 4
         return shape.pixels * 3 * 4
 
@@ -555,7 +565,9 @@ class ReferenceCostModel:
 
     def load_seconds(self, family: str, stage: Stage, source: str) -> float:
         ln = self.links
-        bw = {"peer": ln.peer_load_bw, "node-cache": ln.node_cache_load_bw}.get(source, ln.disk_load_bw)
+        bw = {"peer": ln.peer_load_bw, "node-cache": ln.node_cache_load_bw}.get(
+            source, ln.disk_load_bw
+        )
         return ln.load_overhead_s + self.weight_bytes(family, stage) / bw
 
     # ------------------------------------------------------------------ derived
@@ -563,7 +575,9 @@ class ReferenceCostModel:
     def efficient_degrees(
         self, family: str, shape: Shape, max_degree: int = 8, efficiency: float | None = None
     ) -> tuple[int, ...]:
-        return efficient_degrees(self, family, shape, max_degree, self.efficiency if efficiency is None else efficiency)
+        return efficient_degrees(
+            self, family, shape, max_degree, self.efficiency if efficiency is None else efficiency
+        )
 
     def standalone_seconds(self, family: str, shape: Shape, degree: int) -> float:
         """encode + diffuse at ``degree`` + decode, no queueing or transfer."""
@@ -596,7 +610,11 @@ def efficient_degrees(
 
 
 def best_degree(
-    cost: object, family: str, shape: Shape, max_degree: int = 8, efficiency: float = DEFAULT_EFFICIENCY
+    cost: object,
+    family: str,
+    shape: Shape,
+    max_degree: int = 8,
+    efficiency: float = DEFAULT_EFFICIENCY,
 ) -> int:
     """The efficient degree with the shortest diffuse time."""
     sec = cost.stage_seconds  # type: ignore[attr-defined]

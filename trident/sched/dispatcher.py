@@ -117,7 +117,8 @@ class DispatchConfig:
     efficiency: float = 0.8
     on_time_reward: float = 1000.0
     late_reward: float = 100.0  # base reward for serving a request that will be late
-    cross_node_penalty: float = 5.0
+    cross_node_penalty: float = 5.0  # per inter-node hand-off
+    transfer_penalty: float = 1.0  # per hand-off between different devices
     device_seconds_penalty: float = 0.01  # per device-second of diffuse
     use_mip: bool = True
 
@@ -136,6 +137,7 @@ class _Cand:
     cross: int
     dev_seconds: float
     weight: float = 0.0
+    xfers: int = 0
 
     def assignment(self) -> Assignment:
         return Assignment(
@@ -179,12 +181,20 @@ class Dispatcher:
         trivial = self._trivial(cands) if cfg.use_mip else None
         if trivial is not None:
             res = DispatchResult(
-                [c.assignment() for c in trivial], "greedy", "trivial", 0.0, len(cands),
+                [c.assignment() for c in trivial],
+                "greedy",
+                "trivial",
+                0.0,
+                len(cands),
                 sum(c.weight for c in trivial),
             )
         elif not cfg.use_mip:
             res = DispatchResult(
-                [c.assignment() for c in greedy], "greedy", "configured", 0.0, len(cands),
+                [c.assignment() for c in greedy],
+                "greedy",
+                "configured",
+                0.0,
+                len(cands),
                 sum(c.weight for c in greedy),
             )
         else:
@@ -214,7 +224,9 @@ class Dispatcher:
                 xfer = self.cost.transfer_seconds(size, same)
                 cross = 0 if same else 1
             start = max(now, d.free_at)
-            end = start + xfer + self.cost.stage_seconds(item.family, "decode", item.shape) / d.speed
+            end = (
+                start + xfer + self.cost.stage_seconds(item.family, "decode", item.shape) / d.speed
+            )
             key = end + 1e-6 * cross
             if best is None or key < best[0]:
                 best = (key, d, cross)
@@ -224,8 +236,16 @@ class Dispatcher:
         start = max(now, d.free_at)
         end = best[0] - 1e-6 * cross
         return Assignment(
-            item.request_id, 1, (d.device_id,), ("decode",), (d.device_id,), start, end, end,
-            end <= item.deadline + 1e-9, cross,
+            item.request_id,
+            1,
+            (d.device_id,),
+            ("decode",),
+            (d.device_id,),
+            start,
+            end,
+            end,
+            end <= item.deadline + 1e-9,
+            cross,
         )
 
     # ------------------------------------------------------------------ candidates
@@ -277,8 +297,21 @@ class Dispatcher:
                         if any(g.free_memory < dif_peak for g in grp):
                             continue
                         c = self._predict(
-                            item, k, grp, node, now, enc_t, dif_t, dec_t, enc_peak, dec_peak,
-                            text_b, lat_b, aux_enc, aux_dec, dev,
+                            item,
+                            k,
+                            grp,
+                            node,
+                            now,
+                            enc_t,
+                            dif_t,
+                            dec_t,
+                            enc_peak,
+                            dec_peak,
+                            text_b,
+                            lat_b,
+                            aux_enc,
+                            aux_dec,
+                            dev,
                         )
                         if c is None:
                             continue
@@ -286,10 +319,9 @@ class Dispatcher:
                         c.on_time = not late
                         if late:
                             w = cfg.late_reward * (1.0 + min(age, 8.0))
-                        else:
-                            slack = (item.deadline - c.finish) / budget
-                            w = cfg.on_time_reward + 100.0 * max(0.0, 1.0 - slack)
-                        w -= cfg.cross_node_penalty * c.cross
+                        else:  # urgency is the request's, not the candidate's
+                            w = cfg.on_time_reward + 100.0 * min(1.0, age)
+                        w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
                         w -= cfg.device_seconds_penalty * c.dev_seconds
                         w -= 1e-3 * (c.finish - now)  # tie-break: earlier is better
                         c.weight = w
@@ -326,6 +358,7 @@ class Dispatcher:
         g_free = max(max(g.free_at for g in grp), now)
         ids = tuple(g.device_id for g in grp)
         cross = 0
+        xfers = 0
         first_end = now
         stages: list[Stage] = []
         if item.next_stage == "encode":
@@ -341,6 +374,7 @@ class Dispatcher:
                 e_end = e_start + enc_t / aux_enc.speed
                 same = aux_enc.node_id == node
                 cross += 0 if same else 1
+                xfers += 1
                 d_start = max(g_free, e_end + cost.transfer_seconds(text_b, same))
                 # The task issued now is encode alone; diffuse is re-planned when it ends.
                 stages = ["encode"]
@@ -351,6 +385,7 @@ class Dispatcher:
             src = item.input_device
             xfer = 0.0
             if src is not None and src != leader.device_id:
+                xfers += 1
                 src_view = dev.get(src)
                 same = src_view is not None and src_view.node_id == node
                 cross += 0 if same else 1
@@ -372,6 +407,7 @@ class Dispatcher:
                 return None
             same = aux_dec.node_id == node
             cross += 0 if same else 1
+            xfers += 1
             c_start = max(aux_dec.free_at, d_end + cost.transfer_seconds(lat_b, same))
             finish = c_start + dec_t / aux_dec.speed
             task_end = d_end if stages[-1] == "diffuse" else first_end
@@ -387,6 +423,7 @@ class Dispatcher:
             on_time=finish <= item.deadline,
             cross=cross,
             dev_seconds=k * dif_t / speed,
+            xfers=xfers,
         )
 
     # ------------------------------------------------------------------ solvers
@@ -397,15 +434,22 @@ class Dispatcher:
         by_req: dict[str, list[_Cand]] = {}
         for c in cands:
             by_req.setdefault(c.item.request_id, []).append(c)
-        order = sorted(by_req.values(), key=lambda cs: (cs[0].item.deadline, cs[0].item.arrival, cs[0].item.request_id))
+        order = sorted(
+            by_req.values(),
+            key=lambda cs: (cs[0].item.deadline, cs[0].item.arrival, cs[0].item.request_id),
+        )
         used: set[str] = set()
         out: list[_Cand] = []
         for cs in order:
             prev = self.last.get(cs[0].item.request_id)
 
             def key(c: _Cand, prev: tuple[str, ...] | None = prev) -> tuple[int, int, float, float]:
-                return (0 if c.group == prev else 1, 0 if c.on_time else 1,
-                        c.dev_seconds if c.on_time else c.finish, c.finish)
+                return (
+                    0 if c.group == prev else 1,
+                    0 if c.on_time else 1,
+                    c.dev_seconds if c.on_time else c.finish,
+                    c.finish,
+                )
 
             for c in sorted(cs, key=key):
                 if used.isdisjoint(c.group) and used.isdisjoint(c.devices):
@@ -436,9 +480,13 @@ class Dispatcher:
         try:
             import mip
         except ImportError:  # pragma: no cover - mip is a dependency
-            return DispatchResult([c.assignment() for c in greedy], "greedy", "no_solver", 0.0, len(cands))
+            return DispatchResult(
+                [c.assignment() for c in greedy], "greedy", "no_solver", 0.0, len(cands)
+            )
         try:
-            m = mip.Model(sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC")
+            m = mip.Model(
+                sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC"
+            )
             m.verbose = 0
             m.threads = 1
             x = [m.add_var(var_type=mip.BINARY, obj=c.weight) for c in cands]
@@ -458,16 +506,26 @@ class Dispatcher:
             m.start = [(x[index[id(c)]], 1.0) for c in greedy]
             status = m.optimize(max_seconds=cfg.time_limit_s)
         except Exception:  # solver trouble must never stop dispatch
-            return DispatchResult([c.assignment() for c in greedy], "greedy", "error", 0.0, len(cands))
+            return DispatchResult(
+                [c.assignment() for c in greedy], "greedy", "error", 0.0, len(cands)
+            )
         if status == mip.OptimizationStatus.OPTIMAL:
             chosen = [c for j, c in enumerate(cands) if (x[j].x or 0.0) > 0.5]
             return DispatchResult(
-                [c.assignment() for c in chosen], "mip", "optimal", 0.0, len(cands),
+                [c.assignment() for c in chosen],
+                "mip",
+                "optimal",
+                0.0,
+                len(cands),
                 sum(c.weight for c in chosen),
             )
         # Time limit (feasible or not) or anything else: the greedy plan.
         return DispatchResult(
-            [c.assignment() for c in greedy], "greedy", "time_limit", 0.0, len(cands),
+            [c.assignment() for c in greedy],
+            "greedy",
+            "time_limit",
+            0.0,
+            len(cands),
             sum(c.weight for c in greedy),
         )
 
@@ -488,8 +546,13 @@ def _earliest(
 ) -> DeviceView | None:
     best: DeviceView | None = None
     for d in usable:
-        if stage in d.holds.get(model, frozenset()) and d.free_memory >= peak and (
-            best is None or (max(now, d.free_at), d.device_id) < (max(now, best.free_at), best.device_id)
+        if (
+            stage in d.holds.get(model, frozenset())
+            and d.free_memory >= peak
+            and (
+                best is None
+                or (max(now, d.free_at), d.device_id) < (max(now, best.free_at), best.device_id)
+            )
         ):
             best = d
     return best

@@ -171,9 +171,7 @@ class ClusterGraph:
         return placement_type(self.placement(device_id).get(model, frozenset()))
 
     def devices_holding(self, model: str, stage: Stage, up_only: bool = True) -> list[str]:
-        return [
-            d.device_id for d in self.devices(up_only) if self.holds(d.device_id, model, stage)
-        ]
+        return [d.device_id for d in self.devices(up_only) if self.holds(d.device_id, model, stage)]
 
     def plan(self) -> dict[str, dict[str, frozenset[Stage]]]:
         """device -> model -> stages (a copy)."""
@@ -182,5 +180,7 @@ class ClusterGraph:
     def weights_bytes(self, device_id: str, weight_of: Mapping[tuple[str, str], int]) -> int:
         """Bytes of the weights the device's plan puts on it; ``weight_of[(model, stage)]``."""
         return sum(
-            weight_of.get((m, s), 0) for m, stages in self.placement(device_id).items() for s in stages
+            weight_of.get((m, s), 0)
+            for m, stages in self.placement(device_id).items()
+            for s in stages
         )

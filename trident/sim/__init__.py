@@ -1,1 +1,47 @@
-"""Discrete-event simulator driving the scheduler core on virtual time."""
+"""Discrete-event simulator driving the scheduler core on virtual time.
+
+Public API::
+
+    from trident.sim import simulate, ClusterSpec, SimConfig, DeviceFault, summarize
+    from trident.sim.traces import make_trace, load_trace, dump_trace, to_request_specs
+    from trident.sim.bench import main  # `trident bench sim`
+"""
+
+from __future__ import annotations
+
+from trident.sim.engine import (
+    ClusterSpec,
+    DeviceFault,
+    RequestRecord,
+    SimConfig,
+    SimResult,
+    Simulator,
+    simulate,
+)
+from trident.sim.metrics import Summary, summarize
+from trident.sim.traces import (
+    TraceError,
+    TraceRequest,
+    dump_trace,
+    load_trace,
+    make_trace,
+    to_request_specs,
+)
+
+__all__ = [
+    "ClusterSpec",
+    "DeviceFault",
+    "RequestRecord",
+    "SimConfig",
+    "SimResult",
+    "Simulator",
+    "Summary",
+    "TraceError",
+    "TraceRequest",
+    "dump_trace",
+    "load_trace",
+    "make_trace",
+    "simulate",
+    "summarize",
+    "to_request_specs",
+]

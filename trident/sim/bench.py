@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trident.sched.types import CostModel, ModelInfo, Policy, RequestSpec
-from trident.sim.engine import GIB, ClusterSpec, SimConfig, SimResult, simulate
+from trident.sim.engine import GIB, ClusterSpec, DeviceFault, SimConfig, SimResult, simulate
 from trident.sim.metrics import Summary, summarize
 from trident.sim.traces import (
     ARRIVALS,
@@ -92,6 +92,7 @@ class BenchConfig:
     policy_options: tuple[tuple[str, Any], ...] = ()
     model_map: tuple[tuple[str, str], ...] = ()  # served name -> family
     profiles: tuple[str, ...] = ()
+    faults: tuple[DeviceFault, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -99,6 +100,14 @@ class BenchConfig:
         d["policy_options"] = dict(self.policy_options)
         d["model_map"] = dict(self.model_map)
         d["profiles"] = list(self.profiles)
+        d["faults"] = [
+            {
+                "time_s": f.time_s,
+                "target": f.device_id or f.node_id,
+                "restart_after_s": f.restart_after_s,
+            }
+            for f in self.faults
+        ]
         return d
 
 
@@ -224,7 +233,11 @@ def run_policies(
         cfg.nodes, cfg.gpus_per_node, memory_bytes=gpu.memory_bytes, speed=gpu.speed
     )
     sim_cfg = SimConfig(
-        seed=cfg.seed, tick_s=cfg.tick_s, noise=cfg.noise, max_time_s=cfg.max_time_s
+        seed=cfg.seed,
+        tick_s=cfg.tick_s,
+        noise=cfg.noise,
+        max_time_s=cfg.max_time_s,
+        faults=cfg.faults,
     )
     factory = policy_factory or make_sim_policy
     options = dict(cfg.policy_options)
@@ -421,6 +434,23 @@ def _parse_sweep(text: str) -> tuple[str, list[float]]:
     return param, values
 
 
+def _parse_fault(text: str) -> DeviceFault:
+    parts = text.split(",")
+    try:
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise ValueError
+        t = float(parts[0])
+        restart = float(parts[2]) if len(parts) == 3 and parts[2] else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--fault takes TIME,DEVICE_OR_NODE[,RESTART_S] (e.g. 300,n0/sim:3,30), got {text!r}"
+        ) from None
+    target = parts[1]
+    if "/" in target:
+        return DeviceFault(t, device_id=target, restart_after_s=restart)
+    return DeviceFault(t, node_id=target, restart_after_s=restart)
+
+
 def _parse_kv(text: str) -> tuple[str, Any]:
     key, sep, val = text.partition("=")
     if not sep or not key:
@@ -479,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="served model name in the trace -> family (repeatable)",
     )
     p.add_argument(
+        "--fault",
+        type=_parse_fault,
+        action="append",
+        default=[],
+        metavar="T,TARGET[,RESTART]",
+        help="lose a device (n0/sim:3) or a node (n0) at virtual time T; back after RESTART s",
+    )
+    p.add_argument(
         "--profile",
         action="append",
         default=[],
@@ -517,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy_options=tuple(args.policy_opt),
         model_map=tuple((k, str(v)) for k, v in args.model),
         profiles=tuple(args.profile),
+        faults=tuple(args.fault),
     )
     try:
         run_bench(cfg, sweep=args.sweep, json_out=args.json_out, plot_out=args.plot_out)

@@ -309,7 +309,6 @@ class Simulator:
             "evictions": 0,
             "transfers": 0,
             "transfer_seconds": 0.0,
-            "late_reports": 0,
             "unknown_requests": 0,
             "load_ops_skipped_oom": 0,
             "rejected_tasks": 0,

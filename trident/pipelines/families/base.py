@@ -81,7 +81,7 @@ class FamilyStages:
             keep = set(stage_components(self._components, stage))
             absent = {name: None for name in self._components if name not in keep}
             pipe = self._pipeline_class().from_pretrained(
-                self._root, torch_dtype=self.dtype, **absent
+                self._root, dtype=self.dtype, **absent
             )
             pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)

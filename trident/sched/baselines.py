@@ -1,0 +1,433 @@
+"""Baseline policies behind the same Policy interface (for honest comparison).
+
+- ``b1`` :class:`StaticFifoPolicy` — xDiT-style static pipeline-level FIFO: every device
+  holds a whole pipeline (⟨EDC⟩ of one model), devices are split into fixed instances of
+  degree ``degree``; each instance serves its model's requests first-come-first-served,
+  all stages merged in one task.
+- ``b4`` :class:`PipelineSrtfPolicy` — dynamic pipeline-level SRTF: whole pipelines per
+  device, each request (shortest remaining time first) takes its best efficient degree
+  on any free aligned group of its model's devices, all stages in one task.
+- ``b6`` :class:`StageSrtfPolicy` — dynamic stage-level SRTF with a manual split: each
+  model's devices are split ⟨D⟩:⟨E⟩:⟨C⟩ by ``split`` (default 6:1:1 per 8); each stage
+  is its own task: encode / decode on the earliest-free ⟨E⟩ / ⟨C⟩, diffuse at the best
+  efficient degree on a free aligned ⟨D⟩ group.
+- ``authors`` :class:`AuthorsPolicy` — the TridentServe authors' public dispatch: an
+  SP-degree ILP over *diffuse time only*: binary x[r, k, machine], per machine
+  Σ k·x + slack = free devices, maximise Σ reward·x - Σ slack, reward 1000 if on time
+  else growing with lateness, (t1/tk)/k >= 0.8, hard-coded memory rules (>= 2048²
+  images need k >= 2; 720p videos longer than 65 frames need k >= 4); whole pipelines
+  on every device (their code's placement is static), all stages merged.
+
+Placement for the pipeline-level baselines: each model gets aligned blocks of devices
+(whole nodes when there are at least as many nodes as models) in proportion to
+``shares`` (default equal).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from trident.sched.core import CoreConfig, RequestState
+from trident.sched.cost import best_degree, efficient_degrees
+from trident.sched.policy import PlacedPolicy, Placement
+from trident.sched.types import STAGES, Command, CostModel, DeviceInfo, LogEvent, ModelInfo, Stage
+
+__all__ = [
+    "AuthorsConfig",
+    "AuthorsPolicy",
+    "BaselineConfig",
+    "PipelineSrtfPolicy",
+    "StageSplitConfig",
+    "StageSrtfPolicy",
+    "StaticFifoConfig",
+    "StaticFifoPolicy",
+    "model_blocks",
+]
+
+
+@dataclass
+class BaselineConfig:
+    max_queue: int = 1024
+    max_attempts: int = 3
+    max_inflight_per_device: int = 1  # baselines do not pre-queue
+    slo_scale: float = 2.5
+    efficiency: float = 0.8
+    shares: Mapping[str, float] = field(default_factory=dict)  # model -> device share
+
+    def core(self) -> CoreConfig:
+        return CoreConfig(
+            max_queue=self.max_queue,
+            max_attempts=self.max_attempts,
+            max_inflight_per_device=self.max_inflight_per_device,
+            slo_scale=self.slo_scale,
+            efficiency=self.efficiency,
+        )
+
+
+@dataclass
+class StaticFifoConfig(BaselineConfig):
+    degree: int = 1
+
+
+@dataclass
+class StageSplitConfig(BaselineConfig):
+    split: tuple[int, int, int] = (6, 1, 1)  # D : E : C devices per block
+
+
+@dataclass
+class AuthorsConfig(BaselineConfig):
+    time_limit_s: float = 5.0  # theirs has none; we keep a generous one
+    min_interval_s: float = 0.0  # theirs: 0.5 s between solves (needs Ticks to advance)
+    solver: str = "cbc"
+
+
+def model_blocks(
+    devices: Sequence[DeviceInfo], models: Sequence[str], shares: Mapping[str, float]
+) -> dict[str, list[list[DeviceInfo]]]:
+    """Aligned device blocks per model: whole nodes if nodes >= models, else each node
+    is cut into the largest power-of-two blocks that give every model one."""
+    per_node: dict[str, list[DeviceInfo]] = {}
+    for d in devices:
+        per_node.setdefault(d.node_id, []).append(d)
+    if not models or not per_node:
+        return {m: [] for m in models}
+    size = max(len(v) for v in per_node.values())
+    nodes = len(per_node)
+    block = size
+    while block > 1 and nodes * (size // block) < len(models):
+        block //= 2
+    blocks: list[list[DeviceInfo]] = []
+    for _, devs in sorted(per_node.items()):
+        devs = sorted(devs, key=lambda d: d.index)
+        for j in range(0, len(devs), block):
+            blocks.append(devs[j : j + block])
+    weights = {m: float(shares.get(m, 1.0)) for m in models}
+    total = sum(weights.values()) or 1.0
+    out: dict[str, list[list[DeviceInfo]]] = {m: [] for m in models}
+    got = dict.fromkeys(models, 0)
+    # Interleave across nodes so each model is spread (deficit round robin).
+    order = sorted(range(len(blocks)), key=lambda i: (i % max(1, size // block), i))
+    for i in order:
+        n_assigned = sum(got.values()) + len(blocks[i])
+        m = max(models, key=lambda m: (weights[m] / total * n_assigned - got[m], -models.index(m)))
+        out[m].append(blocks[i])
+        got[m] += len(blocks[i])
+    return out
+
+
+class _PipelineBase(PlacedPolicy):
+    """Whole pipelines (⟨EDC⟩) per device, model blocks by share."""
+
+    def __init__(
+        self, models: Mapping[str, ModelInfo], cost: CostModel, config: BaselineConfig
+    ) -> None:
+        self.bconfig = config
+        super().__init__(models, cost, config.core())
+
+    def compute_placement(self, now: float) -> Placement:
+        blocks = model_blocks(self.graph.devices(), list(self.models), self.bconfig.shares)
+        out: Placement = {}
+        for m, bl in blocks.items():
+            for b in bl:
+                for d in b:
+                    out[d.device_id] = {m: frozenset(STAGES)}
+        return out
+
+    def free_groups(self, model: str, k: int) -> list[tuple[str, ...]]:
+        limit = self.config.max_inflight_per_device
+        out = []
+        for grp in self.graph.instances(k):
+            if all(
+                self.graph.holds(d, model, "diffuse")
+                and d in self.devices
+                and len(self.devices[d].inflight) < limit
+                for d in grp
+            ):
+                out.append(grp)
+        return out
+
+    def remaining(self, req: RequestState) -> float:
+        info = self.models[req.spec.model]
+        k = best_degree(
+            self.cost, req.family, req.spec.shape, info.max_degree, self.config.efficiency
+        )
+        t = 0.0
+        for s in req.pending_stages:
+            t += self.cost.stage_seconds(req.family, s, req.spec.shape, k if s == "diffuse" else 1)
+        return t
+
+    def fits(self, req: RequestState, grp: Sequence[str], stages: Sequence[Stage]) -> bool:
+        k = len(grp)
+        for d in grp:
+            free = self.devices[d].info.memory_bytes - self.weights_on(d)
+            for s in stages:
+                if s != "diffuse" and d != grp[0]:
+                    continue
+                peak = self.cost.stage_peak_bytes(
+                    req.family, s, req.spec.shape, k if s == "diffuse" else 1
+                )
+                if peak > free:
+                    return False
+        return True
+
+    def est(self, req: RequestState, stages: Sequence[Stage], k: int, speed: float) -> float:
+        return sum(
+            self.cost.stage_seconds(req.family, s, req.spec.shape, k if s == "diffuse" else 1)
+            for s in stages
+        ) / max(speed, 1e-9)
+
+    def run_pipeline(self, req: RequestState, grp: tuple[str, ...], now: float) -> Command:
+        stages = req.pending_stages
+        speed = min(self.devices[d].info.speed for d in grp)
+        start = max(now, *(self.devices[d].busy_until for d in grp))
+        return self.issue(req, stages, grp, now, start + self.est(req, stages, len(grp), speed))
+
+
+class StaticFifoPolicy(_PipelineBase):
+    name = "b1"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel,
+        config: StaticFifoConfig | None = None,
+    ) -> None:
+        self.sconfig = config or StaticFifoConfig()
+        super().__init__(models, cost, self.sconfig)
+
+    def plan(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        k = self.sconfig.degree
+        for req in list(self.waiting.values()):  # arrival order
+            groups = self.free_groups(req.spec.model, k)
+            if not groups:
+                continue
+            grp = min(groups, key=lambda g: (max(self.devices[d].busy_until for d in g), g))
+            out.append(self.run_pipeline(req, grp, now))
+        return out
+
+
+class PipelineSrtfPolicy(_PipelineBase):
+    name = "b4"
+
+    def __init__(
+        self, models: Mapping[str, ModelInfo], cost: CostModel, config: BaselineConfig | None = None
+    ) -> None:
+        super().__init__(models, cost, config or BaselineConfig())
+
+    def plan(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        for req in sorted(self.waiting.values(), key=lambda r: (self.remaining(r), r.spec.arrival)):
+            info = self.models[req.spec.model]
+            ks = efficient_degrees(
+                self.cost, req.family, req.spec.shape, info.max_degree, self.config.efficiency
+            )
+            ks_sorted = sorted(
+                ks, key=lambda k: self.cost.stage_seconds(req.family, "diffuse", req.spec.shape, k)
+            )
+            for k in ks_sorted:
+                groups = [
+                    g
+                    for g in self.free_groups(req.spec.model, k)
+                    if self.fits(req, g, req.pending_stages)
+                ]
+                if groups:
+                    out.append(self.run_pipeline(req, groups[0], now))
+                    break
+        return out
+
+
+class StageSrtfPolicy(_PipelineBase):
+    name = "b6"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel,
+        config: StageSplitConfig | None = None,
+    ) -> None:
+        self.xconfig = config or StageSplitConfig()
+        super().__init__(models, cost, self.xconfig)
+
+    def compute_placement(self, now: float) -> Placement:
+        blocks = model_blocks(self.graph.devices(), list(self.models), self.xconfig.shares)
+        nd, ne, nc = self.xconfig.split
+        tot = nd + ne + nc
+        out: Placement = {}
+        for m, bl in blocks.items():
+            for b in bl:
+                n = len(b)
+                e = max(1, round(n * ne / tot)) if n >= 3 else 0
+                c = max(1, round(n * nc / tot)) if n >= 3 else 0
+                d = n - e - c
+                for i, dev in enumerate(b):
+                    if n < 3:
+                        st: frozenset[Stage] = frozenset(STAGES)
+                    elif i < d:
+                        st = frozenset(("diffuse",))
+                    elif i < d + e:
+                        st = frozenset(("encode",))
+                    else:
+                        st = frozenset(("decode",))
+                    out[dev.device_id] = {m: st}
+        return out
+
+    def plan(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        limit = self.config.max_inflight_per_device
+        for req in sorted(self.waiting.values(), key=lambda r: (self.remaining(r), r.spec.arrival)):
+            stage = req.pending_stages[0]
+            model = req.spec.model
+            if stage == "diffuse":
+                info = self.models[model]
+                ks = efficient_degrees(
+                    self.cost, req.family, req.spec.shape, info.max_degree, self.config.efficiency
+                )
+                for k in sorted(
+                    ks,
+                    key=lambda k: self.cost.stage_seconds(req.family, "diffuse", req.spec.shape, k),
+                ):
+                    groups = [
+                        g for g in self.free_groups(model, k) if self.fits(req, g, ("diffuse",))
+                    ]
+                    if groups:
+                        speed = min(self.devices[d].info.speed for d in groups[0])
+                        out.append(
+                            self.issue(
+                                req,
+                                ("diffuse",),
+                                groups[0],
+                                now,
+                                now + self.est(req, ("diffuse",), k, speed),
+                            )
+                        )
+                        break
+                continue
+            cands = [
+                st
+                for st in self.devices.values()
+                if st.up
+                and st.device_id in self.graph
+                and self.graph.holds(st.device_id, model, stage)
+                and len(st.inflight) < limit
+                and self.fits(req, (st.device_id,), (stage,))
+            ]
+            if not cands:
+                continue
+            best = min(cands, key=lambda st: (max(now, st.busy_until), st.device_id))
+            end = max(now, best.busy_until) + self.est(req, (stage,), 1, best.info.speed)
+            out.append(self.issue(req, (stage,), (best.device_id,), now, end))
+        return out
+
+
+class AuthorsPolicy(_PipelineBase):
+    name = "authors"
+
+    def __init__(
+        self, models: Mapping[str, ModelInfo], cost: CostModel, config: AuthorsConfig | None = None
+    ) -> None:
+        self.aconfig = config or AuthorsConfig()
+        super().__init__(models, cost, self.aconfig)
+        self._last_solve = -math.inf
+
+    def allowed_degrees(self, req: RequestState) -> tuple[int, ...]:
+        info = self.models[req.spec.model]
+        sh = req.spec.shape
+        ks = efficient_degrees(self.cost, req.family, sh, info.max_degree, self.config.efficiency)
+        lo = 1
+        if sh.num_frames <= 1 and sh.height * sh.width >= 2048 * 2048:
+            lo = 2
+        if sh.num_frames > 65 and sh.height * sh.width >= 720 * 1280:
+            lo = 4
+        ks2 = tuple(k for k in ks if k >= lo)
+        if not ks2:
+            ks2 = tuple(k for k in (2, 4, 8) if lo <= k <= info.max_degree)[:1]
+        return ks2
+
+    def plan(self, now: float) -> list[Command]:
+        if not self.waiting or now - self._last_solve < self.aconfig.min_interval_s:
+            return []
+        self._last_solve = now
+        # Free devices per machine (idle, holding the model).
+        limit = self.config.max_inflight_per_device
+        free: dict[tuple[str, str], int] = {}
+        for st in self.devices.values():
+            if not st.up or st.device_id not in self.graph or len(st.inflight) >= limit:
+                continue
+            for m in self.graph.placement(st.device_id):
+                key = (st.info.node_id, m)
+                free[key] = free.get(key, 0) + 1
+        if not free:
+            return []
+        vars_: list[tuple[RequestState, int, str, float]] = []
+        for req in self.waiting.values():
+            m = req.spec.model
+            for k in self.allowed_degrees(req):
+                t = self.cost.stage_seconds(req.family, "diffuse", req.spec.shape, k)
+                dl = req.deadline if req.deadline is not None else math.inf
+                late = now + t - dl
+                reward = 1000.0 if late <= 0 else 1000.0 + 10.0 * late
+                for (node, mm), n in free.items():
+                    if mm == m and n >= k:
+                        vars_.append((req, k, node, reward))
+        if not vars_:
+            return []
+        chosen = self._solve(vars_, free)
+        out: list[Command] = [self._last_log]
+        used: set[str] = set()
+        for req, k, node, _ in sorted(chosen, key=lambda v: -v[1]):
+            groups = [
+                g
+                for g in self.free_groups(req.spec.model, k)
+                if self.graph.info(g[0]).node_id == node and used.isdisjoint(g)
+            ]
+            if not groups:
+                continue
+            used.update(groups[0])
+            out.append(self.run_pipeline(req, groups[0], now))
+        return out
+
+    def _solve(
+        self, vars_: list[tuple[RequestState, int, str, float]], free: Mapping[tuple[str, str], int]
+    ) -> list[tuple[RequestState, int, str, float]]:
+        import time as _time
+
+        import mip
+
+        t0 = _time.perf_counter()
+        self._last_log = LogEvent("dispatch.solved", {"solver": "mip", "ms": 0.0})
+        m = mip.Model(
+            sense=mip.MAXIMIZE, solver_name="HIGHS" if self.aconfig.solver == "highs" else "CBC"
+        )
+        m.verbose = 0
+        m.threads = 1
+        x = [m.add_var(var_type=mip.BINARY) for _ in vars_]
+        slack = {key: m.add_var(lb=0.0) for key in free}
+        nodes = {node for node, _ in free}
+        for node in nodes:
+            keys = [key for key in free if key[0] == node]
+            m.add_constr(
+                mip.xsum(v[1] * x[i] for i, v in enumerate(vars_) if v[2] == node)
+                + mip.xsum(slack[key] for key in keys)
+                == sum(free[key] for key in keys)
+            )
+        by_req: dict[str, list[int]] = {}
+        for i, v in enumerate(vars_):
+            by_req.setdefault(v[0].request_id, []).append(i)
+        for idx in by_req.values():
+            m.add_constr(mip.xsum(x[i] for i in idx) <= 1)
+        m.objective = mip.xsum(v[3] * x[i] for i, v in enumerate(vars_)) - mip.xsum(slack.values())
+        status = m.optimize(max_seconds=self.aconfig.time_limit_s)
+        self._last_log = LogEvent(
+            "dispatch.solved",
+            {
+                "solver": "mip",
+                "ms": round((_time.perf_counter() - t0) * 1e3, 3),
+                "status": status.name,
+            },
+        )
+        if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+            return []
+        return [v for i, v in enumerate(vars_) if (x[i].x or 0.0) > 0.5]

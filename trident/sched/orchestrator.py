@@ -1,0 +1,549 @@
+"""The orchestrator: which stages each device holds (the placement plan).
+
+MIP over (node, model, placement type) *counts*. Each device holds one placement type of
+one served model (⟨EDC⟩ ⟨DC⟩ ⟨ED⟩ ⟨D⟩ primary, ⟨E⟩ ⟨C⟩ auxiliary). Demand is work:
+device-seconds per second for each (model, stage), from the monitor's window of arrivals
+(diffuse at the request's best efficient degree, times that degree).
+
+Variables: integer ``y[n, m, t]`` devices of node n with type t of model m (only types
+whose weights plus the peak activation of the largest windowed request fit the node's
+smallest device); continuous flows ``f[m, t, s]``: device-seconds/s that type-t devices
+of model m give to stage s (a ⟨EDC⟩ device splits its time between its stages);
+``z``: the least capacity/demand ratio; ``u[n, m, t]``: devices newly given (m, t)
+versus the current plan.
+
+    max  z - move_penalty * Σu / N - comm_penalty * Σ comm(t) y / N
+    s.t. Σ_{m,t} y[n,m,t] <= devices(n)                 (each device one type)
+         Σ_s f[m,t,s] <= Σ_n speed(n) y[n,m,t]           (a type's time is shared)
+         Σ_{t ∋ s} f[m,t,s] >= z · demand[m,s]           (max-min capacity / demand)
+         Σ_{n, t ∋ s} y[n,m,t] >= 1 (every served stage has a home, when devices allow)
+         u[n,m,t] >= y[n,m,t] - current[n,m,t]
+
+Nodes with the same device count, memory, speed and current plan are aggregated into
+one class (integer counts over the class), so the model stays small at 128 devices.
+The per-node packing then lays each node out: models with more primary devices first,
+primary devices contiguous from index 0 (aligned degree-k groups of one model), then
+auxiliary devices; devices keep their current (model, type) where the counts allow.
+
+:func:`proportional_plan` is the paper's heuristic (virtual replicas in proportion to
+demand), used as the fallback and as a baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from trident.sched.cost import best_degree
+from trident.sched.graph import PLACEMENT_TYPES, stages_of_type
+from trident.sched.types import STAGES, CostModel, DeviceInfo, ModelInfo, Shape, Stage
+
+__all__ = [
+    "COMM_COST",
+    "Demand",
+    "OrchestratorConfig",
+    "PlacementResult",
+    "demand_from_window",
+    "orchestrate",
+    "pack_nodes",
+    "plan_capacity_ratio",
+    "proportional_plan",
+    "type_fits",
+]
+
+# Communication a type implies (stage hand-offs that cross devices), for tie-breaking.
+COMM_COST: dict[str, float] = {"EDC": 0.0, "DC": 1.0, "ED": 1.0, "D": 2.0, "E": 1.0, "C": 1.0}
+
+Demand = dict[str, dict[Stage, float]]  # model -> stage -> device-seconds per second
+
+
+@dataclass
+class OrchestratorConfig:
+    solver: str = "cbc"
+    time_limit_s: float = 0.5
+    move_penalty: float = 0.05
+    comm_penalty: float = 0.01
+    efficiency: float = 0.8
+    use_mip: bool = True
+
+
+@dataclass
+class PlacementResult:
+    plan: dict[str, tuple[str, str] | None]  # device -> (model, type) or None (idle)
+    ratio: float  # least capacity / demand (fluid estimate)
+    solver: str  # "mip" | "proportional"
+    ms: float
+    reason: str = ""
+    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (node, model, type)
+
+    def stages(self) -> dict[str, dict[str, frozenset[Stage]]]:
+        """device -> model -> stages."""
+        out: dict[str, dict[str, frozenset[Stage]]] = {}
+        for d, mt in self.plan.items():
+            out[d] = {mt[0]: stages_of_type(mt[1])} if mt else {}
+        return out
+
+
+def demand_from_window(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    window: Sequence[tuple[str, Shape]],
+    window_s: float,
+    efficiency: float = 0.8,
+) -> Demand:
+    """Device-seconds per second per (model, stage) from (model, shape) arrivals."""
+    out: Demand = {m: dict.fromkeys(STAGES, 0.0) for m in models}
+    for model, shape in window:
+        info = models.get(model)
+        if info is None:
+            continue
+        fam = info.family
+        k = best_degree(cost, fam, shape, info.max_degree, efficiency)
+        out[model]["encode"] += cost.stage_seconds(fam, "encode", shape)
+        out[model]["diffuse"] += k * cost.stage_seconds(fam, "diffuse", shape, k)
+        out[model]["decode"] += cost.stage_seconds(fam, "decode", shape)
+    span = max(window_s, 1e-9)
+    return {m: {s: v / span for s, v in st.items()} for m, st in out.items()}
+
+
+def _type_need(
+    cost: CostModel, info: ModelInfo, ptype: str, shapes: Sequence[Shape], efficiency: float
+) -> int:
+    """Bytes a device of ``ptype`` needs: weights + the largest peak among ``shapes``
+    (diffuse at the shape's largest efficient degree — the least memory per device)."""
+    from trident.sched.cost import efficient_degrees
+
+    fam = info.family
+    stages = stages_of_type(ptype)
+    need = sum(cost.weight_bytes(fam, s) for s in stages)
+    peak = 0
+    for shape in shapes:
+        for s in stages:
+            if s == "diffuse":
+                k = max(efficient_degrees(cost, fam, shape, info.max_degree, efficiency))
+                p = cost.stage_peak_bytes(fam, s, shape, k)
+            else:
+                p = cost.stage_peak_bytes(fam, s, shape, 1)
+            peak = max(peak, p)
+    return need + peak
+
+
+def type_fits(
+    cost: CostModel,
+    info: ModelInfo,
+    ptype: str,
+    memory: int,
+    shapes: Sequence[Shape],
+    efficiency: float = 0.8,
+) -> bool:
+    return _type_need(cost, info, ptype, shapes, efficiency) <= memory
+
+
+@dataclass
+class _NodeClass:
+    nodes: list[str]
+    count: int  # devices per node
+    memory: int
+    speed: float
+    current: dict[tuple[str, str], int]  # per node
+
+
+def _classes(
+    devices: Sequence[DeviceInfo], current: Mapping[str, tuple[str, str] | None]
+) -> list[_NodeClass]:
+    per_node: dict[str, list[DeviceInfo]] = {}
+    for d in devices:
+        per_node.setdefault(d.node_id, []).append(d)
+    keyed: dict[tuple[object, ...], _NodeClass] = {}
+    for node, devs in sorted(per_node.items()):
+        cur: dict[tuple[str, str], int] = {}
+        for d in devs:
+            mt = current.get(d.device_id)
+            if mt:
+                cur[mt] = cur.get(mt, 0) + 1
+        mem = min(d.memory_bytes for d in devs)
+        speed = min(d.speed for d in devs)
+        key = (len(devs), mem, speed, tuple(sorted(cur.items())))
+        cls = keyed.get(key)
+        if cls is None:
+            keyed[key] = _NodeClass([node], len(devs), mem, speed, cur)
+        else:
+            cls.nodes.append(node)
+    return list(keyed.values())
+
+
+def plan_capacity_ratio(
+    counts: Mapping[tuple[str, str], float],
+    demand: Demand,
+    speed: float = 1.0,
+    iters: int = 30,
+) -> float:
+    """Least capacity/demand of a plan given as (model, type) -> devices (fluid LP solved
+    greedily is not exact; this is the exact LP via max-flow bisection)."""
+    import networkx as nx
+
+    models = {m for m, _ in counts} | {
+        m for m, st in demand.items() if any(v > 0 for v in st.values())
+    }
+    ratio = math.inf
+    for m in models:
+        dem = {s: v for s, v in demand.get(m, {}).items() if v > 0}
+        if not dem:
+            continue
+        types = {t: c for (mm, t), c in counts.items() if mm == m and c > 0}
+        if not types:
+            return 0.0
+        lo, hi = 0.0, sum(types.values()) * speed / min(dem.values()) + 1.0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            g = nx.DiGraph()
+            for t, c in types.items():
+                g.add_edge("src", t, capacity=c * speed)
+                for s in stages_of_type(t):
+                    if s in dem:
+                        g.add_edge(t, s, capacity=math.inf)
+            for s, v in dem.items():
+                g.add_edge(s, "dst", capacity=mid * v)
+            need = mid * sum(dem.values())
+            if "src" in g and "dst" in g and nx.maximum_flow_value(g, "src", "dst") >= need - 1e-9:
+                lo = mid
+            else:
+                hi = mid
+        ratio = min(ratio, lo)
+    return ratio
+
+
+def orchestrate(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    devices: Sequence[DeviceInfo],
+    demand: Demand,
+    shapes: Mapping[str, Sequence[Shape]] | None = None,
+    current: Mapping[str, tuple[str, str] | None] | None = None,
+    config: OrchestratorConfig | None = None,
+) -> PlacementResult:
+    """A placement plan for ``devices``; MIP with the proportional heuristic as fallback."""
+    cfg = config or OrchestratorConfig()
+    t0 = time.perf_counter()
+    current = current or {}
+    shapes = shapes or {}
+    demand = _with_prior(demand, models)
+    if cfg.use_mip:
+        res = _mip_plan(cost, models, devices, demand, shapes, current, cfg)
+        if res is not None:
+            res.ms = (time.perf_counter() - t0) * 1e3
+            return res
+    res = proportional_plan(cost, models, devices, demand, shapes, current, cfg.efficiency)
+    res.reason = res.reason or ("fallback" if cfg.use_mip else "configured")
+    res.ms = (time.perf_counter() - t0) * 1e3
+    return res
+
+
+def _with_prior(demand: Demand, models: Mapping[str, ModelInfo]) -> Demand:
+    """Models with no demand in the window get a small prior (E:D:C = 5:85:10 of 1% of
+    the busiest model's work), so every served model keeps a home."""
+    total = max((sum(st.values()) for st in demand.values()), default=0.0)
+    base = 0.01 * total if total > 0 else 1.0
+    out: Demand = {}
+    for m in models:
+        st = demand.get(m, {})
+        if sum(st.values()) > 0:
+            out[m] = {s: float(st.get(s, 0.0)) for s in STAGES}
+        else:
+            out[m] = {"encode": 0.05 * base, "diffuse": 0.85 * base, "decode": 0.10 * base}
+    return out
+
+
+def _needs(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    shapes: Mapping[str, Sequence[Shape]],
+    efficiency: float,
+) -> dict[tuple[str, str], int]:
+    """Bytes each (model, type) needs per device; shapes deduplicated first."""
+    out = {}
+    for m, info in models.items():
+        uniq = list(dict.fromkeys(shapes.get(m, ())))
+        for t in PLACEMENT_TYPES:
+            out[m, t] = _type_need(cost, info, t, uniq, efficiency)
+    return out
+
+
+def _mip_plan(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    devices: Sequence[DeviceInfo],
+    demand: Demand,
+    shapes: Mapping[str, Sequence[Shape]],
+    current: Mapping[str, tuple[str, str] | None],
+    cfg: OrchestratorConfig,
+) -> PlacementResult | None:
+    try:
+        import mip
+    except ImportError:  # pragma: no cover
+        return None
+    classes = _classes(devices, current)
+    needs = _needs(cost, models, shapes, cfg.efficiency)
+    n_dev = max(1, len(devices))
+    scale = max(max(st.values()) for st in demand.values()) or 1.0
+    dem = {m: {s: v / scale for s, v in st.items() if v > 0} for m, st in demand.items()}
+    try:
+        mdl = mip.Model(sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC")
+        mdl.verbose = 0
+        mdl.threads = 1
+        z = mdl.add_var(lb=0.0, ub=1e6)
+        y: dict[tuple[int, str, str], mip.Var] = {}
+        allowed_any: dict[str, set[str]] = {m: set() for m in models}
+        obj = mip.LinExpr() + z
+        for ci, cls in enumerate(classes):
+            allowed = [mt for mt, need in needs.items() if need <= cls.memory]
+            cap = cls.count * len(cls.nodes)
+            for m, t in allowed:
+                v = mdl.add_var(var_type=mip.INTEGER, lb=0, ub=cap)
+                y[ci, m, t] = v
+                allowed_any[m].add(t)
+                obj -= cfg.comm_penalty * COMM_COST[t] / n_dev * v
+                cur = cls.current.get((m, t), 0) * len(cls.nodes)
+                u = mdl.add_var(lb=0.0)
+                mdl.add_constr(u >= v - cur)
+                obj -= cfg.move_penalty / n_dev * u
+            vs = [y[ci, m, t] for m, t in allowed]
+            if vs:
+                mdl.add_constr(mip.xsum(vs) <= cap)
+        for m, st in dem.items():
+            f: dict[tuple[str, Stage], mip.Var] = {}
+            for t in allowed_any[m]:
+                ss = [s for s in stages_of_type(t) if s in st]
+                fs = []
+                for s in ss:
+                    f[t, s] = mdl.add_var(lb=0.0)
+                    fs.append(f[t, s])
+                supply = mip.xsum(
+                    classes[ci].speed * v for (ci, mm, tt), v in y.items() if mm == m and tt == t
+                )
+                if fs:
+                    mdl.add_constr(mip.xsum(fs) <= supply)
+            for s, v in st.items():
+                mdl.add_constr(mip.xsum(f[t, ss] for (t, ss) in f if ss == s) >= v * z)
+        # Every stage of every model has a home, when there are enough devices for it.
+        if len(devices) >= 3 * len(models) or (
+            len(devices) >= len(models) and all("EDC" in allowed_any[m] for m in models)
+        ):
+            for m in models:
+                for s in STAGES:
+                    vs = [v for (_, mm, t), v in y.items() if mm == m and s in stages_of_type(t)]
+                    if vs:
+                        mdl.add_constr(mip.xsum(vs) >= 1)
+        mdl.objective = obj
+        status = mdl.optimize(max_seconds=cfg.time_limit_s)
+    except Exception:
+        return None
+    if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+        return None
+    counts_cls: dict[tuple[int, str, str], int] = {
+        key: round(v.x or 0.0) for key, v in y.items() if (v.x or 0.0) > 0.5
+    }
+    node_counts = _split_classes(classes, counts_cls)
+    plan = pack_nodes(devices, node_counts, current)
+    ratio = (z.x or 0.0) / scale
+    return PlacementResult(
+        plan=plan,
+        ratio=ratio,
+        solver="mip",
+        ms=0.0,
+        reason="optimal" if status == mip.OptimizationStatus.OPTIMAL else "feasible",
+        counts=node_counts,
+    )
+
+
+def _split_classes(
+    classes: Sequence[_NodeClass], counts: Mapping[tuple[int, str, str], int]
+) -> dict[tuple[str, str, str], int]:
+    """Spread a class's counts over its nodes: whole blocks first (a model's primary
+    devices stay together on as few nodes as possible), then remainders."""
+    out: dict[tuple[str, str, str], int] = {}
+    for ci, cls in enumerate(classes):
+        free = dict.fromkeys(cls.nodes, cls.count)
+        items = sorted(
+            ((m, t, c) for (cj, m, t), c in counts.items() if cj == ci),
+            key=lambda x: (-x[2], x[0], PLACEMENT_TYPES.index(x[1])),
+        )
+        # Current types stay on the nodes that have them.
+        for m, t, c in list(items):
+            left = c
+            for n in cls.nodes:
+                keep = min(cls.current.get((m, t), 0), free[n], left)
+                if keep > 0:
+                    out[n, m, t] = out.get((n, m, t), 0) + keep
+                    free[n] -= keep
+                    left -= keep
+            items[items.index((m, t, c))] = (m, t, left)
+        for m, t, c in items:
+            left = c
+            for n in sorted(cls.nodes, key=lambda n: -free[n]):
+                if left <= 0:
+                    break
+                take = min(free[n], left)
+                if take > 0:
+                    out[n, m, t] = out.get((n, m, t), 0) + take
+                    free[n] -= take
+                    left -= take
+    return out
+
+
+def pack_nodes(
+    devices: Sequence[DeviceInfo],
+    counts: Mapping[tuple[str, str, str], int],
+    current: Mapping[str, tuple[str, str] | None] | None = None,
+) -> dict[str, tuple[str, str] | None]:
+    """Concrete device -> (model, type) from per-node counts. Primary devices of a model
+    are laid out contiguously from the lowest index (aligned groups), models with more
+    primaries first; a device keeps its current (model, type) when that type's slot
+    range on the node contains it."""
+    current = current or {}
+    plan: dict[str, tuple[str, str] | None] = {d.device_id: None for d in devices}
+    per_node: dict[str, list[DeviceInfo]] = {}
+    for d in devices:
+        per_node.setdefault(d.node_id, []).append(d)
+    for node, devs in per_node.items():
+        devs = sorted(devs, key=lambda d: (d.index, d.device_id))
+        want = {(m, t): c for (n, m, t), c in counts.items() if n == node and c > 0}
+        prim: dict[str, int] = {}
+        for (m, t), c in want.items():
+            if "D" in t:
+                prim[m] = prim.get(m, 0) + c
+        order: list[tuple[str, str]] = []
+        for m in sorted(prim, key=lambda m: (-prim[m], m)):
+            order += [(m, t) for t in ("EDC", "ED", "DC", "D") if (m, t) in want]
+        order += sorted(((m, t) for (m, t) in want if "D" not in t), key=lambda x: (x[0], x[1]))
+        slots: list[tuple[str, str]] = []
+        for mt in order:
+            slots += [mt] * want[mt]
+        slots = slots[: len(devs)]
+        # Within a model's primary block, keep devices on their current type if possible.
+        for i, d in enumerate(devs):
+            plan[d.device_id] = slots[i] if i < len(slots) else None
+        _stabilise(devs, plan, current)
+    return plan
+
+
+def _stabilise(
+    devs: Sequence[DeviceInfo],
+    plan: dict[str, tuple[str, str] | None],
+    current: Mapping[str, tuple[str, str] | None],
+) -> None:
+    """Swap types between devices of the same model block so that fewer devices change
+    (same model, both primary or both auxiliary: group alignment is unchanged)."""
+    ids = [d.device_id for d in devs]
+    for i, a in enumerate(ids):
+        if plan[a] == current.get(a) or plan[a] is None:
+            continue
+        want = current.get(a)
+        if want is None:
+            continue
+        for b in ids[i + 1 :]:
+            pb, pa = plan[b], plan[a]
+            if (
+                pb == want
+                and pa is not None
+                and pa[0] == pb[0]
+                and ("D" in pa[1]) == ("D" in pb[1])
+                and plan[b] != current.get(b)
+            ):
+                plan[a], plan[b] = pb, pa
+                break
+
+
+def proportional_plan(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    devices: Sequence[DeviceInfo],
+    demand: Demand,
+    shapes: Mapping[str, Sequence[Shape]] | None = None,
+    current: Mapping[str, tuple[str, str] | None] | None = None,
+    efficiency: float = 0.8,
+) -> PlacementResult:
+    """The paper's heuristic: per model, the least-communication virtual replica whose
+    memory fits (V0=⟨EDC⟩, V1=⟨DC⟩+⟨E⟩, V2=⟨ED⟩+⟨C⟩, V3=⟨D⟩+⟨E⟩+⟨C⟩); devices shared
+    among models in proportion to demand; within a replica, primary vs auxiliary devices
+    split by stage work; then packed per node (each node's devices go to the models in
+    proportion too, so every node can form aligned groups)."""
+    t0 = time.perf_counter()
+    shapes = shapes or {}
+    demand = _with_prior(demand, models)
+    n = len(devices)
+    mem = min((d.memory_bytes for d in devices), default=0)
+    replicas: tuple[tuple[str, ...], ...] = (("EDC",), ("DC", "E"), ("ED", "C"), ("D", "E", "C"))
+    chosen: dict[str, tuple[str, ...]] = {}
+    needs = _needs(cost, models, shapes, efficiency)
+    for m in models:
+        for rep in replicas:
+            if all(needs[m, t] <= mem for t in rep):
+                chosen[m] = rep
+                break
+    work = {m: sum(demand[m].values()) for m in chosen}
+    total = sum(work.values()) or 1.0
+    shares = _largest_remainder({m: work[m] / total * n for m in chosen}, n, minimum=1)
+    type_counts: dict[tuple[str, str], int] = {}
+    for m, rep in chosen.items():
+        dem = demand[m]
+        if len(rep) == 1:
+            split = {rep[0]: float(shares[m])}
+        else:
+            w = {}
+            for t in rep:
+                w[t] = sum(dem[s] for s in stages_of_type(t))
+            tw = sum(w.values()) or 1.0
+            split = {t: w[t] / tw * shares[m] for t in rep}
+        cnt = _largest_remainder(split, shares[m], minimum=1 if shares[m] >= len(rep) else 0)
+        for t, c in cnt.items():
+            if c:
+                type_counts[m, t] = c
+    # Per node: deal devices type by type, round-robin over nodes, so models spread.
+    nodes = sorted({d.node_id for d in devices})
+    cap = {nd: sum(1 for d in devices if d.node_id == nd) for nd in nodes}
+    counts: dict[tuple[str, str, str], int] = {}
+    for (m, t), c in sorted(type_counts.items(), key=lambda x: (-x[1], x[0])):
+        left = c
+        # fill nodes with the most room first, whole blocks
+        for nd in sorted(nodes, key=lambda nd: -cap[nd]):
+            if left <= 0:
+                break
+            take = min(cap[nd], left)
+            if take:
+                counts[nd, m, t] = counts.get((nd, m, t), 0) + take
+                cap[nd] -= take
+                left -= take
+    plan = pack_nodes(devices, counts, current)
+    ratio = plan_capacity_ratio(type_counts, demand) if type_counts else 0.0
+    return PlacementResult(
+        plan=plan,
+        ratio=ratio,
+        solver="proportional",
+        ms=(time.perf_counter() - t0) * 1e3,
+        counts=counts,
+    )
+
+
+def _largest_remainder(shares: Mapping[str, float], total: int, minimum: int = 0) -> dict[str, int]:
+    keys = list(shares)
+    if not keys:
+        return {}
+    out = {k: max(minimum, math.floor(shares[k])) for k in keys}
+    while sum(out.values()) > total:
+        k = max(
+            (k for k in keys if out[k] > minimum), key=lambda k: out[k] - shares[k], default=None
+        )
+        if k is None:
+            k = max(keys, key=lambda k: out[k])
+            if out[k] == 0:
+                break
+        out[k] -= 1
+    rem = sorted(keys, key=lambda k: -(shares[k] - math.floor(shares[k])))
+    i = 0
+    while sum(out.values()) < total and rem:
+        out[rem[i % len(rem)]] += 1
+        i += 1
+    return out
