@@ -192,3 +192,19 @@ def test_killed_worker_is_restarted_and_its_request_still_completes(tmp_path) ->
                 c.generate(model="flux", prompt="again", height=256, width=256, num_inference_steps=2, seed=i)
     all_pids = [e["pid"] for e in read_log(cluster.log_file) if e["event"] == "worker.spawned"]
     assert not [p for p in all_pids if pid_alive(p)], "no worker may outlive the cluster"
+
+
+def test_report_rebuilds_slo_and_latency_from_the_log_alone(sim_cluster: LocalCluster, tmp_path) -> None:
+    from trident.report import main as report_main
+    from trident.report import summarize
+
+    with Client(sim_cluster.client_addr, timeout=30) as c:
+        results = [c.generate(model="flux", prompt="r", height=256, width=256, num_inference_steps=2, seed=i) for i in range(5)]
+    summary = summarize(sim_cluster.log_file)
+    assert summary.finished >= 5
+    # the log's latencies are the ones the clients saw
+    for r in results:
+        assert any(abs(lat - r.timings["total"]) < 1e-6 for lat in summary.latencies)
+    png = tmp_path / "timeline.png"
+    assert report_main([sim_cluster.log_file, "--png", str(png)]) == 0
+    assert png.stat().st_size > 1000
