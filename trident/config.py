@@ -5,12 +5,14 @@ Scheduler TOML (every key optional; flags override the file)::
     [scheduler]
     client_addr = "tcp://127.0.0.1:5555"
     node_addr = "tcp://127.0.0.1:5556"
-    policy = "fifo"            # or a planner policy: trident, b1, b4, b6, authors
+    policy = "trident"         # trident (default), b1, b4, b6, authors, fifo
     slo_scale = 2.5
     max_queue = 1024
     heartbeat_s = 1.0
     worker_ttl_s = 10.0        # silent this long -> lost
     log_file = "scheduler.log"
+    time_scale = 1.0           # sim devices' --time-scale (the planner scales its times)
+    profiles = ["profiles/flux-h100.json"]   # `trident profile` output for the cost model
 
     [[models]]
     name = "flux"
@@ -52,7 +54,7 @@ class ModelSpec:
 class SchedulerConfig:
     client_addr: str = "tcp://127.0.0.1:5555"
     node_addr: str = "tcp://127.0.0.1:5556"
-    policy: str = "fifo"
+    policy: str = "trident"
     slo_scale: float = 2.5
     max_queue: int = 1024
     heartbeat_s: float = 1.0
@@ -60,6 +62,8 @@ class SchedulerConfig:
     log_file: str | None = None
     models: list[ModelSpec] = field(default_factory=list)
     curve_dir: str | None = None  # CurveZMQ keys (server.key_secret, ...)
+    time_scale: float = 1.0  # sim clusters: the nodes' --time-scale, so plans match
+    profiles: list[str] = field(default_factory=list)  # `trident profile` files
     policy_options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="trident-out")
     p.add_argument("--slo-s", type=float, default=None,
                    help="latency budget per request (default: 60 s on CPU; the cost model's SLO on sim)")
-    p.add_argument("--policy", default="fifo")
+    p.add_argument("--policy", default="trident")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

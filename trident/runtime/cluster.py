@@ -49,7 +49,7 @@ class LocalCluster:
         models: list[str],
         nodes: list[NodeSpec],
         *,
-        policy: str = "fifo",
+        policy: str = "trident",
         log_dir: str | os.PathLike[str] | None = None,
         scheduler_args: list[str] | None = None,
         startup_timeout: float = 60.0,
@@ -88,6 +88,9 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         log = ["--log-file", self.log_file] if self.log_file else []
         sched = ["trident.runtime.scheduler", "--client-addr", self.client_addr, "--node-addr", self.node_addr, "--policy", self.policy]
+        scales = {n.time_scale for n in self.nodes if n.devices.startswith("sim")}
+        if len(scales) == 1:
+            sched += ["--time-scale", str(scales.pop())]
         for m in self.models:
             sched += ["--model", m]
         self.scheduler = self._popen(sched + log + self.scheduler_args)

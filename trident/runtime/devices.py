@@ -281,19 +281,23 @@ class TorchExecutor(Executor):
                 result.loaded.append((model, stage, secs, source))
         pipe = self._pipe(model)
         current: Mapping[str, Any] | None = inputs
-        for i, stage in enumerate(stages):
+        follower = parallel is not None and parallel.rank != 0
+        for stage in stages:
+            if follower and stage != "diffuse":
+                # Merged stages at degree k: encode and decode run on the leader only;
+                # the other ranks join for diffuse (its inputs come from rank 0).
+                continue
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     current = pipe.run(
-                        stage, current, params, options, parallel if stage == "diffuse" else None
+                        stage, None if follower else current, params, options,
+                        parallel if stage == "diffuse" else None,
                     )
             except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
                 raise OutOfMemory(str(exc)) from exc
             result.stage_seconds[stage] = time.perf_counter() - t0
-            if parallel is not None and parallel.rank != 0 and i == len(stages) - 1:
-                current = {}
-        result.outputs = dict(current or {})
+        result.outputs = {} if follower else dict(current or {})
         return result
 
 

@@ -73,6 +73,7 @@ class _WorkerConn:
     pid: int | None
     last_seen: float
     up: bool = True
+    store_addr: str | None = None  # torch rendezvous store (cpu/cuda workers)
 
 
 @dataclass
@@ -94,14 +95,17 @@ class _Pending:
 def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
     """The scheduling policy named by the configuration."""
     models = {name: m.info for name, m in served.items()}
-    try:
-        from trident.sched.cost import load_cost_model
+    from trident.sched.cost import ScaledCostModel, load_cost_model
 
-        cost: Any = load_cost_model()
-    except ImportError:  # the planner's cost model is optional for FIFO
-        cost = None
+    cost: Any = load_cost_model(cfg.profiles or None)
+    if cfg.time_scale != 1.0:
+        cost = ScaledCostModel(cost, cfg.time_scale)
     core_cfg = CoreConfig(max_queue=cfg.max_queue, slo_scale=cfg.slo_scale)
     if cfg.policy == "fifo":
+        for key, value in cfg.policy_options.items():
+            if not hasattr(core_cfg, key):
+                raise ConfigError(f"fifo policy has no option {key!r}")
+            setattr(core_cfg, key, type(getattr(core_cfg, key))(value))
         return FifoPolicy(models, cost, core_cfg)
     try:
         from trident.sched.policy import make_policy
@@ -249,7 +253,8 @@ class SchedulerDaemon:
         self.counters["dispatched"] += 1
         group = None
         if cmd.degree > 1:
-            group = {"key": cmd.task_id, "rendezvous": leader.peer_addr, "devices": list(cmd.devices)}
+            # A fresh key per formation: a restarted partner never meets a stale group.
+            group = {"key": cmd.task_id.replace("/", "_"), "rendezvous": leader.store_addr, "devices": list(cmd.devices)}
         for rank, conn in enumerate(conns):
             assert conn is not None
             header = protocol.encode(
@@ -563,7 +568,8 @@ class SchedulerDaemon:
         if old is not None and old.up:
             self._worker_lost(info.device_id, "replaced by a new process")
         self.workers[info.device_id] = _WorkerConn(
-            ident=ident, info=info, peer_addr=str(header["peer_addr"]), pid=header.get("pid"), last_seen=self.now()
+            ident=ident, info=info, peer_addr=str(header["peer_addr"]), pid=header.get("pid"), last_seen=self.now(),
+            store_addr=header.get("store_addr"),
         )
         self.worker_by_ident[ident] = info.device_id
         self.out.append((self.nodes_sock, [ident, protocol.encode(
@@ -608,6 +614,15 @@ class SchedulerDaemon:
             await self._pump()
 
 
+def _option_value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="trident-scheduler", description="Trident's central scheduler daemon.")
     p.add_argument("--config", help="TOML configuration file")
@@ -616,18 +631,29 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                    help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model")
     p.add_argument("--policy", help="scheduling policy (fifo; trident, b1, b4, b6, authors with the planner)")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy setting (repeatable), e.g. diffuse_degree=2")
     p.add_argument("--slo-scale", type=float)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--heartbeat-s", type=float)
     p.add_argument("--worker-ttl-s", type=float)
+    p.add_argument("--time-scale", type=float, help="sim clusters: the nodes' --time-scale")
+    p.add_argument("--profile", action="append", default=[], metavar="FILE",
+                   help="a `trident profile` file for the cost model (repeatable)")
     p.add_argument("--log-file")
     ns = p.parse_args(argv)
     cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
-    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file"):
+    cfg.profiles.extend(ns.profile)
+    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale"):
         value = getattr(ns, key)
         if value is not None:
             setattr(cfg, key, value)
     cfg.models.extend(parse_model_flag(m) for m in ns.model)
+    for opt in ns.policy_option:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise ConfigError(f"--policy-option {opt!r}: expected KEY=VALUE")
+        cfg.policy_options[key.strip()] = _option_value(value.strip())
     if not cfg.models:
         raise ConfigError("no model to serve: pass --model NAME=DIR or a config file with [[models]]")
     if cfg.max_queue < 1:

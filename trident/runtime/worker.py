@@ -41,6 +41,8 @@ __all__ = ["Worker", "WorkerArgs", "main"]
 
 EXIT_REJECTED = 3
 EXIT_NO_SCHEDULER = 4
+# A partner that never joins (it died) must not wedge this worker for long.
+GROUP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Worker:
         self.barriers: dict[str, list[bytes]] = {}  # task id -> peers arrived (leader side)
         self.barrier_event = asyncio.Event()
         self.go: dict[str, asyncio.Future[None]] = {}
+        self.store_addr: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,8 +107,10 @@ class Worker:
         self.peer_addr = self.server.address
         self.peers = PeerClient(self.ctx, on_go=self._on_go)
         if a.kind in ("cpu", "cuda"):
-            # Import torch before saying hello so the first task does not pay for it.
+            # Import torch before saying hello so the first task does not pay for it,
+            # and host the rendezvous store degree-k instances led by us will use.
             await asyncio.get_running_loop().run_in_executor(self.pool, _warm_torch)
+            self.store_addr = await asyncio.get_running_loop().run_in_executor(self.pool, _host_store, a.host)
         code = await self._handshake()
         if code is not None:
             return code
@@ -136,6 +141,7 @@ class Worker:
             memory_bytes=a.memory_bytes,
             speed=a.speed,
             peer_addr=self.peer_addr,
+            store_addr=self.store_addr,
             pid=os.getpid(),
         )
         deadline = time.monotonic() + 60.0
@@ -341,16 +347,20 @@ class Worker:
                 log.debug("stage.started")
             options = dict(msg.get("options") or {})
             options["degree"] = degree
-            result = await loop.run_in_executor(
-                self.pool,
-                self.executor.run,
-                str(msg["model"]),
-                stages,
-                inputs,
-                dict(msg["params"]),
-                options,
-                parallel,
-            )
+            try:
+                result = await loop.run_in_executor(
+                    self.pool,
+                    self.executor.run,
+                    str(msg["model"]),
+                    stages,
+                    inputs,
+                    dict(msg["params"]),
+                    options,
+                    parallel,
+                )
+            finally:
+                if parallel is not None:
+                    await loop.run_in_executor(self.pool, _leave_group, parallel)
         except OutOfMemory as exc:
             await self._fail(task_id, rank, "out_of_memory", str(exc), retryable=False, log=log)
             return
@@ -389,7 +399,10 @@ class Worker:
 
         group = msg["group"]
         backend = "nccl" if self.args.kind == "cuda" else "gloo"
-        return join_group(str(group["rendezvous"]), str(group["key"]), int(msg["rank"]), len(msg["devices"]), backend)
+        return join_group(
+            str(group["rendezvous"]), str(group["key"]), int(msg["rank"]), len(msg["devices"]), backend,
+            timeout=GROUP_TIMEOUT_S,
+        )
 
     async def _fail(self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any) -> None:
         if log is not None:
@@ -406,6 +419,18 @@ def _warm_torch() -> None:
     import transformers  # noqa: F401
 
     import trident.pipelines.families  # noqa: F401
+
+
+def _host_store(host: str) -> str:
+    from trident.pipelines.parallel import host_store
+
+    return host_store(host)
+
+
+def _leave_group(ctx: Any) -> None:
+    from trident.pipelines.parallel import leave_group
+
+    leave_group(ctx)
 
 
 def _parse(argv: list[str] | None) -> WorkerArgs:

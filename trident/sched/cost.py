@@ -43,6 +43,7 @@ from pathlib import Path
 from trident.sched.types import STAGES, Shape, Stage
 
 __all__ = [
+    "ScaledCostModel",
     "DEFAULT_EFFICIENCY",
     "PROFILE_FORMAT",
     "REFERENCE_FAMILIES",
@@ -620,6 +621,50 @@ def best_degree(
     sec = cost.stage_seconds  # type: ignore[attr-defined]
     ks = efficient_degrees(cost, family, shape, max_degree, efficiency)
     return min(ks, key=lambda k: (sec(family, "diffuse", shape, k), k))
+
+
+class ScaledCostModel:
+    """A cost model whose times are multiplied by ``factor`` (memory unchanged).
+
+    The scheduler of a cluster of ``sim`` devices running at ``--time-scale F`` plans
+    with the same scaled times the devices sleep for, so predictions, deadlines and
+    the dispatcher's look-ahead stay consistent with what the devices really do.
+    """
+
+    def __init__(self, base: ReferenceCostModel, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError(f"time scale must be positive, got {factor}")
+        self.base = base
+        self.factor = factor
+
+    def stage_seconds(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> float:
+        return self.base.stage_seconds(family, stage, shape, degree) * self.factor
+
+    def stage_peak_bytes(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> int:
+        return self.base.stage_peak_bytes(family, stage, shape, degree)
+
+    def weight_bytes(self, family: str, stage: Stage) -> int:
+        return self.base.weight_bytes(family, stage)
+
+    def output_bytes(self, family: str, stage: Stage, shape: Shape) -> int:
+        return self.base.output_bytes(family, stage, shape)
+
+    def transfer_seconds(self, nbytes: int, same_node: bool) -> float:
+        return self.base.transfer_seconds(nbytes, same_node) * self.factor
+
+    def load_seconds(self, family: str, stage: Stage, source: str) -> float:
+        return self.base.load_seconds(family, stage, source) * self.factor
+
+    def degrees(self, family: str) -> tuple[int, ...]:
+        return self.base.degrees(family)
+
+    def efficient_degrees(
+        self, family: str, shape: Shape, max_degree: int = 8, efficiency: float | None = None
+    ) -> tuple[int, ...]:
+        return self.base.efficient_degrees(family, shape, max_degree, efficiency)
+
+    def standalone_seconds(self, family: str, shape: Shape, degree: int) -> float:
+        return self.base.standalone_seconds(family, shape, degree) * self.factor
 
 
 def load_cost_model(

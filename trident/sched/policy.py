@@ -178,7 +178,9 @@ class PlacedPolicy(SchedulerCore):
                     node_id=info.node_id,
                     index=info.index,
                     speed=info.speed,
-                    free_at=max(now, st.busy_until),
+                    # An idle device is free now, whatever the estimate said: tasks
+                    # often finish before their predicted end.
+                    free_at=max(now, st.busy_until) if st.inflight else now,
                     free_memory=info.memory_bytes - self.weights_on(info.device_id),
                     holds=dict(self.graph.placement(info.device_id)),
                     available=len(st.inflight) < limit,
