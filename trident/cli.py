@@ -9,6 +9,7 @@
     trident profile --model DIR --device cpu|cuda ...  per-stage latency / memory profile
     trident bench planner|sim|runtime|live ...         benchmarks (see bench/README.md)
     trident report LOGFILE                             SLO attainment and latency from logs
+    trident keys DIR                                   CurveZMQ keys (--curve-dir on every daemon)
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def _profile(argv: list[str]) -> int:
     from trident.pipelines.profile import main as m
 
     return int(m(argv) or 0)
+
+
+def _keys(argv: list[str]) -> int:
+    from trident.runtime.security import main as m
+
+    return m(argv)
 
 
 def _report(argv: list[str]) -> int:
@@ -93,6 +100,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "profile": _profile,
     "bench": _bench,
     "report": _report,
+    "keys": _keys,
 }
 
 

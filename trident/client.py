@@ -67,6 +67,14 @@ class GenerateResult:
         return float(self.timings.get("total", 0.0))
 
 
+def _curve(curve_dir: str | None, name: str) -> Any:
+    if curve_dir is None:
+        return None
+    from trident.runtime.security import client_keys
+
+    return client_keys(curve_dir, name)
+
+
 def _submit_header(
     rid: str,
     model: str,
@@ -120,11 +128,21 @@ def _raise_error(header: dict[str, Any]) -> None:
 class AsyncClient:
     """Asyncio client; many ``generate`` calls may be in flight at once."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        *,
+        timeout: float | None = None,
+        curve_dir: str | None = None,
+        curve_name: str = "client",
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._ctx = zmq.asyncio.Context()
-        self._sock = make_socket(self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0)
+        self._sock = make_socket(
+            self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0,
+            curve=_curve(curve_dir, curve_name),
+        )
         self._sock.connect(address)
         self._waiters: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._pong: asyncio.Future[dict[str, Any]] | None = None
@@ -222,11 +240,21 @@ class AsyncClient:
 class Client:
     """Blocking client. Thread-safe: calls from several threads are serialised."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        *,
+        timeout: float | None = None,
+        curve_dir: str | None = None,
+        curve_name: str = "client",
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._sock = make_socket(self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0)
+        self._sock = make_socket(
+            self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0,
+            curve=_curve(curve_dir, curve_name),
+        )
         self._sock.connect(address)
         self._lock = threading.Lock()
         self._seq = itertools.count()

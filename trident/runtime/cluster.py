@@ -53,7 +53,9 @@ class LocalCluster:
         log_dir: str | os.PathLike[str] | None = None,
         scheduler_args: list[str] | None = None,
         startup_timeout: float = 60.0,
+        curve_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.curve_dir = str(curve_dir) if curve_dir else None
         self.models = models
         self.nodes = nodes
         self.policy = policy
@@ -93,6 +95,8 @@ class LocalCluster:
             sched += ["--time-scale", str(scales.pop())]
         for m in self.models:
             sched += ["--model", m]
+        if self.curve_dir:
+            sched += ["--curve-dir", self.curve_dir]
         self.scheduler = self._popen(sched + log + self.scheduler_args)
         for i, n in enumerate(self.nodes):
             self.start_node(n, i, log)
@@ -112,6 +116,8 @@ class LocalCluster:
         ]
         if n.threads:
             args += ["--threads", str(n.threads)]
+        if self.curve_dir:
+            args += ["--curve-dir", self.curve_dir]
         p = self._popen(args + n.extra + log)
         self.node_procs.append(p)
         return p
@@ -120,7 +126,7 @@ class LocalCluster:
         from trident.client import Client
 
         deadline = time.monotonic() + (timeout or self.startup_timeout)
-        with Client(self.client_addr) as c:
+        with Client(self.client_addr, curve_dir=self.curve_dir) as c:
             while time.monotonic() < deadline:
                 if self.scheduler is not None and self.scheduler.poll() is not None:
                     raise TridentError(f"scheduler exited with {self.scheduler.returncode}")

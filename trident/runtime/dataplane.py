@@ -23,7 +23,7 @@ import zmq.asyncio
 from trident.errors import ProtocolError
 from trident.runtime import protocol
 from trident.runtime.serial import pack_tensors, unpack_tensors
-from trident.runtime.transport import bound_address, make_socket
+from trident.runtime.transport import CurveKeys, bound_address, make_socket
 
 __all__ = ["FetchMissing", "PeerClient", "PeerServer"]
 
@@ -45,8 +45,9 @@ class PeerServer:
         *,
         on_barrier: Callable[[str, int, bytes], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
-        self.sock = make_socket(ctx, zmq.ROUTER)
+        self.sock = make_socket(ctx, zmq.ROUTER, curve=curve, curve_server=True)
         self.sock.bind(f"tcp://{host}:*")
         self.address = bound_address(self.sock)
         self.store = store
@@ -98,8 +99,11 @@ class _Conn:
 class PeerClient:
     """Fetches kept outputs from peers; one DEALER per peer address."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, *, on_go: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, *, on_go: Callable[[str], None] | None = None, curve: CurveKeys | None = None
+    ) -> None:
         self.ctx = ctx
+        self.curve = curve
         self.conns: dict[str, _Conn] = {}
         self.on_go = on_go
         self._ids = itertools.count()
@@ -107,7 +111,7 @@ class PeerClient:
     def _conn(self, addr: str) -> _Conn:
         conn = self.conns.get(addr)
         if conn is None:
-            sock = make_socket(self.ctx, zmq.DEALER)
+            sock = make_socket(self.ctx, zmq.DEALER, curve=self.curve)
             sock.connect(addr)
             conn = _Conn(sock=sock, reader=asyncio.create_task(self._read(addr, sock)))
             self.conns[addr] = conn

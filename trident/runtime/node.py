@@ -49,6 +49,7 @@ class NodeArgs:
     speed: float = 1.0
     threads: int | None = None
     log_file: str | None = None
+    curve_dir: str | None = None
     heartbeat_s: float = 1.0
     handshake_timeout_s: float = 30.0
 
@@ -83,7 +84,12 @@ class NodeDaemon:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
-        self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode())
+        keys = None
+        if self.args.curve_dir:
+            from trident.runtime.security import daemon_keys
+
+            keys = daemon_keys(self.args.curve_dir)
+        self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode(), curve=keys)
         self.sock.connect(self.args.scheduler)
         try:
             if not await self._handshake():
@@ -158,6 +164,8 @@ class NodeDaemon:
             cmd += ["--threads", str(a.threads)]
         if a.log_file:
             cmd += ["--log-file", a.log_file]
+        if a.curve_dir:
+            cmd += ["--curve-dir", a.curve_dir]
         env = dict(os.environ)
         if slot.spec.kind == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = str(slot.spec.ordinal)
@@ -258,6 +266,7 @@ def _parse(argv: list[str] | None) -> NodeArgs:
     p.add_argument("--speed", type=float, default=1.0, help="relative device speed reported to the planner")
     p.add_argument("--threads", type=int, default=None, help="cpu devices: torch threads per worker")
     p.add_argument("--log-file", default=None)
+    p.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (same as the scheduler's)")
     ns = p.parse_args(argv)
     node_id = ns.node_id or f"{socket.gethostname()}-{os.getpid()}"
     if "/" in node_id or ":" in node_id:
@@ -272,6 +281,7 @@ def _parse(argv: list[str] | None) -> NodeArgs:
         speed=ns.speed,
         threads=ns.threads,
         log_file=ns.log_file,
+        curve_dir=ns.curve_dir,
     )
 
 

@@ -136,6 +136,7 @@ class SchedulerDaemon:
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
         self.counters = {"dispatched": 0, "finished": 0, "failed": 0}
+        self.auth: Any = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -143,9 +144,15 @@ class SchedulerDaemon:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        self.clients = make_socket(self.ctx, zmq.ROUTER, heartbeat_ms=0)
+        keys = None
+        if self.cfg.curve_dir:
+            from trident.runtime.security import daemon_keys, start_authenticator
+
+            keys = daemon_keys(self.cfg.curve_dir)
+            self.auth = start_authenticator(self.ctx, self.cfg.curve_dir)
+        self.clients = make_socket(self.ctx, zmq.ROUTER, heartbeat_ms=0, curve=keys, curve_server=True)
         self.clients.bind(self.cfg.client_addr)
-        self.nodes_sock = make_socket(self.ctx, zmq.ROUTER)
+        self.nodes_sock = make_socket(self.ctx, zmq.ROUTER, curve=keys, curve_server=True)
         self.nodes_sock.bind(self.cfg.node_addr)
         self.log.info(
             "scheduler.started",
@@ -166,6 +173,8 @@ class SchedulerDaemon:
         await asyncio.gather(*loops, return_exceptions=True)
         self.clients.close(0)
         self.nodes_sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self.log.info("scheduler.stopped", **self.counters)
 
@@ -640,11 +649,12 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     p.add_argument("--time-scale", type=float, help="sim clusters: the nodes' --time-scale")
     p.add_argument("--profile", action="append", default=[], metavar="FILE",
                    help="a `trident profile` file for the cost model (repeatable)")
+    p.add_argument("--curve-dir", help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate")
     p.add_argument("--log-file")
     ns = p.parse_args(argv)
     cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
     cfg.profiles.extend(ns.profile)
-    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale"):
+    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale", "curve_dir"):
         value = getattr(ns, key)
         if value is not None:
             setattr(cfg, key, value)

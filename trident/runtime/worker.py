@@ -60,6 +60,7 @@ class WorkerArgs:
     heartbeat_s: float = 1.0
     log_file: str | None = None
     parent_pid: int | None = None
+    curve_dir: str | None = None
 
     @property
     def device_id(self) -> str:
@@ -93,19 +94,27 @@ class Worker:
         self.barrier_event = asyncio.Event()
         self.go: dict[str, asyncio.Future[None]] = {}
         self.store_addr: str | None = None
+        self.auth: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         a = self.args
-        self.ctl = make_socket(self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode())
+        keys = None
+        if a.curve_dir:
+            from trident.runtime.security import daemon_keys, start_authenticator
+
+            keys = daemon_keys(a.curve_dir)
+            self.auth = start_authenticator(self.ctx, a.curve_dir)
+        self.ctl = make_socket(self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode(), curve=keys)
         self.ctl.connect(a.scheduler)
         self.server = PeerServer(
             self.ctx, a.host, self.outputs, on_barrier=self._on_barrier,
             on_error=lambda e: self.log.warning("protocol.error", channel="peer", error=e),
+            curve=keys,
         )
         self.peer_addr = self.server.address
-        self.peers = PeerClient(self.ctx, on_go=self._on_go)
+        self.peers = PeerClient(self.ctx, on_go=self._on_go, curve=keys)
         if a.kind in ("cpu", "cuda"):
             # Import torch before saying hello so the first task does not pay for it,
             # and host the rendezvous store degree-k instances led by us will use.
@@ -177,6 +186,8 @@ class Worker:
         if self.executor is not None:
             self.executor.close()
         self.ctl.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.ctx.term()
 
@@ -447,6 +458,7 @@ def _parse(argv: list[str] | None) -> WorkerArgs:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-file", default=None)
     p.add_argument("--parent-pid", type=int, default=None)
+    p.add_argument("--curve-dir", default=None)
     ns = p.parse_args(argv)
     return WorkerArgs(
         scheduler=ns.scheduler,
@@ -461,6 +473,7 @@ def _parse(argv: list[str] | None) -> WorkerArgs:
         threads=ns.threads,
         log_file=ns.log_file,
         parent_pid=ns.parent_pid,
+        curve_dir=ns.curve_dir,
     )
 
 
