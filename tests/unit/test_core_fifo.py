@@ -125,3 +125,16 @@ def test_cancel_waiting_request_replies_cancelled() -> None:
     core.handle(request("b"), 0.0)  # waits: the only device is busy
     out = core.handle(RequestCancelled("b"), 0.1)
     assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("b", "cancelled")]
+
+
+def test_fixed_diffuse_degree_uses_an_aligned_group_on_one_node() -> None:
+    core = FifoPolicy(MODELS, config=CoreConfig(diffuse_degree=2, preload=False))
+    core.handle(node(4, "a"), 0.0)
+    [enc] = runs(core.handle(request("r1"), 0.0))
+    out = core.handle(TaskFinished(enc.task_id, {"encode": 0.1}), 0.1)
+    [diffuse] = runs(out)
+    assert diffuse.degree == 2
+    idx = sorted(int(d.rsplit(":", 1)[1]) for d in diffuse.devices)
+    assert idx in ([0, 1], [2, 3])
+    seen = drive_to_completion(core, out, 0.2)
+    assert any(isinstance(c, CompleteRequest) for c in seen)

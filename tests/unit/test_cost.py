@@ -35,10 +35,14 @@ def cost() -> ReferenceCostModel:
 
 def test_table_rows_reproduced(cost: ReferenceCostModel) -> None:
     # flux 1024^2 k=1: 0.8403 s/step; hunyuanvideo 720x1280x129 k=8: 16.35 s/step
-    assert cost.stage_seconds("flux", "diffuse", Shape(1024, 1024, 1, 28), 1) == pytest.approx(0.8403 * 28)
+    assert cost.stage_seconds("flux", "diffuse", Shape(1024, 1024, 1, 28), 1) == pytest.approx(
+        0.8403 * 28
+    )
     hv = Shape(720, 1280, 129, 50)
     assert cost.stage_seconds("hunyuanvideo", "diffuse", hv, 8) == pytest.approx(16.35 * 50)
-    assert cost.stage_seconds("cogvideox", "diffuse", Shape(768, 1360, 81, 1), 8) == pytest.approx(4.75)
+    assert cost.stage_seconds("cogvideox", "diffuse", Shape(768, 1360, 81, 1), 8) == pytest.approx(
+        4.75
+    )
 
 
 def test_efficient_degrees_match_authors_k_star(cost: ReferenceCostModel) -> None:
@@ -53,7 +57,11 @@ def test_efficient_degrees_match_authors_k_star(cost: ReferenceCostModel) -> Non
 
 def test_every_family_answers_every_query(cost: ReferenceCostModel) -> None:
     for fam in FAMILIES:
-        shape = Shape(720, 1280, 81, 50) if fam in ("wan", "cogvideox", "hunyuanvideo") else Shape(1024, 1024)
+        shape = (
+            Shape(720, 1280, 81, 50)
+            if fam in ("wan", "cogvideox", "hunyuanvideo")
+            else Shape(1024, 1024)
+        )
         for stage in ("encode", "diffuse", "decode"):
             assert 0 < cost.stage_seconds(fam, stage, shape) < math.inf
             assert cost.stage_peak_bytes(fam, stage, shape) > 0
@@ -87,7 +95,9 @@ def test_monotone_in_pixels(fam: str, k: int, a: int, b: int, frames: int) -> No
     s1 = Shape(16 * min(a, b), 16 * min(a, b), frames, 10)
     s2 = Shape(16 * max(a, b), 16 * max(a, b), frames, 10)
     for stage in ("encode", "diffuse", "decode"):
-        assert cost.stage_seconds(fam, stage, s1, k) <= cost.stage_seconds(fam, stage, s2, k) + 1e-12
+        assert (
+            cost.stage_seconds(fam, stage, s1, k) <= cost.stage_seconds(fam, stage, s2, k) + 1e-12
+        )
         assert cost.stage_peak_bytes(fam, stage, s1, k) <= cost.stage_peak_bytes(fam, stage, s2, k)
 
 
@@ -113,12 +123,39 @@ def test_profile_overrides_reference(tmp_path: Path) -> None:
         "model": "flux-dev",
         "weights_bytes": {"encode": 1, "diffuse": 2_000, "decode": 3},
         "entries": [
-            {"stage": "diffuse", "height": 512, "width": 512, "num_frames": 1, "num_inference_steps": 10,
-             "degree": 1, "seconds": 1.0, "peak_bytes": 1000, "repeats": 3},
-            {"stage": "diffuse", "height": 1024, "width": 1024, "num_frames": 1, "num_inference_steps": 10,
-             "degree": 1, "seconds": 4.0, "peak_bytes": 4000, "repeats": 3},
-            {"stage": "encode", "height": 512, "width": 512, "num_frames": 1, "num_inference_steps": 10,
-             "degree": 1, "seconds": 0.05, "peak_bytes": 10, "repeats": 3},
+            {
+                "stage": "diffuse",
+                "height": 512,
+                "width": 512,
+                "num_frames": 1,
+                "num_inference_steps": 10,
+                "degree": 1,
+                "seconds": 1.0,
+                "peak_bytes": 1000,
+                "repeats": 3,
+            },
+            {
+                "stage": "diffuse",
+                "height": 1024,
+                "width": 1024,
+                "num_frames": 1,
+                "num_inference_steps": 10,
+                "degree": 1,
+                "seconds": 4.0,
+                "peak_bytes": 4000,
+                "repeats": 3,
+            },
+            {
+                "stage": "encode",
+                "height": 512,
+                "width": 512,
+                "num_frames": 1,
+                "num_inference_steps": 10,
+                "degree": 1,
+                "seconds": 0.05,
+                "peak_bytes": 10,
+                "repeats": 3,
+            },
         ],
     }
     p = tmp_path / "flux.json"
@@ -126,12 +163,16 @@ def test_profile_overrides_reference(tmp_path: Path) -> None:
     cost = load_cost_model([p])
     assert cost.stage_seconds("flux", "diffuse", Shape(512, 512, 1, 20)) == pytest.approx(2.0)
     # between the two points: log-log interpolation (slope 1 here)
-    assert cost.stage_seconds("flux", "diffuse", Shape(724, 724, 1, 10)) == pytest.approx(2.0, rel=0.01)
+    assert cost.stage_seconds("flux", "diffuse", Shape(724, 724, 1, 10)) == pytest.approx(
+        2.0, rel=0.01
+    )
     assert cost.stage_peak_bytes("flux", "diffuse", Shape(1024, 1024)) == 4000
     assert cost.stage_seconds("flux", "encode", Shape(512, 512)) == pytest.approx(0.05)
     assert cost.weight_bytes("flux", "diffuse") == 2000
     # degrees it did not measure still come from the reference
-    assert cost.stage_seconds("flux", "diffuse", Shape(1024, 1024, 1, 1), 2) == pytest.approx(0.5376)
+    assert cost.stage_seconds("flux", "diffuse", Shape(1024, 1024, 1, 1), 2) == pytest.approx(
+        0.5376
+    )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "x"}))
     with pytest.raises(ValueError):

@@ -300,3 +300,65 @@ def test_device_loss_with_restart_completes_every_request_under_the_fifo_core() 
     assert s.completed + s.failed == s.requests
     assert s.unfinished == 0
     assert res.log_events.get("stage.rerun", 0) >= 1
+
+
+def test_losing_one_device_of_an_instance_frees_the_others() -> None:
+    # r0 runs diffuse at degree 2 on (d0, d1); d1 dies mid-run. d0 must move on to r1.
+    script = {
+        "r0": [(("diffuse",), (D0, D1))],
+        "r1": [(("diffuse",), (D0,))],
+    }
+    policy = ScriptedPolicy(script)  # type: ignore[arg-type]
+    cfg = SimConfig(tick_s=0, faults=(DeviceFault(3.0, device_id=D1),))
+    res = simulate(
+        policy,
+        FixedCost(),
+        MODELS,
+        ClusterSpec(1, 2, memory_bytes=100 * GIB),
+        [_spec("r0", 0.0), _spec("r1", 0.1)],
+        cfg,
+    )
+    by = {r.request_id: r for r in res.records}
+    assert by["r0"].status == "unfinished"  # the script ignores DeviceLost
+    # r1 starts when d1 is lost (t=3; diffuse already resident on d0) and takes 10 s.
+    assert by["r1"].finish == pytest.approx(13.0)
+    assert summarize(res).errors == {"unfinished": 1}
+
+
+class PipelinedPolicy:
+    """Sends both tasks of a request on arrival: the second's input does not exist yet."""
+
+    name = "pipelined"
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        if isinstance(event, RequestArrived):
+            rid = event.request.request_id
+            return [
+                RunTask(f"{rid}.a", rid, "m", ("encode",), (D0,)),
+                RunTask(
+                    f"{rid}.b",
+                    rid,
+                    "m",
+                    ("diffuse", "decode"),
+                    (D1,),
+                    inputs=(InputRef(f"{rid}.a", D0),),
+                    final=True,
+                ),
+            ]
+        if isinstance(event, TaskFinished) and event.task_id.endswith(".b"):
+            return [CompleteRequest(event.task_id[:-2], timings={}, devices={})]
+        return []
+
+
+def test_input_sent_before_it_exists_is_pushed_when_produced() -> None:
+    res = simulate(
+        PipelinedPolicy(),
+        FixedCost(),
+        MODELS,
+        ClusterSpec(1, 2, memory_bytes=100 * GIB),
+        [_spec("r", 0.0)],
+        SimConfig(tick_s=0),
+    )
+    # encode: 0.5 load + 1 -> 1.5; 100 MB at 1 GB/s -> 1.6; load diffuse+decode 1.0,
+    # compute 10 + 2 -> 14.6.
+    assert res.records[0].latency == pytest.approx(14.6)

@@ -63,6 +63,9 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "wan", "WanPipeline", True, 50, 5.0, True, True, default_num_frames=81, max_frames=257
         ),
+        # CogVideoX's VAE decodes latent frames in pairs: num_frames = 1 + 4k gives back
+        # 1 + 4k frames when k is even (49 -> 49) but 4(k+1) when k is odd (5 -> 8), in
+        # diffusers as here. Requests are validated as 1 + 4k; the output says what it is.
         FamilySpec(
             "cogvideox",
             "CogVideoXPipeline",
@@ -174,7 +177,9 @@ def inspect_model(path: str | Path) -> ModelMeta:
     spec = _BY_CLASS.get(class_name)
     if spec is None:
         supported = ", ".join(sorted(_BY_CLASS))
-        raise ModelError(f"{root}: pipeline class {class_name} is not supported (supported: {supported})")
+        raise ModelError(
+            f"{root}: pipeline class {class_name} is not supported (supported: {supported})"
+        )
     components = {k: v for k, v in index.items() if not k.startswith("_")}
     for needed in ("transformer", "vae", "scheduler"):
         if not _is_present(components.get(needed)):
@@ -244,7 +249,9 @@ def validate_request(
         n = _int("num_frames", num_frames)
         if not meta.is_video:
             if n != 1:
-                raise InvalidRequestError(f"{meta.family} makes images: num_frames must be 1, got {n}")
+                raise InvalidRequestError(
+                    f"{meta.family} makes images: num_frames must be 1, got {n}"
+                )
         else:
             if n <= 0:
                 raise InvalidRequestError(f"num_frames must be positive, got {n}")

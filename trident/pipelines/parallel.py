@@ -30,7 +30,8 @@ other partners next. The context-parallel path therefore enables parallelism on 
 *shallow clone* of the transformer (a new module tree whose parameters and buffers
 are the very same tensors), made once per (formation, transformer) and dropped by
 ``leave_group``; ``pipe.transformer`` points at the clone only inside
-``diffuse_context``. The model the worker loaded is never modified.
+``diffuse_context``. The model the worker loaded is never modified (the CFG path only
+shadows its ``forward`` for the duration of the block).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import contextlib
 import copy
 import itertools
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 60.0
+_CONTAINERS = (dict, OrderedDict, list, set)
 _KEY_PREFIX = "trident/pg/"
 
 
@@ -77,6 +80,7 @@ class _GroupState:
 
 _LOCK = threading.Lock()
 _HOSTED: dict[str, Any] = {}  # rendezvous address -> TCPStore hosted by this process
+_CLIENTS: dict[str, Any] = {}  # rendezvous address -> TCPStore client (reused)
 _GROUPS: dict[int, _GroupState] = {}  # id(ParallelContext) -> state
 
 
@@ -91,7 +95,9 @@ def _format_rendezvous(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-def host_store(host: str = "127.0.0.1", port: int = 0, *, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+def host_store(
+    host: str = "127.0.0.1", port: int = 0, *, timeout: float = DEFAULT_TIMEOUT_S
+) -> str:
     """Host a long-lived rendezvous store in this process; returns its ``tcp://`` address.
 
     A worker calls this once at start-up (``port=0`` lets the OS choose) and reports the
@@ -117,7 +123,9 @@ def host_store(host: str = "127.0.0.1", port: int = 0, *, timeout: float = DEFAU
         return addr
 
 
-def _open_store(rendezvous: str, rank: int, world_size: int, host: bool | None, timeout: float) -> Any:
+def _open_store(
+    rendezvous: str, rank: int, world_size: int, host: bool | None, timeout: float
+) -> Any:
     from torch.distributed import TCPStore
 
     hostname, port = _parse_rendezvous(rendezvous)
@@ -132,9 +140,23 @@ def _open_store(rendezvous: str, rank: int, world_size: int, host: bool | None, 
         host_store(hostname, port, timeout=timeout)
         with _LOCK:
             return _HOSTED[addr]
-    return TCPStore(
-        hostname, port, None, is_master=False, timeout=timedelta(seconds=timeout)
-    )
+    # One client per address, reused across formations (keys are namespaced per group):
+    # a fresh TCPStore client per formation sometimes stalls 5 s in its connect on
+    # loopback (measured, docs/parallelism.md). A client whose server went away (that
+    # worker restarted) fails its probe and is replaced.
+    with _LOCK:
+        client = _CLIENTS.get(addr)
+    if client is not None:
+        try:
+            client.check(["trident/alive"])
+            return client
+        except Exception:
+            with _LOCK:
+                _CLIENTS.pop(addr, None)
+    client = TCPStore(hostname, port, None, is_master=False, timeout=timedelta(seconds=timeout))
+    with _LOCK:
+        _CLIENTS[addr] = client
+    return client
 
 
 # --------------------------------------------------------------------------- groups
@@ -257,7 +279,12 @@ def broadcast_inputs(
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"input {name!r} is {type(value).__name__}, not a tensor")
             tensors[name] = value.to(device).contiguous()
-        header = [[(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors.items()]]
+        header = [
+            [
+                (name, str(t.dtype).removeprefix("torch."), list(t.shape))
+                for name, t in tensors.items()
+            ]
+        ]
         dist.broadcast_object_list(header, src=0, group=group)
     else:
         header = [None]
@@ -309,11 +336,41 @@ def _cpu_device_count_shim(device_type: str) -> Iterator[None]:
 
 
 def _shared_clone(module: torch.nn.Module) -> torch.nn.Module:
-    """A new module tree over the same parameter and buffer tensors (no weight copy)."""
-    memo: dict[int, Any] = {
-        id(t): t for t in itertools.chain(module.parameters(), module.buffers())
+    """A new module tree over the very same parameter and buffer tensors (no weight copy).
+
+    Every module object is copied shallowly, with its own containers (sub-modules,
+    parameter / buffer / hook dicts) and its own attention processor, so that what
+    ``enable_parallelism`` attaches to the clone never reaches the original. A tree
+    carrying diffusers hooks (``_diffusers_hook``, e.g. caches) is deep-copied instead
+    (slower, same sharing), since those hooks hold references to their module.
+    """
+    if any(hasattr(m, "_diffusers_hook") for m in module.modules()):
+        memo: dict[int, Any] = {
+            id(t): t for t in itertools.chain(module.parameters(), module.buffers())
+        }
+        return copy.deepcopy(module, memo)
+    return _clone_tree(module, {})
+
+
+def _clone_tree(module: Any, done: dict[int, Any]) -> Any:
+    if id(module) in done:  # a module shared within the tree stays shared in the clone
+        return done[id(module)]
+    # object.__new__ + __dict__ copy: ~10x faster than copy.copy (nn.Module.__setstate__).
+    clone = object.__new__(type(module))
+    done[id(module)] = clone
+    state = clone.__dict__
+    for name, value in module.__dict__.items():
+        # Own copies of nn.Module's containers (hooks, parameter / buffer dicts); exact
+        # types only: diffusers' FrozenDict config is immutable and stays shared.
+        state[name] = value.copy() if type(value) in _CONTAINERS else value
+    state["_modules"] = {
+        name: None if sub is None else _clone_tree(sub, done)
+        for name, sub in module._modules.items()
     }
-    return copy.deepcopy(module, memo)
+    processor = state.get("processor")  # a plain-object attention processor
+    if processor is not None:
+        state["processor"] = copy.copy(processor)
+    return clone
 
 
 def _context_parallel_model(transformer: Any, parallel: ParallelContext) -> Any:
@@ -327,7 +384,7 @@ def _context_parallel_model(transformer: Any, parallel: ParallelContext) -> Any:
     if cached is not None and cached[0] is transformer:
         return cached[1]
     device_type = transformer.device.type
-    clone = _shared_clone(transformer)
+    clone: Any = _shared_clone(transformer)
     mesh = init_device_mesh(
         device_type, (1, parallel.world_size), mesh_dim_names=("ring", "ulysses")
     )

@@ -84,14 +84,17 @@ def _llama_tokenizer() -> Any:
     tok.add_tokens([prefix[:-k]])
     got = len(tok(prefix)["input_ids"])
     if got != crop_start:  # guard: the tiny model's prompts must reach the transformer
-        raise RuntimeError(f"tiny llama tokenizer: template prefix is {got} tokens, want {crop_start}")
+        raise RuntimeError(
+            f"tiny llama tokenizer: template prefix is {got} tokens, want {crop_start}"
+        )
     return tok
 
 
 def _t5_encoder(d_model: int = 32, umt5: bool = False) -> Any:
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config_cls: Any = UMT5Config if umt5 else T5Config
+    model_cls: Any = UMT5EncoderModel if umt5 else T5EncoderModel
     cfg = config_cls(
         vocab_size=256,
         d_model=d_model,
@@ -392,7 +395,9 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     try:
         build = _BUILDERS[family]
     except KeyError:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}") from None
+        raise ValueError(
+            f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}"
+        ) from None
     import torch
 
     out = Path(out_dir)

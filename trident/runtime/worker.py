@@ -381,7 +381,9 @@ class Worker:
             return
         except Exception as exc:
             log.error("stage.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
-            await self._fail(task_id, rank, "stage_failed", f"{type(exc).__name__}: {exc}", retryable=False, log=None)
+            # At degree k a failure is usually a partner's (a collective broke): another
+            # instance may well succeed. At degree 1 it is the request's own.
+            await self._fail(task_id, rank, "stage_failed", f"{type(exc).__name__}: {exc}", retryable=degree > 1, log=None)
             return
         for model, stage, secs, source in result.loaded:
             log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)

@@ -70,6 +70,7 @@ class CoreConfig:
     slo_scale: float = 2.5
     efficiency: float = 0.8  # (t1/tk)/k threshold for an "efficient" degree
     preload: bool = True  # FIFO: load every served stage on a device as soon as it joins
+    diffuse_degree: int = 1  # FIFO: fixed degree of every diffuse stage (aligned groups)
 
 
 @dataclass
@@ -507,6 +508,17 @@ class FifoPolicy(SchedulerCore):
                 break
             stage = req.pending_stages[0]
             model = req.spec.model
+            k = self.config.diffuse_degree
+            if stage == "diffuse" and k > 1:
+                group = self._free_group(free, k)
+                if group is None:
+                    continue
+                est = self.cost.stage_seconds(req.family, stage, req.spec.shape, k) if self.cost else 0.0
+                out.append(self.start_task(req, (stage,), group, now, est_seconds=est))
+                for d in group:
+                    if len(self.devices[d].inflight) >= limit:
+                        free.pop(d, None)
+                continue
 
             def rank(
                 d: DeviceState, req: RequestState = req, stage: Stage = stage, model: str = model
@@ -521,3 +533,14 @@ class FifoPolicy(SchedulerCore):
             if len(best.inflight) >= limit:
                 free.pop(best.device_id)
         return out
+
+    def _free_group(self, free: dict[str, DeviceState], k: int) -> tuple[str, ...] | None:
+        """The least-loaded aligned group of ``k`` free devices on one node."""
+        groups: dict[tuple[str, int], list[DeviceState]] = {}
+        for d in free.values():
+            groups.setdefault((d.info.node_id, d.info.index // k), []).append(d)
+        full = [sorted(g, key=lambda d: d.info.index) for g in groups.values() if len(g) == k]
+        if not full:
+            return None
+        best = min(full, key=lambda g: (sum(len(d.inflight) for d in g), g[0].device_id))
+        return tuple(d.device_id for d in best)

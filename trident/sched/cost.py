@@ -56,6 +56,7 @@ __all__ = [
     "best_degree",
     "efficient_degrees",
     "load_cost_model",
+    "model_weight_bytes",
     "on_device",
     "read_profile",
 ]
@@ -608,6 +609,17 @@ def efficient_degrees(
             out.append(k)
         k *= 2
     return tuple(out)
+
+
+def model_weight_bytes(cost: object, info: object, stage: Stage) -> int:
+    """Weights of ``stage`` of a served model on a device: the model's own figure
+    (``ModelInfo.stage_weight_bytes``, read from the model directory) when it has one,
+    else the cost model's figure for its family. Works with any CostModel."""
+    own = getattr(info, "stage_weight_bytes", None) or {}
+    nbytes = int(own.get(stage, 0) or 0)
+    if nbytes > 0:
+        return nbytes
+    return int(cost.weight_bytes(info.family, stage))  # type: ignore[attr-defined]
 
 
 def best_degree(

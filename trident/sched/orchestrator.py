@@ -36,13 +36,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from trident.sched.cost import best_degree
-from trident.sched.graph import PLACEMENT_TYPES, stages_of_type
+from trident.sched.cost import best_degree, efficient_degrees, model_weight_bytes
+from trident.sched.graph import PLACEMENT_TYPES, placement_type, stages_of_type
 from trident.sched.types import STAGES, CostModel, DeviceInfo, ModelInfo, Shape, Stage
 
 __all__ = [
     "COMM_COST",
     "Demand",
+    "cover_models",
     "OrchestratorConfig",
     "PlacementResult",
     "demand_from_window",
@@ -77,13 +78,27 @@ class PlacementResult:
     ms: float
     reason: str = ""
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (node, model, type)
+    # Co-located additions (:func:`cover_models`): device -> model -> stages, for models
+    # whose stages the per-device plan left without a home.
+    extra: dict[str, dict[str, frozenset[Stage]]] = field(default_factory=dict)
 
     def stages(self) -> dict[str, dict[str, frozenset[Stage]]]:
-        """device -> model -> stages."""
+        """device -> model -> stages (the plan's type plus co-located additions)."""
         out: dict[str, dict[str, frozenset[Stage]]] = {}
         for d, mt in self.plan.items():
             out[d] = {mt[0]: stages_of_type(mt[1])} if mt else {}
+        for d, add in self.extra.items():
+            held = out.setdefault(d, {})
+            for m, st in add.items():
+                held[m] = held.get(m, frozenset()) | st
         return out
+
+    def types(self) -> dict[str, dict[str, str]]:
+        """device -> model -> placement type (several models per device after cover)."""
+        return {
+            d: {m: placement_type(st) for m, st in held.items()}
+            for d, held in self.stages().items()
+        }
 
 
 def demand_from_window(
@@ -113,21 +128,26 @@ def _type_need(
 ) -> int:
     """Bytes a device of ``ptype`` needs: weights + the largest peak among ``shapes``
     (diffuse at the shape's largest efficient degree — the least memory per device)."""
-    from trident.sched.cost import efficient_degrees
-
-    fam = info.family
     stages = stages_of_type(ptype)
-    need = sum(cost.weight_bytes(fam, s) for s in stages)
+    need = sum(model_weight_bytes(cost, info, s) for s in stages)
+    return need + max((_stage_peak(cost, info, s, shapes, efficiency) for s in stages), default=0)
+
+
+def _stage_peak(
+    cost: CostModel, info: ModelInfo, stage: Stage, shapes: Sequence[Shape], efficiency: float
+) -> int:
+    """The largest activation peak of ``stage`` among ``shapes`` (diffuse at the shape's
+    largest efficient degree — the least memory per device)."""
+    fam = info.family
     peak = 0
     for shape in shapes:
-        for s in stages:
-            if s == "diffuse":
-                k = max(efficient_degrees(cost, fam, shape, info.max_degree, efficiency))
-                p = cost.stage_peak_bytes(fam, s, shape, k)
-            else:
-                p = cost.stage_peak_bytes(fam, s, shape, 1)
-            peak = max(peak, p)
-    return need + peak
+        if stage == "diffuse":
+            k = max(efficient_degrees(cost, fam, shape, info.max_degree, efficiency))
+            p = cost.stage_peak_bytes(fam, stage, shape, k)
+        else:
+            p = cost.stage_peak_bytes(fam, stage, shape, 1)
+        peak = max(peak, p)
+    return peak
 
 
 def type_fits(

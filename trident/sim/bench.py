@@ -46,6 +46,7 @@ __all__ = [
     "main",
     "make_requests",
     "make_sim_policy",
+    "policy_options",
     "run_bench",
     "run_policies",
 ]
@@ -240,13 +241,11 @@ def run_policies(
         faults=cfg.faults,
     )
     factory = policy_factory or make_sim_policy
-    options = dict(cfg.policy_options)
-    options.setdefault("slo_scale", cfg.slo_scale)
     out: dict[str, Summary] = {}
     info: dict[str, Any] = {"requests": len(requests), "runs": {}}
     for name in cfg.policies:
         t0 = time.perf_counter()
-        policy = _build_policy(factory, name, models, cost, options)
+        policy = _build_policy(factory, name, models, cost, policy_options(cfg, name))
         res: SimResult = simulate(policy, cost, models, cluster, requests, sim_cfg)
         s = summarize(res)
         out[name] = s
@@ -262,6 +261,21 @@ def run_policies(
                 f"({time.perf_counter() - t0:.1f}s wall, policy {res.policy_seconds:.1f}s)"
             )
     return out, info
+
+
+def policy_options(cfg: BenchConfig, name: str) -> dict[str, Any]:
+    """Options for policy ``name``: ``KEY=V`` applies to every policy, ``NAME.KEY=V``
+    only to ``NAME`` (and wins); ``slo_scale`` defaults to the benchmark's."""
+    options: dict[str, Any] = {"slo_scale": cfg.slo_scale}
+    scoped: dict[str, Any] = {}
+    for key, value in cfg.policy_options:
+        pol, dot, rest = key.partition(".")
+        if not dot:
+            options[key] = value
+        elif pol == name:
+            scoped[rest] = value
+    options.update(scoped)
+    return options
 
 
 def _build_policy(
@@ -498,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="passed to make_policy (repeatable; VALUE parsed as JSON when it can be)",
+        help="passed to make_policy; NAME.KEY=VALUE for one policy only, e.g. b1.degree=2 "
+        "(repeatable; VALUE parsed as JSON when it can be)",
     )
     p.add_argument(
         "--model",

@@ -53,7 +53,9 @@ class FamilyStages:
     #: Names of params read by ``run`` besides the common ones (documentation only).
     family_params: tuple[str, ...] = ()
 
-    def __init__(self, meta: ModelMeta, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, meta: ModelMeta, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         self.meta = meta
         self.device = device
         self.dtype = dtype
@@ -80,9 +82,7 @@ class FamilyStages:
             t0 = time.perf_counter()
             keep = set(stage_components(self._components, stage))
             absent = {name: None for name in self._components if name not in keep}
-            pipe = self._pipeline_class().from_pretrained(
-                self._root, dtype=self.dtype, **absent
-            )
+            pipe = self._pipeline_class().from_pretrained(self._root, dtype=self.dtype, **absent)
             pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
             self._configure(pipe)
@@ -171,7 +171,9 @@ class FamilyStages:
 
     def max_sequence_length(self, pipe: Any, params: Mapping[str, Any]) -> int:
         value = params.get("max_sequence_length")
-        return int(value) if value is not None else int(self.call_default(pipe, "max_sequence_length"))
+        return (
+            int(value) if value is not None else int(self.call_default(pipe, "max_sequence_length"))
+        )
 
     @staticmethod
     def prompt(params: Mapping[str, Any], key: str = "prompt") -> str | None:
@@ -194,7 +196,9 @@ class FamilyStages:
         kwargs: dict[str, Any] = {
             "height": params.get("height"),
             "width": params.get("width"),
-            "num_inference_steps": int(params.get("num_inference_steps") or self.meta.default_steps),
+            "num_inference_steps": int(
+                params.get("num_inference_steps") or self.meta.default_steps
+            ),
             "guidance_scale": self.guidance(params),
             "generator": self.generator(params),
             "output_type": "latent",

@@ -25,7 +25,10 @@ class FluxStages(FamilyStages):
     @staticmethod
     def _true_cfg(params: Mapping[str, Any]) -> bool:
         # Mirrors FluxPipeline.__call__: true CFG needs a scale > 1 *and* a negative prompt.
-        return float(params.get("true_cfg_scale") or 1.0) > 1 and params.get("negative_prompt") is not None
+        return (
+            float(params.get("true_cfg_scale") or 1.0) > 1
+            and params.get("negative_prompt") is not None
+        )
 
     def _encode(self, pipe: Any, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         msl = self.max_sequence_length(pipe, params)

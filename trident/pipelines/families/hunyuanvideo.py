@@ -25,7 +25,10 @@ class HunyuanVideoStages(FamilyStages):
     @staticmethod
     def _true_cfg(params: Mapping[str, Any]) -> bool:
         # Mirrors HunyuanVideoPipeline.__call__: needs a scale > 1 *and* a negative prompt.
-        return float(params.get("true_cfg_scale") or 1.0) > 1 and params.get("negative_prompt") is not None
+        return (
+            float(params.get("true_cfg_scale") or 1.0) > 1
+            and params.get("negative_prompt") is not None
+        )
 
     def _encode(self, pipe: Any, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         msl = self.max_sequence_length(pipe, params)
@@ -35,7 +38,9 @@ class HunyuanVideoStages(FamilyStages):
             device=pipe._execution_device,
             max_sequence_length=msl,
         )
-        out = drop_none(prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
+        out = drop_none(
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask
+        )
         if self._true_cfg(params):
             neg, neg_pooled, neg_mask = pipe.encode_prompt(
                 prompt=self.prompt(params, "negative_prompt"),

@@ -50,7 +50,9 @@ class WanStages(FamilyStages):
         # Wan's latent normalisation, as in WanPipeline.__call__.
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(
+            latents.device, latents.dtype
+        )
         latents = latents / inv_std + mean
         video = vae.decode(latents, return_dict=False)[0]
         return to_numpy_output(pipe.video_processor.postprocess_video(video, output_type="np"))

@@ -1,0 +1,169 @@
+"""Dispatcher: exhaustive agreement, validity properties, fallback."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trident.sched.cost import load_cost_model
+from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
+from trident.sched.types import STAGES, Shape
+
+pytestmark = pytest.mark.timeout(60)
+
+COST = load_cost_model([])
+GB = 10**9
+EDC = frozenset(STAGES)
+
+
+def _state(
+    seed: int, n_dev: int = 4, n_req: int = 6, mixed: bool = True
+) -> tuple[list[QueueItem], list[DeviceView]]:
+    rng = random.Random(seed)
+    devs = []
+    for i in range(n_dev):
+        holds = EDC
+        if mixed and rng.random() < 0.4:
+            holds = rng.choice(
+                [
+                    frozenset(("diffuse", "decode")),
+                    frozenset(("diffuse",)),
+                    frozenset(("encode",)),
+                    frozenset(("decode",)),
+                ]
+            )
+        devs.append(
+            DeviceView(
+                f"n0/sim:{i}",
+                "n0",
+                i,
+                rng.choice([1.0, 1.0, 2.0]),
+                rng.choice([0.0, 0.0, 1.0, 5.0]),
+                rng.choice([10 * GB, 20 * GB]),
+                {"flux": holds},
+            )
+        )
+    items = []
+    for r in range(n_req):
+        s = rng.choice([512, 1024, 2048])
+        shape = Shape(s, s, 1, rng.choice([4, 28]))
+        base = COST.standalone_seconds("flux", shape, 1)
+        arr = -rng.uniform(0, base)
+        items.append(
+            QueueItem(
+                f"r{r}",
+                "flux",
+                "flux",
+                shape,
+                arr,
+                arr + rng.uniform(0.5, 3.0) * base,
+                rng.choice(["encode", "diffuse"]),
+                rng.choice([None, "n0/sim:0"]),
+            )
+        )
+    return items, devs
+
+
+def _exhaustive(d: Dispatcher, items: list[QueueItem], devs: list[DeviceView]) -> float:
+    queue = sorted(items, key=lambda i: (i.deadline, i.arrival, i.request_id))
+    cands = d.candidates(queue, {v.device_id: v for v in devs}, 0.0)
+    by_req: dict[str, list] = {}
+    for c in cands:
+        by_req.setdefault(c.item.request_id, []).append(c)
+    best = 0.0
+    for combo in itertools.product(*[[None, *cs] for cs in by_req.values()]):
+        used: set[str] = set()
+        ok, w = True, 0.0
+        for c in combo:
+            if c is None:
+                continue
+            devset = set(c.group) | set(c.devices)
+            if used & devset:
+                ok = False
+                break
+            used |= devset
+            w += c.weight
+        if ok:
+            best = max(best, w)
+    return best
+
+
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_mip_matches_exhaustive(solver: str) -> None:
+    d = Dispatcher(COST, DispatchConfig(solver=solver, time_limit_s=5.0, lookahead_s=10.0))  # type: ignore[arg-type]
+    for seed in range(12):
+        items, devs = _state(seed)
+        res = d.solve(items, devs, 0.0)
+        assert res.reason in ("optimal", "trivial", "empty")
+        assert res.objective == pytest.approx(_exhaustive(d, items, devs), abs=1e-6), seed
+
+
+def _check_valid(res_assign: list, devs: list[DeviceView], items: list[QueueItem]) -> None:
+    view = {v.device_id: v for v in devs}
+    item = {i.request_id: i for i in items}
+    seen: set[str] = set()
+    reqs: set[str] = set()
+    for a in res_assign:
+        assert a.request_id not in reqs
+        reqs.add(a.request_id)
+        devset = set(a.group) | set(a.devices)
+        assert not (devset & seen), "a device assigned twice in one round"
+        seen |= devset
+        it = item[a.request_id]
+        peak = COST.stage_peak_bytes("flux", "diffuse", it.shape, a.degree)
+        assert all(view[g].free_memory >= peak for g in a.group), "memory exceeded"
+        assert a.degree in COST.efficient_degrees("flux", it.shape)
+        assert all("diffuse" in view[g].holds["flux"] for g in a.group)
+        assert a.stages[0] == it.next_stage
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n_dev=st.sampled_from([2, 4, 8]), n_req=st.integers(1, 10))
+def test_plans_are_valid(seed: int, n_dev: int, n_req: int) -> None:
+    items, devs = _state(seed, n_dev, n_req)
+    d = Dispatcher(COST, DispatchConfig(time_limit_s=1.0, lookahead_s=10.0))
+    res = d.solve(items, devs, 0.0)
+    _check_valid(res.assignments, devs, items)
+    _check_valid(
+        [
+            c.assignment()
+            for c in d.greedy(d.candidates(items, {v.device_id: v for v in devs}, 0.0))
+        ],
+        devs,
+        items,
+    )
+
+
+def test_fallback_on_tiny_time_limit() -> None:
+    items, devs = _state(3, n_dev=8, n_req=10, mixed=False)
+    for v in devs:
+        v.free_at = 0.0
+    d = Dispatcher(COST, DispatchConfig(time_limit_s=1e-6, lookahead_s=10.0))
+    res = d.solve(items, devs, 0.0)
+    assert res.solver == "greedy" and res.reason == "time_limit"
+    assert res.assignments
+    _check_valid(res.assignments, devs, items)
+
+
+def test_merges_and_follows() -> None:
+    devs = [
+        DeviceView("n0/sim:0", "n0", 0, 1.0, 0.0, 20 * GB, {"flux": frozenset(("diffuse",))}),
+        DeviceView("n0/sim:1", "n0", 1, 1.0, 0.0, 20 * GB, {"flux": frozenset(("encode",))}),
+        DeviceView("n0/sim:2", "n0", 2, 1.0, 0.0, 20 * GB, {"flux": EDC}),
+        DeviceView("n0/sim:3", "n0", 3, 1.0, 0.0, 20 * GB, {"flux": frozenset(("decode",))}),
+    ]
+    it = QueueItem("a", "flux", "flux", Shape(512, 512, 1, 10), 0.0, 100.0, "encode")
+    d = Dispatcher(COST)
+    a = d.solve([it], devs, 0.0).assignments[0]
+    # ⟨EDC⟩ device: the whole request merged into one task
+    assert a.devices == ("n0/sim:2",) and a.stages == ("encode", "diffuse", "decode")
+    devs[2].available = False
+    a = d.solve([it], devs, 0.0).assignments[0]
+    assert a.group == ("n0/sim:0",) and a.stages == ("encode",) and a.devices == ("n0/sim:1",)
+    dec = QueueItem("b", "flux", "flux", Shape(512, 512, 1, 10), 0.0, 100.0, "decode", "n0/sim:0")
+    f = d.follow_decode(dec, devs, 0.0)
+    assert f is not None and f.devices == ("n0/sim:3",)

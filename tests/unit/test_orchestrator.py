@@ -1,0 +1,168 @@
+"""Orchestrator: MIP vs exhaustive search, memory validity, fallback."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trident.sched.cost import load_cost_model
+from trident.sched.graph import PLACEMENT_TYPES, stages_of_type
+from trident.sched.orchestrator import (
+    OrchestratorConfig,
+    demand_from_window,
+    orchestrate,
+    plan_capacity_ratio,
+    proportional_plan,
+    type_fits,
+)
+from trident.sched.types import DeviceInfo, ModelInfo, Shape
+
+pytestmark = pytest.mark.timeout(60)
+
+COST = load_cost_model([])
+GB = 10**9
+
+
+def _devs(n: int, mem: int = 48 * GB, nodes: int = 1) -> list[DeviceInfo]:
+    per = n // nodes
+    return [
+        DeviceInfo(f"n{j}/sim:{i}", f"n{j}", "sim", i, mem)
+        for j in range(nodes)
+        for i in range(per)
+    ]
+
+
+def _exhaustive(models: dict[str, ModelInfo], n_dev: int, mem: int, demand, shapes) -> float:  # type: ignore[no-untyped-def]
+    opts = [
+        (m, t)
+        for m, info in models.items()
+        for t in PLACEMENT_TYPES
+        if type_fits(COST, info, t, mem, shapes.get(m, ()))
+    ] + [None]
+    best = 0.0
+    for combo in itertools.combinations_with_replacement(range(len(opts)), n_dev):
+        counts: dict[tuple[str, str], float] = {}
+        for i in combo:
+            o = opts[i]
+            if o is not None:
+                counts[o] = counts.get(o, 0) + 1
+        best = max(best, plan_capacity_ratio(counts, demand))
+    return best
+
+
+_EXH: dict[tuple[object, ...], float] = {}
+
+
+@pytest.mark.parametrize(
+    ("names", "n_dev", "mem", "window"),
+    [
+        (("flux",), 4, 48 * GB, [("flux", Shape(1024, 1024, 1, 28))] * 10),
+        (("flux",), 4, 30 * GB, [("flux", Shape(1024, 1024, 1, 28))] * 10),  # EDC does not fit
+        (
+            ("flux", "sd3"),
+            3,
+            48 * GB,
+            [("flux", Shape(1024, 1024, 1, 28))] * 3 + [("sd3", Shape(1024, 1024, 1, 20))] * 6,
+        ),
+    ],
+)
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_mip_matches_exhaustive(names, n_dev, mem, window, solver) -> None:  # type: ignore[no-untyped-def]
+    models = {m: ModelInfo(m, m) for m in names}
+    demand = demand_from_window(COST, models, window, 10.0)
+    shapes = {m: [s for mm, s in window if mm == m] for m in models}
+    res = orchestrate(
+        COST,
+        models,
+        _devs(n_dev, mem),
+        demand,
+        shapes,
+        config=OrchestratorConfig(solver=solver, time_limit_s=5.0),
+    )
+    assert res.solver == "mip"
+    counts: dict[tuple[str, str], float] = {}
+    for mt in res.plan.values():
+        if mt:
+            counts[mt] = counts.get(mt, 0) + 1
+    key = (names, n_dev, mem)
+    if key not in _EXH:
+        _EXH[key] = _exhaustive(models, n_dev, mem, demand, shapes)
+    exh = _EXH[key]
+    assert plan_capacity_ratio(counts, demand) == pytest.approx(exh, rel=1e-3)
+    assert res.ratio == pytest.approx(exh, rel=1e-3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mem_gb=st.sampled_from([24, 32, 48, 80]),
+    names=st.lists(
+        st.sampled_from(["flux", "sd3", "cogvideox", "hunyuanvideo", "wan"]),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
+    nodes=st.integers(1, 3),
+    use_mip=st.booleans(),
+)
+def test_plans_fit_memory(mem_gb: int, names: list[str], nodes: int, use_mip: bool) -> None:
+    models = {m: ModelInfo(m, m, is_video=m in ("wan", "cogvideox", "hunyuanvideo")) for m in names}
+    window = []
+    for m in names:
+        window += [
+            (m, Shape(720, 1280, 33, 10) if models[m].is_video else Shape(1024, 1024, 1, 20))
+        ] * 3
+    shapes = {m: [s for mm, s in window if mm == m] for m in models}
+    devs = _devs(4 * nodes, mem_gb * GB, nodes)
+    demand = demand_from_window(COST, models, window, 10.0)
+    res = orchestrate(
+        COST,
+        models,
+        devs,
+        demand,
+        shapes,
+        config=OrchestratorConfig(use_mip=use_mip, solver="highs"),
+    )
+    assert set(res.plan) == {d.device_id for d in devs}
+    for dev, mt in res.plan.items():
+        if mt is None:
+            continue
+        m, t = mt
+        need = sum(COST.weight_bytes(m, s) for s in stages_of_type(t))
+        assert need <= mem_gb * GB, (dev, mt)
+        assert type_fits(COST, models[m], t, mem_gb * GB, shapes[m]), (dev, mt)
+
+
+def test_move_penalty_keeps_plan_and_proportional_fallback() -> None:
+    models = {"flux": ModelInfo("flux", "flux"), "sd3": ModelInfo("sd3", "sd3")}
+    devs = _devs(8)
+    window = [("flux", Shape(1024, 1024, 1, 28))] * 5 + [("sd3", Shape(1024, 1024, 1, 20))] * 5
+    demand = demand_from_window(COST, models, window, 10.0)
+    first = orchestrate(COST, models, devs, demand)
+    again = orchestrate(COST, models, devs, demand, current=first.plan)
+    assert sum(first.plan[d] != again.plan[d] for d in first.plan) == 0
+    prop = proportional_plan(COST, models, devs, demand)
+    assert prop.solver == "proportional" and all(mt is not None for mt in prop.plan.values())
+    assert prop.ratio <= first.ratio + 1e-6
+    # primaries of a model are contiguous from index 0 on a node (aligned groups)
+    flux_idx = sorted(
+        int(d.split(":")[1])
+        for d, mt in first.plan.items()
+        if mt and mt[0] == "flux" and "D" in mt[1]
+    )
+    assert flux_idx == list(range(flux_idx[0], flux_idx[0] + len(flux_idx)))
+
+
+def test_orchestrator_speed_128_devices() -> None:
+    models = {m: ModelInfo(m, m) for m in ("flux", "sd3", "cogvideox", "hunyuanvideo")}
+    devs = _devs(128, nodes=16)
+    window = [("flux", Shape(1024, 1024, 1, 28))] * 40 + [("sd3", Shape(1024, 1024, 1, 20))] * 40
+    window += [("cogvideox", Shape(768, 1360, 33, 6))] * 10 + [
+        ("hunyuanvideo", Shape(720, 1280, 33, 10))
+    ] * 5
+    demand = demand_from_window(COST, models, window, 60.0)
+    res = orchestrate(COST, models, devs, demand, config=OrchestratorConfig(solver="highs"))
+    assert res.solver == "mip"
+    assert res.ms < 2000
