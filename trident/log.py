@@ -17,19 +17,29 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "flush_logs", "get_logger"]
 
 _configured = False
+_out: TextIO | None = None
 
 
 def configure_logging(
-    log_file: str | None = None, *, level: str = "info", stream: TextIO | None = None
+    log_file: str | None = None,
+    *,
+    level: str = "info",
+    stream: TextIO | None = None,
+    buffered: bool = False,
 ) -> None:
-    """JSON lines to ``log_file`` (appending) or ``stream`` (default stderr)."""
-    global _configured
+    """JSON lines to ``log_file`` (appending) or ``stream`` (default stderr).
+
+    ``buffered``: block-buffer the file (the daemons' hot path writes several lines per
+    request); the owner must call :func:`flush_logs` periodically and at exit.
+    """
+    global _configured, _out
     out: TextIO
     if log_file:
-        out = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        out = open(log_file, "a", buffering=(1 << 16) if buffered else 1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        _out = out
     else:
         out = stream or sys.stderr
     structlog.configure(
@@ -45,6 +55,11 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     _configured = True
+
+
+def flush_logs() -> None:
+    if _out is not None:
+        _out.flush()
 
 
 def get_logger(component: str, **bound: Any) -> Any:

@@ -22,6 +22,18 @@ def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return lines
 
 
+def read_log_until(path: str | os.PathLike[str], done: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The log once ``done(lines)`` holds (the scheduler flushes its log every tick)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = read_log(path)
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -23,7 +23,7 @@ from trident.errors import (
 from trident.runtime import protocol
 from trident.runtime.cluster import LocalCluster, NodeSpec
 
-from .conftest import pid_alive, read_log
+from .conftest import pid_alive, read_log, read_log_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,10 +68,12 @@ def test_hundreds_of_mixed_requests_each_end_in_result_or_typed_error(sim_cluste
         else:
             assert isinstance(res, InvalidRequestError) and "height" in str(res)
     # the log alone rebuilds every request's timeline
-    log = read_log(sim_cluster.log_file)
+    ok_count = sum(1 for j in jobs if j["want"] == "ok")
+    log = read_log_until(
+        sim_cluster.log_file, lambda lines: sum(e["event"] == "request.finished" for e in lines) >= ok_count
+    )
     finished = {e["request_id"] for e in log if e["event"] == "request.finished"}
     dispatched = [e for e in log if e["event"] == "stage.dispatched"]
-    ok_count = sum(1 for j in jobs if j["want"] == "ok")
     assert len(finished) >= ok_count
     # every finished request's stages appear in its dispatch lines (merged or not)
     covered: dict[str, list[str]] = {}
@@ -205,6 +207,11 @@ def test_report_rebuilds_slo_and_latency_from_the_log_alone(sim_cluster: LocalCl
 
     with Client(sim_cluster.client_addr, timeout=30) as c:
         results = [c.generate(model="flux", prompt="r", height=256, width=256, num_inference_steps=2, seed=i) for i in range(5)]
+    want = {round(r.timings["total"], 9) for r in results}
+    read_log_until(
+        sim_cluster.log_file,
+        lambda lines: want <= {round(e["timings"]["total"], 9) for e in lines if e["event"] == "request.finished"},
+    )
     summary = summarize(sim_cluster.log_file)
     assert summary.finished >= 5
     # the log's latencies are the ones the clients saw

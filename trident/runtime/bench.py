@@ -127,7 +127,7 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
 # ---------------------------------------------------------------------- control plane
 
 
-def control_plane(requests: int = 3000, devices: int = 8, concurrency: int = 512) -> dict[str, Any]:
+def control_plane(requests: int = 3000, devices: int = 8, concurrency: int = 512, policy: str = "fifo") -> dict[str, Any]:
     from trident.client import AsyncClient
     from trident.errors import RequestError
     from trident.runtime.cluster import LocalCluster, NodeSpec
@@ -137,9 +137,12 @@ def control_plane(requests: int = 3000, devices: int = 8, concurrency: int = 512
             ["flux"],
             [NodeSpec(f"sim:{devices}", time_scale=0.0)],
             log_dir=tmp,
+            policy=policy,
             scheduler_args=["--max-queue", str(max(1024, concurrency * 2))],
         )
         with cluster:
+            assert cluster.scheduler is not None
+            sched_pid = cluster.scheduler.pid
 
             async def run() -> tuple[int, int, float]:
                 sem = asyncio.Semaphore(concurrency)
@@ -155,22 +158,37 @@ def control_plane(requests: int = 3000, devices: int = 8, concurrency: int = 512
 
                     for i in range(50):  # warm-up
                         await one(i)
+                    cpu0[0] = _cpu_seconds(sched_pid)
                     t0 = time.perf_counter()
                     ok = await asyncio.gather(*(one(i) for i in range(requests)))
                     return sum(ok), len(ok), time.perf_counter() - t0
 
+            cpu0 = [0.0]
             done, total, wall = asyncio.run(run())
+            sched_cpu = _cpu_seconds(sched_pid) - cpu0[0]
         log = Path(tmp, "trident.log").read_text().splitlines()
         dispatched = sum(1 for line in log if '"stage.dispatched"' in line)
     return {
         "requests": total,
         "completed": done,
         "devices": devices,
+        "policy": policy,
         "wall_s": wall,
         "requests_per_s": done / wall,
         "stage_dispatches_per_s": 3 * done / wall,
         "stage_dispatches_logged": dispatched,
+        # The scheduler's own CPU per dispatch: what one scheduler could sustain on a
+        # core of its own (on 2 cores the workers' processes compete with it).
+        "scheduler_cpu_s": sched_cpu,
+        "scheduler_cpu_us_per_dispatch": 1e6 * sched_cpu / max(1, 3 * done),
+        "scheduler_ceiling_dispatches_per_s": 3 * done / sched_cpu if sched_cpu > 0 else None,
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--sizes-mb", default="4,64")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--policy", default="fifo", help="scheduler policy for the control-plane run")
     p.add_argument("--skip-control", action="store_true")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
@@ -198,12 +217,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"runtime/raw time ratio {r['ratio_raw_over_runtime']:.2f}"
             )
     if not args.skip_control:
-        cp = control_plane(args.requests, args.devices)
+        cp = control_plane(args.requests, args.devices, policy=args.policy)
         out["control_plane"] = cp
         print(
             f"control plane: {cp['completed']}/{cp['requests']} requests in {cp['wall_s']:.2f}s on "
-            f"{cp['devices']} zero-time sim devices: {cp['stage_dispatches_per_s']:.0f} stage dispatches/s "
+            f"{cp['devices']} zero-time sim devices ({cp['policy']}): {cp['stage_dispatches_per_s']:.0f} stage dispatches/s "
             f"({cp['requests_per_s']:.0f} requests/s)"
+        )
+        print(
+            f"  scheduler CPU: {cp['scheduler_cpu_us_per_dispatch']:.0f} us per dispatch -> "
+            f"{cp['scheduler_ceiling_dispatches_per_s']:.0f} dispatches/s on a core of its own"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from trident.config import SchedulerConfig, load_scheduler_config, parse_model_flag
 from trident.errors import ConfigError, InvalidRequestError, ModelError, ProtocolError, TridentError
-from trident.log import configure_logging, get_logger
+from trident.log import configure_logging, flush_logs, get_logger
 from trident.runtime import protocol
 from trident.runtime.registry import ServedModel, build_request_shape, register_models
 from trident.runtime.transport import make_socket
@@ -177,6 +177,7 @@ class SchedulerDaemon:
             self.auth.stop()
         self.ctx.term()
         self.log.info("scheduler.stopped", **self.counters)
+        flush_logs()
 
     async def _shutdown_cluster(self) -> None:
         # Fail what is still in flight: nothing is silently lost.
@@ -621,6 +622,7 @@ class SchedulerDaemon:
                     self._node_lost(node_id, f"silent for {now - node.last_seen:.1f}s")
             self.feed(Tick())
             await self._pump()
+            flush_logs()
 
 
 def _option_value(text: str) -> Any:
@@ -674,10 +676,10 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = _parse(argv)
-        configure_logging(cfg.log_file)
+        configure_logging(cfg.log_file, buffered=True)
         served = register_models(cfg.models)
         daemon = SchedulerDaemon(cfg, served)
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, ValueError) as exc:
         print(f"trident-scheduler: {exc}", file=sys.stderr)
         return 2
     except TridentError as exc:  # pragma: no cover

@@ -33,7 +33,7 @@ from trident.errors import ProtocolError
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
 from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
-from trident.runtime.devices import Executor, OutOfMemory, StageError, make_executor
+from trident.runtime.devices import Executor, OutOfMemory, SimExecutor, StageError, make_executor
 from trident.runtime.serial import pack_tensors
 from trident.runtime.transport import make_socket
 
@@ -359,16 +359,21 @@ class Worker:
             options = dict(msg.get("options") or {})
             options["degree"] = degree
             try:
-                result = await loop.run_in_executor(
-                    self.pool,
-                    self.executor.run,
-                    str(msg["model"]),
-                    stages,
-                    inputs,
-                    dict(msg["params"]),
-                    options,
-                    parallel,
-                )
+                if isinstance(self.executor, SimExecutor):
+                    result = await self.executor.run_async(
+                        str(msg["model"]), stages, inputs, dict(msg["params"]), options
+                    )
+                else:
+                    result = await loop.run_in_executor(
+                        self.pool,
+                        self.executor.run,
+                        str(msg["model"]),
+                        stages,
+                        inputs,
+                        dict(msg["params"]),
+                        options,
+                        parallel,
+                    )
             finally:
                 if parallel is not None:
                     await loop.run_in_executor(self.pool, _leave_group, parallel)

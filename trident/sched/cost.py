@@ -43,7 +43,6 @@ from pathlib import Path
 from trident.sched.types import STAGES, Shape, Stage
 
 __all__ = [
-    "ScaledCostModel",
     "DEFAULT_EFFICIENCY",
     "PROFILE_FORMAT",
     "REFERENCE_FAMILIES",
@@ -53,12 +52,14 @@ __all__ = [
     "ProfileEntry",
     "ProfileFile",
     "ReferenceCostModel",
+    "ScaledCostModel",
     "best_degree",
     "efficient_degrees",
     "load_cost_model",
     "model_weight_bytes",
     "on_device",
     "read_profile",
+    "supported_degrees",
 ]
 
 PROFILE_FORMAT = "trident-profile/1"
@@ -611,6 +612,21 @@ def efficient_degrees(
     return tuple(out)
 
 
+def supported_degrees(
+    cost: object, family: str, shape: Shape, max_degree: int = 8
+) -> tuple[int, ...]:
+    """Degrees k (powers of two up to ``max_degree``) the diffuse stage can run at (finite
+    time in the cost model); 1 always. Works with any CostModel."""
+    sec = cost.stage_seconds  # type: ignore[attr-defined]
+    out = [1]
+    k = 2
+    while k <= max_degree:
+        if 0 < sec(family, "diffuse", shape, k) < math.inf:
+            out.append(k)
+        k *= 2
+    return tuple(out)
+
+
 def model_weight_bytes(cost: object, info: object, stage: Stage) -> int:
     """Weights of ``stage`` of a served model on a device: the model's own figure
     (``ModelInfo.stage_weight_bytes``, read from the model directory) when it has one,
@@ -644,8 +660,8 @@ class ScaledCostModel:
     """
 
     def __init__(self, base: ReferenceCostModel, factor: float) -> None:
-        if not factor > 0:
-            raise ValueError(f"time scale must be positive, got {factor}")
+        if not factor >= 0:  # 0: zero-time stages (control-plane benchmarks)
+            raise ValueError(f"time scale must be >= 0, got {factor}")
         self.base = base
         self.factor = factor
 

@@ -22,7 +22,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trident.sim.bench import GPU_PROFILES, BenchConfig, _load_cost, build_models, make_requests, run_policies
+from trident.sim.bench import (
+    GPU_PROFILES,
+    BenchConfig,
+    _load_cost,
+    build_models,
+    make_requests,
+    run_policies,
+)
 from trident.sim.metrics import percentile
 from trident.sim.traces import load_trace, make_trace
 
