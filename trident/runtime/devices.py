@@ -92,6 +92,7 @@ class TaskResult:
     stage_seconds: dict[str, float]
     load_seconds: float = 0.0
     loaded: list[tuple[str, str, float, str]] = field(default_factory=list)  # model, stage, s, source
+    evicted: list[tuple[str, str]] = field(default_factory=list)  # (model, stage) dropped for room
 
 
 class Executor:
@@ -110,7 +111,9 @@ class Executor:
     ) -> TaskResult:
         raise NotImplementedError
 
-    def load(self, model: str, stage: str) -> tuple[float, str]:
+    def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
+        """Make a stage resident; ``source`` is where the scheduler says its weights can
+        come from ("peer", "node-cache", "disk"). Returns (seconds, source used)."""
         return 0.0, "none"
 
     def unload(self, model: str, stage: str) -> None:
@@ -143,6 +146,7 @@ class SimExecutor(Executor):
         self.speed = speed
         self.payload_cap = payload_cap
         self.resident: dict[tuple[str, str], int] = {}  # (model, stage) -> weight bytes
+        self.evicted: list[tuple[str, str]] = []  # evictions not yet reported
 
     def _family(self, model: str) -> str:
         info = self.models.get(model)
@@ -150,32 +154,34 @@ class SimExecutor(Executor):
             raise StageError(f"unknown model {model!r}")
         return str(info["family"])
 
-    def load(self, model: str, stage: str) -> tuple[float, str]:
+    def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         if (model, stage) in self.resident:
             return 0.0, "resident"
         family = self._family(model)
         need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
-        self._make_room(need, keep={(model, stage)})
-        secs = self.cost.load_seconds(family, stage, "node-cache") * self.time_scale  # type: ignore[arg-type]
+        self.evicted.extend(self._make_room(need, keep={(model, stage)}))
+        secs = self.cost.load_seconds(family, stage, source) * self.time_scale  # type: ignore[arg-type]
         time.sleep(secs)
         self.resident[(model, stage)] = need
-        return secs, "node-cache"
+        return secs, source
 
     def unload(self, model: str, stage: str) -> None:
         self.resident.pop((model, stage), None)
 
-    def _make_room(self, need: int, keep: set[tuple[str, str]], peak: int = 0) -> None:
+    def _make_room(self, need: int, keep: set[tuple[str, str]], peak: int = 0) -> list[tuple[str, str]]:
+        """Evict stages the task does not need (largest first) until it fits; returns them."""
         used = sum(self.resident.values())
         if used + need + peak <= self.memory_bytes:
-            return
-        # Evict stages this task does not need, largest first.
+            return []
+        evicted: list[tuple[str, str]] = []
         for key, size in sorted(self.resident.items(), key=lambda kv: -kv[1]):
             if key in keep:
                 continue
             del self.resident[key]
+            evicted.append(key)
             used -= size
             if used + need + peak <= self.memory_bytes:
-                return
+                return evicted
         raise OutOfMemory(
             f"needs {(need + peak) / GiB:.1f} GiB with {used / GiB:.1f} GiB resident "
             f"of {self.memory_bytes / GiB:.1f} GiB"
@@ -194,20 +200,23 @@ class SimExecutor(Executor):
             num_inference_steps=int(params["num_inference_steps"]),
         )
         result = TaskResult(outputs={}, stage_seconds={})
+        result.evicted, self.evicted = self.evicted, []
+        sources = dict(options.get("load_sources") or {})
         sleeps: list[tuple[str | None, float]] = []
         for stage in stages:
             if (model, stage) in self.resident:
                 continue
             need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
-            self._make_room(need, keep={(model, s) for s in stages})
-            secs = self.cost.load_seconds(family, stage, "node-cache") * self.time_scale  # type: ignore[arg-type]
+            result.evicted += self._make_room(need, keep={(model, s) for s in stages})
+            source = str(sources.get(stage, "disk"))
+            secs = self.cost.load_seconds(family, stage, source) * self.time_scale  # type: ignore[arg-type]
             self.resident[(model, stage)] = need
             result.load_seconds += secs
-            result.loaded.append((model, stage, secs, "node-cache"))
+            result.loaded.append((model, stage, secs, source))
             sleeps.append((None, secs))
         for stage in stages:
             peak = self.cost.stage_peak_bytes(family, stage, shape, degree)  # type: ignore[arg-type]
-            self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
+            result.evicted += self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
             secs = self.cost.stage_seconds(family, stage, shape, degree) / self.speed  # type: ignore[arg-type]
             sleeps.append((stage, secs * self.time_scale))
         return result, sleeps, shape, family
@@ -291,11 +300,16 @@ class TorchExecutor(Executor):
             self.pipes[model] = pipe
         return pipe
 
-    def load(self, model: str, stage: str) -> tuple[float, str]:
+    def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         pipe = self._pipe(model)
         if stage in pipe.loaded():
             return 0.0, "resident"
-        return float(pipe.load(stage)), "disk"
+        # Weights are read from the model directory; once any device of this node has
+        # read them they come from the OS page cache (the node's shared CPU copy).
+        # A GPU-to-GPU copy from a peer is the upgrade path; until then "peer" reads
+        # the node copy too.
+        used = "node-cache" if source in ("peer", "node-cache") else "disk"
+        return float(pipe.load(stage)), used
 
     def unload(self, model: str, stage: str) -> None:
         pipe = self.pipes.get(model)
@@ -314,9 +328,10 @@ class TorchExecutor(Executor):
         import torch
 
         result = TaskResult(outputs={}, stage_seconds={})
+        sources = dict(options.get("load_sources") or {})
         for stage in stages:
-            secs, source = self.load(model, stage)
-            if secs:
+            secs, source = self.load(model, stage, str(sources.get(stage, "disk")))
+            if source != "resident":
                 result.load_seconds += secs
                 result.loaded.append((model, stage, secs, source))
         pipe = self._pipe(model)

@@ -136,6 +136,10 @@ class SchedulerDaemon:
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
         self.counters = {"dispatched": 0, "finished": 0, "failed": 0}
+        # Facts for weight loading (adjust on dispatch): what each device holds now, and
+        # what each node has loaded before (its CPU copy / page cache has it).
+        self.resident: dict[str, set[tuple[str, str]]] = {}
+        self.node_loaded: set[tuple[str, str, str]] = set()
         self.auth: Any = None
 
     def now(self) -> float:
@@ -232,11 +236,32 @@ class SchedulerDaemon:
         elif isinstance(cmd, FailRequest):
             self._reply_error(cmd.request_id, cmd.error, cmd.message)
         elif isinstance(cmd, LoadStage):
-            self._to_worker(cmd.device_id, protocol.encode("load_stage", model=cmd.model, stage=cmd.stage))
+            source = self._load_source(cmd.device_id, cmd.model, cmd.stage)
+            self._to_worker(cmd.device_id, protocol.encode("load_stage", model=cmd.model, stage=cmd.stage, source=source))
         elif isinstance(cmd, UnloadStage):
             self._to_worker(cmd.device_id, protocol.encode("unload_stage", model=cmd.model, stage=cmd.stage))
         elif isinstance(cmd, LogEvent):
             self.log.info(cmd.event, **dict(cmd.fields))
+
+    def _load_source(self, device_id: str, model: str, stage: str) -> str:
+        """Where a device can get a stage's weights: a same-node device holding them,
+        else the node's CPU copy (loaded there before), else disk. A fixed rule, not a
+        choice: the policy decides *whether* to place; this says *how* it loads."""
+        key = (model, stage)
+        if key in self.resident.get(device_id, ()):
+            return "resident"
+        conn = self.workers.get(device_id)
+        node = conn.info.node_id if conn else ""
+        for dev, held in self.resident.items():
+            peer = self.workers.get(dev)
+            if dev != device_id and key in held and peer is not None and peer.up and peer.info.node_id == node:
+                return "peer"
+        if (node, model, stage) in self.node_loaded:
+            return "node-cache"
+        # The first load on a node reads disk and fills the node's copy; loads issued
+        # after it share that copy.
+        self.node_loaded.add((node, model, stage))
+        return "disk"
 
     def _to_worker(self, device_id: str, header: bytes, frames: list[Any] | None = None) -> bool:
         conn = self.workers.get(device_id)
@@ -267,6 +292,10 @@ class SchedulerDaemon:
             group = {"key": cmd.task_id.replace("/", "_"), "rendezvous": leader.store_addr, "devices": list(cmd.devices)}
         for rank, conn in enumerate(conns):
             assert conn is not None
+            # The leader runs every stage of the task; the others join for diffuse only.
+            its_stages = cmd.stages if rank == 0 else tuple(s for s in cmd.stages if s == "diffuse")
+            options = dict(cmd.options)
+            options["load_sources"] = {s: self._load_source(conn.info.device_id, cmd.model, s) for s in its_stages}
             header = protocol.encode(
                 "run_task",
                 task_id=cmd.task_id,
@@ -278,7 +307,7 @@ class SchedulerDaemon:
                 inputs=inputs if rank == 0 else [],
                 final=cmd.final,
                 params=dict(cmd.params),
-                options=dict(cmd.options),
+                options=options,
                 leader_addr=leader.peer_addr,
                 group=group,
             )
@@ -546,8 +575,17 @@ class SchedulerDaemon:
             )
             self.feed(TaskFailed(task_id, header["error"], str(header["message"]), bool(header["retryable"])))
         elif t == "stage_loaded":
+            self.resident.setdefault(conn.info.device_id, set()).add((str(header["model"]), str(header["stage"])))
+            self.node_loaded.add((conn.info.node_id, str(header["model"]), str(header["stage"])))
+            if header["source"] != "resident":
+                self.log.info(
+                    "stage.loaded", device_id=conn.info.device_id, model=header["model"], stage=header["stage"],
+                    seconds=header["seconds"], source=header["source"],
+                )
             self.feed(StageLoaded(conn.info.device_id, str(header["model"]), header["stage"], float(header["seconds"]), str(header["source"])))
         elif t == "stage_unloaded":
+            self.resident.get(conn.info.device_id, set()).discard((str(header["model"]), str(header["stage"])))
+            self.log.info("stage.unloaded", device_id=conn.info.device_id, model=header["model"], stage=header["stage"])
             self.feed(StageUnloaded(conn.info.device_id, str(header["model"]), header["stage"]))
         else:
             raise ProtocolError(f"{t!r} is not a worker message")
@@ -582,6 +620,7 @@ class SchedulerDaemon:
             store_addr=header.get("store_addr"),
         )
         self.worker_by_ident[ident] = info.device_id
+        self.resident[info.device_id] = set()  # a (re)started worker holds nothing
         self.out.append((self.nodes_sock, [ident, protocol.encode(
             "worker_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
         )]))
@@ -593,6 +632,7 @@ class SchedulerDaemon:
         if conn is None or not conn.up:
             return
         conn.up = False
+        self.resident.pop(device_id, None)
         self.log.warning("worker.lost", device_id=device_id, reason=reason)
         self.feed(DeviceLost(device_id, reason, new_stimulus_id("lost")))
 

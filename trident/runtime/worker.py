@@ -301,8 +301,11 @@ class Worker:
         model, stage = str(msg["model"]), str(msg["stage"])
         try:
             if msg["t"] == "load_stage":
-                secs, source = await loop.run_in_executor(self.pool, self.executor.load, model, stage)
-                if secs:
+                secs, source = await loop.run_in_executor(
+                    self.pool, self.executor.load, model, stage, str(msg.get("source") or "disk")
+                )
+                await self._report_evictions(getattr(self.executor, "evicted", None))
+                if source != "resident":
                     self.log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
                 await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
             else:
@@ -390,10 +393,10 @@ class Worker:
             # instance may well succeed. At degree 1 it is the request's own.
             await self._fail(task_id, rank, "stage_failed", f"{type(exc).__name__}: {exc}", retryable=degree > 1, log=None)
             return
+        await self._report_evictions(result.evicted)
         for model, stage, secs, source in result.loaded:
             log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
-            if rank == 0:
-                await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+            await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
         if rank != 0:
             return
         meta, frames = pack_tensors(result.outputs)
@@ -411,6 +414,13 @@ class Worker:
             self.outputs[task_id] = result.outputs
             await self._send("task_finished", **fields)
         log.debug("stage.finished", seconds=result.stage_seconds)
+
+    async def _report_evictions(self, evicted: list[tuple[str, str]] | None) -> None:
+        """Stages dropped to make room: the scheduler's view of residency must follow."""
+        while evicted:
+            model, stage = evicted.pop(0)
+            self.log.info("stage.unloaded", model=model, stage=stage, reason="evicted for memory")
+            await self._send("stage_unloaded", model=model, stage=stage)
 
     def _join_group(self, msg: dict[str, Any]) -> Any:
         from trident.pipelines.parallel import join_group
