@@ -44,9 +44,12 @@ def models(*names: str) -> dict[str, ModelInfo]:
 class MiniSim:
     """Each device runs its tasks FIFO; a task starts when all its devices are free."""
 
-    def __init__(self, policy: Policy, cost: CostModel) -> None:
+    def __init__(
+        self, policy: Policy, cost: CostModel, families: dict[str, str] | None = None
+    ) -> None:
         self.policy = policy
         self.cost = cost
+        self.families = families or {}  # model -> family (default: the model's name)
         self.now = 0.0
         self.q: list[tuple[float, int, Event]] = []
         self.seq = itertools.count()
@@ -75,7 +78,7 @@ class MiniSim:
             self.push(self.now, StageLoaded(cmd.device_id, cmd.model, cmd.stage))
         elif isinstance(cmd, RunTask):
             self.tasks.append(cmd)
-            fam = cmd.model  # tests name models after families
+            fam = self.families.get(cmd.model, cmd.model)
             shape = _shape(cmd)
             secs: dict[str, float] = {
                 s: self.cost.stage_seconds(fam, s, shape, cmd.degree if s == "diffuse" else 1)

@@ -167,3 +167,21 @@ def test_merges_and_follows() -> None:
     dec = QueueItem("b", "flux", "flux", Shape(512, 512, 1, 10), 0.0, 100.0, "decode", "n0/sim:0")
     f = d.follow_decode(dec, devs, 0.0)
     assert f is not None and f.devices == ("n0/sim:3",)
+
+
+def test_inefficient_degree_when_no_efficient_one_fits_memory() -> None:
+    # flux 512^2: only k=1 is efficient, its diffuse peak (2.13 GB) does not fit 1.9 GB
+    # free; k=2 (1.56 GB per device) does: offered rather than waiting forever.
+    sh = Shape(512, 512, 1, 28)
+    devs = [
+        DeviceView(f"n0/sim:{i}", "n0", i, 1.0, 0.0, int(1.9 * GB), {"flux": EDC}, True)
+        for i in range(4)
+    ]
+    item = QueueItem("r", "flux", "flux", sh, 0.0, 1e9, "encode")
+    res = Dispatcher(COST).solve([item], devs, 0.0)
+    assert len(res.assignments) == 1 and res.assignments[0].degree == 2
+    # with room for k=1, the efficient degree is used
+    for d in devs:
+        d.free_memory = 4 * GB
+    res = Dispatcher(COST).solve([item], devs, 0.0)
+    assert res.assignments[0].degree == 1

@@ -166,3 +166,27 @@ def test_orchestrator_speed_128_devices() -> None:
     res = orchestrate(COST, models, devs, demand, config=OrchestratorConfig(solver="highs"))
     assert res.solver == "mip"
     assert res.ms < 2000
+
+
+def test_more_models_than_devices_cover_every_stage_within_memory() -> None:
+    names = ["flux", "sd3", "wan", "cogvideox", "hunyuanvideo"]
+    tiny = {"encode": 400_000, "diffuse": 900_000, "decode": 200_000}
+    models = {m: ModelInfo(m, m, is_video=m in names[2:], stage_weight_bytes=tiny) for m in names}
+    devs = _devs(2, 12 * GB)
+    res = orchestrate(COST, models, devs, {}, config=OrchestratorConfig(solver="highs"))
+    held = res.stages()
+    for m in names:
+        for s in ("encode", "diffuse", "decode"):
+            assert any(s in pl.get(m, frozenset()) for pl in held.values()), (m, s)
+    assert all(len(pl) >= 2 for pl in held.values())  # spread, not all on one device
+    assert res.extra and all(isinstance(t, dict) for t in res.types().values())
+
+
+def test_cover_respects_memory_and_leaves_what_fits_nowhere() -> None:
+    # Real-size weights: flux (33.7 GB) and sd3 (15.4 GB) cannot share a 40 GB device.
+    models = {"flux": ModelInfo("flux", "flux"), "sd3": ModelInfo("sd3", "sd3")}
+    devs = _devs(1, 40 * GB)
+    res = orchestrate(COST, models, devs, {}, config=OrchestratorConfig(solver="highs"))
+    for dev, pl in res.stages().items():
+        need = sum(COST.weight_bytes(m, s) for m, st in pl.items() for s in st)
+        assert need <= 40 * GB, (dev, pl)

@@ -10,20 +10,23 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _minisim import MiniSim, arrive, devices, join, models
+from _minisim import GB, MiniSim, arrive, devices, join, models
 
 from trident.sched.cost import load_cost_model
 from trident.sched.policy import config_keys, make_policy
 from trident.sched.types import (
     DeviceLost,
+    FailRequest,
     LoadStage,
     LogEvent,
+    ModelInfo,
     NodeJoined,
     RequestArrived,
     RequestSpec,
     RunTask,
     Shape,
     StageLoaded,
+    UnloadStage,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,3 +111,105 @@ def test_device_lost_requeues_and_config_keys() -> None:
         make_policy("trident", ms, COST, nope=1)
     with pytest.raises(ValueError):
         make_policy("nope", ms, COST)
+
+
+# --------------------------------------------------------------------------- more models
+# than devices, memory misfits, adjust on dispatch
+
+
+def _tiny_models(*names: str) -> dict[str, ModelInfo]:
+    video = {"wan", "cogvideox", "hunyuanvideo"}
+    return {
+        f"tiny-{m}": ModelInfo(
+            f"tiny-{m}",
+            m,
+            is_video=m in video,
+            stage_weight_bytes={"encode": 400_000, "diffuse": 900_000, "decode": 200_000},
+        )
+        for m in names
+    }
+
+
+def _held(pol: object) -> dict[str, dict[str, frozenset[str]]]:
+    graph = pol.graph  # type: ignore[attr-defined]
+    return {d.device_id: dict(graph.placement(d.device_id)) for d in graph.devices()}
+
+
+def test_more_models_than_devices_every_model_gets_every_stage() -> None:
+    names = ("flux", "sd3", "wan", "cogvideox", "hunyuanvideo")
+    ms = _tiny_models(*names)
+    pol = make_policy("trident", ms, COST)
+    sim = MiniSim(pol, COST, {m: i.family for m, i in ms.items()})
+    join(sim, devices(1, 2, memory=12 * GB))
+    for i, m in enumerate(ms):
+        video = ms[m].is_video
+        arrive(sim, RequestSpec(f"r{i}", m, Shape(32, 32, 9 if video else 1, 2), 0.1 + 0.01 * i))
+    sim.run()
+    assert len(sim.done) == len(ms) and not sim.failed
+    held = _held(pol)
+    for m in ms:
+        for s in ("encode", "diffuse", "decode"):
+            assert any(s in pl.get(m, frozenset()) for pl in held.values()), (m, s)
+    # both devices hold something and both ran tasks
+    assert all(held.values())
+    assert {d for t in sim.tasks for d in t.devices} == {"n0/sim:0", "n0/sim:1"}
+
+
+def test_request_that_fits_no_device_fails_out_of_memory_at_arrival() -> None:
+    ms = models("hunyuanvideo")
+    pol = make_policy("trident", ms, COST)
+    pol.handle(NodeJoined("n0", tuple(devices(1, 2, memory=48 * GB))), 0.0)
+    # 720p x 129 frames needs k >= 4 (71 GB activations at k=1); only 2 devices here.
+    out = pol.handle(
+        RequestArrived(RequestSpec("big", "hunyuanvideo", Shape(720, 1280, 129, 50), 1.0)), 1.0
+    )
+    fails = [c for c in out if isinstance(c, FailRequest)]
+    assert len(fails) == 1 and fails[0].error == "out_of_memory"
+    msg = fails[0].message
+    assert "hunyuanvideo" in msg and "720x1280x129" in msg and "GB" in msg and "48.00" in msg
+    assert not [c for c in out if isinstance(c, RunTask)]
+    # a small one is served
+    out = pol.handle(
+        RequestArrived(RequestSpec("ok", "hunyuanvideo", Shape(544, 960, 17, 10), 1.0)), 1.0
+    )
+    assert not [c for c in out if isinstance(c, FailRequest)]
+
+
+def test_misfit_before_any_device_fails_when_the_cluster_is_known() -> None:
+    ms = models("flux")
+    pol = make_policy("trident", ms, COST)
+    out = pol.handle(RequestArrived(RequestSpec("r", "flux", Shape(1024, 1024, 1, 4), 0.0)), 0.0)
+    assert not [c for c in out if isinstance(c, FailRequest)]  # no cluster yet: waits
+    out = pol.handle(NodeJoined("n0", tuple(devices(1, 1, memory=8 * GB))), 1.0)
+    fails = [c for c in out if isinstance(c, FailRequest)]
+    assert len(fails) == 1 and fails[0].error == "out_of_memory" and "flux" in fails[0].message
+
+
+def test_model_without_a_home_is_placed_on_dispatch() -> None:
+    ms = models("flux", "sd3")
+    pol = make_policy("trident", ms, COST, dynamic_placement=False)
+    pol.handle(NodeJoined("n0", tuple(devices(1, 2, memory=40 * GB))), 0.0)
+    # Both devices hold a whole flux (33.7 GB of weights), sd3 nothing (as if a re-plan
+    # had dropped it): sd3's encoders (11.2 GB) fit no device without an eviction.
+    graph = pol.graph  # type: ignore[attr-defined]
+    for d in _held(pol):
+        graph.clear_placement(d)
+        graph.set_placement(d, "flux", frozenset({"encode", "diffuse", "decode"}))
+    out = pol.handle(RequestArrived(RequestSpec("s", "sd3", Shape(512, 512, 1, 4), 1.0)), 1.0)
+    assert not [c for c in out if isinstance(c, FailRequest)]
+    runs = [c for c in out if isinstance(c, RunTask)]
+    assert runs and runs[0].model == "sd3"
+    assert [c for c in out if isinstance(c, LogEvent) and c.event == "placement.adjusted"]
+    held = _held(pol)
+    for s in ("encode", "diffuse", "decode"):
+        assert any(s in pl.get("sd3", frozenset()) for pl in held.values()), s
+    # the device taken for sd3 dropped flux stages (held elsewhere too) and said so
+    unloads = [c for c in out if isinstance(c, UnloadStage)]
+    assert unloads and all(c.model == "flux" for c in unloads)
+    for s in ("encode", "diffuse", "decode"):  # flux still has a home for every stage
+        assert any(s in pl.get("flux", frozenset()) for pl in held.values()), s
+    sim = MiniSim(pol, COST)
+    for c in out:
+        sim.execute(c)
+    sim.run()
+    assert [c.request_id for c in sim.done] == ["s"] and not sim.failed

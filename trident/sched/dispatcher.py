@@ -37,11 +37,12 @@ batched outputs differ from unbatched ones by up to 3e-5; left for later).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trident.sched.cost import efficient_degrees
+from trident.sched.cost import efficient_degrees, supported_degrees
+from trident.sched.solver import preload
 from trident.sched.types import CostModel, Shape, Stage
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "DispatchResult",
     "Dispatcher",
     "QueueItem",
+    "best_group_free",
 ]
 
 SolverName = Literal["cbc", "highs"]
@@ -154,21 +156,84 @@ class _Cand:
         )
 
 
+@dataclass(frozen=True)
+class _ShapeInfo:
+    """Cost-model figures of one (family, shape, max degree), cached across rounds."""
+
+    efficient: tuple[int, ...]
+    supported: tuple[int, ...]
+    diffuse: Mapping[int, tuple[float, int]]  # k -> (seconds, peak bytes)
+    enc_t: float
+    dec_t: float
+    enc_peak: int
+    dec_peak: int
+    text_b: int
+    lat_b: int
+
+
+def _fitting_degrees(info: _ShapeInfo, group_free: Callable[[int], int]) -> tuple[int, ...]:
+    """Degrees offered for a diffuse stage: the efficient ones whose peak activation fits
+    some group holding the stage (``group_free(k)``: best free memory of a degree-k
+    group); when none does, any supported degree that fits (an inefficient degree beats
+    waiting forever). Empty when nothing fits: the policy places the stage elsewhere."""
+    fit = tuple(k for k in info.efficient if info.diffuse[k][1] <= group_free(k))
+    if fit:
+        return fit
+    return tuple(
+        k for k in info.supported if k not in info.efficient and info.diffuse[k][1] <= group_free(k)
+    )
+
+
 @dataclass
 class Dispatcher:
-    """Stateless but for the last solution (warm start) and solver statistics."""
+    """Stateless but for the last solution (warm start), a cache of cost-model figures
+    per shape (the cost model is immutable) and solver statistics."""
 
     cost: CostModel
     config: DispatchConfig = field(default_factory=DispatchConfig)
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _shapes: dict[tuple[str, Shape, int], _ShapeInfo] = field(default_factory=dict, repr=False)
+
+    def _shape_info(self, family: str, shape: Shape, max_degree: int) -> _ShapeInfo:
+        key = (family, shape, max_degree)
+        got = self._shapes.get(key)
+        if got is not None:
+            return got
+        cost = self.cost
+        eff = efficient_degrees(cost, family, shape, max_degree, self.config.efficiency)
+        sup = supported_degrees(cost, family, shape, max_degree)
+        ks = sorted(set(eff) | set(sup))
+        got = _ShapeInfo(
+            efficient=eff,
+            supported=sup,
+            diffuse={
+                k: (
+                    cost.stage_seconds(family, "diffuse", shape, k),
+                    cost.stage_peak_bytes(family, "diffuse", shape, k),
+                )
+                for k in ks
+            },
+            enc_t=cost.stage_seconds(family, "encode", shape),
+            dec_t=cost.stage_seconds(family, "decode", shape),
+            enc_peak=cost.stage_peak_bytes(family, "encode", shape),
+            dec_peak=cost.stage_peak_bytes(family, "decode", shape),
+            text_b=cost.output_bytes(family, "encode", shape),
+            lat_b=cost.output_bytes(family, "diffuse", shape),
+        )
+        if len(self._shapes) >= 4096:
+            self._shapes.clear()
+        self._shapes[key] = got
+        return got
 
     # ------------------------------------------------------------------ public
 
     def solve(
         self, items: Sequence[QueueItem], devices: Sequence[DeviceView], now: float
     ) -> DispatchResult:
-        t0 = time.perf_counter()
         cfg = self.config
+        if cfg.use_mip:
+            preload(cfg.solver)  # once per process, outside the time budget
+        t0 = time.perf_counter()
         dev = {d.device_id: d for d in devices}
         queue = sorted(
             (i for i in items if i.next_stage != "decode"),
@@ -198,7 +263,7 @@ class Dispatcher:
                 sum(c.weight for c in greedy),
             )
         else:
-            res = self._mip(cands, greedy)
+            res = self._mip(cands, greedy, t0)
         self.last = {a.request_id: a.group for a in res.assignments}
         res.ms = (time.perf_counter() - t0) * 1e3
         return res
@@ -254,7 +319,6 @@ class Dispatcher:
         self, window: Iterable[QueueItem], dev: Mapping[str, DeviceView], now: float
     ) -> list[_Cand]:
         cfg = self.config
-        cost = self.cost
         horizon = now + cfg.lookahead_s
         usable = [d for d in dev.values() if d.available and d.free_at <= horizon]
         by_node: dict[str, dict[int, DeviceView]] = {}
@@ -268,6 +332,29 @@ class Dispatcher:
                     room[m] = room.get(m, 0) + 1
         taken = 0
         out: list[_Cand] = []
+        gfree: dict[tuple[str, int], int] = {}
+        # Aligned groups of usable devices holding a model's diffuse stage, per (model,
+        # k), built once per round (with the least free memory of each group).
+        groups: dict[tuple[str, int], list[tuple[str, list[DeviceView], int]]] = {}
+        aux: dict[tuple[str, Stage, int], DeviceView | None] = {}
+
+        def groups_for(m: str, k: int) -> list[tuple[str, list[DeviceView], int]]:
+            got = groups.get((m, k))
+            if got is None:
+                got = []
+                for node, idx in by_node.items():
+                    hold = {i: d for i, d in idx.items() if "diffuse" in d.holds.get(m, ())}
+                    for grp in _aligned(hold, k):
+                        got.append((node, grp, min(g.free_memory for g in grp)))
+                groups[m, k] = got
+            return got
+
+        def earliest(m: str, stage: Stage, peak: int) -> DeviceView | None:
+            key = (m, stage, peak)
+            if key not in aux:
+                aux[key] = _earliest(usable, m, stage, peak, now)
+            return aux[key]
+
         for item in window:
             if taken >= cfg.max_requests:
                 break
@@ -275,57 +362,55 @@ class Dispatcher:
                 continue
             before = len(out)
             fam, shape, model = item.family, item.shape, item.model
-            ks = efficient_degrees(cost, fam, shape, item.max_degree, cfg.efficiency)
-            enc_t = cost.stage_seconds(fam, "encode", shape)
-            dec_t = cost.stage_seconds(fam, "decode", shape)
-            enc_peak = cost.stage_peak_bytes(fam, "encode", shape)
-            dec_peak = cost.stage_peak_bytes(fam, "decode", shape)
-            text_b = cost.output_bytes(fam, "encode", shape)
-            lat_b = cost.output_bytes(fam, "diffuse", shape)
-            aux_enc = _earliest(usable, model, "encode", enc_peak, now)
-            aux_dec = _earliest(usable, model, "decode", dec_peak, now)
+            info = self._shape_info(fam, shape, item.max_degree)
+
+            def room_of(k: int, m: str = model) -> int:
+                return _cached_group_free(gfree, dev.values(), m, k)
+
+            ks = _fitting_degrees(info, room_of)
+            enc_t, dec_t = info.enc_t, info.dec_t
+            enc_peak, dec_peak = info.enc_peak, info.dec_peak
+            text_b, lat_b = info.text_b, info.lat_b
+            aux_enc = earliest(model, "encode", enc_peak)
+            aux_dec = earliest(model, "decode", dec_peak)
             budget = max(1e-6, item.deadline - item.arrival)
             age = max(0.0, now - item.arrival) / budget
             for k in ks:
-                dif_t = cost.stage_seconds(fam, "diffuse", shape, k)
-                dif_peak = cost.stage_peak_bytes(fam, "diffuse", shape, k)
+                dif_t, dif_peak = info.diffuse[k]
                 per_k: list[_Cand] = []
-                for node, idx in by_node.items():
-                    for grp in _aligned(idx, k):
-                        if not all(model in g.holds and "diffuse" in g.holds[model] for g in grp):
-                            continue
-                        if any(g.free_memory < dif_peak for g in grp):
-                            continue
-                        c = self._predict(
-                            item,
-                            k,
-                            grp,
-                            node,
-                            now,
-                            enc_t,
-                            dif_t,
-                            dec_t,
-                            enc_peak,
-                            dec_peak,
-                            text_b,
-                            lat_b,
-                            aux_enc,
-                            aux_dec,
-                            dev,
-                        )
-                        if c is None:
-                            continue
-                        late = c.finish > item.deadline + 1e-9
-                        c.on_time = not late
-                        if late:
-                            w = cfg.late_reward * (1.0 + min(age, 8.0))
-                        else:  # urgency is the request's, not the candidate's
-                            w = cfg.on_time_reward + 100.0 * min(1.0, age)
-                        w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
-                        w -= cfg.device_seconds_penalty * c.dev_seconds
-                        w -= 1e-3 * (c.finish - now)  # tie-break: earlier is better
-                        c.weight = w
-                        per_k.append(c)
+                for node, grp, least_free in groups_for(model, k):
+                    if least_free < dif_peak:
+                        continue
+                    c = self._predict(
+                        item,
+                        k,
+                        grp,
+                        node,
+                        now,
+                        enc_t,
+                        dif_t,
+                        dec_t,
+                        enc_peak,
+                        dec_peak,
+                        text_b,
+                        lat_b,
+                        aux_enc,
+                        aux_dec,
+                        dev,
+                    )
+                    if c is None:
+                        continue
+                    late = c.finish > item.deadline + 1e-9
+                    c.on_time = not late
+                    if late:
+                        w = cfg.late_reward * (1.0 + min(age, 8.0))
+                    else:  # urgency is the request's, not the candidate's
+                        w = cfg.on_time_reward + 100.0 * min(1.0, age)
+                    w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
+                    w -= cfg.device_seconds_penalty * c.dev_seconds
+                    w -= 1e-3 * (c.finish - now)  # tie-break: earlier is better
+                    c.weight = w
+                    per_k.append(c)
                 per_k.sort(key=lambda c: (-c.weight, c.group))
                 out.extend(per_k[: cfg.groups_per_degree])
             if len(out) > before:
@@ -475,7 +560,9 @@ class Dispatcher:
                 best[c.item.request_id] = c
         return [c for c in best.values() if c.weight > 0]
 
-    def _mip(self, cands: Sequence[_Cand], greedy: Sequence[_Cand]) -> DispatchResult:
+    def _mip(self, cands: Sequence[_Cand], greedy: Sequence[_Cand], t0: float) -> DispatchResult:
+        """Solve; ``time_limit_s`` bounds the whole round since ``t0`` (candidates and
+        model build included), not the solver call alone."""
         cfg = self.config
         try:
             import mip
@@ -504,7 +591,17 @@ class Dispatcher:
                     m.add_constr(mip.xsum(x[j] for j in js) <= 1)
             index = {id(c): j for j, c in enumerate(cands)}
             m.start = [(x[index[id(c)]], 1.0) for c in greedy]
-            status = m.optimize(max_seconds=cfg.time_limit_s)
+            left = cfg.time_limit_s - (time.perf_counter() - t0)
+            if left < 0.002:  # no time left for a solve worth having: greedy
+                return DispatchResult(
+                    [c.assignment() for c in greedy],
+                    "greedy",
+                    "time_limit",
+                    0.0,
+                    len(cands),
+                    sum(c.weight for c in greedy),
+                )
+            status = m.optimize(max_seconds=left)
         except Exception:  # solver trouble must never stop dispatch
             return DispatchResult(
                 [c.assignment() for c in greedy], "greedy", "error", 0.0, len(cands)
@@ -528,6 +625,31 @@ class Dispatcher:
             len(cands),
             sum(c.weight for c in greedy),
         )
+
+
+def best_group_free(devices: Iterable[DeviceView], model: str, k: int) -> int:
+    """The most free memory (per member, the least of the group) of any aligned degree-k
+    group of ``devices`` that all hold ``model``'s diffuse stage; -1 when there is none.
+    Busy devices count: this is about memory, not time."""
+    by_node: dict[str, dict[int, DeviceView]] = {}
+    for d in devices:
+        if "diffuse" in d.holds.get(model, frozenset()):
+            by_node.setdefault(d.node_id, {})[d.index] = d
+    best = -1
+    for idx in by_node.values():
+        for grp in _aligned(idx, k):
+            best = max(best, min(g.free_memory for g in grp))
+    return best
+
+
+def _cached_group_free(
+    cache: dict[tuple[str, int], int], devices: Iterable[DeviceView], model: str, k: int
+) -> int:
+    key = (model, k)
+    v = cache.get(key)
+    if v is None:
+        v = cache[key] = best_group_free(devices, model, k)
+    return v
 
 
 def _aligned(idx: Mapping[int, DeviceView], k: int) -> list[list[DeviceView]]:

@@ -38,14 +38,15 @@ from dataclasses import dataclass, field
 
 from trident.sched.cost import best_degree, efficient_degrees, model_weight_bytes
 from trident.sched.graph import PLACEMENT_TYPES, placement_type, stages_of_type
+from trident.sched.solver import preload
 from trident.sched.types import STAGES, CostModel, DeviceInfo, ModelInfo, Shape, Stage
 
 __all__ = [
     "COMM_COST",
     "Demand",
-    "cover_models",
     "OrchestratorConfig",
     "PlacementResult",
+    "cover_models",
     "demand_from_window",
     "orchestrate",
     "pack_nodes",
@@ -63,7 +64,7 @@ Demand = dict[str, dict[Stage, float]]  # model -> stage -> device-seconds per s
 @dataclass
 class OrchestratorConfig:
     solver: str = "cbc"
-    time_limit_s: float = 0.5
+    time_limit_s: float = 0.15  # the whole solve (model build included), not CBC/HiGHS alone
     move_penalty: float = 0.05
     comm_penalty: float = 0.01
     efficiency: float = 0.8
@@ -167,7 +168,8 @@ class _NodeClass:
     count: int  # devices per node
     memory: int
     speed: float
-    current: dict[tuple[str, str], int]  # per node
+    current: dict[tuple[str, str], int]  # summed over the class's nodes
+    node_current: dict[str, dict[tuple[str, str], int]]  # node -> (model, type) -> devices
 
 
 def _classes(
@@ -185,12 +187,19 @@ def _classes(
                 cur[mt] = cur.get(mt, 0) + 1
         mem = min(d.memory_bytes for d in devs)
         speed = min(d.speed for d in devs)
-        key = (len(devs), mem, speed, tuple(sorted(cur.items())))
+        # The current plan is not part of the key: a class's move count is exact at the
+        # class level (see _split_classes), so nodes with different current types
+        # still aggregate — one class for a homogeneous cluster.
+        key = (len(devs), mem, speed)
         cls = keyed.get(key)
         if cls is None:
-            keyed[key] = _NodeClass([node], len(devs), mem, speed, cur)
+            keyed[key] = _NodeClass([node], len(devs), mem, speed, {}, {})
+            cls = keyed[key]
         else:
             cls.nodes.append(node)
+        cls.node_current[node] = cur
+        for mt, c in cur.items():
+            cls.current[mt] = cls.current.get(mt, 0) + c
     return list(keyed.values())
 
 
@@ -246,19 +255,92 @@ def orchestrate(
 ) -> PlacementResult:
     """A placement plan for ``devices``; MIP with the proportional heuristic as fallback."""
     cfg = config or OrchestratorConfig()
+    if cfg.use_mip:
+        preload(cfg.solver)  # once per process, outside the time budget
     t0 = time.perf_counter()
     current = current or {}
     shapes = shapes or {}
     demand = _with_prior(demand, models)
+    res: PlacementResult | None = None
     if cfg.use_mip:
-        res = _mip_plan(cost, models, devices, demand, shapes, current, cfg)
-        if res is not None:
-            res.ms = (time.perf_counter() - t0) * 1e3
-            return res
-    res = proportional_plan(cost, models, devices, demand, shapes, current, cfg.efficiency)
-    res.reason = res.reason or ("fallback" if cfg.use_mip else "configured")
+        res = _mip_plan(cost, models, devices, demand, shapes, current, cfg, t0)
+    if res is None:
+        res = proportional_plan(cost, models, devices, demand, shapes, current, cfg.efficiency)
+        res.reason = res.reason or ("fallback" if cfg.use_mip else "configured")
+    cover_models(cost, models, devices, res, shapes, cfg.efficiency, demand)
     res.ms = (time.perf_counter() - t0) * 1e3
     return res
+
+
+def cover_models(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    devices: Sequence[DeviceInfo],
+    result: PlacementResult,
+    shapes: Mapping[str, Sequence[Shape]] | None = None,
+    efficiency: float = 0.8,
+    demand: Demand | None = None,
+) -> None:
+    """Post-pass: every served model gets a home for each of its stages, when memory
+    allows, by co-locating it on devices that already hold another model's stages.
+
+    The MIP gives each device one (model, type), so with fewer devices than models (or a
+    plan that starves a no-demand model) some stages have no device. For each model
+    (busiest first) the stages nobody holds go, all together if possible (one ⟨EDC⟩-like
+    home, merged tasks), else one by one, to the device with the most memory left
+    after them: weights of everything it holds plus the largest activation peak among
+    what it holds (stages run one at a time, so peaks do not add). Stages that fit
+    nowhere stay homeless; the policy places them on dispatch (with eviction).
+    Results go to ``result.extra``; ``result.plan`` (the MIP's per-device type) is kept.
+    """
+    shapes = shapes or {}
+    uniq = {m: list(dict.fromkeys(shapes.get(m, ()))) for m in models}
+    held = result.stages()
+    wt: dict[tuple[str, Stage], int] = {}
+    pk: dict[tuple[str, Stage], int] = {}
+    for m, info in models.items():
+        for s in STAGES:
+            wt[m, s] = model_weight_bytes(cost, info, s)
+            pk[m, s] = _stage_peak(cost, info, s, uniq[m], efficiency)
+    mem = {d.device_id: d.memory_bytes for d in devices}
+    used_w: dict[str, int] = {}
+    used_p: dict[str, int] = {}
+    covered: set[tuple[str, Stage]] = set()
+    for d in mem:
+        ms = held.get(d, {})
+        used_w[d] = sum(wt.get((m, s), 0) for m, st in ms.items() for s in st)
+        used_p[d] = max((pk.get((m, s), 0) for m, st in ms.items() for s in st), default=0)
+        covered |= {(m, s) for m, st in ms.items() for s in st}
+    work = {m: sum((demand or {}).get(m, {}).values()) for m in models}
+    for m in sorted(models, key=lambda m: (-work[m], m)):
+        missing = [s for s in STAGES if (m, s) not in covered]
+        if not missing:
+            continue
+        batches = [missing] + ([[s] for s in missing] if len(missing) > 1 else [])
+        for batch in batches:
+            if any((m, s) in covered for s in batch):
+                continue
+            w = sum(wt[m, s] for s in batch)
+            p = max(pk[m, s] for s in batch)
+            best: tuple[int, int, str] | None = None
+            for d in mem:
+                slack = mem[d] - used_w[d] - w - max(used_p[d], p)
+                if slack < 0:
+                    continue
+                key = (-slack, len(held.get(d, {})), d)
+                if best is None or key < best:
+                    best = key
+            if best is None:
+                continue
+            d = best[2]
+            add = frozenset(batch)
+            held.setdefault(d, {})
+            held[d][m] = held[d].get(m, frozenset()) | add
+            ext = result.extra.setdefault(d, {})
+            ext[m] = ext.get(m, frozenset()) | add
+            used_w[d] += w
+            used_p[d] = max(used_p[d], p)
+            covered |= {(m, s) for s in batch}
 
 
 def _with_prior(demand: Demand, models: Mapping[str, ModelInfo]) -> Demand:
@@ -299,6 +381,7 @@ def _mip_plan(
     shapes: Mapping[str, Sequence[Shape]],
     current: Mapping[str, tuple[str, str] | None],
     cfg: OrchestratorConfig,
+    t0: float,
 ) -> PlacementResult | None:
     try:
         import mip
@@ -325,7 +408,7 @@ def _mip_plan(
                 y[ci, m, t] = v
                 allowed_any[m].add(t)
                 obj -= cfg.comm_penalty * COMM_COST[t] / n_dev * v
-                cur = cls.current.get((m, t), 0) * len(cls.nodes)
+                cur = cls.current.get((m, t), 0)
                 u = mdl.add_var(lb=0.0)
                 mdl.add_constr(u >= v - cur)
                 obj -= cfg.move_penalty / n_dev * u
@@ -357,7 +440,10 @@ def _mip_plan(
                     if vs:
                         mdl.add_constr(mip.xsum(vs) >= 1)
         mdl.objective = obj
-        status = mdl.optimize(max_seconds=cfg.time_limit_s)
+        left = cfg.time_limit_s - (time.perf_counter() - t0)
+        if left < 0.005:
+            return None
+        status = mdl.optimize(max_seconds=left)
     except Exception:
         return None
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
@@ -390,11 +476,12 @@ def _split_classes(
             ((m, t, c) for (cj, m, t), c in counts.items() if cj == ci),
             key=lambda x: (-x[2], x[0], PLACEMENT_TYPES.index(x[1])),
         )
-        # Current types stay on the nodes that have them.
+        # Current types stay on the nodes that have them (so the devices that change
+        # are exactly sum(max(0, y - current)) over the class, as the MIP counted).
         for m, t, c in list(items):
             left = c
             for n in cls.nodes:
-                keep = min(cls.current.get((m, t), 0), free[n], left)
+                keep = min(cls.node_current[n].get((m, t), 0), free[n], left)
                 if keep > 0:
                     out[n, m, t] = out.get((n, m, t), 0) + keep
                     free[n] -= keep
