@@ -55,8 +55,14 @@ class DeviceSpec:
     speed: float = 1.0
 
 
-def parse_devices(spec: str, *, sim_memory_gb: float = 80.0, speed: float = 1.0) -> list[DeviceSpec]:
-    """``cpu:N``, ``sim:N`` or ``cuda:0,1,...`` (``cuda:all`` = every visible GPU)."""
+def parse_devices(
+    spec: str, *, sim_memory_gb: float = 80.0, speed: float = 1.0, memory_gb: float | None = None
+) -> list[DeviceSpec]:
+    """``cpu:N``, ``sim:N`` or ``cuda:0,1,...`` (``cuda:all`` = every visible GPU).
+
+    ``memory_gb`` overrides the memory each device reports to the planner (cpu: default
+    RAM / N; cuda: the GPU's; sim: ``sim_memory_gb``) — e.g. to reserve headroom.
+    """
     m = re.fullmatch(r"(cpu|sim|cuda):([0-9,]+|all)", spec.strip())
     if not m:
         raise ConfigError(f"--devices {spec!r}: expected cpu:N, sim:N or cuda:0,1,...")
@@ -65,7 +71,9 @@ def parse_devices(spec: str, *, sim_memory_gb: float = 80.0, speed: float = 1.0)
         if not rest.isdigit() or not 1 <= int(rest) <= 1024:
             raise ConfigError(f"--devices {spec!r}: N must be an integer in [1, 1024]")
         n = int(rest)
-        if kind == "sim":
+        if memory_gb is not None:
+            mem = int(memory_gb * GiB)
+        elif kind == "sim":
             mem = int(sim_memory_gb * GiB)
         else:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -81,7 +89,11 @@ def parse_devices(spec: str, *, sim_memory_gb: float = 80.0, speed: float = 1.0)
         if not 0 <= o < count:
             raise ConfigError(f"--devices {spec!r}: cuda:{o} does not exist ({count} visible)")
     return [
-        DeviceSpec("cuda", i, o, int(torch.cuda.get_device_properties(o).total_memory), speed)
+        DeviceSpec(
+            "cuda", i, o,
+            int(memory_gb * GiB) if memory_gb is not None else int(torch.cuda.get_device_properties(o).total_memory),
+            speed,
+        )
         for i, o in enumerate(ordinals)
     ]
 

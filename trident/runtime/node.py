@@ -46,6 +46,7 @@ class NodeArgs:
     host: str = "127.0.0.1"
     time_scale: float = 1.0
     sim_memory_gb: float = 80.0
+    memory_gb: float | None = None
     speed: float = 1.0
     threads: int | None = None
     log_file: str | None = None
@@ -67,7 +68,9 @@ class _Slot:
 class NodeDaemon:
     def __init__(self, args: NodeArgs) -> None:
         self.args = args
-        self.specs = parse_devices(args.devices, sim_memory_gb=args.sim_memory_gb, speed=args.speed)
+        self.specs = parse_devices(
+            args.devices, sim_memory_gb=args.sim_memory_gb, speed=args.speed, memory_gb=args.memory_gb
+        )
         self.slots = [_Slot(spec=s) for s in self.specs]
         self.log = get_logger("node", node_id=args.node_id)
         self.ctx = zmq.asyncio.Context()
@@ -263,6 +266,8 @@ def _parse(argv: list[str] | None) -> NodeArgs:
     p.add_argument("--host", default="127.0.0.1", help="address workers bind their data-plane sockets on")
     p.add_argument("--time-scale", type=float, default=1.0, help="sim devices: multiply simulated stage times")
     p.add_argument("--sim-memory-gb", type=float, default=80.0, help="sim devices: memory per simulated GPU")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory each device reports to the planner (default: the device's own)")
     p.add_argument("--speed", type=float, default=1.0, help="relative device speed reported to the planner")
     p.add_argument("--threads", type=int, default=None, help="cpu devices: torch threads per worker")
     p.add_argument("--log-file", default=None)
@@ -278,6 +283,7 @@ def _parse(argv: list[str] | None) -> NodeArgs:
         host=ns.host,
         time_scale=ns.time_scale,
         sim_memory_gb=ns.sim_memory_gb,
+        memory_gb=ns.device_memory_gb,
         speed=ns.speed,
         threads=ns.threads,
         log_file=ns.log_file,
