@@ -107,7 +107,7 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
                 "raw_pyzmq_GBps": size / rw / 1e9,
                 "runtime_p50_ms": rt * 1e3,
                 "raw_p50_ms": rw * 1e3,
-                "ratio_raw_over_runtime": rt / rw,
+                "runtime_time_over_raw": rt / rw,
                 "repeats": n,
             }
         await raw.send_multipart([b"stop"])
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out: dict[str, Any] = {
         "command": "trident bench runtime " + " ".join(argv if argv is not None else sys.argv[3:]),
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg()},
     }
     if not args.skip_data:
         dp = data_plane([int(x) for x in args.sizes_mb.split(",")], args.repeats)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {size:>5}: runtime {r['runtime_GBps']:.2f} GB/s ({r['runtime_p50_ms']:.1f} ms)  "
                 f"raw {r['raw_pyzmq_GBps']:.2f} GB/s ({r['raw_p50_ms']:.1f} ms)  "
-                f"runtime/raw time ratio {r['ratio_raw_over_runtime']:.2f}"
+                f"runtime/raw time ratio {r['runtime_time_over_raw']:.2f}"
             )
     if not args.skip_control:
         cp = control_plane(args.requests, args.devices, policy=args.policy)
