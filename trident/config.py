@@ -63,6 +63,7 @@ class SchedulerConfig:
     models: list[ModelSpec] = field(default_factory=list)
     curve_dir: str | None = None  # CurveZMQ keys (server.key_secret, ...)
     time_scale: float = 1.0  # sim clusters: the nodes' --time-scale, so plans match
+    tick_s: float = 0.05  # how often the core gets a Tick (timeouts, re-planning)
     profiles: list[str] = field(default_factory=list)  # `trident profile` files
     policy_options: dict[str, Any] = field(default_factory=dict)
 

@@ -60,7 +60,6 @@ from trident.sched.types import (
 
 __all__ = ["SchedulerDaemon", "main", "make_core"]
 
-TICK_S = 0.05
 DRAIN_MAX = 512
 MAX_REQUEST_ID = 128
 
@@ -651,7 +650,7 @@ class SchedulerDaemon:
 
     async def _tick_loop(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(self.cfg.tick_s)
             now = self.now()
             ttl = self.cfg.worker_ttl_s
             for dev, conn in list(self.workers.items()):
@@ -689,6 +688,7 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     p.add_argument("--heartbeat-s", type=float)
     p.add_argument("--worker-ttl-s", type=float)
     p.add_argument("--time-scale", type=float, help="sim clusters: the nodes' --time-scale")
+    p.add_argument("--tick-s", type=float, help="seconds between the core's ticks (default 0.05)")
     p.add_argument("--profile", action="append", default=[], metavar="FILE",
                    help="a `trident profile` file for the cost model (repeatable)")
     p.add_argument("--curve-dir", help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate")
@@ -696,7 +696,7 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     ns = p.parse_args(argv)
     cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
     cfg.profiles.extend(ns.profile)
-    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale", "curve_dir"):
+    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale", "curve_dir", "tick_s"):
         value = getattr(ns, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -710,6 +710,8 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
         raise ConfigError("no model to serve: pass --model NAME=DIR or a config file with [[models]]")
     if cfg.max_queue < 1:
         raise ConfigError("--max-queue must be at least 1")
+    if not 0.001 <= cfg.tick_s <= 10:
+        raise ConfigError("--tick-s must be in [0.001, 10]")
     return cfg, ns
 
 

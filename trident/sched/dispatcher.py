@@ -83,6 +83,13 @@ class DeviceView:
     free_memory: int  # memory_bytes - weights of the stages its plan puts on it
     holds: Mapping[str, frozenset[Stage]]  # model -> stages (plan)
     available: bool = True  # can take a new task now (in-flight limit)
+    # Seconds to load a planned stage's weights before it can run here: (model, stage)
+    # -> load_seconds(source) for planned stages that are not resident; absent = 0.
+    load_s: Mapping[tuple[str, Stage], float] = field(default_factory=dict)
+
+    def load(self, model: str, stage: Stage) -> float:
+        """Seconds before ``stage`` of ``model`` can run here for lack of weights."""
+        return self.load_s.get((model, stage), 0.0) if self.load_s else 0.0
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,9 @@ class Dispatcher:
                 cross = 0 if same else 1
             start = max(now, d.free_at)
             end = (
-                start + xfer + self.cost.stage_seconds(item.family, "decode", item.shape) / d.speed
+                start
+                + max(xfer, d.load(item.model, "decode"))
+                + self.cost.stage_seconds(item.family, "decode", item.shape) / d.speed
             )
             key = end + 1e-6 * cross
             if best is None or key < best[0]:
@@ -446,21 +455,30 @@ class Dispatcher:
         xfers = 0
         first_end = now
         stages: list[Stage] = []
+        m = item.model
+        # Weights not resident are loaded when the task lands: members in parallel, the
+        # leader one stage after another.
+        grp_load = max(g.load(m, "diffuse") for g in grp)
+        lead_dec = leader.load(m, "decode") if "decode" in held else 0.0
         if item.next_stage == "encode":
             if "encode" in held and leader.free_memory >= enc_peak:
                 stages = ["encode", "diffuse"]
                 start = g_free
-                d_start = start + enc_t / leader.speed
+                lead = leader.load(m, "encode") + leader.load(m, "diffuse") + lead_dec
+                d_start = start + max(lead, grp_load) + enc_t / leader.speed
                 task_devices = ids
             else:
                 if aux_enc is None:
                     return None
                 e_start = max(now, aux_enc.free_at)
-                e_end = e_start + enc_t / aux_enc.speed
+                e_end = e_start + aux_enc.load(m, "encode") + enc_t / aux_enc.speed
                 same = aux_enc.node_id == node
                 cross += 0 if same else 1
                 xfers += 1
-                d_start = max(g_free, e_end + cost.transfer_seconds(text_b, same))
+                d_start = max(
+                    g_free + max(grp_load, leader.load(m, "diffuse") + lead_dec),
+                    e_end + cost.transfer_seconds(text_b, same),
+                )
                 # The task issued now is encode alone; diffuse is re-planned when it ends.
                 stages = ["encode"]
                 start = e_start
@@ -477,7 +495,7 @@ class Dispatcher:
                 xfer = cost.transfer_seconds(text_b, same)
             stages = ["diffuse"]
             start = g_free
-            d_start = start + xfer
+            d_start = start + max(xfer, grp_load, leader.load(m, "diffuse") + lead_dec)
             task_devices = ids
         d_end = d_start + dif_t / speed
         if "decode" in held and leader.free_memory >= dec_peak:
@@ -493,7 +511,10 @@ class Dispatcher:
             same = aux_dec.node_id == node
             cross += 0 if same else 1
             xfers += 1
-            c_start = max(aux_dec.free_at, d_end + cost.transfer_seconds(lat_b, same))
+            c_start = max(
+                aux_dec.free_at + aux_dec.load(m, "decode"),
+                d_end + cost.transfer_seconds(lat_b, same),
+            )
             finish = c_start + dec_t / aux_dec.speed
             task_end = d_end if stages[-1] == "diffuse" else first_end
         return _Cand(
@@ -667,14 +688,10 @@ def _earliest(
     usable: Sequence[DeviceView], model: str, stage: Stage, peak: int, now: float
 ) -> DeviceView | None:
     best: DeviceView | None = None
+    best_key: tuple[float, str] | None = None
     for d in usable:
-        if (
-            stage in d.holds.get(model, frozenset())
-            and d.free_memory >= peak
-            and (
-                best is None
-                or (max(now, d.free_at), d.device_id) < (max(now, best.free_at), best.device_id)
-            )
-        ):
-            best = d
+        if stage in d.holds.get(model, frozenset()) and d.free_memory >= peak:
+            key = (max(now, d.free_at) + d.load(model, stage), d.device_id)
+            if best_key is None or key < best_key:
+                best, best_key = d, key
     return best

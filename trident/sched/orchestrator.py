@@ -53,6 +53,7 @@ __all__ = [
     "plan_capacity_ratio",
     "proportional_plan",
     "type_fits",
+    "type_load_seconds",
 ]
 
 # Communication a type implies (stage hand-offs that cross devices), for tie-breaking.
@@ -69,6 +70,13 @@ class OrchestratorConfig:
     comm_penalty: float = 0.01
     efficiency: float = 0.8
     use_mip: bool = True
+    # Load cost of a move: a device newly given (model, type) cannot serve while it
+    # loads that type's weights (``move_seconds[(model, type)]``); over a plan expected
+    # to hold ``move_horizon_s`` that is a loss of ``speed * seconds / horizon`` device-
+    # seconds per second of the model's capacity, charged in the objective's units (the
+    # least capacity/demand ratio, were the model the bottleneck) times ``load_weight``.
+    move_horizon_s: float = 300.0
+    load_weight: float = 1.0
 
 
 @dataclass
@@ -252,8 +260,14 @@ def orchestrate(
     shapes: Mapping[str, Sequence[Shape]] | None = None,
     current: Mapping[str, tuple[str, str] | None] | None = None,
     config: OrchestratorConfig | None = None,
+    move_seconds: Mapping[tuple[str, str], float] | None = None,
 ) -> PlacementResult:
-    """A placement plan for ``devices``; MIP with the proportional heuristic as fallback."""
+    """A placement plan for ``devices``; MIP with the proportional heuristic as fallback.
+
+    ``move_seconds[(model, type)]``: seconds a device needs to load that type's weights
+    (:func:`type_load_seconds`); it raises the MIP's penalty on giving a device that
+    type (see :class:`OrchestratorConfig`). Without it, moves cost ``move_penalty`` only.
+    """
     cfg = config or OrchestratorConfig()
     if cfg.use_mip:
         preload(cfg.solver)  # once per process, outside the time budget
@@ -263,7 +277,7 @@ def orchestrate(
     demand = _with_prior(demand, models)
     res: PlacementResult | None = None
     if cfg.use_mip:
-        res = _mip_plan(cost, models, devices, demand, shapes, current, cfg, t0)
+        res = _mip_plan(cost, models, devices, demand, shapes, current, cfg, t0, move_seconds or {})
     if res is None:
         res = proportional_plan(cost, models, devices, demand, shapes, current, cfg.efficiency)
         res.reason = res.reason or ("fallback" if cfg.use_mip else "configured")
@@ -343,6 +357,23 @@ def cover_models(
             covered |= {(m, s) for s in batch}
 
 
+def type_load_seconds(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    source: Mapping[tuple[str, Stage], str] | None = None,
+) -> dict[tuple[str, str], float]:
+    """Seconds a device needs to load each (model, placement type)'s weights: the sum of
+    ``cost.load_seconds(family, stage, source)`` over the type's stages, each stage's
+    source from ``source[(model, stage)]`` (default "disk")."""
+    source = source or {}
+    out: dict[tuple[str, str], float] = {}
+    for m, info in models.items():
+        per = {s: cost.load_seconds(info.family, s, source.get((m, s), "disk")) for s in STAGES}
+        for t in PLACEMENT_TYPES:
+            out[m, t] = sum(per[s] for s in stages_of_type(t))
+    return out
+
+
 def _with_prior(demand: Demand, models: Mapping[str, ModelInfo]) -> Demand:
     """Models with no demand in the window get a small prior (E:D:C = 5:85:10 of 1% of
     the busiest model's work), so every served model keeps a home."""
@@ -382,6 +413,7 @@ def _mip_plan(
     current: Mapping[str, tuple[str, str] | None],
     cfg: OrchestratorConfig,
     t0: float,
+    move_seconds: Mapping[tuple[str, str], float] | None = None,
 ) -> PlacementResult | None:
     try:
         import mip
@@ -392,6 +424,8 @@ def _mip_plan(
     n_dev = max(1, len(devices))
     scale = max(max(st.values()) for st in demand.values()) or 1.0
     dem = {m: {s: v / scale for s, v in st.items() if v > 0} for m, st in demand.items()}
+    move_seconds = move_seconds or {}
+    horizon = max(cfg.move_horizon_s, 1e-9)
     try:
         mdl = mip.Model(sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC")
         mdl.verbose = 0
@@ -411,7 +445,16 @@ def _mip_plan(
                 cur = cls.current.get((m, t), 0)
                 u = mdl.add_var(lb=0.0)
                 mdl.add_constr(u >= v - cur)
-                obj -= cfg.move_penalty / n_dev * u
+                # z is the least ratio x scale; a device of speed `sp` loading for L s
+                # out of the horizon costs model m (were it the bottleneck) about
+                # sp * L / H / (m's scaled work) of z.
+                load_s = move_seconds.get((m, t), 0.0)
+                work = sum(dem.get(m, {}).values())
+                load_pen = 0.0
+                if load_s > 0 and work > 0:
+                    load_pen = cfg.load_weight * cls.speed * (load_s / horizon) / work
+                    load_pen = min(load_pen, 1.0)  # never more than a whole scaled unit
+                obj -= (cfg.move_penalty / n_dev + load_pen) * u
             vs = [y[ci, m, t] for m, t in allowed]
             if vs:
                 mdl.add_constr(mip.xsum(vs) <= cap)

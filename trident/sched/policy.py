@@ -6,7 +6,8 @@ holds — in a :class:`~trident.sched.graph.ClusterGraph`, and emits ``LoadStage
 initial placement when devices join (so the simulator accounts memory and load time)
 and ``LoadStage``/``UnloadStage`` when the placement changes.
 
-``make_policy(name, models, cost, **config)``: names ``trident`` (default), ``b1``,
+``make_policy(name, models, cost, **config)``: names ``trident`` (default),
+``trident-static`` (same, placement frozen after the first window), ``b1``,
 ``b4``, ``b6``, ``authors``, ``fifo`` (the core's stage-level FIFO). Config keys:
 :func:`config_keys`.
 """
@@ -27,12 +28,15 @@ from trident.sched.dispatcher import (
     best_group_free,
 )
 from trident.sched.graph import ClusterGraph, placement_type
-from trident.sched.monitor import Monitor
+from trident.sched.monitor import Monitor, MonitorSnapshot, mix_of
 from trident.sched.orchestrator import (
     OrchestratorConfig,
+    PlacementResult,
     orchestrate,
     plan_capacity_ratio,
+    type_load_seconds,
 )
+from trident.sched.trigger import ReplanTrigger, TriggerConfig
 from trident.sched.types import (
     STAGES,
     Command,
@@ -51,6 +55,7 @@ from trident.sched.types import (
     RequestSpec,
     Shape,
     Stage,
+    StageLoaded,
     TaskFinished,
     Tick,
     UnloadStage,
@@ -60,6 +65,7 @@ __all__ = [
     "PlacedPolicy",
     "TridentConfig",
     "TridentPolicy",
+    "TridentStaticPolicy",
     "config_keys",
     "make_policy",
 ]
@@ -128,10 +134,20 @@ class PlacedPolicy(SchedulerCore):
         raise NotImplementedError
 
     def apply_placement(
-        self, placement: Placement, now: float, out: list[Command], reason: str = ""
-    ) -> None:
-        """Set the plan (metadata first); emit unload/load for changed stages."""
+        self,
+        placement: Placement,
+        now: float,
+        out: list[Command],
+        reason: str = "",
+        why: Mapping[str, object] | None = None,
+    ) -> int:
+        """Set the plan (metadata first); emit unload/load for changed stages; log
+        ``placement.changed`` with the old and new plan (device -> model -> placement
+        type), the reason and ``why`` (trigger rule, numbers, monitor snapshot). Returns
+        the number of devices whose placement changed."""
         changed = 0
+        old_plan: dict[str, dict[str, str]] = {}
+        new_plan: dict[str, dict[str, str]] = {}
         for info in self.graph.devices(up_only=False):
             dev = info.device_id
             old = dict(self.graph.placement(dev))
@@ -146,6 +162,8 @@ class PlacedPolicy(SchedulerCore):
                         out.append(LoadStage(dev, m, s))
             if old != new:
                 changed += 1
+            old_plan[dev] = {m: placement_type(st) for m, st in old.items() if st}
+            new_plan[dev] = {m: placement_type(st) for m, st in new.items() if st}
             self.graph.clear_placement(dev)
             for m, stages in new.items():
                 self.graph.set_placement(dev, m, stages)
@@ -155,17 +173,18 @@ class PlacedPolicy(SchedulerCore):
                 for m, st in self.graph.placement(info.device_id).items():
                     key = f"{m}:{placement_type(st)}"
                     types[key] = types.get(key, 0) + 1
-            out.append(
-                LogEvent(
-                    "placement.changed",
-                    {
-                        "policy": self.name,
-                        "reason": reason,
-                        "devices_changed": changed,
-                        "types": types,
-                    },
-                )
-            )
+            fields_: dict[str, object] = {
+                "policy": self.name,
+                "reason": reason,
+                "devices_changed": changed,
+                "types": types,
+                "old": old_plan,
+                "new": new_plan,
+            }
+            if why:
+                fields_.update(why)
+            out.append(LogEvent("placement.changed", fields_))
+        return changed
 
     # ------------------------------------------------------------------ memory check
 
@@ -503,15 +522,25 @@ class TridentConfig:
     groups_per_degree: int = 3
     lookahead_s: float = 2.0
     use_mip: bool = True
-    # orchestrator / monitor
+    load_cost: bool = True  # predicted completion pays load_seconds(source) for missing weights
+    # orchestrator / monitor / trigger
     placement_solver: str = "highs"
     placement_time_limit_s: float = 0.15
     move_penalty: float = 0.05
+    move_horizon_s: float = 300.0  # a plan is expected to hold this long (load penalty)
+    load_weight: float = 1.0  # weight of the load-time part of the move penalty
     window_s: float = 60.0
-    imbalance: float = 1.5
-    replan_interval_s: float = 10.0
-    min_gain: float = 0.1
+    imbalance: float = 1.5  # fastest / slowest stage (or model) supply ratio
+    drift: float = 0.25  # total-variation distance of the work mix vs the plan's
+    replan_interval_s: float = 5.0  # trigger check period
+    confirm_checks: int = 3  # consecutive checks a condition must hold
+    min_replan_interval_s: float = 30.0  # between re-plan attempts
+    min_gain: float = 0.1  # predicted least-ratio improvement needed to apply a plan
+    satisfied_ratio: float = 1.25  # current least ratio at or above it: keep the plan
+    min_arrivals: int = 10  # trigger ignores windows with fewer arrivals
     dynamic_placement: bool = True
+    # trident-static: plan once, this long after the first arrival (None: window_s)
+    static_plan_after_s: float | None = None
     log_empty_rounds: bool = False
 
     def core(self) -> CoreConfig:
@@ -523,9 +552,21 @@ class TridentConfig:
             efficiency=self.efficiency,
         )
 
+    def trigger(self) -> TriggerConfig:
+        return TriggerConfig(
+            imbalance=self.imbalance,
+            drift=self.drift,
+            confirm_checks=self.confirm_checks,
+            min_interval_s=self.min_replan_interval_s,
+            min_gain=self.min_gain,
+            satisfied_ratio=self.satisfied_ratio,
+            min_arrivals=self.min_arrivals,
+        )
+
 
 class TridentPolicy(PlacedPolicy):
-    """MIP placement (re-planned on imbalance) + MIP dispatch with greedy fallback."""
+    """MIP placement re-planned by the trigger (monitor snapshot: stage/model imbalance,
+    mix drift; hysteresis) + MIP dispatch with greedy fallback, load-aware."""
 
     name = "trident"
 
@@ -551,8 +592,82 @@ class TridentPolicy(PlacedPolicy):
             ),
         )
         self.monitor = Monitor(window_s=c.window_s, imbalance=c.imbalance)
+        self.trigger = ReplanTrigger(c.trigger())
         self._last_check = -float("inf")
         self._base: dict[str, tuple[str, str] | None] = {}
+        # (node, model, stage) whose weights some device of the node has loaded: the
+        # node keeps a CPU copy, so later loads there come from "node-cache".
+        self._node_seen: set[tuple[str, str, Stage]] = set()
+        self._load_s: dict[tuple[str, Stage, str], float] = {}
+        self.last_snapshot: MonitorSnapshot | None = None
+
+    # ------------------------------------------------------------------ load cost
+
+    def load_source(self, device_id: str, model: str, stage: Stage) -> str:
+        """Where ``device_id`` would load a stage's weights from (the runtime's rule):
+        "resident", a same-node device holding them -> "peer", the node loaded them
+        before -> "node-cache", else "disk"."""
+        st = self.devices.get(device_id)
+        if st is None:
+            return "disk"
+        if (model, stage) in st.holds:
+            return "resident"
+        node = st.info.node_id
+        for other in self.devices.values():
+            if (
+                other.up
+                and other.device_id != device_id
+                and other.info.node_id == node
+                and (model, stage) in other.holds
+            ):
+                return "peer"
+        if (node, model, stage) in self._node_seen:
+            return "node-cache"
+        return "disk"
+
+    def _load_seconds(self, model: str, stage: Stage, source: str) -> float:
+        key = (model, stage, source)
+        got = self._load_s.get(key)
+        if got is None:
+            info = self.models[model]
+            got = self._load_s[key] = float(self.cost.load_seconds(info.family, stage, source))
+        return got
+
+    def device_views(self, now: float) -> list[DeviceView]:
+        views = super().device_views(now)
+        if not self.tconfig.load_cost:
+            return views
+        node_res: dict[str, set[tuple[str, Stage]]] = {}
+        for st in self.devices.values():
+            if st.up:
+                node_res.setdefault(st.info.node_id, set()).update(st.holds)
+        for v in views:
+            st = self.devices[v.device_id]
+            loads: dict[tuple[str, Stage], float] = {}
+            for m, stages in v.holds.items():
+                if m not in self.models:
+                    continue
+                for s in stages:
+                    if (m, s) in st.holds:
+                        continue
+                    if (m, s) in node_res.get(v.node_id, ()):
+                        src = "peer"
+                    elif (v.node_id, m, s) in self._node_seen:
+                        src = "node-cache"
+                    else:
+                        src = "disk"
+                    loads[m, s] = self._load_seconds(m, s, src)
+            v.load_s = loads
+        return views
+
+    def _move_seconds(self) -> dict[tuple[str, str], float]:
+        """Per (model, type): seconds to load its weights on a device that lacks them —
+        "node-cache" when some node has loaded the stage before, else "disk"."""
+        seen = {(m, s) for _, m, s in self._node_seen}
+        src: dict[tuple[str, Stage], str] = {
+            (m, s): "node-cache" if (m, s) in seen else "disk" for m in self.models for s in STAGES
+        }
+        return type_load_seconds(self.cost, self.models, src)
 
     # ------------------------------------------------------------------ placement
 
@@ -563,6 +678,8 @@ class TridentPolicy(PlacedPolicy):
             time_limit_s=c.placement_time_limit_s,
             move_penalty=c.move_penalty,
             efficiency=c.efficiency,
+            move_horizon_s=c.move_horizon_s,
+            load_weight=c.load_weight,
         )
 
     def _current(self) -> dict[str, tuple[str, str] | None]:
@@ -587,27 +704,46 @@ class TridentPolicy(PlacedPolicy):
             cur[info.device_id] = (best[0], placement_type(best[1])) if best else None
         return cur
 
-    def compute_placement(self, now: float) -> Placement:
+    def _orchestrate(self, now: float) -> PlacementResult:
         devices = self.graph.devices()
         demand = self.monitor.demand(self.cost, self.models, now, self.tconfig.efficiency)
-        res = orchestrate(
+        current = self._current()
+        # Load time is a cost of *moving*: when some device holds nothing yet (devices
+        # joined), every type must be loaded anyway and the penalty would only bias the
+        # plan toward small weights.
+        moving = bool(current) and all(v is not None for v in current.values())
+        return orchestrate(
             self.cost,
             self.models,
             devices,
             demand,
             self.monitor.shapes(now),
-            self._current(),
+            current,
             self._orch_config(),
+            move_seconds=self._move_seconds() if moving else None,
         )
+
+    def compute_placement(self, now: float) -> Placement:
+        res = self._orchestrate(now)
         self._last_placement = res
         self._base = dict(res.plan)
+        self.trigger.planned_for(self._mix(now))
         return res.stages()
 
-    def _model_ratios(self, now: float) -> dict[str, float]:
+    def _mix(self, now: float) -> dict[str, float]:
+        return mix_of(self.monitor.demand(self.cost, self.models, now, self.tconfig.efficiency))
+
+    def _ratios_of(
+        self, placement: Mapping[str, Mapping[str, frozenset[Stage]]], now: float
+    ) -> dict[str, float]:
+        """Per model with demand: the plan's capacity/demand (exact fluid LP), counting
+        every up device that holds the model fully for its type there."""
         demand = self.monitor.demand(self.cost, self.models, now, self.tconfig.efficiency)
         counts: dict[str, dict[tuple[str, str], float]] = {}
         for info in self.graph.devices():
-            for m, st in self.graph.placement(info.device_id).items():
+            for m, st in placement.get(info.device_id, {}).items():
+                if not st:
+                    continue
                 key = (m, placement_type(st))
                 counts.setdefault(m, {})
                 counts[m][key] = counts[m].get(key, 0.0) + info.speed
@@ -618,30 +754,116 @@ class TridentPolicy(PlacedPolicy):
             out[m] = plan_capacity_ratio(counts.get(m, {}), {m: dem})
         return out
 
+    def _model_ratios(self, now: float) -> dict[str, float]:
+        return self._ratios_of(self._placement_now(), now)
+
+    def _placement_now(self) -> dict[str, dict[str, frozenset[Stage]]]:
+        return {
+            info.device_id: dict(self.graph.placement(info.device_id))
+            for info in self.graph.devices()
+        }
+
+    def snapshot(self, now: float) -> MonitorSnapshot:
+        """The monitor's snapshot of the current plan, queue and devices."""
+        placement = self._placement_now()
+        speeds = {info.device_id: info.speed for info in self.graph.devices()}
+        free = {
+            d: self.devices[d].info.memory_bytes - self.weights_on(d)
+            for d in placement
+            if d in self.devices
+        }
+        inflight = {d: len(self.devices[d].inflight) for d in placement if d in self.devices}
+        queue = [(r.spec.model, r.spec.arrival) for r in self.waiting.values()]
+        snap = self.monitor.snapshot(
+            now,
+            self.cost,
+            self.models,
+            placement,
+            speeds,
+            model_ratio=self._ratios_of(placement, now),
+            queue=queue,
+            free_memory=free,
+            inflight=inflight,
+            efficiency=self.tconfig.efficiency,
+        )
+        self.last_snapshot = snap
+        return snap
+
     def observe(self, event: Event, now: float, out: list[Command]) -> None:
         if isinstance(event, RequestArrived):
             self.monitor.record_arrival(now, event.request.model, event.request.shape)
         elif isinstance(event, TaskFinished):
             task = self.tasks.get(event.task_id)
             if task is not None:
+                k = len(task.cmd.devices)
+                busy = event.load_seconds + event.transfer_seconds
                 for s, secs in event.stage_seconds.items():
-                    self.monitor.record_stage(task.cmd.model, s, float(secs))
+                    # Only the leader runs encode/decode; diffuse runs on all k.
+                    self.monitor.record_stage(
+                        task.cmd.model, s, float(secs), now, degree=k if s == "diffuse" else 1
+                    )
+                    busy += float(secs)
+                self.monitor.record_busy(now, task.cmd.devices, busy)
+        elif isinstance(event, StageLoaded):
+            st = self.devices.get(event.device_id)
+            if st is not None:
+                self._node_seen.add((st.info.node_id, event.model, event.stage))
         c = self.tconfig
         if not c.dynamic_placement or not isinstance(event, (Tick, RequestArrived)):
             return
         if now - self._last_check < c.replan_interval_s or not self.graph.devices():
             return
         self._last_check = now
-        ratios = self._model_ratios(now)
-        if not ratios or not self.monitor.imbalanced(ratios):
-            return
-        before = min(ratios.values())
-        placement = self.compute_placement(now)
-        after = self._last_placement.ratio
-        if after > before * (1.0 + c.min_gain):
-            self.apply_placement(
-                placement, now, out, reason=f"imbalance: ratio {before:.3f} -> {after:.3f}"
+        self.maybe_replan(now, out)
+
+    def maybe_replan(self, now: float, out: list[Command]) -> bool:
+        """One trigger check; re-plan and apply when the trigger fires and the new plan
+        is predicted to gain ``min_gain``. Returns whether the plan changed."""
+        snap = self.snapshot(now)
+        decision = self.trigger.check(snap, now)
+        if decision is None:
+            return False
+        res = self._orchestrate(now)
+        placement = res.stages()
+        before_r = snap.model_ratio
+        after_r = self._ratios_of(placement, now)
+        before = min(before_r.values(), default=float("inf"))
+        after = min(after_r.values(), default=float("inf"))
+        applied = self.trigger.worth_it(before, after)
+        why: dict[str, object] = {
+            "trigger": decision.to_log(),
+            "ratio_before": round(before, 4) if before != float("inf") else None,
+            "ratio_after": round(after, 4) if after != float("inf") else None,
+            "solver": res.solver,
+            "solve_ms": round(res.ms, 2),
+            "monitor": snap.summary(),
+        }
+        changed = 0
+        if applied:
+            self._last_placement = res
+            self._base = dict(res.plan)
+            changed = self.apply_placement(
+                placement,
+                now,
+                out,
+                reason=f"{decision.describe()}; least ratio {before:.3f} -> {after:.3f}",
+                why=why,
             )
+        else:
+            out.append(
+                LogEvent(
+                    "placement.kept",
+                    {
+                        "policy": self.name,
+                        "reason": f"{decision.describe()}; predicted least ratio "
+                        f"{before:.3f} -> {after:.3f}: below the {self.tconfig.min_gain:.0%} gain "
+                        f"or the current plan is satisfied (>= {self.tconfig.satisfied_ratio:g})",
+                        **why,
+                    },
+                )
+            )
+        self.trigger.attempted(now, applied, snap.mix)
+        return changed > 0
 
     # ------------------------------------------------------------------ dispatch
 
@@ -691,6 +913,44 @@ class TridentPolicy(PlacedPolicy):
         return out
 
 
+class TridentStaticPolicy(TridentPolicy):
+    """``trident-static``: Trident's dispatcher (load-aware) and adjust-on-dispatch for
+    a stage with no device at all, but the placement is planned once — for the trace's
+    first window (``static_plan_after_s`` after the first arrival, default ``window_s``)
+    — and then frozen: no trigger, no re-planning."""
+
+    name = "trident-static"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel,
+        config: TridentConfig | None = None,
+    ) -> None:
+        cfg = config or TridentConfig()
+        cfg.dynamic_placement = False
+        super().__init__(models, cost, cfg)
+        self.frozen = False
+
+    def observe(self, event: Event, now: float, out: list[Command]) -> None:
+        super().observe(event, now, out)
+        first = self.monitor.first_arrival
+        if self.frozen or first is None or not self.graph.devices():
+            return
+        after = self.tconfig.static_plan_after_s
+        if now < first + (self.tconfig.window_s if after is None else after):
+            return
+        self.frozen = True
+        snap = self.snapshot(now)
+        self.apply_placement(
+            self.compute_placement(now),
+            now,
+            out,
+            reason="static: the plan for the first window, frozen",
+            why={"monitor": snap.summary()},
+        )
+
+
 # --------------------------------------------------------------------------- factory
 
 
@@ -700,6 +960,7 @@ def config_keys(name: str) -> tuple[str, ...]:
 
     cls: dict[str, type[Any]] = {
         "trident": TridentConfig,
+        "trident-static": TridentConfig,
         "fifo": CoreConfig,
         "b1": baselines.StaticFifoConfig,
         "b4": baselines.BaselineConfig,
@@ -715,13 +976,15 @@ def make_policy(
     cost: CostModel,
     **config: Any,
 ) -> Policy:
-    """A policy by name: ``trident`` (default), ``b1``, ``b4``, ``b6``, ``authors``,
-    ``fifo``. Unknown config keys raise ``TypeError`` (see :func:`config_keys`)."""
+    """A policy by name: ``trident`` (default), ``trident-static``, ``b1``, ``b4``,
+    ``b6``, ``authors``, ``fifo``. Unknown config keys raise ``TypeError`` (see :func:`config_keys`)."""
     from trident.sched import baselines
 
     name = (name or "trident").lower()
     if name == "trident":
         return TridentPolicy(models, cost, TridentConfig(**config))
+    if name == "trident-static":
+        return TridentStaticPolicy(models, cost, TridentConfig(**config))
     if name == "fifo":
         return FifoPolicy(models, cost, CoreConfig(**config))
     classes: dict[str, tuple[type[Any], type[Any]]] = {
@@ -731,7 +994,9 @@ def make_policy(
         "authors": (baselines.AuthorsPolicy, baselines.AuthorsConfig),
     }
     if name not in classes:
-        raise ValueError(f"unknown policy {name!r}; known: trident, b1, b4, b6, authors, fifo")
+        raise ValueError(
+            f"unknown policy {name!r}; known: trident, trident-static, b1, b4, b6, authors, fifo"
+        )
     pcls, ccls = classes[name]
     policy: Policy = pcls(models, cost, ccls(**config))
     return policy

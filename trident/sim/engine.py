@@ -162,6 +162,7 @@ class RequestRecord:
     error: str | None = None
     policy_met_slo: bool | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
+    devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> devices
     oom_tasks: int = 0
 
     @property
@@ -358,6 +359,7 @@ class Simulator:
             rec.finish = self.now
             rec.policy_met_slo = cmd.met_slo
             rec.timings = dict(cmd.timings)
+            rec.devices = dict(cmd.devices)
             if rec.deadline is None and cmd.deadline is not None:
                 rec.deadline = cmd.deadline
             self.open_requests -= 1

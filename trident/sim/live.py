@@ -65,7 +65,11 @@ def run_live(cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | No
         for i in range(cfg.nodes)
     ]
     served = [f"{name}=sim:{info.family}" for name, info in models.items()]
-    opts: list[str] = ["--slo-scale", str(cfg.slo_scale), "--max-queue", str(max(1024, 2 * len(requests)))]
+    # The core ticks as often, in simulated time, as in the simulator.
+    tick = max(0.002, cfg.tick_s * time_scale)
+    opts: list[str] = [
+        "--slo-scale", str(cfg.slo_scale), "--max-queue", str(max(1024, 2 * len(requests))), "--tick-s", str(tick),
+    ]
     for key, value in cfg.policy_options:
         if "." not in key:
             opts += ["--policy-option", f"{key}={value}"]
