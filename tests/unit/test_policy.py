@@ -213,3 +213,64 @@ def test_model_without_a_home_is_placed_on_dispatch() -> None:
         sim.execute(c)
     sim.run()
     assert [c.request_id for c in sim.done] == ["s"] and not sim.failed
+
+
+QUICK = dict(
+    window_s=10.0,
+    replan_interval_s=1.0,
+    confirm_checks=2,
+    min_replan_interval_s=5.0,
+    min_arrivals=3,
+    satisfied_ratio=1e9,
+)
+
+
+def _shift(name: str) -> tuple[MiniSim, list[tuple[float, LogEvent]]]:
+    ms = models("flux", "sd3")
+    sim = MiniSim(make_policy(name, ms, COST, **QUICK), COST)
+    logs: list[tuple[float, LogEvent]] = []
+    run = sim.execute
+
+    def execute(cmd: object) -> None:
+        if isinstance(cmd, LogEvent) and cmd.event.startswith("placement."):
+            logs.append((sim.now, cmd))
+        run(cmd)  # type: ignore[arg-type]
+
+    sim.execute = execute  # type: ignore[method-assign]
+    join(sim, devices(1, 8))
+    for i in range(40):
+        arrive(sim, RequestSpec(f"f{i}", "flux", Shape(512, 512, 1, 20), 0.5 + i))
+    for i in range(40):
+        arrive(sim, RequestSpec(f"s{i}", "sd3", Shape(1024, 1024, 1, 20), 40.5 + i))
+    sim.run()
+    assert len(sim.done) == 80 and not sim.failed
+    return sim, logs
+
+
+def test_trident_replans_on_a_mix_shift_with_old_and_new_plan_logged() -> None:
+    _, logs = _shift("trident")
+    trig = [(t, c) for t, c in logs if c.event == "placement.changed" and "trigger" in c.fields]
+    assert any(t > 40.5 for t, _ in trig), "no re-plan after the shift"
+    _t, c = next((t, c) for t, c in trig if t > 40.5)
+    f = c.fields
+    assert f["trigger"]["rule"] in ("drift", "model-imbalance", "stage-imbalance")  # type: ignore[index]
+    assert f["ratio_after"] > f["ratio_before"]  # type: ignore[operator]
+    assert "monitor" in f and "mix" in f["monitor"]  # type: ignore[operator]
+
+    def sd3_devices(plan: object) -> int:
+        return sum(1 for held in plan.values() if "sd3" in held)  # type: ignore[attr-defined]
+
+    assert sd3_devices(f["new"]) > sd3_devices(f["old"])
+    # hysteresis: re-plans at least min_replan_interval_s apart
+    times = [t for t, _ in trig]
+    assert all(b - a >= 5.0 - 1e-9 for a, b in itertools.pairwise(times))
+
+
+def test_trident_static_plans_once_for_the_first_window_then_freezes() -> None:
+    _, logs = _shift("trident-static")
+    changed = [(t, c) for t, c in logs if c.event == "placement.changed"]
+    static = [t for t, c in changed if str(c.fields["reason"]).startswith("static")]
+    assert len(static) == 1 and 10.0 <= static[0] <= 12.0  # first arrival 0.5 + window 10
+    assert not [c for _, c in changed if "trigger" in c.fields]
+    assert all(t <= static[0] for t, _ in changed)  # nothing re-planned afterwards
+    assert "static_plan_after_s" in config_keys("trident-static")

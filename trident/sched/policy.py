@@ -630,7 +630,14 @@ class TridentPolicy(PlacedPolicy):
         got = self._load_s.get(key)
         if got is None:
             info = self.models[model]
-            got = self._load_s[key] = float(self.cost.load_seconds(info.family, stage, source))
+            got = float(self.cost.load_seconds(info.family, stage, source))
+            # The cost model's figure is for its family's weights; a served model with
+            # its own, smaller weights (a tiny model) loads in proportion.
+            fam_w = float(self.cost.weight_bytes(info.family, stage))
+            own_w = float(model_weight_bytes(self.cost, info, stage))
+            if 0 < own_w < fam_w:
+                got *= own_w / fam_w
+            self._load_s[key] = got
         return got
 
     def device_views(self, now: float) -> list[DeviceView]:

@@ -38,10 +38,10 @@ __all__ = [
     "step_trace",
 ]
 
-# req/s per family. Phase 1 ~ 25 device-s/s of work, 90% image; phase 2 ~ 26, 90% video
+# req/s per family. Phase 1 ~ 25 device-s/s of work, ~90% image; phase 2 ~ 17, ~94% video
 # (reference cost model, L20; flux ~39, sd3 ~4.6, cogvideox ~635 device-s per request).
 DEFAULT_PHASE1: dict[str, float] = {"flux": 0.5, "sd3": 0.8, "cogvideox": 0.004}
-DEFAULT_PHASE2: dict[str, float] = {"flux": 0.05, "sd3": 0.1, "cogvideox": 0.036}
+DEFAULT_PHASE2: dict[str, float] = {"flux": 0.03, "sd3": 0.05, "cogvideox": 0.025}
 
 
 def step_trace(
@@ -87,10 +87,10 @@ class PlacementRecorder:
     inner: Policy
     changes: list[dict[str, Any]] = field(default_factory=list)
     plans: list[tuple[float, dict[str, dict[str, str]]]] = field(default_factory=list)
+    name: str = ""
 
-    @property
-    def name(self) -> str:
-        return self.inner.name
+    def __post_init__(self) -> None:
+        self.name = self.inner.name
 
     def handle(self, event: Event, now: float) -> list[Command]:
         out = self.inner.handle(event, now)
@@ -307,7 +307,7 @@ def plot_timeline(doc: Mapping[str, Any], path: str | Path) -> None:
         )
         ax.set_yticks(range(len(devs)))
         ax.set_yticklabels(devs, fontsize=5)
-        ax.set_xlim(0, end)
+        ax.set_xlim(0, min(end, 3 * phase_s))  # the drain after the trace can be long
         ax.set_ylim(-0.6, len(devs) - 0.4)
         ax.invert_yaxis()
     axes[-1, 0].set_xlabel("time (s)")
