@@ -138,3 +138,28 @@ def test_fixed_diffuse_degree_uses_an_aligned_group_on_one_node() -> None:
     assert idx in ([0, 1], [2, 3])
     seen = drive_to_completion(core, out, 0.2)
     assert any(isinstance(c, CompleteRequest) for c in seen)
+
+
+def test_decode_that_would_crowd_the_device_is_tiled_and_a_small_one_is_not() -> None:
+    from trident.sched.cost import load_cost_model
+
+    cost = load_cost_model()
+    models = {"flux": ModelInfo("flux", "flux")}
+    core = FifoPolicy(models, cost, CoreConfig(preload=False))
+    core.handle(node(1), 0.0)
+
+    def decode_task(rid: str, model: str, shape: Shape) -> RunTask:
+        out = core.handle(RequestArrived(RequestSpec(rid, model, shape, arrival=0.0)), 0.0)
+        while True:
+            [task] = runs(out)
+            if task.stages == ("decode",):
+                return task
+            out = core.handle(TaskFinished(task.task_id, {task.stages[0]: 1.0}), 1.0)
+
+    small = decode_task("img", "flux", Shape(512, 512, 1, 28))
+    assert "vae_tiling" not in small.options
+    drive_to_completion(core, [small])
+    huge = Shape(4096, 4096, 1, 28)
+    assert cost.stage_peak_bytes("flux", "decode", huge, 1) > 0.5 * (80 << 30)  # the premise
+    big = decode_task("big", "flux", huge)
+    assert big.options.get("vae_tiling") is True

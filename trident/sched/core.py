@@ -71,6 +71,9 @@ class CoreConfig:
     efficiency: float = 0.8  # (t1/tk)/k threshold for an "efficient" degree
     preload: bool = True  # FIFO: load every served stage on a device as soon as it joins
     diffuse_degree: int = 1  # FIFO: fixed degree of every diffuse stage (aligned groups)
+    # Decode with VAE tiling when its untiled activation peak would take more than this
+    # share of the decoding device's memory (big images, long videos).
+    vae_tiling_fraction: float = 0.5
 
 
 @dataclass
@@ -233,6 +236,9 @@ class SchedulerCore:
         task_id = f"{req.request_id}.{'+'.join(s[:3] for s in stages)}.{self._task_seq}"
         final = req.next_stage + len(stages) == len(STAGES)
         spec = req.spec
+        options = dict(options or {})
+        if "decode" in stages and "vae_tiling" not in options and self._decode_needs_tiling(req, devices[0]):
+            options["vae_tiling"] = True
         params = dict(spec.params)
         params.update(
             height=spec.shape.height,
@@ -249,7 +255,7 @@ class SchedulerCore:
             inputs=(req.output,) if req.output is not None else (),
             final=final,
             params=params,
-            options=dict(options or {}),
+            options=options,
         )
         self.tasks[task_id] = TaskState(cmd=cmd, sent_at=now)
         req.task_id = task_id
@@ -260,12 +266,24 @@ class SchedulerCore:
             st.busy_until = max(st.busy_until, now) + est_seconds
         return cmd
 
+    def _decode_needs_tiling(self, req: RequestState, device_id: str) -> bool:
+        """Tile the VAE when the untiled decode would crowd the device's memory."""
+        dev = self.devices.get(device_id)
+        if self.cost is None or dev is None:
+            return False
+        peak = self.cost.stage_peak_bytes(req.family, "decode", req.spec.shape, 1)
+        return peak > self.config.vae_tiling_fraction * dev.info.memory_bytes
+
     # ------------------------------------------------------------------ event handlers
 
     def _on_arrived(self, spec: RequestSpec, now: float, out: list[Command]) -> None:
         model = self.models.get(spec.model)
         if model is None:
-            out.append(FailRequest(spec.request_id, "unknown_model", f"no model named {spec.model!r} is served"))
+            out.append(
+                FailRequest(
+                    spec.request_id, "unknown_model", f"no model named {spec.model!r} is served"
+                )
+            )
             return
         if spec.request_id in self.requests:
             out.append(FailRequest(spec.request_id, "invalid_request", "duplicate request id"))
@@ -432,7 +450,9 @@ class SchedulerCore:
             req = self.requests.get(task.cmd.request_id)
             if req is not None and req.task_id == task_id:
                 req.task_id = None
-                self._requeue_after_loss(req, f"task {task_id} lost with {device_id}: {reason}", out)
+                self._requeue_after_loss(
+                    req, f"task {task_id} lost with {device_id}: {reason}", out
+                )
         # Requests whose kept output lived on the lost device must redo the stage(s).
         for req in list(self.requests.values()):
             if req.task_id is not None:
@@ -452,7 +472,11 @@ class SchedulerCore:
 
     def _rollback(self, req: RequestState) -> None:
         """The latest output is gone: resume from the newest stage whose input exists."""
-        if req.older_output is not None and req.older_output.device_id in self.devices and self.devices[req.older_output.device_id].up:
+        if (
+            req.older_output is not None
+            and req.older_output.device_id in self.devices
+            and self.devices[req.older_output.device_id].up
+        ):
             req.output = req.older_output
             req.older_output = None
             req.next_stage -= 1
@@ -513,7 +537,11 @@ class FifoPolicy(SchedulerCore):
                 group = self._free_group(free, k)
                 if group is None:
                     continue
-                est = self.cost.stage_seconds(req.family, stage, req.spec.shape, k) if self.cost else 0.0
+                est = (
+                    self.cost.stage_seconds(req.family, stage, req.spec.shape, k)
+                    if self.cost
+                    else 0.0
+                )
                 out.append(self.start_task(req, (stage,), group, now, est_seconds=est))
                 for d in group:
                     if len(self.devices[d].inflight) >= limit:
@@ -528,7 +556,9 @@ class FifoPolicy(SchedulerCore):
                 return (len(d.inflight), 0 if has_input else 1, 0 if held else 1, d.device_id)
 
             best = min(free.values(), key=rank)
-            est = self.cost.stage_seconds(req.family, stage, req.spec.shape, 1) if self.cost else 0.0
+            est = (
+                self.cost.stage_seconds(req.family, stage, req.spec.shape, 1) if self.cost else 0.0
+            )
             out.append(self.start_task(req, (stage,), (best.device_id,), now, est_seconds=est))
             if len(best.inflight) >= limit:
                 free.pop(best.device_id)
