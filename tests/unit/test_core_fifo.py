@@ -36,7 +36,9 @@ def node(n: int, node_id: str = "n0") -> NodeJoined:
 
 
 def request(rid: str, t: float = 0.0, model: str = "flux") -> RequestArrived:
-    return RequestArrived(RequestSpec(rid, model, Shape(64, 64, 1, 2), arrival=t, params={"prompt": "x"}))
+    return RequestArrived(
+        RequestSpec(rid, model, Shape(64, 64, 1, 2), arrival=t, params={"prompt": "x"})
+    )
 
 
 def runs(cmds: list) -> list[RunTask]:
@@ -124,7 +126,9 @@ def test_cancel_waiting_request_replies_cancelled() -> None:
     core.handle(request("a"), 0.0)
     core.handle(request("b"), 0.0)  # waits: the only device is busy
     out = core.handle(RequestCancelled("b"), 0.1)
-    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("b", "cancelled")]
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [
+        ("b", "cancelled")
+    ]
 
 
 def test_fixed_diffuse_degree_uses_an_aligned_group_on_one_node() -> None:

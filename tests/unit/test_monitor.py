@@ -61,3 +61,41 @@ def test_window_slides_and_snapshot_reports_everything() -> None:
     # the window slides: at t=25 nothing is left
     assert mon.window(25.0) == []
     assert mon.snapshot(25.0, COST, MODELS, placement, {}).arrivals == {}  # type: ignore[arg-type]
+
+
+def test_rare_model_rate_is_estimated_over_its_last_arrivals() -> None:
+    """A model with fewer than ``min_model_arrivals`` arrivals in the window gets a
+    longer window (its last N arrivals, at most ``max_window_s``); a frequent one keeps
+    the short window. Off (0): one window for all."""
+    mon = Monitor(window_s=60.0, min_model_arrivals=4, max_window_s=300.0)
+    for i in range(300):  # flux: 1 req/s for 300 s
+        mon.record_arrival(float(i), "flux", IMG)
+    for t in (20.0, 100.0, 180.0, 260.0):  # cogvideox: one per 80 s
+        mon.record_arrival(t, "cogvideox", VID)
+    now = 300.0
+    spans = mon.model_spans(now)
+    assert spans["flux"] == pytest.approx(60.0)
+    assert spans["cogvideox"] == pytest.approx(280.0)  # back to its 4th-last arrival
+    rates = mon.rates(now)
+    assert rates["flux"] == pytest.approx(60 / 60.0, rel=0.05)
+    assert rates["cogvideox"] == pytest.approx(4 / 280.0)
+    dem = mon.demand(COST, MODELS, now)
+    one = sum(
+        COST.stage_seconds("cogvideox", s, VID, 2 if s == "diffuse" else 1)
+        * (2 if s == "diffuse" else 1)
+        for s in ("encode", "diffuse", "decode")
+    )
+    assert sum(dem["cogvideox"].values()) == pytest.approx(4 * one / 280.0, rel=1e-6)
+    snap = mon.snapshot(now, COST, MODELS, {}, {})
+    assert snap.arrivals == {"flux": 60, "cogvideox": 4}
+    # fewer than N arrivals in the whole lookback: the longest window
+    mon2 = Monitor(window_s=60.0, min_model_arrivals=4, max_window_s=300.0)
+    mon2.record_arrival(0.0, "flux", IMG)
+    mon2.record_arrival(400.0, "cogvideox", VID)
+    mon2.record_arrival(500.0, "cogvideox", VID)
+    assert mon2.model_spans(550.0)["cogvideox"] == pytest.approx(300.0)
+    # off: the plain sliding window
+    off = Monitor(window_s=60.0)
+    for t in (20.0, 100.0, 180.0, 260.0):
+        off.record_arrival(t, "cogvideox", VID)
+    assert off.rates(300.0) == {"cogvideox": pytest.approx(1 / 60.0)}

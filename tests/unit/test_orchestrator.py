@@ -11,14 +11,19 @@ from hypothesis import strategies as st
 from trident.sched.cost import load_cost_model
 from trident.sched.graph import PLACEMENT_TYPES, stages_of_type
 from trident.sched.orchestrator import (
+    Demand,
     OrchestratorConfig,
     demand_from_window,
+    model_capacity_ratio,
     orchestrate,
     plan_capacity_ratio,
+    plan_served,
     proportional_plan,
+    requirement_factors,
+    served_weights,
     type_fits,
 )
-from trident.sched.types import DeviceInfo, ModelInfo, Shape
+from trident.sched.types import DeviceInfo, ModelInfo, Shape, Stage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,7 +85,9 @@ def test_mip_matches_exhaustive(names, n_dev, mem, window, solver) -> None:  # t
         _devs(n_dev, mem),
         demand,
         shapes,
-        config=OrchestratorConfig(solver=solver, time_limit_s=5.0),
+        config=OrchestratorConfig(
+            solver=solver, time_limit_s=5.0, objective="maxmin", bind_aux=False
+        ),
     )
     assert res.solver == "mip"
     counts: dict[tuple[str, str], float] = {}
@@ -140,8 +147,13 @@ def test_move_penalty_keeps_plan_and_proportional_fallback() -> None:
     devs = _devs(8)
     window = [("flux", Shape(1024, 1024, 1, 28))] * 5 + [("sd3", Shape(1024, 1024, 1, 20))] * 5
     demand = demand_from_window(COST, models, window, 10.0)
-    first = orchestrate(COST, models, devs, demand)
-    again = orchestrate(COST, models, devs, demand, current=first.plan)
+    served = orchestrate(COST, models, devs, demand)
+    again = orchestrate(COST, models, devs, demand, current=served.plan)
+    assert sum(served.plan[d] != again.plan[d] for d in served.plan) == 0
+    assert all(mt is not None for mt in served.plan.values())  # no idle device
+    cfg = OrchestratorConfig(objective="maxmin")
+    first = orchestrate(COST, models, devs, demand, config=cfg)
+    again = orchestrate(COST, models, devs, demand, current=first.plan, config=cfg)
     assert sum(first.plan[d] != again.plan[d] for d in first.plan) == 0
     prop = proportional_plan(COST, models, devs, demand)
     assert prop.solver == "proportional" and all(mt is not None for mt in prop.plan.values())
@@ -190,3 +202,129 @@ def test_cover_respects_memory_and_leaves_what_fits_nowhere() -> None:
     for dev, pl in res.stages().items():
         need = sum(COST.weight_bytes(m, s) for m, st in pl.items() for s in st)
         assert need <= 40 * GB, (dev, pl)
+
+
+# --------------------------------------------------------------------------- served objective
+
+VIDEO_HEAVY = (
+    [("flux", Shape(1024, 1024, 1, 28))] * 2
+    + [("flux", Shape(2048, 2048, 1, 28))]
+    + [("sd3", Shape(s, s, 1, 20)) for s in (128, 256, 512, 1024, 1536)]
+    + [("cogvideox", Shape(768, w, f, 50)) for w in (1360, 432) for f in (17, 33, 65, 81)]
+)
+
+
+def _plan_counts(plan: dict[str, tuple[str, str] | None]) -> dict[tuple[str, str], float]:
+    counts: dict[tuple[str, str], float] = {}
+    for mt in plan.values():
+        if mt:
+            counts[mt] = counts.get(mt, 0) + 1
+    return counts
+
+
+def test_model_capacity_ratio_binds_aux_stages_to_their_own_diffuse() -> None:
+    dem: dict[Stage, float] = {"encode": 0.01, "diffuse": 1.0, "decode": 0.05}
+    # 7 <D> devices and one <EDC>: with bound aux stages only the <EDC> device's own
+    # requests can be encoded — the <D> devices are useless without an <E> device.
+    bound = model_capacity_ratio({"EDC": 1, "D": 7}, dem, bind_aux=True)
+    fluid = model_capacity_ratio({"EDC": 1, "D": 7}, dem, bind_aux=False)
+    assert bound == pytest.approx(1 / 1.06, rel=1e-3)
+    assert fluid == pytest.approx(8 / 1.06, rel=1e-3)
+    # dedicated <E> and <C> devices unlock them
+    both = model_capacity_ratio({"EDC": 1, "D": 6, "E": 1, "C": 1}, dem, bind_aux=True)
+    assert both == pytest.approx(1 / 1.06 + 6, rel=1e-3)
+    assert model_capacity_ratio({"EDC": 4}, dem) == pytest.approx(4 / 1.06, rel=1e-3)
+    assert model_capacity_ratio({}, dem) == 0.0
+
+
+def test_requirement_factor_adds_utilisation_and_degree_headroom() -> None:
+    models = {"flux": ModelInfo("flux", "flux")}
+    window = [("flux", Shape(2048, 2048, 1, 28))] * 2
+    demand = demand_from_window(COST, models, window, 60.0)
+    work = sum(demand["flux"].values())
+    f = requirement_factors(COST, models, demand, {"flux": [w[1] for w in window]}, 0.5)
+    assert f["flux"] == pytest.approx((work / 0.5 + 2) / work)  # 2048² runs at degree 2
+    f0 = requirement_factors(COST, models, demand, {}, 0.5, degree_headroom=False)
+    assert f0["flux"] == pytest.approx(2.0)
+    extra: Demand = {"sd3": {"diffuse": 1.0}}
+    w = served_weights(demand | extra, rates={"flux": 1.0, "sd3": 3.0})
+    assert w == {"flux": 0.25, "sd3": 0.75}
+
+
+def test_served_objective_keeps_cheap_models_whole_after_a_shift_to_video() -> None:
+    """Phase 2 of the shifting trace: few, cheap image requests and heavy video. Max-min
+    starves the images down to video's ratio; the served objective gives the images
+    their requirement (they are most of the requests) and video the rest, as
+    self-contained <EDC> groups (no <D> group waiting on an encoder that diffuses)."""
+    names = ("flux", "sd3", "cogvideox")
+    models = {m: ModelInfo(m, m, is_video=m == "cogvideox") for m in names}
+    devs = _devs(32, nodes=4)
+    rates = {"flux": 0.03, "sd3": 0.05, "cogvideox": 0.025}
+    window = VIDEO_HEAVY
+    # span so that the work matches the rates: one of each shape per 1/rate x shapes
+    demand: Demand = {}
+    for m in names:
+        win = [w for w in window if w[0] == m]
+        demand[m] = demand_from_window(COST, {m: models[m]}, win, len(win) / rates[m])[m]
+    shapes = {m: [s for mm, s in window if mm == m] for m in names}
+    cfg = OrchestratorConfig(solver="highs", time_limit_s=5.0)
+    served = orchestrate(COST, models, devs, demand, shapes, config=cfg, rates=rates)
+    maxmin = orchestrate(
+        COST,
+        models,
+        devs,
+        demand,
+        shapes,
+        config=OrchestratorConfig(solver="highs", time_limit_s=5.0, objective="maxmin"),
+    )
+    factors = requirement_factors(COST, models, demand, shapes)
+    weights = served_weights(demand, shapes, rates)
+    _, _, ratios = plan_served(_plan_counts(served.plan), demand, factors, weights)
+    for m in ("flux", "sd3"):
+        assert ratios[m] >= factors[m] - 1e-6, (m, ratios, factors)  # requirement met
+    sc = _plan_counts(served.plan)
+    mc = _plan_counts(maxmin.plan)
+    images = lambda c: sum(v for (m, _), v in c.items() if m != "cogvideox")  # noqa: E731
+    assert images(sc) > images(mc)
+    assert sum(v for (m, _), v in sc.items() if m == "cogvideox") >= 20
+    assert served.served is not None and served.served >= 0.8
+    # every cogvideox primary can encode its own requests, or an <E> device exists
+    assert ("cogvideox", "E") in sc or all(
+        "E" in t for (m, t) in sc if m == "cogvideox" and "D" in t
+    )
+
+
+def test_served_objective_matches_exhaustive_on_a_small_cluster() -> None:
+    models = {"flux": ModelInfo("flux", "flux"), "sd3": ModelInfo("sd3", "sd3")}
+    window = [("flux", Shape(1024, 1024, 1, 28))] * 3 + [("sd3", Shape(1024, 1024, 1, 20))] * 6
+    demand = demand_from_window(COST, models, window, 30.0)
+    shapes = {m: [s for mm, s in window if mm == m] for m in models}
+    factors = requirement_factors(COST, models, demand, shapes)
+    weights = served_weights(demand, shapes)
+    n_dev, mem = 4, 48 * GB
+    opts = [
+        (m, t)
+        for m, info in models.items()
+        for t in PLACEMENT_TYPES
+        if type_fits(COST, info, t, mem, shapes.get(m, ()))
+    ] + [None]
+    best = 0.0
+    for combo in itertools.combinations_with_replacement(range(len(opts)), n_dev):
+        counts: dict[tuple[str, str], float] = {}
+        for i in combo:
+            o = opts[i]
+            if o is not None:
+                counts[o] = counts.get(o, 0) + 1
+        best = max(best, plan_served(counts, demand, factors, weights)[0])
+    res = orchestrate(
+        COST,
+        models,
+        _devs(n_dev, mem),
+        demand,
+        shapes,
+        config=OrchestratorConfig(solver="highs", time_limit_s=5.0),
+    )
+    assert res.served is not None
+    got = plan_served(_plan_counts(res.plan), demand, factors, weights)[0]
+    assert got == pytest.approx(res.served, abs=1e-6)
+    assert got == pytest.approx(best, abs=1e-3)

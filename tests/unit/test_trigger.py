@@ -121,3 +121,19 @@ def test_too_few_arrivals_and_gain_rule() -> None:
     assert not t.worth_it(2.0, 5.0)  # current plan already satisfied
     assert t.worth_it(0.0, 0.1)  # something with no capacity gets some
     assert not t.worth_it(0.5, math.inf)
+
+
+def test_served_gain_rule() -> None:
+    t = trig(min_served_gain=0.05, min_gain=0.1, satisfied_ratio=1.0)
+    assert t.worth_it_served(0.70, 0.80)  # 10% more of the requests served
+    assert not t.worth_it_served(0.80, 0.83)  # noise: 3%
+    assert not t.worth_it_served(0.90, 0.70, 0.2, 5.0)  # a better least ratio never
+    # pays for fewer served requests
+    # a tie in served: move only when someone is short of its requirement and the
+    # least ratio gains min_gain
+    assert t.worth_it_served(1.0, 1.0, 0.5, 0.8)
+    assert not t.worth_it_served(1.0, 1.0, 0.5, 0.52)
+    assert not t.worth_it_served(1.0, 1.0, 1.1, 3.0)  # everyone has their requirement
+    eager = trig(satisfied_ratio=1e9)  # "always rebalance on a tie" (integration tests)
+    assert eager.worth_it_served(1.0, 1.0, 1.1, 3.0)
+    assert not t.worth_it_served(0.9, 0.9, 0.5, math.inf)

@@ -237,7 +237,11 @@ class SchedulerCore:
         final = req.next_stage + len(stages) == len(STAGES)
         spec = req.spec
         options = dict(options or {})
-        if "decode" in stages and "vae_tiling" not in options and self._decode_needs_tiling(req, devices[0]):
+        if (
+            "decode" in stages
+            and "vae_tiling" not in options
+            and self._decode_needs_tiling(req, devices[0])
+        ):
             options["vae_tiling"] = True
         params = dict(spec.params)
         params.update(

@@ -184,6 +184,13 @@ class Monitor:
     stage_busy: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, stage) -> s
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
     first_arrival: float | None = None
+    # Per-model windows: a model with fewer than ``min_model_arrivals`` arrivals in the
+    # last ``window_s`` has its rate (and shapes) estimated over its last
+    # ``min_model_arrivals`` arrivals, looking back at most ``max_window_s`` — a rare,
+    # heavy model (one video a minute) is otherwise 0 or 10 devices of demand from one
+    # window to the next. 0 turns it off (one window for every model).
+    min_model_arrivals: int = 0
+    max_window_s: float = 0.0
 
     # ------------------------------------------------------------------ recording
 
@@ -210,7 +217,8 @@ class Monitor:
 
     def _trim(self, now: float) -> None:
         lo = now - self.window_s
-        while self.arrivals and self.arrivals[0][0] < lo:
+        keep = now - max(self.window_s, self.max_window_s)
+        while self.arrivals and self.arrivals[0][0] < keep:
             self.arrivals.popleft()
         while self.completed and self.completed[0][0] < lo:
             self.completed.popleft()
@@ -219,9 +227,44 @@ class Monitor:
 
     # ------------------------------------------------------------------ window views
 
-    def window(self, now: float) -> list[tuple[str, Shape]]:
+    def model_spans(self, now: float) -> dict[str, float]:
+        """Per model with arrivals: the seconds its rate is estimated over — the window
+        (:meth:`span`), or longer for a rare model (``min_model_arrivals``)."""
         self._trim(now)
-        return [(m, s) for _, m, s in self.arrivals]
+        base = self.span(now)
+        times: dict[str, list[float]] = {}
+        for t, m, _ in self.arrivals:
+            times.setdefault(m, []).append(t)
+        k = self.min_model_arrivals
+        longest = max(base, self.max_window_s)
+        if self.first_arrival is not None:
+            longest = max(base, min(longest, now - self.first_arrival))
+        out: dict[str, float] = {}
+        for m, ts in times.items():
+            recent = sum(1 for t in ts if t >= now - base)
+            if k <= 0 or recent >= k or longest <= base:
+                if recent:
+                    out[m] = base
+                continue
+            if len(ts) >= k:
+                span = max(base, min(longest, now - ts[-k]))
+            else:
+                span = longest
+            out[m] = span
+        return out
+
+    def window(self, now: float) -> list[tuple[str, Shape]]:
+        """(model, shape) of the arrivals in each model's window (:meth:`model_spans`)."""
+        spans = self.model_spans(now)
+        return [(m, s) for t, m, s in self.arrivals if m in spans and t >= now - spans[m]]
+
+    def rates(self, now: float) -> dict[str, float]:
+        """Requests per second per model over its window."""
+        spans = self.model_spans(now)
+        counts: dict[str, int] = {}
+        for m, _ in self.window(now):
+            counts[m] = counts.get(m, 0) + 1
+        return {m: c / spans[m] for m, c in counts.items()}
 
     def shapes(self, now: float) -> dict[str, list[Shape]]:
         out: dict[str, list[Shape]] = {}
@@ -239,8 +282,17 @@ class Monitor:
     def demand(
         self, cost: CostModel, models: Mapping[str, ModelInfo], now: float, efficiency: float = 0.8
     ) -> Demand:
+        spans = self.model_spans(now)
         win = self.window(now)
-        return demand_from_window(cost, models, win, self.span(now), efficiency)
+        out: Demand = {m: dict.fromkeys(STAGES, 0.0) for m in models}
+        for m, span in spans.items():
+            if m not in models:
+                continue
+            part = demand_from_window(
+                cost, {m: models[m]}, [x for x in win if x[0] == m], span, efficiency
+            )
+            out[m] = part[m]
+        return out
 
     def imbalanced(self, ratios: Mapping[str, float]) -> bool:
         """Legacy check: best / worst capacity-demand ratio across models >= imbalance."""
@@ -275,7 +327,7 @@ class Monitor:
         """
         win = self.window(now)
         span = self.span(now)
-        demand = demand_from_window(cost, models, win, span, efficiency)
+        demand = self.demand(cost, models, now, efficiency)
         arrivals: dict[str, int] = {}
         shapes: dict[str, dict[str, int]] = {}
         for m, shp in win:

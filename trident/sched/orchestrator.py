@@ -19,6 +19,13 @@ versus the current plan.
          Σ_{n, t ∋ s} y[n,m,t] >= 1 (every served stage has a home, when devices allow)
          u[n,m,t] >= y[n,m,t] - current[n,m,t]
 
+That is ``objective="maxmin"``. The default ``objective="served"`` replaces z by
+per-model ratios r[m] against a *requirement* (work / rho_max + largest degree) and
+maximises Σ_m w[m]·min(1, r[m]) + secondary_weight·min_m r[m] (w: share of arrivals),
+with every device assigned. With ``bind_aux`` (default) a primary type's encode/decode
+flow is tied to its own diffuse flow (f[m,t,E] = f[m,t,D]·demand[m,E]/demand[m,D]): an
+⟨EDC⟩ device encodes only what it diffuses, so ⟨D⟩ groups need ⟨E⟩/⟨C⟩ devices.
+
 Nodes with the same device count, memory, speed and current plan are aggregated into
 one class (integer counts over the class), so the model stays small at 128 devices.
 The per-node packing then lays each node out: models with more primary devices first,
@@ -48,10 +55,14 @@ __all__ = [
     "PlacementResult",
     "cover_models",
     "demand_from_window",
+    "model_capacity_ratio",
     "orchestrate",
     "pack_nodes",
     "plan_capacity_ratio",
+    "plan_served",
     "proportional_plan",
+    "requirement_factors",
+    "served_weights",
     "type_fits",
     "type_load_seconds",
 ]
@@ -77,6 +88,24 @@ class OrchestratorConfig:
     # least capacity/demand ratio, were the model the bottleneck) times ``load_weight``.
     move_horizon_s: float = 300.0
     load_weight: float = 1.0
+    # Objective. "served" (default): maximise the share of requests whose model gets the
+    # capacity its latency needs, Σ_m w_m·min(1, capacity_m / requirement_m) (w_m: the
+    # model's share of arrivals), with the least capacity/requirement ratio as a small
+    # secondary term (``secondary_weight``); "maxmin": the least capacity/demand ratio
+    # alone (the paper's objective; the previous default).
+    objective: str = "served"
+    # Requirement of a model (served objective): its work / ``rho_max`` (a stage class
+    # run above ~70% utilisation queues far past a 2.5x SLO) plus, with
+    # ``degree_headroom``, the largest degree one of its windowed requests runs at (one
+    # big request in service must not hold up everything else).
+    rho_max: float = 0.7
+    degree_headroom: bool = True
+    secondary_weight: float = 0.01
+    # Aux stages on a primary device serve only that device's own requests: an ⟨EDC⟩
+    # device encodes/decodes what it diffuses (merged tasks), never another group's
+    # (the encode would queue behind a long diffuse: head-of-line blocking). Encode /
+    # decode for ⟨D⟩ groups must come from ⟨E⟩ / ⟨C⟩ devices.
+    bind_aux: bool = True
 
 
 @dataclass
@@ -87,6 +116,9 @@ class PlacementResult:
     ms: float
     reason: str = ""
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (node, model, type)
+    # Served objective's value (share of requests whose model has its requirement), when
+    # the plan was made with objective "served"; None otherwise.
+    served: float | None = None
     # Co-located additions (:func:`cover_models`): device -> model -> stages, for models
     # whose stages the per-device plan left without a home.
     extra: dict[str, dict[str, frozenset[Stage]]] = field(default_factory=dict)
@@ -211,6 +243,138 @@ def _classes(
     return list(keyed.values())
 
 
+def requirement_factors(
+    cost: CostModel,
+    models: Mapping[str, ModelInfo],
+    demand: Demand,
+    shapes: Mapping[str, Sequence[Shape]] | None = None,
+    rho_max: float = 0.7,
+    degree_headroom: bool = True,
+    efficiency: float = 0.8,
+) -> dict[str, float]:
+    """Per model: requirement / work, where the requirement (device-seconds per second
+    at speed 1) is ``work / rho_max`` plus, with ``degree_headroom``, the largest best
+    degree among the model's windowed shapes. Capacity/requirement ≥ 1 means the model
+    has the utilisation headroom a latency SLO needs, not just throughput."""
+    shapes = shapes or {}
+    rho = min(1.0, max(1e-3, rho_max))
+    out: dict[str, float] = {}
+    for m, st in demand.items():
+        work = sum(st.values())
+        if work <= 0:
+            out[m] = 1.0 / rho
+            continue
+        extra = 0.0
+        info = models.get(m)
+        if degree_headroom and info is not None:
+            extra = float(
+                max(
+                    (
+                        best_degree(cost, info.family, sh, info.max_degree, efficiency)
+                        for sh in dict.fromkeys(shapes.get(m, ()))
+                    ),
+                    default=0,
+                )
+            )
+        out[m] = (work / rho + extra) / work
+    return out
+
+
+def served_weights(
+    demand: Demand,
+    shapes: Mapping[str, Sequence[Shape]] | None = None,
+    rates: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Per model: its share of requests (``rates`` in req/s when given, else the number
+    of windowed shapes); models with no requests weigh 0. With neither, every model
+    with demand weighs the same. Sums to 1 (or all 0 without demand)."""
+    shapes = shapes or {}
+    if rates is None and not any(shapes.get(m) for m in demand):
+        busy = [m for m, st in demand.items() if sum(st.values()) > 0]
+        return {m: (1.0 / len(busy) if m in busy else 0.0) for m in demand}
+    raw = {
+        m: float((rates or {}).get(m, 0.0)) if rates is not None else float(len(shapes.get(m, ())))
+        for m in demand
+    }
+    tot = sum(raw.values())
+    return {m: v / tot if tot > 0 else 0.0 for m, v in raw.items()}
+
+
+def model_capacity_ratio(
+    types: Mapping[str, float],
+    dem: Mapping[Stage, float],
+    bind_aux: bool = True,
+    iters: int = 40,
+) -> float:
+    """One model's capacity/demand given type -> devices (speed-weighted). With
+    ``bind_aux`` a primary device's encode/decode serve only the requests it diffuses
+    (see :class:`OrchestratorConfig`); else every holder's time is fluid (max-flow)."""
+    dem = {s: v for s, v in dem.items() if v > 0}
+    if not dem:
+        return math.inf
+    types = {t: c for t, c in types.items() if c > 0}
+    if not types:
+        return 0.0
+    if not bind_aux or dem.get("diffuse", 0.0) <= 0:
+        return plan_capacity_ratio({("m", t): c for t, c in types.items()}, {"m": dict(dem)})
+    dd = dem["diffuse"]
+    de, dc = dem.get("encode", 0.0), dem.get("decode", 0.0)
+    ae, ac = de / dd, dc / dd  # aux seconds per diffuse second
+
+    def dcap(t: str) -> float:  # diffuse a primary type can give, its own aux included
+        st = stages_of_type(t)
+        return types.get(t, 0.0) / (
+            1.0 + (ae if "encode" in st else 0.0) + (ac if "decode" in st else 0.0)
+        )
+
+    cap_e, cap_c = types.get("E", 0.0), types.get("C", 0.0)
+
+    def feasible(r: float) -> bool:
+        need_d = r * dd
+        if sum(dcap(t) for t in ("EDC", "ED", "DC", "D")) < need_d - 1e-12:
+            return False
+        # Diffuse needing its encode (decode) from an aux device is ≤ cap_e/ae (cap_c/ac).
+        need_e = need_d - (cap_e / ae if ae > 0 else math.inf)  # diffuse on encode holders
+        need_c = need_d - (cap_c / ac if ac > 0 else math.inf)
+        a = min(dcap("EDC"), need_d)
+        b = min(dcap("ED"), max(0.0, need_e - a))
+        c = min(dcap("DC"), max(0.0, need_c - a))
+        if a + b < need_e - 1e-12 or a + c < need_c - 1e-12:
+            return False
+        return a + b + c <= need_d + 1e-12
+
+    lo, hi = 0.0, sum(types.values()) / min(dem.values()) + 1.0
+    if not feasible(1e-12):
+        return 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def plan_served(
+    counts: Mapping[tuple[str, str], float],
+    demand: Demand,
+    factors: Mapping[str, float],
+    weights: Mapping[str, float],
+    bind_aux: bool = True,
+) -> tuple[float, float, dict[str, float]]:
+    """(served, least capacity/requirement, per-model capacity/demand) of a plan given
+    as (model, type) -> devices: served = Σ_m w_m·min(1, ratio_m / factor_m)."""
+    ratios: dict[str, float] = {}
+    for m, st in demand.items():
+        if sum(st.values()) <= 0:
+            continue
+        types = {t: c for (mm, t), c in counts.items() if mm == m}
+        ratios[m] = model_capacity_ratio(types, st, bind_aux)
+    served = sum(weights.get(m, 0.0) * min(1.0, r / factors.get(m, 1.0)) for m, r in ratios.items())
+    least = min((r / factors.get(m, 1.0) for m, r in ratios.items()), default=math.inf)
+    return served, least, ratios
+
+
 def plan_capacity_ratio(
     counts: Mapping[tuple[str, str], float],
     demand: Demand,
@@ -261,12 +425,15 @@ def orchestrate(
     current: Mapping[str, tuple[str, str] | None] | None = None,
     config: OrchestratorConfig | None = None,
     move_seconds: Mapping[tuple[str, str], float] | None = None,
+    rates: Mapping[str, float] | None = None,
 ) -> PlacementResult:
     """A placement plan for ``devices``; MIP with the proportional heuristic as fallback.
 
     ``move_seconds[(model, type)]``: seconds a device needs to load that type's weights
     (:func:`type_load_seconds`); it raises the MIP's penalty on giving a device that
     type (see :class:`OrchestratorConfig`). Without it, moves cost ``move_penalty`` only.
+    ``rates``: requests per second per model (the served objective's weights; default:
+    the number of windowed shapes per model).
     """
     cfg = config or OrchestratorConfig()
     if cfg.use_mip:
@@ -274,10 +441,13 @@ def orchestrate(
     t0 = time.perf_counter()
     current = current or {}
     shapes = shapes or {}
+    weights = served_weights({m: demand.get(m, {}) for m in models}, shapes, rates)
     demand = _with_prior(demand, models)
     res: PlacementResult | None = None
     if cfg.use_mip:
-        res = _mip_plan(cost, models, devices, demand, shapes, current, cfg, t0, move_seconds or {})
+        res = _mip_plan(
+            cost, models, devices, demand, shapes, current, cfg, t0, move_seconds or {}, weights
+        )
     if res is None:
         res = proportional_plan(cost, models, devices, demand, shapes, current, cfg.efficiency)
         res.reason = res.reason or ("fallback" if cfg.use_mip else "configured")
@@ -414,6 +584,7 @@ def _mip_plan(
     cfg: OrchestratorConfig,
     t0: float,
     move_seconds: Mapping[tuple[str, str], float] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> PlacementResult | None:
     try:
         import mip
@@ -422,8 +593,21 @@ def _mip_plan(
     classes = _classes(devices, current)
     needs = _needs(cost, models, shapes, cfg.efficiency)
     n_dev = max(1, len(devices))
-    scale = max(max(st.values()) for st in demand.values()) or 1.0
-    dem = {m: {s: v / scale for s, v in st.items() if v > 0} for m, st in demand.items()}
+    served_mode = cfg.objective == "served"
+    factors: dict[str, float] = {}
+    weights = dict(weights or {})
+    if served_mode:
+        # Unscaled: ratios are capacity / requirement (device-seconds per second).
+        factors = requirement_factors(
+            cost, models, demand, shapes, cfg.rho_max, cfg.degree_headroom, cfg.efficiency
+        )
+        scale = 1.0
+    else:
+        scale = max(max(st.values()) for st in demand.values()) or 1.0
+    dem = {
+        m: {s: v * factors.get(m, 1.0) / scale for s, v in st.items() if v > 0}
+        for m, st in demand.items()
+    }
     move_seconds = move_seconds or {}
     horizon = max(cfg.move_horizon_s, 1e-9)
     try:
@@ -433,7 +617,19 @@ def _mip_plan(
         z = mdl.add_var(lb=0.0, ub=1e6)
         y: dict[tuple[int, str, str], mip.Var] = {}
         allowed_any: dict[str, set[str]] = {m: set() for m in models}
-        obj = mip.LinExpr() + z
+        # served: per model r (capacity / requirement) and s = min(1, r); z ≤ every r.
+        r_var: dict[str, mip.Var] = {}
+        if served_mode:
+            obj = mip.LinExpr() + cfg.secondary_weight * z
+            for m in dem:
+                r_var[m] = mdl.add_var(lb=0.0, ub=1e6)
+                mdl.add_constr(z <= r_var[m])
+                if weights.get(m, 0.0) > 0:
+                    sv = mdl.add_var(lb=0.0, ub=1.0)
+                    mdl.add_constr(sv <= r_var[m])
+                    obj += weights[m] * sv
+        else:
+            obj = mip.LinExpr() + z
         for ci, cls in enumerate(classes):
             allowed = [mt for mt, need in needs.items() if need <= cls.memory]
             cap = cls.count * len(cls.nodes)
@@ -448,19 +644,27 @@ def _mip_plan(
                 # z is the least ratio x scale; a device of speed `sp` loading for L s
                 # out of the horizon costs model m (were it the bottleneck) about
                 # sp * L / H / (m's scaled work) of z.
+                # (served: the same loss in requirement units, times the model's weight.)
                 load_s = move_seconds.get((m, t), 0.0)
                 work = sum(dem.get(m, {}).values())
                 load_pen = 0.0
                 if load_s > 0 and work > 0:
                     load_pen = cfg.load_weight * cls.speed * (load_s / horizon) / work
                     load_pen = min(load_pen, 1.0)  # never more than a whole scaled unit
+                    if served_mode:
+                        load_pen *= weights.get(m, 0.0) + cfg.secondary_weight
                 obj -= (cfg.move_penalty / n_dev + load_pen) * u
             vs = [y[ci, m, t] for m, t in allowed]
-            if vs:
+            if vs and served_mode:
+                # Every device serves something: a spare device is headroom (secondary
+                # term), and keeping a device's current type costs nothing.
+                mdl.add_constr(mip.xsum(vs) == cap)
+            elif vs:
                 mdl.add_constr(mip.xsum(vs) <= cap)
         for m, st in dem.items():
             f: dict[tuple[str, Stage], mip.Var] = {}
-            for t in allowed_any[m]:
+            bind = cfg.bind_aux and st.get("diffuse", 0.0) > 0
+            for t in sorted(allowed_any[m]):
                 ss = [s for s in stages_of_type(t) if s in st]
                 fs = []
                 for s in ss:
@@ -471,8 +675,14 @@ def _mip_plan(
                 )
                 if fs:
                     mdl.add_constr(mip.xsum(fs) <= supply)
+                if bind and "diffuse" in ss:
+                    # A primary's encode/decode serve only what it diffuses.
+                    for s in ss:
+                        if s != "diffuse":
+                            mdl.add_constr(f[t, s] == f[t, "diffuse"] * (st[s] / st["diffuse"]))
+            target = r_var.get(m, z)
             for s, v in st.items():
-                mdl.add_constr(mip.xsum(f[t, ss] for (t, ss) in f if ss == s) >= v * z)
+                mdl.add_constr(mip.xsum(f[t, ss] for (t, ss) in f if ss == s) >= v * target)
         # Every stage of every model has a home, when there are enough devices for it.
         if len(devices) >= 3 * len(models) or (
             len(devices) >= len(models) and all("EDC" in allowed_any[m] for m in models)
@@ -497,6 +707,13 @@ def _mip_plan(
     node_counts = _split_classes(classes, counts_cls)
     plan = pack_nodes(devices, node_counts, current)
     ratio = (z.x or 0.0) / scale
+    served: float | None = None
+    if served_mode:
+        type_counts: dict[tuple[str, str], float] = {}
+        for (ci, m, t), c in counts_cls.items():
+            type_counts[m, t] = type_counts.get((m, t), 0.0) + c * classes[ci].speed
+        served, _, per = plan_served(type_counts, demand, factors, weights, cfg.bind_aux)
+        ratio = min(per.values(), default=0.0)  # least capacity / demand
     return PlacementResult(
         plan=plan,
         ratio=ratio,
@@ -504,6 +721,7 @@ def _mip_plan(
         ms=0.0,
         reason="optimal" if status == mip.OptimizationStatus.OPTIMAL else "feasible",
         counts=node_counts,
+        served=served,
     )
 
 

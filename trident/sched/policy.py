@@ -32,8 +32,10 @@ from trident.sched.monitor import Monitor, MonitorSnapshot, mix_of
 from trident.sched.orchestrator import (
     OrchestratorConfig,
     PlacementResult,
+    model_capacity_ratio,
     orchestrate,
-    plan_capacity_ratio,
+    requirement_factors,
+    served_weights,
     type_load_seconds,
 )
 from trident.sched.trigger import ReplanTrigger, TriggerConfig
@@ -530,13 +532,28 @@ class TridentConfig:
     move_horizon_s: float = 300.0  # a plan is expected to hold this long (load penalty)
     load_weight: float = 1.0  # weight of the load-time part of the move penalty
     window_s: float = 60.0
+    # a model with fewer arrivals than this in window_s: rate over its last this-many
+    # arrivals, looking back at most max_window_s (0: one window for all models)
+    min_model_arrivals: int = 8
+    max_window_s: float = 300.0
     imbalance: float = 1.5  # fastest / slowest stage (or model) supply ratio
     drift: float = 0.25  # total-variation distance of the work mix vs the plan's
     replan_interval_s: float = 5.0  # trigger check period
     confirm_checks: int = 3  # consecutive checks a condition must hold
     min_replan_interval_s: float = 30.0  # between re-plan attempts
     min_gain: float = 0.1  # predicted least-ratio improvement needed to apply a plan
-    satisfied_ratio: float = 1.25  # current least ratio at or above it: keep the plan
+    # current least ratio at or above it: keep the plan (capacity/demand with "maxmin";
+    # capacity/requirement on a served tie with "served")
+    satisfied_ratio: float = 1.25
+    # Placement objective (OrchestratorConfig): "served" (share of requests whose model
+    # gets its latency requirement, least ratio secondary) or "maxmin" (the old one).
+    objective: str = "served"
+    rho_max: float = 0.7  # requirement = work / rho_max (+ largest degree, degree_headroom)
+    degree_headroom: bool = True
+    secondary_weight: float = 0.01
+    bind_aux: bool = True  # a primary's encode/decode serve only its own requests
+    # served objective: apply a plan only if it serves this much more of the requests
+    min_served_gain: float = 0.05
     min_arrivals: int = 10  # trigger ignores windows with fewer arrivals
     dynamic_placement: bool = True
     # trident-static: plan once, this long after the first arrival (None: window_s)
@@ -560,6 +577,7 @@ class TridentConfig:
             min_interval_s=self.min_replan_interval_s,
             min_gain=self.min_gain,
             satisfied_ratio=self.satisfied_ratio,
+            min_served_gain=self.min_served_gain,
             min_arrivals=self.min_arrivals,
         )
 
@@ -591,7 +609,12 @@ class TridentPolicy(PlacedPolicy):
                 use_mip=c.use_mip,
             ),
         )
-        self.monitor = Monitor(window_s=c.window_s, imbalance=c.imbalance)
+        self.monitor = Monitor(
+            window_s=c.window_s,
+            imbalance=c.imbalance,
+            min_model_arrivals=c.min_model_arrivals,
+            max_window_s=c.max_window_s,
+        )
         self.trigger = ReplanTrigger(c.trigger())
         self._last_check = -float("inf")
         self._base: dict[str, tuple[str, str] | None] = {}
@@ -687,6 +710,11 @@ class TridentPolicy(PlacedPolicy):
             efficiency=c.efficiency,
             move_horizon_s=c.move_horizon_s,
             load_weight=c.load_weight,
+            objective=c.objective,
+            rho_max=c.rho_max,
+            degree_headroom=c.degree_headroom,
+            secondary_weight=c.secondary_weight,
+            bind_aux=c.bind_aux,
         )
 
     def _current(self) -> dict[str, tuple[str, str] | None]:
@@ -728,6 +756,7 @@ class TridentPolicy(PlacedPolicy):
             current,
             self._orch_config(),
             move_seconds=self._move_seconds() if moving else None,
+            rates=self.monitor.rates(now),
         )
 
     def compute_placement(self, now: float) -> Placement:
@@ -758,8 +787,25 @@ class TridentPolicy(PlacedPolicy):
         for m, dem in demand.items():
             if sum(dem.values()) <= 0:
                 continue
-            out[m] = plan_capacity_ratio(counts.get(m, {}), {m: dem})
+            types = {t: c for (_, t), c in counts.get(m, {}).items()}
+            out[m] = model_capacity_ratio(types, dem, self.tconfig.bind_aux)
         return out
+
+    def _served_of(self, ratios: Mapping[str, float], now: float) -> tuple[float, float]:
+        """(served, least capacity/requirement) of a plan's per-model capacity/demand
+        ratios under the window's demand (the orchestrator's served objective)."""
+        c = self.tconfig
+        demand = self.monitor.demand(self.cost, self.models, now, c.efficiency)
+        shapes = self.monitor.shapes(now)
+        factors = requirement_factors(
+            self.cost, self.models, demand, shapes, c.rho_max, c.degree_headroom, c.efficiency
+        )
+        weights = served_weights(demand, shapes, self.monitor.rates(now))
+        served = sum(
+            weights.get(m, 0.0) * min(1.0, r / factors.get(m, 1.0)) for m, r in ratios.items()
+        )
+        least = min((r / factors.get(m, 1.0) for m, r in ratios.items()), default=float("inf"))
+        return served, least
 
     def _model_ratios(self, now: float) -> dict[str, float]:
         return self._ratios_of(self._placement_now(), now)
@@ -836,15 +882,28 @@ class TridentPolicy(PlacedPolicy):
         after_r = self._ratios_of(placement, now)
         before = min(before_r.values(), default=float("inf"))
         after = min(after_r.values(), default=float("inf"))
-        applied = self.trigger.worth_it(before, after)
         why: dict[str, object] = {
             "trigger": decision.to_log(),
             "ratio_before": round(before, 4) if before != float("inf") else None,
             "ratio_after": round(after, 4) if after != float("inf") else None,
-            "solver": res.solver,
-            "solve_ms": round(res.ms, 2),
-            "monitor": snap.summary(),
         }
+        if self.tconfig.objective == "served":
+            sb, lb = self._served_of(before_r, now)
+            sa, la = self._served_of(after_r, now)
+            applied = self.trigger.worth_it_served(sb, sa, lb, la)
+            why["served_before"] = round(sb, 4)
+            why["served_after"] = round(sa, 4)
+            gain = f"served {sb:.3f} -> {sa:.3f}"
+        else:
+            applied = self.trigger.worth_it(before, after)
+            gain = f"least ratio {before:.3f} -> {after:.3f}"
+        why.update(
+            {
+                "solver": res.solver,
+                "solve_ms": round(res.ms, 2),
+                "monitor": snap.summary(),
+            }
+        )
         changed = 0
         if applied:
             self._last_placement = res
@@ -853,7 +912,7 @@ class TridentPolicy(PlacedPolicy):
                 placement,
                 now,
                 out,
-                reason=f"{decision.describe()}; least ratio {before:.3f} -> {after:.3f}",
+                reason=f"{decision.describe()}; {gain}",
                 why=why,
             )
         else:
@@ -862,9 +921,8 @@ class TridentPolicy(PlacedPolicy):
                     "placement.kept",
                     {
                         "policy": self.name,
-                        "reason": f"{decision.describe()}; predicted least ratio "
-                        f"{before:.3f} -> {after:.3f}: below the {self.tconfig.min_gain:.0%} gain "
-                        f"or the current plan is satisfied (>= {self.tconfig.satisfied_ratio:g})",
+                        "reason": f"{decision.describe()}; predicted {gain}: not worth "
+                        "moving (below the minimum gain, or the current plan is satisfied)",
                         **why,
                     },
                 )

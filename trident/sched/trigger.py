@@ -51,6 +51,9 @@ class TriggerConfig:
     # A plan whose least capacity/demand ratio is at least this is good enough: no move.
     satisfied_ratio: float = 1.25
     min_arrivals: int = 10  # no decision on a window with fewer arrivals (noise)
+    # Served objective: a new plan must serve this much more of the requests (share of
+    # arrivals whose model gets its latency requirement) to be applied.
+    min_served_gain: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,29 @@ class ReplanTrigger:
         if before >= self.config.satisfied_ratio:
             return False
         return after > before * (1.0 + self.config.min_gain)
+
+    def worth_it_served(
+        self,
+        served_before: float,
+        served_after: float,
+        least_before: float = math.inf,
+        least_after: float = math.inf,
+    ) -> bool:
+        """Served objective: apply when the new plan serves ``min_served_gain`` more of
+        the requests; on a tie (within it), only when the least capacity/requirement
+        ratio is below ``satisfied_ratio`` now and gains ``min_gain`` — so a plan with
+        headroom over every requirement is not moved for noise, and demand noise that
+        does not change who is served moves little."""
+        cfg = self.config
+        if served_after >= served_before + cfg.min_served_gain:
+            return True
+        if served_after < served_before - cfg.min_served_gain:
+            return False
+        if not math.isfinite(least_after) or least_after <= 0:
+            return False
+        if least_before >= cfg.satisfied_ratio:
+            return False
+        return least_after > least_before * (1.0 + cfg.min_gain)
 
     def attempted(self, now: float, applied: bool, mix: Mapping[str, float]) -> None:
         """Record an attempt: the streak restarts and the drift reference becomes the

@@ -344,13 +344,7 @@ class LogEvent:
 
 
 Command: TypeAlias = (
-    RunTask
-    | ReleaseOutput
-    | LoadStage
-    | UnloadStage
-    | CompleteRequest
-    | FailRequest
-    | LogEvent
+    RunTask | ReleaseOutput | LoadStage | UnloadStage | CompleteRequest | FailRequest | LogEvent
 )
 
 
