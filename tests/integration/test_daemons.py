@@ -18,6 +18,7 @@ from trident.errors import (
     InvalidRequestError,
     OverloadedError,
     RequestError,
+    RequestTimeoutError,
     UnknownModelError,
 )
 from trident.runtime import protocol
@@ -220,3 +221,21 @@ def test_report_rebuilds_slo_and_latency_from_the_log_alone(sim_cluster: LocalCl
     png = tmp_path / "timeline.png"
     assert report_main([sim_cluster.log_file, "--png", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.timeout(60)
+def test_client_timeout_cancels_the_request_in_the_scheduler(tmp_path) -> None:
+    cluster = LocalCluster(["flux"], [NodeSpec("sim:1", time_scale=0.05)], log_dir=tmp_path, policy="fifo")
+    with cluster, Client(cluster.client_addr) as c:
+        # 2048x2048 x 28 steps is ~130 s simulated: ~6.5 s here; give up after 0.5 s
+        with pytest.raises(RequestTimeoutError):
+            c.generate(model="flux", prompt="slow", height=2048, width=2048, num_inference_steps=28, timeout=0.5)
+        log = read_log_until(
+            cluster.log_file,
+            lambda lines: any(e["event"] == "request.failed" and e.get("error") == "cancelled" for e in lines),
+            timeout=30,
+        )
+        assert any(e["event"] == "request.failed" and e.get("error") == "cancelled" for e in log)
+        # the device is free again for the next request
+        r = c.generate(model="flux", prompt="fast", height=256, width=256, num_inference_steps=2, timeout=30)
+        assert r.array.size

@@ -542,7 +542,9 @@ class SchedulerDaemon:
         elif t == "task_finished":
             task_id = str(header["task_id"])
             cmd = self.task_info.pop(task_id, None)
-            if cmd is not None and cmd.final:
+            if cmd is not None and cmd.final and cmd.request_id in self.pending:
+                # Held only until the core completes the request (a request already
+                # failed or cancelled would never claim it: don't keep it).
                 self.results[cmd.request_id] = (list(header.get("tensors") or []), frames)
             self.feed(
                 TaskFinished(
@@ -632,6 +634,8 @@ class SchedulerDaemon:
             return
         conn.up = False
         self.resident.pop(device_id, None)
+        for task_id in [t for t, c in self.task_info.items() if device_id in c.devices]:
+            del self.task_info[task_id]  # it will never report
         self.log.warning("worker.lost", device_id=device_id, reason=reason)
         self.feed(DeviceLost(device_id, reason, new_stimulus_id("lost")))
 
