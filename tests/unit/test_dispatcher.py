@@ -69,7 +69,9 @@ def _state(
 
 
 def _exhaustive(d: Dispatcher, items: list[QueueItem], devs: list[DeviceView]) -> float:
-    queue = sorted(items, key=lambda i: (i.deadline, i.arrival, i.request_id))
+    queue = sorted(
+        (i for i in items if i.next_stage != "decode"), key=lambda i: d.window_key(i, 0.0)
+    )
     cands = d.candidates(queue, {v.device_id: v for v in devs}, 0.0)
     by_req: dict[str, list] = {}
     for c in cands:
@@ -185,3 +187,75 @@ def test_inefficient_degree_when_no_efficient_one_fits_memory() -> None:
         d.free_memory = 4 * GB
     res = Dispatcher(COST).solve([item], devs, 0.0)
     assert res.assignments[0].degree == 1
+
+
+# ---------------------------------------------------------------- deadline-aware choices
+
+COG = Shape(768, 432, 33, 50)
+
+
+def _cog_view(i: int, free_at: float, node: str = "n0") -> DeviceView:
+    return DeviceView(f"{node}/sim:{i}", node, i, 1.0, free_at, 30 * GB, {"cogvideox": EDC})
+
+
+def _cog_item(rid: str, deadline: float, shape: Shape = COG, arrival: float = 0.0) -> QueueItem:
+    return QueueItem(rid, "cogvideox", "cogvideox", shape, arrival, deadline, "encode")
+
+
+def _cog_times(shape: Shape = COG) -> tuple[float, float, float]:
+    enc = COST.stage_seconds("cogvideox", "encode", shape)
+    dec = COST.stage_seconds("cogvideox", "decode", shape)
+    return (
+        enc + COST.stage_seconds("cogvideox", "diffuse", shape, 1) + dec,
+        enc + COST.stage_seconds("cogvideox", "diffuse", shape, 2) + dec,
+        enc + dec,
+    )
+
+
+def test_waits_for_an_on_time_pair_rather_than_a_certain_miss_now() -> None:
+    t1, t2, _ = _cog_times()
+    deadline = t2 + 20.0
+    assert t1 > deadline  # degree 1 is late even with no queue
+    d = Dispatcher(COST, DispatchConfig(use_mip=False))
+    # device 1 frees in 10 s: the pair is on time then -> nothing is dispatched now
+    res = d.solve([_cog_item("r", deadline)], [_cog_view(0, 0.0), _cog_view(1, 10.0)], 0.0)
+    assert res.assignments == []
+    # device 1 frees too late for any on-time option: the late single device is used
+    res = d.solve([_cog_item("r", deadline)], [_cog_view(0, 0.0), _cog_view(1, 500.0)], 0.0)
+    assert [a.degree for a in res.assignments] == [1] and not res.assignments[0].on_time
+
+
+@pytest.mark.parametrize("use_mip", [False, True])
+def test_idle_cluster_uses_the_fastest_efficient_degree(use_mip: bool) -> None:
+    from trident.sched.cost import efficient_degrees
+
+    shape = Shape(768, 1360, 81, 50)
+    ks = efficient_degrees(COST, "cogvideox", shape, 8, 0.8)
+    views = [  # two idle nodes: one request can take a whole node, half stays idle
+        DeviceView(f"n{n}/sim:{i}", f"n{n}", i, 1.0, 0.0, 40 * GB, {"cogvideox": EDC})
+        for n in range(2)
+        for i in range(8)
+    ]
+    d = Dispatcher(COST, DispatchConfig(use_mip=use_mip, time_limit_s=5.0))
+    res = d.solve([_cog_item("r", 1e6, shape)], views, 0.0)
+    assert [a.degree for a in res.assignments] == [max(ks)]
+    # a busier round (more requests waiting) stays thrifty
+    items = [_cog_item(f"r{i}", 1e6, shape) for i in range(3)]
+    res = d.solve(items, views, 0.0)
+    assert res.assignments and min(a.degree for a in res.assignments) < max(ks)
+
+
+def test_requests_that_can_still_make_it_come_before_hopeless_ones() -> None:
+    t1, _, _ = _cog_times()
+    d = Dispatcher(COST, DispatchConfig(use_mip=False))
+    hopeless = _cog_item("late", 10.0, arrival=-100.0)  # its deadline cannot be met
+    ok = _cog_item("ok", t1 + 50.0, arrival=0.0)
+    assert d.hopeless(hopeless, 0.0) and not d.hopeless(ok, 0.0)
+    assert sorted([hopeless, ok], key=lambda i: d.window_key(i, 0.0))[0] is ok
+    # one device: the request that can still make its deadline gets it
+    res = d.solve([hopeless, ok], [_cog_view(0, 0.0)], 0.0)
+    assert [a.request_id for a in res.assignments] == ["ok"]
+    # hopeless ones shortest first
+    long_shape = Shape(768, 1360, 33, 50)
+    h2 = _cog_item("late-long", 10.0, long_shape, arrival=-200.0)
+    assert sorted([h2, hopeless], key=lambda i: d.window_key(i, 0.0))[0] is hopeless

@@ -44,3 +44,22 @@ def test_links_and_placement() -> None:
     # re-adding a device (restart) keeps its plan
     g.add_device(g.info("n0/sim:0"))
     assert g.placement_type("n0/sim:0", "flux") == "DC"
+
+
+def test_version_bumps_on_every_change_callers_cache_on() -> None:
+    g = _g()
+    d = g.devices()[0].device_id
+    seen = [g.version]
+    g.set_placement(d, "flux", {"diffuse"})
+    seen.append(g.version)
+    g.clear_placement(d)
+    seen.append(g.version)
+    g.set_up(d, False)
+    seen.append(g.version)
+    g.remove_device(d)
+    seen.append(g.version)
+    assert seen == sorted(set(seen))  # strictly increasing
+    v = g.version
+    g.placement(g.devices()[0].device_id)  # reads do not bump
+    g.instances(2)
+    assert g.version == v

@@ -92,7 +92,9 @@ def test_trident_beats_static_fifo_on_mixed_load() -> None:
     # plans (and so this comparison) depend on the machine, not on the policy.
     deterministic = {"dispatch_time_limit_s": 10.0, "placement_time_limit_s": 10.0}
     for name in ("trident", "b1"):
-        sim = MiniSim(make_policy(name, ms, COST, **(deterministic if name == "trident" else {})), COST)
+        sim = MiniSim(
+            make_policy(name, ms, COST, **(deterministic if name == "trident" else {})), COST
+        )
         join(sim, devices(2, 4))
         _workload(sim, ms, 40, 11)
         sim.run()
@@ -277,3 +279,22 @@ def test_trident_static_plans_once_for_the_first_window_then_freezes() -> None:
     assert not [c for _, c in changed if "trigger" in c.fields]
     assert all(t <= static[0] for t, _ in changed)  # nothing re-planned afterwards
     assert "static_plan_after_s" in config_keys("trident-static")
+
+
+def test_shape_that_fits_no_whole_pipeline_gets_a_leaner_group() -> None:
+    # hunyuanvideo 720x1280x129: next to the whole pipeline's weights (41 GB) no group
+    # has room for the diffuse activation; a group without encode (run elsewhere) does.
+    ms = models("hunyuanvideo")
+    pol = make_policy("trident", ms, COST, dynamic_placement=False)
+    sim = MiniSim(pol, COST)
+    join(sim, devices(2, 8))
+    arrive(sim, RequestSpec("big", "hunyuanvideo", Shape(720, 1280, 129, 2), 1.0))
+    arrive(sim, RequestSpec("small", "hunyuanvideo", Shape(544, 960, 17, 2), 2.0))
+    sim.run()
+    assert sorted(c.request_id for c in sim.done) == ["big", "small"] and not sim.failed
+    held = _held(pol)
+    # some devices dropped hunyuanvideo's own encode (⟨EDC⟩ -> ⟨DC⟩ or ⟨D⟩)
+    lean = [d for d, pl in held.items() if "encode" not in pl.get("hunyuanvideo", frozenset())]
+    assert lean
+    for s in ("encode", "diffuse", "decode"):  # every stage still has a home
+        assert any(s in pl.get("hunyuanvideo", frozenset()) for pl in held.values()), s

@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from trident.sched.core import CoreConfig, RequestState
+from trident.sched.core import CoreConfig, DeviceState, RequestState
 from trident.sched.cost import best_degree, efficient_degrees
 from trident.sched.policy import PlacedPolicy, Placement
 from trident.sched.types import STAGES, Command, CostModel, DeviceInfo, LogEvent, ModelInfo, Stage
@@ -125,6 +125,10 @@ class _PipelineBase(PlacedPolicy):
     ) -> None:
         self.bconfig = config
         super().__init__(models, cost, config.core())
+        self._round_free: dict[tuple[str, int], list[tuple[str, ...]]] = {}
+        self._groups_cache: dict[tuple[str, int], list[tuple[str, ...]]] = {}
+        self._groups_version = -1
+        self._remaining: dict[tuple[str, int], float] = {}
 
     def compute_placement(self, now: float) -> Placement:
         blocks = model_blocks(self.graph.devices(), list(self.models), self.bconfig.shares)
@@ -135,20 +139,53 @@ class _PipelineBase(PlacedPolicy):
                     out[d.device_id] = {m: frozenset(STAGES)}
         return out
 
+    def _begin_plan(self) -> None:
+        """Start of a dispatch round: free groups are computed once per (model, k) per
+        round and shrink as tasks are issued (nothing frees up inside a round)."""
+        self._round_free = {}
+
+    def _model_groups(self, model: str, k: int) -> list[tuple[str, ...]]:
+        """Aligned degree-k groups of up devices that all hold ``model``'s diffuse
+        stage; cached until the graph (membership, up state, placement) changes."""
+        cache = self._groups_cache
+        if self._groups_version != self.graph.version:
+            cache = self._groups_cache = {}
+            self._groups_version = self.graph.version
+        got = cache.get((model, k))
+        if got is None:
+            got = cache[model, k] = [
+                grp
+                for grp in self.graph.instances(k)
+                if all(self.graph.holds(d, model, "diffuse") for d in grp)
+            ]
+        return got
+
     def free_groups(self, model: str, k: int) -> list[tuple[str, ...]]:
         limit = self.config.max_inflight_per_device
-        out = []
-        for grp in self.graph.instances(k):
-            if all(
-                self.graph.holds(d, model, "diffuse")
-                and d in self.devices
-                and len(self.devices[d].inflight) < limit
-                for d in grp
-            ):
-                out.append(grp)
+        devs = self.devices
+        round_free = self._round_free
+        prev = round_free.get((model, k))
+        src = prev if prev is not None else self._model_groups(model, k)
+        out = [grp for grp in src if all(d in devs and len(devs[d].inflight) < limit for d in grp)]
+        round_free[model, k] = out
         return out
 
+    def _any_free(self) -> bool:
+        """Whether some up device can take a task (else a round has nothing to do)."""
+        limit = self.config.max_inflight_per_device
+        return any(st.up and len(st.inflight) < limit for st in self.devices.values())
+
     def remaining(self, req: RequestState) -> float:
+        key = (req.request_id, len(req.pending_stages))
+        cache = self._remaining
+        got = cache.get(key)
+        if got is None:
+            if len(cache) > 65536:
+                cache.clear()
+            got = cache[key] = self._remaining_of(req)
+        return got
+
+    def _remaining_of(self, req: RequestState) -> float:
         info = self.models[req.spec.model]
         k = best_degree(
             self.cost, req.family, req.spec.shape, info.max_degree, self.config.efficiency
@@ -198,9 +235,12 @@ class StaticFifoPolicy(_PipelineBase):
         super().__init__(models, cost, self.sconfig)
 
     def plan(self, now: float) -> list[Command]:
+        self._begin_plan()
         out: list[Command] = []
         k = self.sconfig.degree
         for req in list(self.waiting.values()):  # arrival order
+            if not self._any_free():
+                break
             groups = self.free_groups(req.spec.model, k)
             if not groups:
                 continue
@@ -218,8 +258,13 @@ class PipelineSrtfPolicy(_PipelineBase):
         super().__init__(models, cost, config or BaselineConfig())
 
     def plan(self, now: float) -> list[Command]:
+        self._begin_plan()
         out: list[Command] = []
+        if not self._any_free():
+            return out
         for req in sorted(self.waiting.values(), key=lambda r: (self.remaining(r), r.spec.arrival)):
+            if not self._any_free():
+                break
             info = self.models[req.spec.model]
             ks = efficient_degrees(
                 self.cost, req.family, req.spec.shape, info.max_degree, self.config.efficiency
@@ -275,9 +320,16 @@ class StageSrtfPolicy(_PipelineBase):
         return out
 
     def plan(self, now: float) -> list[Command]:
+        self._begin_plan()
         out: list[Command] = []
         limit = self.config.max_inflight_per_device
+        if not self._any_free():
+            return out
+        # Per round: (model, stage) -> free devices holding it (shrinks as tasks issue).
+        holders: dict[tuple[str, Stage], list[DeviceState]] = {}
         for req in sorted(self.waiting.values(), key=lambda r: (self.remaining(r), r.spec.arrival)):
+            if not self._any_free():
+                break
             stage = req.pending_stages[0]
             model = req.spec.model
             if stage == "diffuse":
@@ -305,15 +357,17 @@ class StageSrtfPolicy(_PipelineBase):
                         )
                         break
                 continue
-            cands = [
-                st
-                for st in self.devices.values()
-                if st.up
-                and st.device_id in self.graph
-                and self.graph.holds(st.device_id, model, stage)
-                and len(st.inflight) < limit
-                and self.fits(req, (st.device_id,), (stage,))
-            ]
+            hs = holders.get((model, stage))
+            if hs is None:
+                hs = [
+                    st
+                    for st in self.devices.values()
+                    if st.up
+                    and st.device_id in self.graph
+                    and self.graph.holds(st.device_id, model, stage)
+                ]
+            hs = holders[model, stage] = [st for st in hs if len(st.inflight) < limit]
+            cands = [st for st in hs if self.fits(req, (st.device_id,), (stage,))]
             if not cands:
                 continue
             best = min(cands, key=lambda st: (max(now, st.busy_until), st.device_id))
@@ -347,6 +401,7 @@ class AuthorsPolicy(_PipelineBase):
         return ks2
 
     def plan(self, now: float) -> list[Command]:
+        self._begin_plan()
         if not self.waiting or now - self._last_solve < self.aconfig.min_interval_s:
             return []
         self._last_solve = now

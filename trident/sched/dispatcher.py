@@ -8,9 +8,13 @@ request, each device used at most once per round.
 
 Model (kept small on purpose — MEASURED.md: CBC needs 30 s for 2,000 binaries):
 
-- Window: the ``max_requests`` most urgent waiting requests (earliest deadline first;
-  late ones are first by construction). Devices: only those that can take a task now
-  and free up within ``lookahead_s``.
+- Window: the ``max_requests`` most urgent waiting requests: those that can still
+  make their deadline (at the fastest degree, no queueing) earliest deadline first,
+  then the hopeless ones shortest remaining time first. Devices: only those that can
+  take a task now and free up within ``lookahead_s``.
+- Wait rather than miss: a request whose candidates are all late gets none when some
+  group (busy ones included, at its predicted free time) would still complete it on
+  time.
 - Variables ``x[r, g]`` only for efficient degrees ((t1/tk)/k >= threshold) and
   memory-feasible aligned groups ``g``; per (r, k) only the ``groups_per_degree`` groups
   with the earliest predicted completion.
@@ -19,9 +23,10 @@ Model (kept small on purpose — MEASURED.md: CBC needs 30 s for 2,000 binaries)
   transfer), diffuse at degree k on the slowest member, decode (on the leader if it
   holds decode, else the earliest-free decode device, plus the latents' transfer).
 - Objective: sum of rewards — on time: ``on_time_reward`` plus an urgency bonus; late:
-  an aging reward growing with the fraction of the latency budget already spent — minus
-  a cross-node transfer penalty and a small device-seconds penalty (prefer thrifty
-  degrees). On-time-ness of each (r, g) is known before the solve (completion is a
+  far below (at most ``late_reward``), shortest first, a little aging, never <= 0 —
+  minus a cross-node transfer penalty and a small device-seconds penalty (prefer thrifty
+  degrees; in a relaxed round — idle devices for every waiting request's largest
+  degree — a per-second completion penalty instead: the fastest efficient degree). On-time-ness of each (r, g) is known before the solve (completion is a
   function of the choice), so no big-M constraints are needed.
 - Constraints: each request at most once; each device at most once.
 - Hard time limit; warm start from the greedy plan (which keeps the last round's
@@ -129,6 +134,14 @@ class DispatchConfig:
     cross_node_penalty: float = 5.0  # per inter-node hand-off
     transfer_penalty: float = 1.0  # per hand-off between different devices
     device_seconds_penalty: float = 0.01  # per device-second of diffuse
+    # Relaxed rounds (idle devices enough for every waiting request to get a whole
+    # node): per second of predicted completion instead of the device-seconds penalty.
+    relaxed_finish_penalty: float = 0.1
+    relax_when_idle: bool = True  # relaxed rounds allowed at all
+    # ... and only while this share of all devices stays idle beyond the whole nodes the
+    # waiting requests could take (a busy cluster's next arrivals need them)
+    relax_reserve: float = 0.0
+    wait_for_on_time: bool = True  # late candidates dropped while an on-time group frees
     use_mip: bool = True
 
 
@@ -199,6 +212,7 @@ class Dispatcher:
     cost: CostModel
     config: DispatchConfig = field(default_factory=DispatchConfig)
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    relaxed: bool = False  # whether the last round was relaxed (see candidates)
     _shapes: dict[tuple[str, Shape, int], _ShapeInfo] = field(default_factory=dict, repr=False)
 
     def _shape_info(self, family: str, shape: Shape, max_degree: int) -> _ShapeInfo:
@@ -244,7 +258,7 @@ class Dispatcher:
         dev = {d.device_id: d for d in devices}
         queue = sorted(
             (i for i in items if i.next_stage != "decode"),
-            key=lambda i: (i.deadline, i.arrival, i.request_id),
+            key=lambda i: self.window_key(i, now),
         )
         cands = self.candidates(queue, dev, now)
         if not cands:
@@ -274,6 +288,25 @@ class Dispatcher:
         self.last = {a.request_id: a.group for a in res.assignments}
         res.ms = (time.perf_counter() - t0) * 1e3
         return res
+
+    def best_case(self, item: QueueItem, now: float) -> float:
+        """Seconds the request still needs with no queueing at its fastest supported
+        degree (a lower bound on its remaining time)."""
+        info = self._shape_info(item.family, item.shape, item.max_degree)
+        dif = min((t for t, _ in info.diffuse.values()), default=0.0)
+        return (info.enc_t if item.next_stage == "encode" else 0.0) + dif + info.dec_t
+
+    def hopeless(self, item: QueueItem, now: float) -> bool:
+        """Whether the request cannot meet its deadline even started now on idle devices
+        at its fastest degree."""
+        return now + self.best_case(item, now) > item.deadline + 1e-9
+
+    def window_key(self, item: QueueItem, now: float) -> tuple[int, float, float, str]:
+        """Window order: requests that can still make their deadline first, earliest
+        deadline first; then the hopeless ones, shortest remaining time first."""
+        if self.hopeless(item, now):
+            return (1, self.best_case(item, now), item.arrival, item.request_id)
+        return (0, item.deadline, item.arrival, item.request_id)
 
     def follow_decode(
         self, item: QueueItem, devices: Sequence[DeviceView], now: float
@@ -341,6 +374,44 @@ class Dispatcher:
                     room[m] = room.get(m, 0) + 1
         taken = 0
         out: list[_Cand] = []
+        # Relaxed: enough idle devices to give every waiting request a whole node and
+        # still leave ``relax_reserve`` of the cluster idle, so lower latency costs
+        # nothing — prefer the fastest efficient degree over the thriftiest.
+        window = list(window)
+        idle = sum(1 for d in usable if d.free_at <= now)
+        relaxed = (
+            cfg.relax_when_idle
+            and bool(window)
+            and sum(i.max_degree for i in window) + cfg.relax_reserve * len(dev) <= idle
+        )
+        self.relaxed = relaxed
+        # Every up device holding a model's diffuse stage, per node (busy ones too): to
+        # tell whether an on-time option exists later (then a late one now is not taken).
+        all_by_node: dict[str, dict[int, DeviceView]] = {}
+        for d in dev.values():
+            all_by_node.setdefault(d.node_id, {})[d.index] = d
+        later: dict[tuple[str, int], list[tuple[str, list[DeviceView], int]]] = {}
+
+        def later_groups(m: str, k: int) -> list[tuple[str, list[DeviceView], int]]:
+            got = later.get((m, k))
+            if got is None:
+                allg: list[tuple[float, str, list[DeviceView], int]] = []
+                for node in sorted(all_by_node):
+                    idx = all_by_node[node]
+                    hold = {i: d for i, d in idx.items() if "diffuse" in d.holds.get(m, ())}
+                    for grp in _aligned(hold, k):
+                        allg.append(
+                            (
+                                max(g.free_at for g in grp),
+                                grp[0].device_id,
+                                grp,
+                                min(g.free_memory for g in grp),
+                            )
+                        )
+                allg.sort(key=lambda t: (t[0], t[1]))
+                got = later[m, k] = [(g[2][0].node_id, g[2], g[3]) for g in allg[:4]]
+            return got
+
         gfree: dict[tuple[str, int], int] = {}
         # Aligned groups of usable devices holding a model's diffuse stage, per (model,
         # k), built once per round (with the least free memory of each group).
@@ -384,6 +455,7 @@ class Dispatcher:
             aux_dec = earliest(model, "decode", dec_peak)
             budget = max(1e-6, item.deadline - item.arrival)
             age = max(0.0, now - item.arrival) / budget
+            item_cands: list[_Cand] = []
             for k in ks:
                 dif_t, dif_peak = info.diffuse[k]
                 per_k: list[_Cand] = []
@@ -412,20 +484,80 @@ class Dispatcher:
                     late = c.finish > item.deadline + 1e-9
                     c.on_time = not late
                     if late:
-                        w = cfg.late_reward * (1.0 + min(age, 8.0))
+                        # Far below any on-time candidate (a degree-8 group displaces at
+                        # most 8 of these), shortest first, a little aging; never <= 0,
+                        # so leftover capacity always serves it.
+                        rem = max(0.0, c.finish - now)
+                        w = cfg.late_reward * (0.2 + 0.6 * 60.0 / (60.0 + rem))
+                        w += 2.5 * min(age, 8.0)
+                        w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
+                        w -= 1e-3 * rem
+                        c.weight = max(1.0, w)
                     else:  # urgency is the request's, not the candidate's
                         w = cfg.on_time_reward + 100.0 * min(1.0, age)
-                    w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
-                    w -= cfg.device_seconds_penalty * c.dev_seconds
-                    w -= 1e-3 * (c.finish - now)  # tie-break: earlier is better
-                    c.weight = w
+                        w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
+                        if relaxed:  # idle cluster: the earliest completion
+                            w -= cfg.relaxed_finish_penalty * (c.finish - now)
+                        else:
+                            w -= cfg.device_seconds_penalty * c.dev_seconds
+                            w -= 1e-3 * (c.finish - now)  # tie-break: earlier is better
+                        c.weight = w
                     per_k.append(c)
                 per_k.sort(key=lambda c: (-c.weight, c.group))
-                out.extend(per_k[: cfg.groups_per_degree])
+                item_cands.extend(per_k[: cfg.groups_per_degree])
+            if (
+                cfg.wait_for_on_time
+                and item_cands
+                and not any(c.on_time for c in item_cands)
+                and self._on_time_later(item, ks, info, later_groups, now, aux_enc, aux_dec, dev)
+            ):
+                item_cands = []  # wait for the on-time option rather than miss now
+            out.extend(item_cands)
             if len(out) > before:
                 taken += 1
                 room[item.model] -= 1
         return out
+
+    def _on_time_later(
+        self,
+        item: QueueItem,
+        ks: Sequence[int],
+        info: _ShapeInfo,
+        later_groups: Callable[[str, int], list[tuple[str, list[DeviceView], int]]],
+        now: float,
+        aux_enc: DeviceView | None,
+        aux_dec: DeviceView | None,
+        dev: Mapping[str, DeviceView],
+    ) -> bool:
+        """Whether some group (busy ones included, at its predicted free time) would
+        still complete the request on time — then it should wait for it."""
+        if self.hopeless(item, now):
+            return False
+        for k in ks:
+            dif_t, dif_peak = info.diffuse[k]
+            for node, grp, least_free in later_groups(item.model, k):
+                if least_free < dif_peak:
+                    continue
+                c = self._predict(
+                    item,
+                    k,
+                    grp,
+                    node,
+                    now,
+                    info.enc_t,
+                    dif_t,
+                    info.dec_t,
+                    info.enc_peak,
+                    info.dec_peak,
+                    info.text_b,
+                    info.lat_b,
+                    aux_enc,
+                    aux_dec,
+                    dev,
+                )
+                if c is not None and c.finish <= item.deadline + 1e-9:
+                    return True
+        return False
 
     def _predict(
         self,
@@ -540,12 +672,18 @@ class Dispatcher:
         by_req: dict[str, list[_Cand]] = {}
         for c in cands:
             by_req.setdefault(c.item.request_id, []).append(c)
-        order = sorted(
-            by_req.values(),
-            key=lambda cs: (cs[0].item.deadline, cs[0].item.arrival, cs[0].item.request_id),
-        )
+
+        # Requests with an on-time candidate first (EDF), then the others shortest first.
+        def order_key(cs: list[_Cand]) -> tuple[int, float, float, str]:
+            it = cs[0].item
+            if any(c.on_time for c in cs):
+                return (0, it.deadline, it.arrival, it.request_id)
+            return (1, min(c.finish for c in cs), it.arrival, it.request_id)
+
+        order = sorted(by_req.values(), key=order_key)
         used: set[str] = set()
         out: list[_Cand] = []
+        relaxed = self.relaxed
         for cs in order:
             prev = self.last.get(cs[0].item.request_id)
 
@@ -553,7 +691,7 @@ class Dispatcher:
                 return (
                     0 if c.group == prev else 1,
                     0 if c.on_time else 1,
-                    c.dev_seconds if c.on_time else c.finish,
+                    c.dev_seconds if c.on_time and not relaxed else c.finish,
                     c.finish,
                 )
 

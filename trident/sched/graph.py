@@ -50,12 +50,16 @@ class ClusterGraph:
 
     def __init__(self, intra_node_bw: float = 20e9, inter_node_bw: float = 10e9) -> None:
         self.g: nx.Graph = nx.Graph()
+        # Bumped by every change of membership, up state or placement: callers cache
+        # derived structures (aligned groups, holders) keyed by it.
+        self.version = 0
         self.intra_node_bw = intra_node_bw
         self.inter_node_bw = inter_node_bw
 
     # ------------------------------------------------------------------ membership
 
     def add_device(self, info: DeviceInfo) -> None:
+        self.version += 1
         node_v = ("node", info.node_id)
         if node_v not in self.g:
             self.g.add_node(node_v, kind="node")
@@ -71,9 +75,11 @@ class ClusterGraph:
                 self.g.add_edge(dev_v, ("dev", peer.device_id), kind="intra", bw=self.intra_node_bw)
 
     def set_up(self, device_id: str, up: bool) -> None:
+        self.version += 1
         self.g.nodes[("dev", device_id)]["up"] = up
 
     def remove_device(self, device_id: str) -> None:
+        self.version += 1
         self.g.remove_node(("dev", device_id))
 
     def node_ids(self) -> list[str]:
@@ -154,6 +160,7 @@ class ClusterGraph:
         return pl
 
     def set_placement(self, device_id: str, model: str, stages: Iterable[Stage]) -> None:
+        self.version += 1
         pl = self.g.nodes[("dev", device_id)]["placement"]
         st = frozenset(stages)
         if st:
@@ -162,6 +169,7 @@ class ClusterGraph:
             pl.pop(model, None)
 
     def clear_placement(self, device_id: str) -> None:
+        self.version += 1
         self.g.nodes[("dev", device_id)]["placement"] = {}
 
     def holds(self, device_id: str, model: str, stage: Stage) -> bool:

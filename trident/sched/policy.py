@@ -25,6 +25,7 @@ from trident.sched.dispatcher import (
     DispatchConfig,
     Dispatcher,
     QueueItem,
+    _aligned,
     best_group_free,
 )
 from trident.sched.graph import ClusterGraph, placement_type
@@ -80,6 +81,9 @@ class PlacedPolicy(SchedulerCore):
     (called when devices join) and :meth:`plan` (dispatch)."""
 
     name = "placed"
+    # Adjust on dispatch may give a backlogged shape that few groups fit further groups,
+    # up to this share of the devices (per degree).
+    extra_home_share = 0.125
 
     def __init__(
         self,
@@ -258,12 +262,16 @@ class PlacedPolicy(SchedulerCore):
         some up device (a degree-k group for diffuse) with room for its peak activation.
         When none is, the stage is added to the plan of the device (group) that can take
         it with the least harm (free memory first; else evicting other models' stages,
-        those held elsewhere first). Metadata only: the worker loads the weights when the
-        first task needing them lands (evicted stages get ``UnloadStage``). Returns
-        whether the plan changed."""
+        those held elsewhere first, then this model's other stages where enough other
+        devices keep them — ⟨EDC⟩ becomes ⟨D⟩ when the diffuse activation does not fit
+        next to the whole pipeline). Metadata only: the worker loads the weights when the
+        first task needing them lands (evicted stages get ``UnloadStage``). A waiting
+        request whose stage no group of the (fully up) cluster can take even so fails
+        with ``out_of_memory``. Returns whether the plan changed."""
         cost = self.cost
         changed = False
         seen: set[tuple[str, Stage, Shape]] = set()
+        impossible: set[tuple[str, Stage, Shape]] = set()
         ef = self.config.efficiency
         # Per round (reset when the plan changes): best free memory of a degree-k group
         # holding a model's diffuse stage; most free memory of a device holding (m, s).
@@ -282,6 +290,30 @@ class PlacedPolicy(SchedulerCore):
                     default=-1,
                 )
             return sfree[m, s]
+
+        cfit: dict[tuple[str, int, int], int] = {}
+
+        def count_fit(m: str, k: int, peak: int) -> int:
+            """Aligned degree-k groups holding m's diffuse with room for ``peak``."""
+            if (m, k, peak) not in cfit:
+                by_node: dict[str, dict[int, DeviceView]] = {}
+                for v in views:
+                    if "diffuse" in v.holds.get(m, frozenset()):
+                        by_node.setdefault(v.node_id, {})[v.index] = v
+                cfit[m, k, peak] = sum(
+                    1
+                    for idx in by_node.values()
+                    for grp in _aligned(idx, k)
+                    if min(g.free_memory for g in grp) >= peak
+                )
+            return cfit[m, k, peak]
+
+        backlog: dict[tuple[str, Stage, Shape], int] = {}
+        for it in items:
+            r = self.requests.get(it.request_id)
+            if r is not None and r.task_id is None and "diffuse" in r.pending_stages:
+                bk: tuple[str, Stage, Shape] = (it.model, "diffuse", it.shape)
+                backlog[bk] = backlog.get(bk, 0) + 1
 
         for it in items:
             info = self.models.get(it.model)
@@ -303,20 +335,56 @@ class PlacedPolicy(SchedulerCore):
                         for k in supported_degrees(cost, fam, it.shape, info.max_degree)
                         if k not in ks
                     ]
-                    if any(
-                        cost.stage_peak_bytes(fam, s, it.shape, k) <= group_free(it.model, k)
-                        for k in ks
-                    ):
-                        continue
+                    peaks = {k: cost.stage_peak_bytes(fam, s, it.shape, k) for k in ks}
+                    extra = False
+                    if any(peaks[k] <= group_free(it.model, k) for k in ks):
+                        # Homed already. A shape that only few groups fit (e.g. one
+                        # homed ⟨D⟩ group) with a backlog gets more groups, up to
+                        # ``extra_home_share`` of the devices per degree.
+                        need = backlog.get(key, 0)
+                        share = self.extra_home_share * len(views)
+                        if not any(
+                            (have := count_fit(it.model, k, peaks[k])) < min(need, share // k)
+                            and have > 0
+                            for k in ks
+                        ):
+                            continue
+                        extra = True
                 else:
                     ks = [1]
+                    extra = False
                     if cost.stage_peak_bytes(fam, s, it.shape, 1) <= stage_free(it.model, s):
                         continue
-                if self._home(it.model, s, it.shape, ks, views, out):
+                if self._home(it.model, s, it.shape, ks, views, out, new_only=extra):
                     changed = True
                     views[:] = self.device_views(now)
                     gfree.clear()
                     sfree.clear()
+                    cfit.clear()
+                elif not extra and all(
+                    self.graph.is_up(d.device_id) for d in self.graph.devices(up_only=False)
+                ):
+                    # No group of the whole (healthy) cluster can take it, whatever is
+                    # evicted: fail those requests instead of letting them wait forever.
+                    # (With devices down, a restart may bring the room back: wait.)
+                    impossible.add(key)
+        if impossible:
+            for it in items:
+                req = self.requests.get(it.request_id)
+                if req is None or req.task_id is not None or it.request_id not in self.waiting:
+                    continue
+                bad = [s for s in req.pending_stages if (it.model, s, it.shape) in impossible]
+                if bad:
+                    shp = it.shape
+                    self._fail(
+                        req,
+                        "out_of_memory",
+                        f"model {it.model!r} at {shp.height}x{shp.width}x{shp.num_frames}: "
+                        f"no device group can hold its {bad[0]} stage with room for the peak "
+                        "activation, even after evicting other stages",
+                        out,
+                    )
+            items[:] = [i for i in items if i.request_id in self.waiting]
         return changed
 
     def _home(
@@ -327,7 +395,10 @@ class PlacedPolicy(SchedulerCore):
         ks: list[int],
         views: list[DeviceView],
         out: list[Command],
+        new_only: bool = False,
     ) -> bool:
+        """Add ``stage`` to the best group (see :meth:`ensure_homes`); ``new_only``:
+        skip groups that already hold it with room (a further home, not the first)."""
         info = self.models[model]
         w = model_weight_bytes(self.cost, info, stage)
         holders: dict[tuple[str, Stage], int] = {}
@@ -349,7 +420,14 @@ class PlacedPolicy(SchedulerCore):
                     if any(g is None for g in grp):
                         continue
                     members = [g for g in grp if g is not None]
-                    plan = [self._evictions(g, model, stage, w, peak, holders) for g in members]
+                    if new_only and all(
+                        stage in g.holds.get(model, frozenset()) and g.free_memory >= peak
+                        for g in members
+                    ):
+                        continue
+                    plan = [
+                        self._evictions(g, model, stage, w, peak, holders, keep=k) for g in members
+                    ]
                     if any(p is None for p in plan):
                         continue
                     victims = [p for p in plan if p is not None]
@@ -405,6 +483,7 @@ class PlacedPolicy(SchedulerCore):
         w: int,
         peak: int,
         holders: Mapping[tuple[str, Stage], int],
+        keep: int = 1,
     ) -> list[tuple[str, Stage]] | None:
         """Stages of other models to drop from ``v`` so that ``stage`` of ``model`` (and
         its peak) fits; None when even dropping all of them is not enough."""
@@ -413,12 +492,21 @@ class PlacedPolicy(SchedulerCore):
         free = v.free_memory - (0 if held else w)
         if free >= peak:
             return []
+        # Other models' stages; and this model's other stages where more than
+        # ``keep`` devices hold them (so some device keeps each after a group's
+        # evictions: e.g. ⟨EDC⟩ -> ⟨D⟩ for a diffuse activation that does not fit next to
+        # the whole pipeline, encode/decode then run elsewhere).
         others = [
-            (m, s) for m, st in v.holds.items() if m != model and m in self.models for s in st
+            (m, s)
+            for m, st in sorted(v.holds.items())
+            if m in self.models
+            for s in sorted(st)
+            if m != model or (s != stage and holders.get((m, s), 0) > keep)
         ]
         size = {ms: model_weight_bytes(self.cost, self.models[ms[0]], ms[1]) for ms in others}
-        # Held elsewhere first, then the biggest (fewest evictions).
-        others.sort(key=lambda ms: (holders.get(ms, 0) <= 1, -size[ms], ms))
+        # Held elsewhere first, other models before this one's, then the biggest (fewest
+        # evictions).
+        others.sort(key=lambda ms: (holders.get(ms, 0) <= 1, ms[0] == model, -size[ms], ms))
         out: list[tuple[str, Stage]] = []
         for ms in others:
             if free >= peak:
@@ -524,6 +612,8 @@ class TridentConfig:
     groups_per_degree: int = 3
     lookahead_s: float = 2.0
     use_mip: bool = True
+    relax_when_idle: bool = True  # idle cluster: fastest efficient degree, not thriftiest
+    wait_for_on_time: bool = True  # wait for an on-time group rather than miss now
     load_cost: bool = True  # predicted completion pays load_seconds(source) for missing weights
     # orchestrator / monitor / trigger
     placement_solver: str = "highs"
@@ -607,6 +697,8 @@ class TridentPolicy(PlacedPolicy):
                 lookahead_s=c.lookahead_s,
                 efficiency=c.efficiency,
                 use_mip=c.use_mip,
+                relax_when_idle=c.relax_when_idle,
+                wait_for_on_time=c.wait_for_on_time,
             ),
         )
         self.monitor = Monitor(
