@@ -254,15 +254,11 @@ class SimExecutor(Executor):
         options: Mapping[str, Any],
         parallel: Any | None = None,
     ) -> TaskResult:
-        result, sleeps, shape, family = self._prepare(model, stages, params, options)
-        for stage, secs in sleeps:
-            t0 = time.perf_counter()
-            if secs > 0:
-                time.sleep(secs)
-            if stage is not None:
-                result.stage_seconds[stage] = time.perf_counter() - t0
-        result.outputs = self._outputs(stages, shape, family)
-        return result
+        # The worker awaits run_async on its event loop; this blocking form (the Executor
+        # contract, for a caller in a thread) runs the same code on a private loop.
+        import asyncio
+
+        return asyncio.run(self.run_async(model, stages, inputs, params, options, parallel))
 
     async def run_async(
         self,

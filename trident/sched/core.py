@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from trident.sched.cost import best_degree
 from trident.sched.types import (
     STAGES,
     Command,
@@ -130,20 +131,14 @@ def standalone_latency(
     """(seconds, degree): all three stages alone on an idle cluster at the best efficient
     diffuse degree — the base of the request's deadline."""
     shape = spec.shape
-    t1 = cost.stage_seconds(family, "diffuse", shape, 1)
-    best_k, best_t = 1, t1
-    k = 2
-    while k <= max_degree:
-        tk = cost.stage_seconds(family, "diffuse", shape, k)
-        if tk > 0 and (t1 / tk) / k >= efficiency and tk < best_t:
-            best_k, best_t = k, tk
-        k *= 2
+    # One definition of "efficient degree" for deadlines and for the dispatcher.
+    k = best_degree(cost, family, shape, max_degree, efficiency)
     total = (
         cost.stage_seconds(family, "encode", shape, 1)
-        + best_t
+        + cost.stage_seconds(family, "diffuse", shape, k)
         + cost.stage_seconds(family, "decode", shape, 1)
     )
-    return total, best_k
+    return total, k
 
 
 class SchedulerCore:
