@@ -67,6 +67,10 @@ def _doc() -> dict[str, Any]:
         lambda d: d["entries"][0].update(peak_bytes=1.5),
         lambda d: d["entries"][0].update(seconds=-1.0),
         lambda d: d.update(entries={}),
+        lambda d: d["entries"][0].update(batch=0),
+        lambda d: d["entries"][0].update(batch=True),
+        lambda d: d["entries"][0].update(batch=2.0),
+        lambda d: d["entries"][0].update(stage="decode", degree=1, batch=2),  # decode: per member
     ],
 )
 def test_validate_profile_rejects(breaks: Callable[[dict[str, Any]], Any]) -> None:
@@ -75,6 +79,50 @@ def test_validate_profile_rejects(breaks: Callable[[dict[str, Any]], Any]) -> No
     breaks(doc)
     with pytest.raises(ValueError):
         validate_profile(doc)
+
+
+def test_validate_profile_accepts_batch() -> None:
+    doc = _doc()
+    doc["entries"][0]["batch"] = 4
+    validate_profile(doc)
+    doc["entries"][0].update(stage="encode", degree=1, batch=1)
+    validate_profile(doc)
+
+
+def test_profile_tiny_flux_batch_sizes(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from trident.sched.cost import ReferenceCostModel, read_profile
+    from trident.sched.types import Shape
+
+    out = tmp_path / "flux-batch.json"
+    argv = [
+        "--model", str(tiny_model_dir("flux")), "--shapes", "32x32", "--batch-sizes", "1,2",
+        "--steps", "2", "--repeats", "1", "--warmup", "1", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    validate_profile(doc)
+    got = sorted((e["stage"], e["degree"], e.get("batch", 1)) for e in doc["entries"])
+    assert got == [("decode", 1, 1), ("diffuse", 1, 1), ("diffuse", 1, 2), ("encode", 1, 1)]
+    (single,) = [e for e in doc["entries"] if e["stage"] == "diffuse" and "batch" not in e]
+    (pair,) = [e for e in doc["entries"] if e.get("batch") == 2]
+    assert pair["seconds"] > 0 and pair["peak_bytes"] >= 0
+    assert pair["seconds_per_step"] == pytest.approx(pair["seconds"] / 2)
+
+    # The cost model reads the batched call: one measured point, so the figure is the
+    # measured one, held between one call and two separate calls.
+    model = ReferenceCostModel([read_profile(out)])
+    shape = Shape(height=32, width=32, num_inference_steps=2)
+    assert model.stage_seconds("flux", "diffuse", shape) == pytest.approx(single["seconds"])
+    expected = min(2 * single["seconds"], max(single["seconds"], pair["seconds"]))
+    assert model.stage_seconds_batched("flux", "diffuse", shape, 1, 2) == pytest.approx(expected)
+
+
+def test_profile_rejects_bad_batch_sizes() -> None:
+    for bad in ("0", "a", ""):
+        with pytest.raises(SystemExit):
+            main(["--model", "m", "--shapes", "32x32", "--batch-sizes", bad, "--out", "x"])
 
 
 def test_profile_tiny_flux_degrees_1_and_2(

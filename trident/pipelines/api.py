@@ -20,6 +20,14 @@ Stage contract (all families):
 request run through the three stages returns the same pixels as the pipeline called
 whole with ``output_type="np"``.
 
+Batches (``run_batch``; image families): several same-shape requests whose params
+differ only in per-request values (prompt(s), negative prompt(s), seed) run one stage
+together. Diffuse is one call: the members' encode outputs concatenated along dim 0,
+one ``torch.Generator`` per member (so each member starts from the same noise as
+alone), the output split back per member. Encode and decode run member by member and
+stay bit-exact; a batched diffuse matches the unbatched one within 1e-4 (MEASURED:
+up to 3e-5 — matmuls of another batch size round differently).
+
 Degree k > 1 (diffuse only): every rank of the instance calls ``run`` with the same
 ``params`` and its :class:`ParallelContext`; rank 0 passes the real inputs, the other
 ranks pass ``None`` and obtain them from rank 0 through the group. Only rank 0's return
@@ -28,7 +36,7 @@ value is used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -100,4 +108,18 @@ class PipelineStages(Protocol):
         parallel: ParallelContext | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run one stage for one request. ``options``: e.g. ``{"vae_tiling": True}``."""
+        ...
+
+    def run_batch(
+        self,
+        stage: StageName,
+        inputs: Sequence[Mapping[str, torch.Tensor] | None],
+        params: Sequence[Mapping[str, Any]],
+        options: Mapping[str, Any] | None = None,
+        parallel: ParallelContext | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Run one stage for several requests (``inputs[i]`` and ``params[i]`` are member
+        i's); returns one output dict per member, in order. Raises
+        :class:`trident.errors.InvalidRequestError` when the members cannot share a call
+        (different shapes or shared params)."""
         ...

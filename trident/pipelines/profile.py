@@ -1,14 +1,17 @@
 """``trident profile``: per-stage latency and peak memory of a pipeline on a real device.
 
     trident profile --model DIR --device cpu|cuda --shapes 64x64,64x64x5 \\
-        --degrees 1,2 --steps N [--repeats 3] [--warmup 1] [--dtype float32] --out FILE
+        --degrees 1,2 [--batch-sizes 1,2,4] --steps N [--repeats 3] [--warmup 1] \\
+        [--dtype float32] --out FILE
 
 For each shape (``HxW`` or ``HxWxF``) it runs encode, diffuse and decode through the same
 stage adapters the workers use (:func:`trident.pipelines.open_pipeline`), ``warmup``
 untimed runs then ``repeats`` timed ones, and records the median seconds. Degree ``k > 1``
 applies to diffuse only: ``k`` processes are spawned, form a group
 (:func:`trident.pipelines.parallel.join_group`) and run the stage together; rank 0's time
-is recorded, and the peak of the most loaded rank.
+is recorded, and the peak of the most loaded rank. Batch sizes ``b > 1`` (image families,
+degree 1) also measure one batched diffuse call of ``b`` same-shape requests
+(:meth:`~trident.pipelines.api.PipelineStages.run_batch`, members differing in seed).
 
 Peak memory (``peak_bytes``), beyond the resident weights:
 
@@ -30,9 +33,11 @@ Output (read by :func:`trident.sched.cost.read_profile`)::
      "command": "<argv>", "weights_bytes": {"encode": int, "diffuse": int, "decode": int},
      "entries": [{"stage", "height", "width", "num_frames", "num_inference_steps",
                   "degree", "seconds", "peak_bytes", "repeats"} (+ "seconds_per_step"
-                  for diffuse)]}
+                  for diffuse; + "batch" for batched diffuse calls)]}
 
-Images have ``num_frames`` 1. ``seconds`` is the whole stage (all steps for diffuse).
+Images have ``num_frames`` 1. ``seconds`` is the whole stage (all steps for diffuse); for
+an entry with ``"batch": b`` it is the whole batched call's (all ``b`` members), and
+``peak_bytes`` that call's peak. Entries without ``batch`` are single requests.
 """
 
 from __future__ import annotations
@@ -111,6 +116,16 @@ def _parse_degrees(text: str) -> list[int]:
     if not degrees or degrees[0] < 1:
         raise ValueError(f"bad degrees {text!r}")
     return degrees
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise ValueError(f"bad batch sizes {text!r}: expected e.g. 1,2,4") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"bad batch sizes {text!r}: expected positive integers")
+    return sizes
 
 
 # ------------------------------------------------------------------------- memory
@@ -238,7 +253,13 @@ def _request_params(meta: ModelMeta, shape: Shape, steps: int) -> dict[str, Any]
 
 
 def _entry(
-    stage: str, params: Mapping[str, Any], degree: int, seconds: float, peak: int, repeats: int
+    stage: str,
+    params: Mapping[str, Any],
+    degree: int,
+    seconds: float,
+    peak: int,
+    repeats: int,
+    batch: int = 1,
 ) -> dict[str, Any]:
     steps = int(params["num_inference_steps"])
     entry: dict[str, Any] = {
@@ -254,6 +275,8 @@ def _entry(
     }
     if stage == "diffuse":
         entry["seconds_per_step"] = float(seconds) / max(1, steps)
+    if batch > 1:
+        entry["batch"] = batch
     return entry
 
 
@@ -385,13 +408,16 @@ def run_profile(
     dtype: str = "float32",
     command: str = "",
     log: Callable[[str], None] | None = None,
+    batch_sizes: Iterable[int] = (1,),
 ) -> dict[str, Any]:
     """Profile ``model_dir`` on ``device``; returns the document and writes it to ``out``.
 
     ``shapes``: ``(height, width, frames | None)`` or ``"HxW[xF]"`` strings. ``degrees``
     apply to diffuse; degree 1 is always measured. Degrees a family cannot run (no
     context-parallel plan and no CFG; CFG-parallel at k != 2) are skipped with a note to
-    ``log``. ``steps`` defaults to the model's default step count.
+    ``log``. ``steps`` defaults to the model's default step count. ``batch_sizes`` > 1
+    add batched diffuse calls at degree 1 (image families; video ones are skipped with a
+    note: the stage contract batches images only).
     """
     import torch
 
@@ -407,6 +433,9 @@ def run_profile(
     n_steps = steps if steps is not None else meta.default_steps
     shape_list = [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
     degree_list = sorted({1, *degrees})
+    batch_list = sorted({1, *batch_sizes})
+    if batch_list[0] < 1:
+        raise ValueError(f"batch sizes must be positive, got {batch_list}")
     torch_dtype = getattr(torch, dtype)
     run_device = "cuda:0" if device == "cuda" else device
 
@@ -442,6 +471,21 @@ def run_profile(
         )
         entries.append(_entry("diffuse", params, 1, sec, peak, repeats))
         say(f"{label} diffuse k=1: {sec:.4f} s, peak {peak / 2**20:.1f} MiB")
+        for b in batch_list[1:]:
+            if meta.is_video:
+                say(f"{label} diffuse batch={b}: skipped ({meta.family} makes videos)")
+                continue
+            # Members differ in seed only, as same-shape requests batched by the scheduler.
+            members = [{**params, "seed": SEED + i} for i in range(b)]
+            sec, peak, _ = _measure(
+                partial(stages.run_batch, "diffuse", [emb] * b, members),
+                run_device,
+                repeats,
+                warmup,
+                no_barrier,
+            )
+            entries.append(_entry("diffuse", params, 1, sec, peak, repeats, batch=b))
+            say(f"{label} diffuse batch={b}: {sec:.4f} s, peak {peak / 2**20:.1f} MiB")
         sec, peak, _ = _measure(
             partial(stages.run, "decode", lat, params), run_device, repeats, warmup, no_barrier
         )
@@ -519,6 +563,14 @@ def validate_profile(doc: Mapping[str, Any]) -> None:
             raise ValueError(f"entries[{i}]: degree/repeats >= 1, seconds/peak_bytes >= 0")
         if e["stage"] == "diffuse" and not isinstance(e.get("seconds_per_step"), (int, float)):
             raise ValueError(f"entries[{i}]: diffuse entries carry seconds_per_step")
+        if "batch" in e:
+            batch = e["batch"]
+            if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+                raise ValueError(f"entries[{i}].batch must be a positive integer, got {batch!r}")
+            if batch > 1 and e["stage"] != "diffuse":
+                raise ValueError(
+                    f"entries[{i}]: only diffuse runs batched (encode/decode run member by member)"
+                )
 
 
 # ------------------------------------------------------------------------- CLI
@@ -535,6 +587,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--shapes", required=True, help="comma-separated HxW or HxWxF")
     parser.add_argument("--degrees", default="1", help="diffuse degrees, e.g. 1,2,4")
+    parser.add_argument(
+        "--batch-sizes",
+        default="1",
+        help="diffuse batch sizes, e.g. 1,2,4 (image families, degree 1)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -544,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shapes = parse_shapes(args.shapes)
         degrees = _parse_degrees(args.degrees)
+        batch_sizes = _parse_batch_sizes(args.batch_sizes)
     except ValueError as e:
         parser.error(str(e))
     run_profile(
@@ -557,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         dtype=args.dtype,
         command=shlex.join(["trident", "profile", *args_list]),
+        batch_sizes=batch_sizes,
     )
     print(args.out)
     return 0

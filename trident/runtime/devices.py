@@ -8,6 +8,12 @@
 - ``cuda``: one GPU running the real stages.
 
 Executors are called from the worker's compute thread; they never touch sockets.
+
+Batches (``run_batch``): several same-shape requests' tasks with the same model, stages
+and options run as one call and come back as one result *per member* — a
+:class:`TaskResult` or the exception that member failed with — so one bad request
+cannot fail the others. An exception raised by ``run_batch`` itself (out of memory for
+the whole batch) fails every member. Batches run at degree 1 only.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "OutOfMemory",
     "SimExecutor",
     "StageError",
+    "TaskResult",
     "TorchExecutor",
     "make_executor",
     "parse_devices",
@@ -107,6 +114,14 @@ class TaskResult:
     evicted: list[tuple[str, str]] = field(default_factory=list)  # (model, stage) dropped for room
 
 
+def _check_batch(inputs: list[Any], params: list[Any], parallel: Any | None) -> None:
+    if len(inputs) != len(params) or not params:
+        raise ValueError(f"a batch needs one inputs and one params per member: {len(inputs)} != {len(params)}")
+    if parallel is not None:
+        # The runtime never forms a group for a batch (RunBatch is degree 1).
+        raise StageError("batched tasks run at degree 1 only")
+
+
 class Executor:
     """Runs the stages of one task on this device (called in the compute thread)."""
 
@@ -122,6 +137,30 @@ class Executor:
         parallel: Any | None = None,
     ) -> TaskResult:
         raise NotImplementedError
+
+    def run_batch(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: list[Mapping[str, Any] | None],
+        params: list[Mapping[str, Any]],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> list[TaskResult | Exception]:
+        """Run ``stages`` for several requests (member i: ``inputs[i]``, ``params[i]``);
+        one entry per member, in order: its result or the exception it failed with.
+
+        This base form runs the members one by one (correct for any executor, no
+        speed-up); executors that can batch override it.
+        """
+        _check_batch(inputs, params, parallel)
+        out: list[TaskResult | Exception] = []
+        for member_inputs, member_params in zip(inputs, params, strict=True):
+            try:
+                out.append(self.run(model, stages, member_inputs, member_params, options))
+            except Exception as exc:  # this member's failure, reported as its own
+                out.append(exc)
+        return out
 
     def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         """Make a stage resident; ``source`` is where the scheduler says its weights can
@@ -199,18 +238,36 @@ class SimExecutor(Executor):
             f"of {self.memory_bytes / GiB:.1f} GiB"
         )
 
+    def _shape(self, params: Mapping[str, Any]) -> Shape:
+        try:
+            return Shape(
+                height=int(params["height"]),
+                width=int(params["width"]),
+                num_frames=int(params.get("num_frames") or 1),
+                num_inference_steps=int(params["num_inference_steps"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StageError(f"bad shape parameters: {exc!r}") from None
+
     def _prepare(
-        self, model: str, stages: tuple[str, ...], params: Mapping[str, Any], options: Mapping[str, Any]
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        params: Mapping[str, Any],
+        options: Mapping[str, Any],
+        batch: int = 1,
     ) -> tuple[TaskResult, list[tuple[str | None, float]], Shape, str]:
-        """Account loads and memory; return the sleeps to do: (stage or None for a load, s)."""
+        """Account loads and memory; return the sleeps to do: (stage or None for a load, s).
+
+        ``batch`` > 1: one call for ``batch`` members of ``params``' shape — encode and
+        decode cost ``batch`` times one member, diffuse the cost model's batched time;
+        memory holds the batched peak (:func:`trident.sched.cost.batch_peak_bytes`).
+        """
+        from trident.sched.cost import batch_peak_bytes, batch_stage_seconds
+
         family = self._family(model)
         degree = int(options.get("degree", 1))
-        shape = Shape(
-            height=int(params["height"]),
-            width=int(params["width"]),
-            num_frames=int(params.get("num_frames") or 1),
-            num_inference_steps=int(params["num_inference_steps"]),
-        )
+        shape = self._shape(params)
         result = TaskResult(outputs={}, stage_seconds={})
         result.evicted, self.evicted = self.evicted, []
         sources = dict(options.get("load_sources") or {})
@@ -227,10 +284,17 @@ class SimExecutor(Executor):
             result.loaded.append((model, stage, secs, source))
             sleeps.append((None, secs))
         for stage in stages:
-            peak = self.cost.stage_peak_bytes(family, stage, shape, degree)  # type: ignore[arg-type]
+            if batch > 1:
+                peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
+                if stage == "diffuse":
+                    secs = batch_stage_seconds(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
+                else:  # run member by member
+                    secs = batch * self.cost.stage_seconds(family, stage, shape, degree)  # type: ignore[arg-type]
+            else:
+                peak = self.cost.stage_peak_bytes(family, stage, shape, degree)  # type: ignore[arg-type]
+                secs = self.cost.stage_seconds(family, stage, shape, degree)  # type: ignore[arg-type]
             result.evicted += self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
-            secs = self.cost.stage_seconds(family, stage, shape, degree) / self.speed  # type: ignore[arg-type]
-            sleeps.append((stage, secs * self.time_scale))
+            sleeps.append((stage, secs / self.speed * self.time_scale))
         return result, sleeps, shape, family
 
     def _outputs(self, stages: tuple[str, ...], shape: Shape, family: str) -> dict[str, Any]:
@@ -281,6 +345,72 @@ class SimExecutor(Executor):
                 result.stage_seconds[stage] = time.perf_counter() - t0
         result.outputs = self._outputs(stages, shape, family)
         return result
+
+    def run_batch(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: list[Mapping[str, Any] | None],
+        params: list[Mapping[str, Any]],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> list[TaskResult | Exception]:
+        # Blocking form of run_batch_async, as run is of run_async.
+        import asyncio
+
+        return asyncio.run(self.run_batch_async(model, stages, inputs, params, options, parallel))
+
+    async def run_batch_async(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: list[Mapping[str, Any] | None],
+        params: list[Mapping[str, Any]],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> list[TaskResult | Exception]:
+        """One batched sleep per stage for every member that shares the first good
+        member's shape; a member with bad or different shape parameters fails alone."""
+        import asyncio
+
+        _check_batch(inputs, params, parallel)
+        out: list[TaskResult | Exception | None] = [None] * len(params)
+        members: list[int] = []
+        shape: Shape | None = None
+        for i, p in enumerate(params):
+            try:
+                own = self._shape(p)
+            except StageError as exc:
+                out[i] = exc
+                continue
+            if shape is None:
+                shape = own
+            if own != shape:
+                out[i] = StageError(f"batch member's shape {own} differs from the batch's {shape}")
+                continue
+            members.append(i)
+        if members:
+            # A batch that does not fit raises OutOfMemory here: every member fails.
+            result, sleeps, shape, family = self._prepare(
+                model, stages, params[members[0]], options, batch=len(members)
+            )
+            for stage, secs in sleeps:
+                t0 = time.perf_counter()
+                if secs > 0:
+                    await asyncio.sleep(secs)
+                if stage is not None:
+                    result.stage_seconds[stage] = time.perf_counter() - t0
+            for i in members:
+                # Every member reports the call's times and the batch's loads; the
+                # worker reports a load or eviction once however many carry it.
+                out[i] = TaskResult(
+                    outputs=self._outputs(stages, shape, family),
+                    stage_seconds=dict(result.stage_seconds),
+                    load_seconds=result.load_seconds,
+                    loaded=list(result.loaded),
+                    evicted=list(result.evicted),
+                )
+        return [r if r is not None else StageError("batch member was not run") for r in out]
 
 
 class TorchExecutor(Executor):
@@ -362,6 +492,94 @@ class TorchExecutor(Executor):
             result.stage_seconds[stage] = time.perf_counter() - t0
         result.outputs = {} if follower else dict(current or {})
         return result
+
+    def run_batch(
+        self,
+        model: str,
+        stages: tuple[str, ...],
+        inputs: list[Mapping[str, Any] | None],
+        params: list[Mapping[str, Any]],
+        options: Mapping[str, Any],
+        parallel: Any | None = None,
+    ) -> list[TaskResult | Exception]:
+        """Each stage as one ``pipe.run_batch`` call for all members. If a batched call
+        fails (anything but out of memory: e.g. members that cannot share a call, or
+        one member's bad input), the members continue one by one from that stage, so
+        each ends with its own result or its own error. Stage seconds of a batched stage
+        are the call's wall time."""
+        import torch
+
+        _check_batch(inputs, params, parallel)
+        loaded: list[tuple[str, str, float, str]] = []
+        load_seconds = 0.0
+        sources = dict(options.get("load_sources") or {})
+        for stage in stages:
+            secs, source = self.load(model, stage, str(sources.get(stage, "disk")))
+            if source != "resident":
+                load_seconds += secs
+                loaded.append((model, stage, secs, source))
+        pipe = self._pipe(model)
+        batched = getattr(pipe, "run_batch", None)  # adapters without it: one by one
+        current: list[Mapping[str, Any] | None] = list(inputs)
+        stage_seconds: dict[str, float] = {}
+        for si, stage in enumerate(stages):
+            if batched is None:
+                return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    outs = batched(stage, current, params, options)
+                if len(outs) != len(current):
+                    raise StageError(f"{stage}: run_batch returned {len(outs)} outputs for {len(current)} members")
+            except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+                raise OutOfMemory(str(exc)) from exc
+            except OutOfMemory:
+                raise
+            except Exception:
+                # Which member is at fault is unknown: each goes on alone.
+                return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
+            stage_seconds[stage] = time.perf_counter() - t0
+            current = list(outs)
+        return [
+            TaskResult(
+                outputs=dict(out or {}), stage_seconds=dict(stage_seconds), load_seconds=load_seconds, loaded=list(loaded)
+            )
+            for out in current
+        ]
+
+    def _finish_singly(
+        self,
+        pipe: Any,
+        stages: tuple[str, ...],
+        inputs: list[Mapping[str, Any] | None],
+        params: list[Mapping[str, Any]],
+        options: Mapping[str, Any],
+        done_seconds: Mapping[str, float],
+        load_seconds: float,
+        loaded: list[tuple[str, str, float, str]],
+    ) -> list[TaskResult | Exception]:
+        """The remaining ``stages`` member by member; per-member result or exception."""
+        import torch
+
+        out: list[TaskResult | Exception] = []
+        for member_inputs, member_params in zip(inputs, params, strict=True):
+            result = TaskResult(outputs={}, stage_seconds=dict(done_seconds), load_seconds=load_seconds, loaded=list(loaded))
+            current = member_inputs
+            try:
+                for stage in stages:
+                    t0 = time.perf_counter()
+                    try:
+                        with torch.inference_mode():
+                            current = pipe.run(stage, current, member_params, options, None)
+                    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+                        raise OutOfMemory(str(exc)) from exc
+                    result.stage_seconds[stage] = time.perf_counter() - t0
+            except Exception as exc:  # this member's own failure
+                out.append(exc)
+                continue
+            result.outputs = dict(current or {})
+            out.append(result)
+        return out
 
 
 def make_executor(

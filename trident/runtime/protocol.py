@@ -14,9 +14,15 @@ Channels and their messages (C client, S scheduler, N node, W worker)::
     S -> N   node_welcome, reject, reregister, shutdown
     W -> S   worker_hello, heartbeat, task_started, task_finished (+frames when final),
              task_failed, stage_loaded, stage_unloaded
-    S -> W   worker_welcome, reject, run_task, release, load_stage, unload_stage, shutdown
+    S -> W   worker_welcome, reject, run_task, run_batch, release, load_stage, unload_stage,
+             shutdown
     W -> W   fetch -> data (+frames) | missing;  barrier -> go     (peer data plane)
     any      error   (a reply to a message that could not be understood)
+
+``run_batch`` carries several requests' tasks of the same model, stages and devices
+(``members``: one map per task, fields :data:`BATCH_MEMBER_FIELDS`) to run as one call;
+the worker reports ``task_started`` / ``task_finished`` / ``task_failed`` per member
+task id, exactly as for ``run_task``.
 
 The handshake (``*_hello``) carries :data:`PROTOCOL_VERSION`; a mismatch is answered
 with ``reject`` and the peer exits with a clear message.
@@ -32,6 +38,7 @@ import msgpack
 from trident.errors import ProtocolError
 
 __all__ = [
+    "BATCH_MEMBER_FIELDS",
     "MAX_HEADER_BYTES",
     "MESSAGE_FIELDS",
     "PROTOCOL_VERSION",
@@ -40,7 +47,8 @@ __all__ = [
     "error_message",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: run_batch (batched tasks) and the submit field "batch".
+PROTOCOL_VERSION = 2
 
 # Headers are small maps; anything bigger is malformed or hostile.
 MAX_HEADER_BYTES = 1 << 20
@@ -68,6 +76,8 @@ MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "worker_welcome": ("models", "heartbeat_s"),
     "heartbeat": (),
     "run_task": ("task_id", "request_id", "model", "stages", "devices", "rank", "inputs", "final", "params"),
+    # optional: options, leader_addr, group (as run_task)
+    "run_batch": ("batch_id", "model", "stages", "devices", "rank", "members"),
     "task_started": ("task_id",),
     "task_finished": ("task_id", "stage_seconds"),
     "task_failed": ("task_id", "error", "message", "retryable"),
@@ -84,6 +94,23 @@ MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "go": ("task_id",),
 }
 
+# Each map of run_batch's "members": one request's task riding in the batch.
+BATCH_MEMBER_FIELDS: tuple[str, ...] = ("task_id", "request_id", "inputs", "final", "params")
+
+
+def _member_problem(members: Any) -> str | None:
+    """Why a run_batch's ``members`` is malformed, or None: checked on both ends so a
+    worker never starts a batch it cannot report on member by member."""
+    if not isinstance(members, list) or not members:
+        return "'members' is not a non-empty list"
+    for i, m in enumerate(members):
+        if not isinstance(m, dict):
+            return f"member {i} is not a map"
+        missing = [f for f in BATCH_MEMBER_FIELDS if f not in m]
+        if missing:
+            return f"member {i}: missing fields {missing}"
+    return None
+
 
 def encode(msg_type: str, fields: Mapping[str, Any] | None = None, **more: Any) -> bytes:
     """The msgpack header of a message of ``msg_type``."""
@@ -96,6 +123,10 @@ def encode(msg_type: str, fields: Mapping[str, Any] | None = None, **more: Any) 
     missing = [f for f in MESSAGE_FIELDS[msg_type] if f not in body]
     if missing:
         raise ValueError(f"{msg_type}: missing fields {missing}")
+    if msg_type == "run_batch":
+        problem = _member_problem(body["members"])
+        if problem is not None:
+            raise ValueError(f"run_batch: {problem}")
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -122,6 +153,10 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Any]]:
     missing = [f for f in MESSAGE_FIELDS[msg_type] if f not in header]
     if missing:
         raise ProtocolError(f"{msg_type}: missing fields {missing}")
+    if msg_type == "run_batch":
+        problem = _member_problem(header["members"])
+        if problem is not None:
+            raise ProtocolError(f"run_batch: {problem}")
     rest = list(frames[1:])
     described = header.get("tensors")
     if described is not None:

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from trident.sched.types import (
     RequestArrived,
     RequestCancelled,
     RequestSpec,
+    RunBatch,
     RunTask,
     StageLoaded,
     StageUnloaded,
@@ -134,7 +136,7 @@ class SchedulerDaemon:
         self.out: deque[tuple[Any, list[Any]]] = deque()  # (socket, frames) to send
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
-        self.counters = {"dispatched": 0, "finished": 0, "failed": 0}
+        self.counters = {"dispatched": 0, "finished": 0, "failed": 0, "batches": 0}
         # Facts for weight loading (adjust on dispatch): what each device holds now, and
         # what each node has loaded before (its CPU copy / page cache has it).
         self.resident: dict[str, set[tuple[str, str]]] = {}
@@ -228,6 +230,8 @@ class SchedulerDaemon:
     def _execute(self, cmd: Command) -> None:
         if isinstance(cmd, RunTask):
             self._run_task(cmd)
+        elif isinstance(cmd, RunBatch):
+            self._run_batch(cmd)
         elif isinstance(cmd, ReleaseOutput):
             self._to_worker(cmd.device_id, protocol.encode("release", key=cmd.key))
         elif isinstance(cmd, CompleteRequest):
@@ -269,18 +273,26 @@ class SchedulerDaemon:
         self.out.append((self.nodes_sock, [conn.ident, header, *(frames or [])]))
         return True
 
+    def _input_refs(self, cmd: RunTask) -> list[dict[str, Any]] | None:
+        """The task's inputs as the leader will fetch them (holder's peer address), or
+        None when a holder is gone (the task cannot run: the core re-plans it)."""
+        inputs = []
+        for ref in cmd.inputs:
+            holder = self.workers.get(ref.device_id)
+            if holder is None or not holder.up:
+                return None
+            inputs.append({"key": ref.key, "device_id": ref.device_id, "addr": holder.peer_addr})
+        return inputs
+
     def _run_task(self, cmd: RunTask) -> None:
         conns = [self.workers.get(d) for d in cmd.devices]
         if any(c is None or not c.up for c in conns):
             self.feed(TaskFailed(cmd.task_id, "stage_failed", "device not available", retryable=True))
             return
-        inputs = []
-        for ref in cmd.inputs:
-            holder = self.workers.get(ref.device_id)
-            if holder is None or not holder.up:
-                self.feed(TaskFailed(cmd.task_id, "stage_failed", "input holder lost", retryable=True))
-                return
-            inputs.append({"key": ref.key, "device_id": ref.device_id, "addr": holder.peer_addr})
+        inputs = self._input_refs(cmd)
+        if inputs is None:
+            self.feed(TaskFailed(cmd.task_id, "stage_failed", "input holder lost", retryable=True))
+            return
         leader = conns[0]
         assert leader is not None
         self.task_info[cmd.task_id] = cmd
@@ -320,6 +332,83 @@ class SchedulerDaemon:
             degree=cmd.degree,
             inputs=[i["device_id"] for i in inputs],
         )
+
+    def _run_batch(self, cmd: RunBatch) -> None:
+        """Send a batch to its device as one ``run_batch``; every member is tracked as
+        its own task (started/finished/failed per member, finals kept per request)."""
+        if cmd.degree != 1:
+            # Batched calls at degree k would need every rank to agree on the members
+            # after each one's input fetch; the planner never makes them, so the runtime
+            # does not carry them: a policy bug, reported per member, not a hang.
+            for t in cmd.tasks:
+                self.feed(TaskFailed(
+                    t.task_id, "internal", f"batch {cmd.batch_id}: batches at degree {cmd.degree} are not supported",
+                    retryable=False,
+                ))
+            self.log.warning("batch.refused", batch_id=cmd.batch_id, degree=cmd.degree)
+            return
+        conn = self.workers.get(cmd.devices[0])
+        if conn is None or not conn.up:
+            for t in cmd.tasks:
+                self.feed(TaskFailed(t.task_id, "stage_failed", "device not available", retryable=True))
+            return
+        members: list[dict[str, Any]] = []
+        live: list[tuple[RunTask, list[dict[str, Any]]]] = []
+        for t in cmd.tasks:
+            inputs = self._input_refs(t)
+            if inputs is None:
+                # This member cannot run; the others can.
+                self.feed(TaskFailed(t.task_id, "stage_failed", "input holder lost", retryable=True))
+                continue
+            live.append((t, inputs))
+            members.append({
+                "task_id": t.task_id,
+                "request_id": t.request_id,
+                "inputs": inputs,
+                "final": t.final,
+                "params": dict(t.params),
+            })
+        if not live:
+            return
+        for t, _ in live:
+            self.task_info[t.task_id] = t
+        self.counters["dispatched"] += len(live)
+        self.counters["batches"] += 1
+        # Members share their options (same shape, same device: same decisions).
+        options = dict(cmd.tasks[0].options)
+        options["load_sources"] = {s: self._load_source(conn.info.device_id, cmd.model, s) for s in cmd.stages}
+        header = protocol.encode(
+            "run_batch",
+            batch_id=cmd.batch_id,
+            model=cmd.model,
+            stages=list(cmd.stages),
+            devices=list(cmd.devices),
+            rank=0,
+            members=members,
+            options=options,
+            leader_addr=conn.peer_addr,
+            group=None,
+        )
+        self.out.append((self.nodes_sock, [conn.ident, header]))
+        self.log.info(
+            "batch.dispatched",
+            batch_id=cmd.batch_id,
+            request_ids=[t.request_id for t, _ in live],
+            size=len(live),
+            stages=list(cmd.stages),
+            devices=list(cmd.devices),
+        )
+        for t, inputs in live:
+            self.log.info(
+                "stage.dispatched",
+                request_id=t.request_id,
+                task_id=t.task_id,
+                batch_id=cmd.batch_id,
+                stages=list(t.stages),
+                devices=list(t.devices),
+                degree=t.degree,
+                inputs=[i["device_id"] for i in inputs],
+            )
 
     def _complete(self, cmd: CompleteRequest) -> None:
         pend = self.pending.pop(cmd.request_id, None)
@@ -429,6 +518,10 @@ class SchedulerDaemon:
             return
         params = {k: v for k, v in params.items() if isinstance(k, str)}
         slo_s = header.get("slo_s")
+        batchable = header.get("batch", True)
+        if not isinstance(batchable, bool):
+            refuse("invalid_request", "batch must be true or false")
+            return
         try:
             shape = build_request_shape(served, params)
             if slo_s is not None and (not isinstance(slo_s, int | float) or isinstance(slo_s, bool) or slo_s <= 0):
@@ -446,6 +539,7 @@ class SchedulerDaemon:
             width=shape.width,
             num_frames=shape.num_frames,
             steps=shape.num_inference_steps,
+            batchable=batchable,
         )
         spec = RequestSpec(
             request_id=rid,
@@ -454,6 +548,7 @@ class SchedulerDaemon:
             arrival=now,
             slo_s=float(slo_s) if slo_s is not None else None,
             params=params,
+            batchable=batchable,
         )
         self.feed(RequestArrived(spec, new_stimulus_id("submit")))
 
@@ -719,12 +814,17 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     return cfg, ns
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    core_factory: Callable[[SchedulerConfig, dict[str, ServedModel]], Policy] | None = None,
+) -> int:
+    """Run the daemon. ``core_factory`` replaces :func:`make_core` (tests run the real
+    daemon around a policy of their own this way)."""
     try:
         cfg, _ = _parse(argv)
         configure_logging(cfg.log_file, buffered=True)
         served = register_models(cfg.models)
-        daemon = SchedulerDaemon(cfg, served)
+        daemon = SchedulerDaemon(cfg, served, core=core_factory(cfg, served) if core_factory else None)
     except (ConfigError, ModelError, ValueError) as exc:
         print(f"trident-scheduler: {exc}", file=sys.stderr)
         return 2

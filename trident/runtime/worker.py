@@ -10,6 +10,10 @@ Channels:
 Tasks run first-in-first-out in the order the scheduler sent them. Inputs of queued
 tasks are fetched while earlier tasks compute, and compute runs in a thread so the
 event loop keeps answering heartbeats and peers' fetches during a long stage.
+
+A ``run_batch`` (several requests' tasks as one call) is one queue entry; each member
+is reported under its own task id as if it had come alone, and a member's failure
+(lost input, bad request) fails that member only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -33,7 +37,14 @@ from trident.errors import ProtocolError
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
 from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
-from trident.runtime.devices import Executor, OutOfMemory, SimExecutor, StageError, make_executor
+from trident.runtime.devices import (
+    Executor,
+    OutOfMemory,
+    SimExecutor,
+    StageError,
+    TaskResult,
+    make_executor,
+)
 from trident.runtime.serial import pack_tensors
 from trident.runtime.transport import make_socket
 
@@ -69,9 +80,22 @@ class WorkerArgs:
 
 @dataclass
 class _Task:
-    msg: dict[str, Any]
+    msg: dict[str, Any]  # the message; for a batch member, its map in "members"
     inputs: asyncio.Future[dict[str, Any]] | None = None
     transfer_seconds: float = 0.0
+    members: list[_Task] = field(default_factory=list)  # run_batch only
+
+
+def _failure(exc: BaseException, degree: int) -> tuple[str, str, bool]:
+    """(error code, message, retryable) reported for a task that raised ``exc``."""
+    if isinstance(exc, OutOfMemory):
+        return "out_of_memory", str(exc), False
+    if isinstance(exc, StageError):
+        # A lost input is the holder's failure, not the request's: a re-run may succeed.
+        return "stage_failed", str(exc), "no longer kept" in str(exc)
+    # At degree k a failure is usually a partner's (a collective broke): another
+    # instance may well succeed. At degree 1 it is the request's own.
+    return "stage_failed", f"{type(exc).__name__}: {exc}", degree > 1
 
 
 class Worker:
@@ -224,6 +248,8 @@ class Worker:
             t = header["t"]
             if t == "run_task":
                 self._enqueue(header)
+            elif t == "run_batch":
+                self._enqueue_batch(header)
             elif t == "release":
                 self.outputs.pop(str(header["key"]), None)
             elif t == "load_stage" or t == "unload_stage":
@@ -244,6 +270,17 @@ class Worker:
         task = _Task(msg=msg)
         if int(msg["rank"]) == 0 and msg["inputs"]:
             task.inputs = asyncio.ensure_future(self._fetch_inputs(task))
+        self.queue.append(task)
+        self.queue_event.set()
+
+    def _enqueue_batch(self, msg: dict[str, Any]) -> None:
+        # One queue entry: the members run as one call, at the batch's place in order.
+        task = _Task(msg=msg, members=[_Task(msg=dict(m)) for m in msg["members"]])
+        if int(msg["rank"]) == 0:
+            for member in task.members:
+                if member.msg["inputs"]:
+                    # Every member's inputs are fetched concurrently, from wherever each is kept.
+                    member.inputs = asyncio.ensure_future(self._fetch_inputs(member))
         self.queue.append(task)
         self.queue_event.set()
 
@@ -292,6 +329,8 @@ class Worker:
             t = task.msg["t"]
             if t == "run_task":
                 await self._run_task(task)
+            elif t == "run_batch":
+                await self._run_batch(task)
             elif t in ("load_stage", "unload_stage"):
                 await self._load_unload(task.msg)
 
@@ -380,40 +419,137 @@ class Worker:
             finally:
                 if parallel is not None:
                     await loop.run_in_executor(self.pool, _leave_group, parallel)
-        except OutOfMemory as exc:
-            await self._fail(task_id, rank, "out_of_memory", str(exc), retryable=False, log=log)
-            return
-        except StageError as exc:
-            retryable = "no longer kept" in str(exc)
-            await self._fail(task_id, rank, "stage_failed", str(exc), retryable=retryable, log=log)
-            return
         except Exception as exc:
-            log.error("stage.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
-            # At degree k a failure is usually a partner's (a collective broke): another
-            # instance may well succeed. At degree 1 it is the request's own.
-            await self._fail(task_id, rank, "stage_failed", f"{type(exc).__name__}: {exc}", retryable=degree > 1, log=None)
+            error, message, retryable = _failure(exc, degree)
+            if not isinstance(exc, OutOfMemory | StageError):
+                log.error("stage.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
+                log = None  # logged with its traceback already
+            await self._fail(task_id, rank, error, message, retryable=retryable, log=log)
             return
-        await self._report_evictions(result.evicted)
-        for model, stage, secs, source in result.loaded:
-            log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
-            await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+        await self._report_loads([result], log)
         if rank != 0:
             return
+        await self._finished(task_id, bool(msg["final"]), result, task.transfer_seconds)
+        log.debug("stage.finished", seconds=result.stage_seconds)
+
+    async def _finished(self, task_id: str, final: bool, result: TaskResult, transfer_seconds: float) -> None:
+        """Report a task done: a final output goes to the scheduler (for the client),
+        any other is kept here under the task id for the next stage to fetch."""
         meta, frames = pack_tensors(result.outputs)
         nbytes = sum(memoryview(f).nbytes for f in frames)
         fields: dict[str, Any] = {
             "task_id": task_id,
             "stage_seconds": result.stage_seconds,
-            "transfer_seconds": task.transfer_seconds,
+            "transfer_seconds": transfer_seconds,
             "load_seconds": result.load_seconds,
             "output_bytes": nbytes,
         }
-        if msg["final"]:
+        if final:
             await self._send("task_finished", frames, tensors=meta, **fields)
         else:
             self.outputs[task_id] = result.outputs
             await self._send("task_finished", **fields)
-        log.debug("stage.finished", seconds=result.stage_seconds)
+
+    async def _report_loads(self, results: list[TaskResult], log: Any) -> None:
+        """Stage loads and evictions of a call, each once however many results carry it
+        (every member of a batch carries the batch's)."""
+        evicted: list[tuple[str, str]] = []
+        loaded: dict[tuple[str, str], tuple[float, str]] = {}
+        for r in results:
+            evicted += [e for e in r.evicted if e not in evicted]
+            for model, stage, secs, source in r.loaded:
+                loaded.setdefault((model, stage), (secs, source))
+        await self._report_evictions(evicted)
+        for (model, stage), (secs, source) in loaded.items():
+            log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
+            await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+
+    async def _run_batch(self, task: _Task) -> None:
+        """Run a ``run_batch``: the members whose inputs arrived, as one executor call."""
+        assert self.executor is not None
+        msg = task.msg
+        batch_id = str(msg["batch_id"])
+        stages = tuple(str(s) for s in msg["stages"])
+        degree = len(msg["devices"])
+        blog = self.log.bind(batch_id=batch_id, stages=list(stages))
+
+        def member_log(member: _Task) -> Any:
+            return blog.bind(task_id=str(member.msg["task_id"]), request_id=member.msg["request_id"])
+
+        if degree != 1 or int(msg["rank"]) != 0:
+            # The scheduler never sends these (it fails such batches itself).
+            for member in task.members:
+                self._drop_fetch(member)
+                await self._fail(
+                    str(member.msg["task_id"]), 0, "internal", f"batches run at degree 1, not {degree}",
+                    retryable=False, log=member_log(member),
+                )
+            return
+        live: list[tuple[_Task, dict[str, Any]]] = []
+        for member in task.members:
+            try:
+                inputs = await member.inputs if member.inputs is not None else {}
+            except Exception as exc:
+                error, message, retryable = _failure(exc, degree)
+                await self._fail(str(member.msg["task_id"]), 0, error, message, retryable=retryable, log=member_log(member))
+                continue
+            live.append((member, inputs))
+        if not live:
+            return
+        for member, _ in live:
+            await self._send("task_started", task_id=str(member.msg["task_id"]))
+        options = dict(msg.get("options") or {})
+        options["degree"] = degree
+        model = str(msg["model"])
+        inputs_list: list[Any] = [inp for _, inp in live]
+        params_list: list[Any] = [dict(m.msg["params"]) for m, _ in live]
+        blog.debug("batch.started", size=len(live))
+        try:
+            if isinstance(self.executor, SimExecutor):
+                results = await self.executor.run_batch_async(model, stages, inputs_list, params_list, options)
+            else:
+                loop = asyncio.get_running_loop()
+                results = await loop.run_in_executor(
+                    self.pool, self.executor.run_batch, model, stages, inputs_list, params_list, options, None
+                )
+            if len(results) != len(live):
+                raise RuntimeError(f"executor returned {len(results)} results for {len(live)} members")
+        except Exception as exc:
+            # The call as a whole failed (e.g. the batch did not fit): every member fails.
+            error, message, retryable = _failure(exc, degree)
+            if not isinstance(exc, OutOfMemory | StageError):
+                blog.error("batch.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
+            for member, _ in live:
+                await self._fail(str(member.msg["task_id"]), 0, error, message, retryable=retryable, log=member_log(member))
+            return
+        await self._report_loads([r for r in results if isinstance(r, TaskResult)], blog)
+        for (member, _), res in zip(live, results, strict=True):
+            task_id = str(member.msg["task_id"])
+            mlog = member_log(member)
+            if isinstance(res, TaskResult):
+                await self._finished(task_id, bool(member.msg["final"]), res, member.transfer_seconds)
+                mlog.debug("stage.finished", seconds=res.stage_seconds)
+                continue
+            error, message, retryable = _failure(res, degree)
+            if not isinstance(res, OutOfMemory | StageError):
+                mlog.error(
+                    "stage.failed", error=repr(res),
+                    traceback="".join(traceback.format_exception(res, limit=8)),
+                )
+                mlog = None
+            await self._fail(task_id, 0, error, message, retryable=retryable, log=mlog)
+
+    @staticmethod
+    def _drop_fetch(member: _Task) -> None:
+        """Stop a member's input fetch that will not be used (and mark a failed one as
+        seen, so asyncio does not warn about an unretrieved exception)."""
+        fut = member.inputs
+        if fut is None:
+            return
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()
 
     async def _report_evictions(self, evicted: list[tuple[str, str]] | None) -> None:
         """Stages dropped to make room: the scheduler's view of residency must follow."""

@@ -42,6 +42,7 @@ from trident.sched.types import (
     RequestArrived,
     RequestCancelled,
     RequestSpec,
+    RunBatch,
     RunTask,
     Stage,
     StageLoaded,
@@ -82,7 +83,9 @@ class DeviceState:
     info: DeviceInfo
     up: bool = True
     holds: set[tuple[str, Stage]] = field(default_factory=set)  # (model, stage) resident
-    inflight: list[str] = field(default_factory=list)  # task ids, in send order
+    # Units sent and not finished, in send order: a task id, or a batch id for a batch
+    # (one call on the device however many requests ride in it).
+    inflight: list[str] = field(default_factory=list)
     busy_until: float = 0.0  # policy's estimate of when the queue drains
 
     @property
@@ -123,6 +126,7 @@ class TaskState:
     cmd: RunTask
     sent_at: float
     started_at: float | None = None
+    unit: str = ""  # the batch id when the task rides in a batch, else its own id
 
 
 def standalone_latency(
@@ -160,6 +164,8 @@ class SchedulerCore:
         self.tasks: dict[str, TaskState] = {}
         # Requests whose next stage waits for dispatch, in arrival order.
         self.waiting: dict[str, RequestState] = {}
+        # Batch id -> its members' task ids that have not ended yet.
+        self.batches: dict[str, list[str]] = {}
         self._task_seq = 0
 
     # ------------------------------------------------------------------ entry point
@@ -222,6 +228,48 @@ class SchedulerCore:
         est_seconds: float = 0.0,
     ) -> RunTask:
         """Issue ``stages`` (the request's next ones, consecutive) on ``devices``."""
+        cmd = self._make_task(req, stages, devices, options)
+        self._register(cmd, cmd.task_id, now)
+        self._occupy(devices, cmd.task_id, now, est_seconds)
+        return cmd
+
+    def start_batch(
+        self,
+        reqs: list[RequestState],
+        stages: tuple[Stage, ...],
+        devices: tuple[str, ...],
+        now: float,
+        options: Mapping[str, object] | None = None,
+        est_seconds: float = 0.0,
+    ) -> RunBatch | RunTask:
+        """Issue the same ``stages`` of several same-shape requests as one batched call
+        on ``devices`` (degree 1). A single request gives a plain task."""
+        if len(reqs) == 1:
+            return self.start_task(reqs[0], stages, devices, now, options, est_seconds)
+        if len(devices) != 1:
+            raise ValueError(f"batches run at degree 1, not {len(devices)}")
+        if len({(r.spec.model, r.spec.shape, r.next_stage) for r in reqs}) != 1:
+            raise ValueError("batch members must share model, shape and next stage")
+        # One options map for all members (same shape: same tiling decision).
+        opts = dict(options or {})
+        if "decode" in stages and "vae_tiling" not in opts:
+            opts["vae_tiling"] = self._decode_needs_tiling(reqs[0], devices[0])
+        tasks = tuple(self._make_task(r, stages, devices, opts) for r in reqs)
+        self._task_seq += 1
+        batch_id = f"batch-{self._task_seq}"
+        for t in tasks:
+            self._register(t, batch_id, now)
+        self.batches[batch_id] = [t.task_id for t in tasks]
+        self._occupy(devices, batch_id, now, est_seconds)
+        return RunBatch(batch_id, tasks)
+
+    def _make_task(
+        self,
+        req: RequestState,
+        stages: tuple[Stage, ...],
+        devices: tuple[str, ...],
+        options: Mapping[str, object] | None,
+    ) -> RunTask:
         expected = req.pending_stages[: len(stages)]
         if tuple(stages) != expected or not stages:
             raise ValueError(f"{req.request_id}: stages {stages} are not the next ones {expected}")
@@ -245,7 +293,7 @@ class SchedulerCore:
             num_frames=spec.shape.num_frames,
             num_inference_steps=spec.shape.num_inference_steps,
         )
-        cmd = RunTask(
+        return RunTask(
             task_id=task_id,
             request_id=req.request_id,
             model=spec.model,
@@ -256,14 +304,18 @@ class SchedulerCore:
             params=params,
             options=options,
         )
-        self.tasks[task_id] = TaskState(cmd=cmd, sent_at=now)
-        req.task_id = task_id
+
+    def _register(self, cmd: RunTask, unit: str, now: float) -> None:
+        self.tasks[cmd.task_id] = TaskState(cmd=cmd, sent_at=now, unit=unit)
+        req = self.requests[cmd.request_id]
+        req.task_id = cmd.task_id
         self.waiting.pop(req.request_id, None)
+
+    def _occupy(self, devices: tuple[str, ...], unit: str, now: float, est_seconds: float) -> None:
         for d in devices:
             st = self.devices[d]
-            st.inflight.append(task_id)
+            st.inflight.append(unit)
             st.busy_until = max(st.busy_until, now) + est_seconds
-        return cmd
 
     def _decode_needs_tiling(self, req: RequestState, device_id: str) -> bool:
         """Tile the VAE when the untiled decode would crowd the device's memory."""
@@ -324,10 +376,18 @@ class SchedulerCore:
         task = self.tasks.pop(task_id, None)
         if task is None:
             return None
+        unit = task.unit or task_id
+        members = self.batches.get(unit)
+        if members is not None:
+            if task_id in members:
+                members.remove(task_id)
+            if members:
+                return task  # the batch's call still occupies its devices
+            del self.batches[unit]
         for d in task.cmd.devices:
             st = self.devices.get(d)
-            if st is not None and task_id in st.inflight:
-                st.inflight.remove(task_id)
+            if st is not None and unit in st.inflight:
+                st.inflight.remove(unit)
         return task
 
     def _on_finished(self, ev: TaskFinished, now: float, out: list[Command]) -> None:
@@ -440,7 +500,7 @@ class SchedulerCore:
             return
         st.up = False
         st.holds.clear()
-        lost_tasks = list(st.inflight)
+        lost_tasks = [t for unit in st.inflight for t in list(self.batches.get(unit, [unit]))]
         st.inflight.clear()
         for task_id in lost_tasks:
             task = self._finish_task_bookkeeping(task_id)

@@ -53,6 +53,8 @@ __all__ = [
     "ProfileFile",
     "ReferenceCostModel",
     "ScaledCostModel",
+    "batch_peak_bytes",
+    "batch_stage_seconds",
     "best_degree",
     "efficient_degrees",
     "load_cost_model",
@@ -330,6 +332,7 @@ class ProfileEntry:
     seconds: float
     peak_bytes: int
     repeats: int = 1
+    batch: int = 1  # requests in one batched call (diffuse); seconds are the call's
 
     @property
     def pixels(self) -> int:
@@ -374,6 +377,7 @@ def read_profile(source: str | os.PathLike[str] | Mapping[str, object]) -> Profi
                 seconds=float(e["seconds"]),
                 peak_bytes=int(e.get("peak_bytes", 0) or 0),
                 repeats=int(e.get("repeats", 1) or 1),
+                batch=int(e.get("batch", 1) or 1),
             )
         )
     wb = doc.get("weights_bytes") or {}
@@ -420,6 +424,8 @@ class _Family:
     est: FamilyEstimate
     diffuse_step: dict[int, MonotoneCurve] = field(default_factory=dict)  # reference
     measured: dict[tuple[str, int], _Measured] = field(default_factory=dict)  # profiles
+    # Batched diffuse calls from profiles: degree -> curve over pixels x batch.
+    batched: dict[int, _Measured] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
 
 
@@ -469,9 +475,20 @@ class ReferenceCostModel:
             if stage in STAGES and nbytes > 0:
                 fam.weights[stage] = int(nbytes)
         groups: dict[tuple[str, int], list[ProfileEntry]] = {}
+        batched: dict[int, list[ProfileEntry]] = {}
         for e in prof.entries:
             deg = e.degree if e.stage == "diffuse" else 1
+            if e.batch > 1:
+                if e.stage == "diffuse":
+                    batched.setdefault(deg, []).append(e)
+                continue  # encode/decode run member by member: batch-1 figures serve
             groups.setdefault((e.stage, deg), []).append(e)
+        for deg, entries in batched.items():
+            pts = [(e.pixels * e.batch, e.seconds / max(1, e.num_inference_steps)) for e in entries]
+            peaks = [(e.pixels * e.batch, float(e.peak_bytes)) for e in entries if e.peak_bytes > 0]
+            fam.batched[deg] = _Measured(
+                MonotoneCurve(pts), MonotoneCurve(peaks, max_slope=1.0) if peaks else None
+            )
         for key, entries in groups.items():
             stage = key[0]
 
@@ -525,6 +542,50 @@ class ReferenceCostModel:
         if stage == "encode":
             return est.encode_seconds
         return est.decode_base_s + est.decode_s_per_px * px
+
+    def stage_seconds_batched(
+        self, family: str, stage: Stage, shape: Shape, degree: int = 1, batch: int = 1
+    ) -> float:
+        """Seconds of one call running ``stage`` for ``batch`` requests of ``shape``.
+
+        Encode and decode run member by member in a batch: ``batch`` times one. Diffuse:
+        a measured batched profile when there is one; else the **estimate** that a batch
+        of b requests of p pixels costs what one request of b*p pixels costs (the same
+        tokens through the same linear layers; attention is per member, so this errs
+        high), never more than b separate calls and never less than one. Small shapes
+        leave a GPU underused (flux per-step time doubles from 128^2 to 256^2 for 4x the
+        pixels), which is exactly where this estimate says batching pays.
+        """
+        single = self.stage_seconds(family, stage, shape, degree)
+        if batch <= 1 or not math.isfinite(single):
+            return single
+        if stage != "diffuse":
+            return batch * single
+        fam = self._fam(family)
+        big = replace(shape, height=shape.height * batch)  # b*p pixels, same frames
+        m = fam.batched.get(degree)
+        if m is not None:
+            per_step = m.seconds(shape.pixels * batch)
+            if shape.cfg and not fam.est.cfg_in_reference:
+                per_step *= 2.0
+            together = per_step * max(1, shape.num_inference_steps)
+        else:
+            together = self.stage_seconds(family, stage, big, degree)
+        return min(batch * single, max(single, together))
+
+    def batch_peak_bytes(
+        self, family: str, stage: Stage, shape: Shape, degree: int = 1, batch: int = 1
+    ) -> int:
+        """Peak activation bytes of one batched call: encode and decode run member by
+        member (one member's peak); diffuse holds every member's activations (a measured
+        batched profile, else ``batch`` times one member's peak — conservative)."""
+        single = self.stage_peak_bytes(family, stage, shape, degree)
+        if batch <= 1 or stage != "diffuse":
+            return single
+        m = self._fam(family).batched.get(degree)
+        if m is not None and m.peak is not None:
+            return max(single, math.ceil(m.peak(shape.pixels * batch) - 1e-6))
+        return batch * single
 
     def stage_peak_bytes(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> int:
         fam = self._fam(family)
@@ -651,6 +712,30 @@ def best_degree(
     return min(ks, key=lambda k: (sec(family, "diffuse", shape, k), k))
 
 
+def batch_stage_seconds(
+    cost: object, family: str, stage: Stage, shape: Shape, degree: int = 1, batch: int = 1
+) -> float:
+    """Seconds of one call running ``stage`` for ``batch`` same-shape requests. Uses the
+    model's ``stage_seconds_batched`` when it has one, else ``batch`` separate calls.
+    Works with any CostModel."""
+    own = getattr(cost, "stage_seconds_batched", None)
+    if own is not None:
+        return float(own(family, stage, shape, degree, batch))
+    return max(1, batch) * float(cost.stage_seconds(family, stage, shape, degree))  # type: ignore[attr-defined]
+
+
+def batch_peak_bytes(
+    cost: object, family: str, stage: Stage, shape: Shape, degree: int = 1, batch: int = 1
+) -> int:
+    """Peak activation bytes of one batched call (see
+    :meth:`ReferenceCostModel.batch_peak_bytes`). Works with any CostModel."""
+    own = getattr(cost, "batch_peak_bytes", None)
+    if own is not None:
+        return int(own(family, stage, shape, degree, batch))
+    single = int(cost.stage_peak_bytes(family, stage, shape, degree))  # type: ignore[attr-defined]
+    return single * max(1, batch) if stage == "diffuse" else single
+
+
 class ScaledCostModel:
     """A cost model whose times are multiplied by ``factor`` (memory unchanged).
 
@@ -670,6 +755,16 @@ class ScaledCostModel:
 
     def stage_peak_bytes(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> int:
         return self.base.stage_peak_bytes(family, stage, shape, degree)
+
+    def stage_seconds_batched(
+        self, family: str, stage: Stage, shape: Shape, degree: int = 1, batch: int = 1
+    ) -> float:
+        return self.base.stage_seconds_batched(family, stage, shape, degree, batch) * self.factor
+
+    def batch_peak_bytes(
+        self, family: str, stage: Stage, shape: Shape, degree: int = 1, batch: int = 1
+    ) -> int:
+        return self.base.batch_peak_bytes(family, stage, shape, degree, batch)
 
     def weight_bytes(self, family: str, stage: Stage) -> int:
         return self.base.weight_bytes(family, stage)

@@ -35,8 +35,11 @@ Model (kept small on purpose — MEASURED.md: CBC needs 30 s for 2,000 binaries)
   optimum, fails, or python-mip is missing. Rounds that are trivially optimal for
   greedy (no two candidates share a device) skip the solver.
 
-Batching several same-shape requests into one diffuse call is not done here (MEASURED:
-batched outputs differ from unbatched ones by up to 3e-5; left for later).
+Batches: an item may stand for several same-shape requests that run as one batched
+call (formed before the round by :mod:`trident.sched.batching`). Such an item runs at
+degree 1; its times are the batched call's (``batch_stage_seconds``: encode and decode
+per member, diffuse together), its deadline is its members' earliest, and its reward
+counts every member.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trident.sched.cost import efficient_degrees, supported_degrees
+from trident.sched.cost import (
+    batch_peak_bytes,
+    batch_stage_seconds,
+    efficient_degrees,
+    supported_degrees,
+)
 from trident.sched.solver import preload
 from trident.sched.types import CostModel, Shape, Stage
 
@@ -76,6 +84,14 @@ class QueueItem:
     next_stage: Stage
     input_device: str | None = None  # where the previous stage's output is kept
     max_degree: int = 8
+    # A batch: every member's request id (this item's ``request_id`` first); the item's
+    # deadline is the earliest member's. Empty for a single request.
+    members: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Requests this item stands for."""
+        return max(1, len(self.members))
 
 
 @dataclass
@@ -213,14 +229,18 @@ class Dispatcher:
     config: DispatchConfig = field(default_factory=DispatchConfig)
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)
     relaxed: bool = False  # whether the last round was relaxed (see candidates)
-    _shapes: dict[tuple[str, Shape, int], _ShapeInfo] = field(default_factory=dict, repr=False)
+    _shapes: dict[tuple[str, Shape, int, int], _ShapeInfo] = field(default_factory=dict, repr=False)
 
-    def _shape_info(self, family: str, shape: Shape, max_degree: int) -> _ShapeInfo:
-        key = (family, shape, max_degree)
+    def _shape_info(self, family: str, shape: Shape, max_degree: int, batch: int = 1) -> _ShapeInfo:
+        """Figures of one call for ``batch`` requests of ``shape`` (batches: degree 1;
+        output bytes are every member's together)."""
+        key = (family, shape, max_degree, batch)
         got = self._shapes.get(key)
         if got is not None:
             return got
         cost = self.cost
+        if batch > 1:
+            max_degree = 1
         eff = efficient_degrees(cost, family, shape, max_degree, self.config.efficiency)
         sup = supported_degrees(cost, family, shape, max_degree)
         ks = sorted(set(eff) | set(sup))
@@ -229,17 +249,17 @@ class Dispatcher:
             supported=sup,
             diffuse={
                 k: (
-                    cost.stage_seconds(family, "diffuse", shape, k),
-                    cost.stage_peak_bytes(family, "diffuse", shape, k),
+                    batch_stage_seconds(cost, family, "diffuse", shape, k, batch),
+                    batch_peak_bytes(cost, family, "diffuse", shape, k, batch),
                 )
                 for k in ks
             },
-            enc_t=cost.stage_seconds(family, "encode", shape),
-            dec_t=cost.stage_seconds(family, "decode", shape),
-            enc_peak=cost.stage_peak_bytes(family, "encode", shape),
-            dec_peak=cost.stage_peak_bytes(family, "decode", shape),
-            text_b=cost.output_bytes(family, "encode", shape),
-            lat_b=cost.output_bytes(family, "diffuse", shape),
+            enc_t=batch_stage_seconds(cost, family, "encode", shape, 1, batch),
+            dec_t=batch_stage_seconds(cost, family, "decode", shape, 1, batch),
+            enc_peak=batch_peak_bytes(cost, family, "encode", shape, 1, batch),
+            dec_peak=batch_peak_bytes(cost, family, "decode", shape, 1, batch),
+            text_b=batch * cost.output_bytes(family, "encode", shape),
+            lat_b=batch * cost.output_bytes(family, "diffuse", shape),
         )
         if len(self._shapes) >= 4096:
             self._shapes.clear()
@@ -292,7 +312,7 @@ class Dispatcher:
     def best_case(self, item: QueueItem, now: float) -> float:
         """Seconds the request still needs with no queueing at its fastest supported
         degree (a lower bound on its remaining time)."""
-        info = self._shape_info(item.family, item.shape, item.max_degree)
+        info = self._shape_info(item.family, item.shape, item.max_degree, item.size)
         dif = min((t for t, _ in info.diffuse.values()), default=0.0)
         return (info.enc_t if item.next_stage == "encode" else 0.0) + dif + info.dec_t
 
@@ -442,7 +462,7 @@ class Dispatcher:
                 continue
             before = len(out)
             fam, shape, model = item.family, item.shape, item.model
-            info = self._shape_info(fam, shape, item.max_degree)
+            info = self._shape_info(fam, shape, item.max_degree, item.size)
 
             def room_of(k: int, m: str = model) -> int:
                 return _cached_group_free(gfree, dev.values(), m, k)
@@ -489,12 +509,12 @@ class Dispatcher:
                         # so leftover capacity always serves it.
                         rem = max(0.0, c.finish - now)
                         w = cfg.late_reward * (0.2 + 0.6 * 60.0 / (60.0 + rem))
-                        w += 2.5 * min(age, 8.0)
+                        w = w * item.size + 2.5 * min(age, 8.0)
                         w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
                         w -= 1e-3 * rem
                         c.weight = max(1.0, w)
                     else:  # urgency is the request's, not the candidate's
-                        w = cfg.on_time_reward + 100.0 * min(1.0, age)
+                        w = (cfg.on_time_reward + 100.0 * min(1.0, age)) * item.size
                         w -= cfg.cross_node_penalty * c.cross + cfg.transfer_penalty * c.xfers
                         if relaxed:  # idle cluster: the earliest completion
                             w -= cfg.relaxed_finish_penalty * (c.finish - now)

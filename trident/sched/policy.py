@@ -14,10 +14,11 @@ and ``LoadStage``/``UnloadStage`` when the placement changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from trident.sched.batching import BatchConfig, batch_key, form_batches
 from trident.sched.core import CoreConfig, FifoPolicy, RequestState, SchedulerCore
 from trident.sched.cost import efficient_degrees, model_weight_bytes, supported_degrees
 from trident.sched.dispatcher import (
@@ -580,6 +581,20 @@ class PlacedPolicy(SchedulerCore):
             st.busy_until = max(st.busy_until, end)
         return cmd
 
+    def issue_batch(
+        self,
+        reqs: list[RequestState],
+        stages: tuple[Stage, ...],
+        devices: tuple[str, ...],
+        now: float,
+        end: float,
+    ) -> Command:
+        cmd = self.start_batch(reqs, stages, devices, now)
+        for d in devices:
+            st = self.devices[d]
+            st.busy_until = max(st.busy_until, end)
+        return cmd
+
 
 def _best_aligned_memory(per_node: Mapping[str, Mapping[int, int]], k: int) -> int:
     """Largest (per member, the least) memory of an aligned degree-k group; -1 if none."""
@@ -614,6 +629,9 @@ class TridentConfig:
     use_mip: bool = True
     relax_when_idle: bool = True  # idle cluster: fastest efficient degree, not thriftiest
     wait_for_on_time: bool = True  # wait for an on-time group rather than miss now
+    # batching of small same-shape image requests (trident.sched.batching); 1: off
+    max_batch: int = 4
+    batch_min_gain: float = 1.2  # requests per device-second vs separate calls
     load_cost: bool = True  # predicted completion pays load_seconds(source) for missing weights
     # orchestrator / monitor / trigger
     placement_solver: str = "highs"
@@ -715,6 +733,8 @@ class TridentPolicy(PlacedPolicy):
         self._node_seen: set[tuple[str, str, Stage]] = set()
         self._load_s: dict[tuple[str, Stage, str], float] = {}
         self.last_snapshot: MonitorSnapshot | None = None
+        self.batching = BatchConfig(max_batch=c.max_batch, min_gain=c.batch_min_gain)
+        self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
 
     # ------------------------------------------------------------------ load cost
 
@@ -1047,12 +1067,29 @@ class TridentPolicy(PlacedPolicy):
             v.available = (
                 len(self.devices[v.device_id].inflight) < self.config.max_inflight_per_device
             )
+        items = self._batched(items, views, now)
+        members = {i.request_id: i.members for i in items if i.members}
         res = self.dispatcher.solve(items, views, now)
         for a in res.assignments:
-            req = self.requests.get(a.request_id)
-            if req is None or req.task_id is not None:
-                continue
-            out.append(self.issue(req, a.stages, a.devices, now, a.task_end))
+            reqs = [
+                r
+                for rid in members.get(a.request_id, (a.request_id,))
+                if (r := self.requests.get(rid)) is not None and r.task_id is None
+            ]
+            if len(reqs) > 1:
+                out.append(self.issue_batch(reqs, a.stages, a.devices, now, a.task_end))
+                out.append(
+                    LogEvent(
+                        "dispatch.batched",
+                        {
+                            "request_ids": [r.request_id for r in reqs],
+                            "stages": list(a.stages),
+                            "devices": list(a.devices),
+                        },
+                    )
+                )
+            elif reqs:
+                out.append(self.issue(reqs[0], a.stages, a.devices, now, a.task_end))
         if res.variables or self.tconfig.log_empty_rounds:
             out.append(
                 LogEvent(
@@ -1068,6 +1105,33 @@ class TridentPolicy(PlacedPolicy):
                 )
             )
         return out
+
+    def _batched(
+        self, items: list[QueueItem], views: list[DeviceView], now: float
+    ) -> list[QueueItem]:
+        """The queue with same-shape small image requests merged into batches where
+        requests outnumber the devices free to start them (trident.sched.batching)."""
+        if self.batching.max_batch < 2 or len(items) < 2:
+            return items
+        keys = self._batch_keys
+        if len(keys) > 2 * len(self.requests) + 256:  # forget ended requests
+            for rid in [r for r in keys if r not in self.requests]:
+                del keys[rid]
+        for it in items:
+            if it.request_id not in keys:
+                req = self.requests[it.request_id]
+                keys[it.request_id] = batch_key(req.spec, self.models.get(req.spec.model))
+        idle: dict[str, int] = {}
+        free_at: dict[str, float] = {}
+        for v in views:
+            if not v.available:
+                continue
+            for m, st in v.holds.items():
+                if "diffuse" in st:
+                    free_at[m] = min(free_at.get(m, v.free_at), v.free_at)
+                    if v.free_at <= now:
+                        idle[m] = idle.get(m, 0) + 1
+        return form_batches(items, keys, idle, self.cost, self.batching, now, free_at)
 
 
 class TridentStaticPolicy(TridentPolicy):

@@ -43,6 +43,7 @@ __all__ = [
     "RequestArrived",
     "RequestCancelled",
     "RequestSpec",
+    "RunBatch",
     "RunTask",
     "Shape",
     "Stage",
@@ -114,6 +115,9 @@ class RequestSpec:
     arrival: float
     slo_s: float | None = None  # explicit latency budget; default slo_scale x standalone
     params: Mapping[str, object] = field(default_factory=dict)
+    # May share a batched diffuse call with other same-shape requests. Batched outputs
+    # match unbatched ones within 1e-4, not bit for bit (docs/planner.md "Batching").
+    batchable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +298,51 @@ class RunTask:
 
 
 @dataclass(frozen=True, slots=True)
+class RunBatch:
+    """Run the same stages of several same-shape requests as one batched call.
+
+    Each member is an ordinary :class:`RunTask` (its own task id, request, inputs,
+    params and ``final`` flag) with the same ``model``, ``stages``, ``devices`` and
+    ``options`` as the others. The instance runs the members' diffuse stage as one call
+    (batch dimension = members, in order; one random generator per member) and encode
+    and decode member by member. Workers report each member's TaskStarted /
+    TaskFinished / TaskFailed separately and keep each member's output under its own
+    task id, so the core's per-request bookkeeping is unchanged.
+    """
+
+    batch_id: str
+    tasks: tuple[RunTask, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("a batch needs at least one task")
+        first = self.tasks[0]
+        for t in self.tasks[1:]:
+            if (t.model, t.stages, t.devices) != (first.model, first.stages, first.devices):
+                raise ValueError(f"batch {self.batch_id}: members differ in model/stages/devices")
+
+    @property
+    def model(self) -> str:
+        return self.tasks[0].model
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return self.tasks[0].stages
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.tasks[0].devices
+
+    @property
+    def degree(self) -> int:
+        return len(self.tasks[0].devices)
+
+    @property
+    def size(self) -> int:
+        return len(self.tasks)
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseOutput:
     """The kept output ``key`` on ``device_id`` is no longer needed."""
 
@@ -344,7 +393,14 @@ class LogEvent:
 
 
 Command: TypeAlias = (
-    RunTask | ReleaseOutput | LoadStage | UnloadStage | CompleteRequest | FailRequest | LogEvent
+    RunTask
+    | RunBatch
+    | ReleaseOutput
+    | LoadStage
+    | UnloadStage
+    | CompleteRequest
+    | FailRequest
+    | LogEvent
 )
 
 

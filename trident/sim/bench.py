@@ -245,9 +245,15 @@ def run_policies(
     info: dict[str, Any] = {"requests": len(requests), "runs": {}}
     for name in cfg.policies:
         t0 = time.perf_counter()
-        policy = _build_policy(factory, name, models, cost, policy_options(cfg, name))
+        # "LABEL=POLICY" runs POLICY under another name (ablations: nobatch=trident with
+        # --policy-opt nobatch.max_batch=1); scoped options follow the label.
+        label, eq, base = name.partition("=")
+        policy = _build_policy(
+            factory, base if eq else name, models, cost, policy_options(cfg, label)
+        )
         res: SimResult = simulate(policy, cost, models, cluster, requests, sim_cfg)
         s = summarize(res)
+        name = label
         out[name] = s
         info["runs"][name] = {
             "wall_s": round(time.perf_counter() - t0, 3),
@@ -492,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policies",
         default=",".join(DEFAULT_POLICIES),
-        help="comma-separated: trident,b1,b4,b6,authors (and fifo)",
+        help="comma-separated: trident,b1,b4,b6,authors (and fifo); LABEL=POLICY runs a "
+        "policy under another name, e.g. nobatch=trident --policy-opt nobatch.max_batch=1",
     )
     p.add_argument("--slo-scale", type=float, default=2.5)
     p.add_argument("--rate", type=float, default=None, help="req/s (default: the trace's)")

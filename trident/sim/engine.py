@@ -5,8 +5,10 @@ daemons would send (nodes joining, requests arriving, tasks starting and finishi
 stage loads, device losses, periodic ticks) on a virtual clock and executes the
 commands the policy returns the way the workers do:
 
-- each device is a worker that runs the ``RunTask`` / ``LoadStage`` / ``UnloadStage``
-  messages it receives first-in-first-out, in the order sent;
+- each device is a worker that runs the ``RunTask`` / ``RunBatch`` / ``LoadStage`` /
+  ``UnloadStage`` messages it receives first-in-first-out, in the order sent; a batch
+  is one job (its members' encode and decode one after another, one batched diffuse:
+  ``batch_stage_seconds``) that reports per member, like the workers;
 - a degree-k task starts when it is at the head of all its devices' queues (workers
   wait for each other) and its inputs have arrived;
 - inputs are pushed by the producer as soon as both the output exists and the
@@ -41,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from trident.sched.cost import batch_peak_bytes, batch_stage_seconds
 from trident.sched.types import (
     Command,
     CompleteRequest,
@@ -59,6 +62,7 @@ from trident.sched.types import (
     ReleaseOutput,
     RequestArrived,
     RequestSpec,
+    RunBatch,
     RunTask,
     Shape,
     Stage,
@@ -240,14 +244,18 @@ class _Task:
         "heads",
         "input_wait",
         "load_s",
+        "members",
         "pending_inputs",
         "shape",
         "state",
         "transfer_s",
     )
 
-    def __init__(self, cmd: RunTask, family: str, shape: Shape) -> None:
-        self.cmd = cmd
+    def __init__(
+        self, cmd: RunTask, family: str, shape: Shape, members: tuple[RunTask, ...] = ()
+    ) -> None:
+        self.cmd = cmd  # the (first) member: model, stages and devices of the job
+        self.members = members or (cmd,)  # a batch's member tasks, in order
         self.family = family
         self.shape = shape
         self.heads = 0
@@ -341,7 +349,9 @@ class Simulator:
 
     def _execute(self, cmd: Command) -> None:
         if isinstance(cmd, RunTask):
-            self._on_run(cmd)
+            self._on_run((cmd,))
+        elif isinstance(cmd, RunBatch):
+            self._on_run(cmd.tasks)
         elif isinstance(cmd, ReleaseOutput):
             out = self.outputs.get(cmd.key)
             if out is not None and out.device == cmd.device_id and not out.consumers:
@@ -386,24 +396,13 @@ class Simulator:
     def _reject(self, task: _Task, message: str, error: str = "stage_failed") -> None:
         task.state = "failed"
         self.stats["rejected_tasks"] += 1
-        self._deliver_later(
-            TaskFailed(task.cmd.task_id, error=error, message=message, retryable=True)  # type: ignore[arg-type]
-        )
+        for m in task.members:
+            self._deliver_later(
+                TaskFailed(m.task_id, error=error, message=message, retryable=True)  # type: ignore[arg-type]
+            )
 
-    def _on_run(self, cmd: RunTask) -> None:
-        rec = self.records.get(cmd.request_id)
-        shape = rec.shape if rec is not None else _shape_from_params(cmd.params)
-        task = _Task(cmd, self._family(cmd.model), shape)
-        self.tasks[cmd.task_id] = task
-        devs = [self.devs.get(d) for d in cmd.devices]
-        if not cmd.devices or any(d is None or not d.alive for d in devs):
-            self._reject(task, f"device unavailable: {', '.join(cmd.devices)}")
-            return
-        if len(set(cmd.devices)) != len(cmd.devices):
-            self._reject(task, "duplicate devices in one instance", "internal")
-            return
-        leader = devs[0]
-        assert leader is not None
+    def _input_ok(self, cmd: RunTask) -> str | None:
+        """None when every input of ``cmd`` exists (or will: pipelined dispatch), else why."""
         for ref in cmd.inputs:
             out = self.outputs.get(ref.key)
             if out is None:
@@ -418,16 +417,48 @@ class Simulator:
                 ):
                     out = self.outputs[ref.key] = _Output(ref.device_id, 0, False)
             if out is None or out.device != ref.device_id or not self._alive(ref.device_id):
-                self._reject(task, f"input {ref.key} not found on {ref.device_id}")
-                return
-        for ref in cmd.inputs:
-            out = self.outputs[ref.key]
-            task.pending_inputs += 1
-            task.input_wait.append(out.device)
-            if out.ready:
-                self._start_transfer(task, out)
+                return f"input {ref.key} not found on {ref.device_id}"
+        return None
+
+    def _on_run(self, members: tuple[RunTask, ...]) -> None:
+        cmd = members[0]
+        rec = self.records.get(cmd.request_id)
+        shape = rec.shape if rec is not None else _shape_from_params(cmd.params)
+        task = _Task(cmd, self._family(cmd.model), shape, members)
+        for m in members:
+            self.tasks[m.task_id] = task
+        devs = [self.devs.get(d) for d in cmd.devices]
+        if not cmd.devices or any(d is None or not d.alive for d in devs):
+            self._reject(task, f"device unavailable: {', '.join(cmd.devices)}")
+            return
+        if len(set(cmd.devices)) != len(cmd.devices):
+            self._reject(task, "duplicate devices in one instance", "internal")
+            return
+        # A member whose input is gone fails alone (as a worker's failed fetch would).
+        kept = []
+        for m in members:
+            why = self._input_ok(m)
+            if why is None:
+                kept.append(m)
             else:
-                out.consumers.append(task)
+                self.stats["rejected_tasks"] += 1
+                self._deliver_later(
+                    TaskFailed(m.task_id, error="stage_failed", message=why, retryable=True)
+                )
+        if not kept:
+            task.state = "failed"
+            return
+        task.members = tuple(kept)
+        task.cmd = kept[0]
+        for m in kept:
+            for ref in m.inputs:
+                out = self.outputs[ref.key]
+                task.pending_inputs += 1
+                task.input_wait.append(out.device)
+                if out.ready:
+                    self._start_transfer(task, out)
+                else:
+                    out.consumers.append(task)
         for d in devs:
             assert d is not None
             d.queue.append(task)
@@ -549,7 +580,8 @@ class Simulator:
         deg = len(cmd.devices)
         keys = [(cmd.model, s) for s in cmd.stages]
         keep = set(keys)
-        peak = max(int(self.cost.stage_peak_bytes(fam, s, task.shape, deg)) for s in cmd.stages)
+        b = len(task.members)
+        peak = max(int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b)) for s in cmd.stages)
         load_s = 0.0
         loads: list[tuple[_Dev, _Key, float, str]] = []
         for dev_id in cmd.devices:
@@ -585,9 +617,10 @@ class Simulator:
     def _oom(self, task: _Task, d: _Dev, need: int) -> None:
         task.state = "failed"
         self.n_oom += 1
-        rec = self.records.get(task.cmd.request_id)
-        if rec is not None:
-            rec.oom_tasks += 1
+        for m in task.members:
+            rec = self.records.get(m.request_id)
+            if rec is not None:
+                rec.oom_tasks += 1
         msg = (
             f"{'+'.join(task.cmd.stages)} of {task.cmd.model} {task.shape.height}x"
             f"{task.shape.width}x{task.shape.num_frames} at degree {len(task.cmd.devices)} "
@@ -596,17 +629,19 @@ class Simulator:
         )
         self._release_task_devices(task)
         self._producer_failed(task)
-        self._deliver_later(TaskFailed(task.cmd.task_id, error="out_of_memory", message=msg))
+        for m in task.members:
+            self._deliver_later(TaskFailed(m.task_id, error="out_of_memory", message=msg))
 
     def _producer_failed(self, task: _Task) -> None:
-        """``task`` will not produce its output: tasks already waiting for it fail."""
-        out = self.outputs.get(task.cmd.task_id)
-        if out is None or out.ready:
-            return
-        del self.outputs[task.cmd.task_id]
-        for consumer in out.consumers:
-            if consumer.state == "queued":
-                self._fail_queued(consumer, f"input {task.cmd.task_id} was never produced")
+        """``task`` will not produce its outputs: tasks already waiting for them fail."""
+        for m in task.members:
+            out = self.outputs.get(m.task_id)
+            if out is None or out.ready:
+                continue
+            del self.outputs[m.task_id]
+            for consumer in out.consumers:
+                if consumer.state == "queued":
+                    self._fail_queued(consumer, f"input {m.task_id} was never produced")
 
     def _release_task_devices(self, task: _Task) -> None:
         """``task`` left the heads of its (alive) devices; let them move on."""
@@ -626,8 +661,11 @@ class Simulator:
         sigma = self.config.noise
         if sigma > 0:
             noise = math.exp(self.rng.gauss(-0.5 * sigma * sigma, sigma))
+        b = len(task.members)
         return {
-            s: float(self.cost.stage_seconds(task.family, s, task.shape, deg)) / speed * noise
+            s: float(batch_stage_seconds(self.cost, task.family, s, task.shape, deg, b))
+            / speed
+            * noise
             for s in task.cmd.stages
         }
 
@@ -643,7 +681,8 @@ class Simulator:
                 )
         task.state = "running"
         stage_secs = self._compute_seconds(task)
-        self._deliver_later(TaskStarted(task.cmd.task_id))
+        for m in task.members:
+            self._deliver_later(TaskStarted(m.task_id))
         self._push(self.now + sum(stage_secs.values()), _DONE, (task, stage_secs))
 
     def _on_done(self, task: _Task, secs: dict[str, float]) -> None:
@@ -654,10 +693,12 @@ class Simulator:
         cmd = task.cmd
         fam = task.family
         nbytes = int(self.cost.output_bytes(fam, cmd.stages[-1], task.shape))
-        if not cmd.final:
-            out = self.outputs.get(cmd.task_id)
+        for m in task.members:
+            if m.final:
+                continue
+            out = self.outputs.get(m.task_id)
             if out is None:
-                self.outputs[cmd.task_id] = _Output(cmd.devices[0], nbytes, True)
+                self.outputs[m.task_id] = _Output(cmd.devices[0], nbytes, True)
             else:  # consumers sent before it finished are waiting
                 out.ready = True
                 out.nbytes = nbytes
@@ -666,15 +707,16 @@ class Simulator:
                     if consumer.state == "queued":
                         self._start_transfer(consumer, out)
         self._release_task_devices(task)
-        self._deliver_later(
-            TaskFinished(
-                cmd.task_id,
-                stage_seconds=secs,
-                transfer_seconds=task.transfer_s,
-                load_seconds=task.load_s,
-                output_bytes=nbytes,
+        for m in task.members:
+            self._deliver_later(
+                TaskFinished(
+                    m.task_id,
+                    stage_seconds=secs,
+                    transfer_seconds=task.transfer_s,
+                    load_seconds=task.load_s,
+                    output_bytes=nbytes,
+                )
             )
-        )
 
     def _on_input(self, task: _Task, src: str) -> None:
         self.running -= 1
@@ -742,9 +784,10 @@ class Simulator:
         task.state = "failed"
         self._release_task_devices(task)
         self._producer_failed(task)
-        self._deliver_later(
-            TaskFailed(task.cmd.task_id, error="stage_failed", message=message, retryable=True)
-        )
+        for m in task.members:
+            self._deliver_later(
+                TaskFailed(m.task_id, error="stage_failed", message=message, retryable=True)
+            )
 
     def _on_fault(self, fault: DeviceFault) -> None:
         if fault.node_id is not None:
@@ -851,8 +894,8 @@ class Simulator:
                 and (not heap or heap[0][0] > self.now)
             ):
                 break
-        self.stats["stuck_tasks"] = sum(
-            1 for tk in self.tasks.values() if tk.state in ("queued", "loading", "running")
+        self.stats["stuck_tasks"] = len(
+            {id(tk) for tk in self.tasks.values() if tk.state in ("queued", "loading", "running")}
         )
         return SimResult(
             records=list(self.records.values()),

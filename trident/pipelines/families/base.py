@@ -6,8 +6,10 @@ never reads the text encoders or the transformer. Family modules implement three
 built on the pipelines' public methods:
 
 - ``_encode(pipe, params)``: ``pipe.encode_prompt(...)``;
-- ``_diffuse(pipe, inputs, params)``: ``pipe(prompt_embeds=..., output_type="latent")``
-  inside :func:`trident.pipelines.parallel.diffuse_context`;
+- ``_diffuse(pipe, inputs, params, seeds=None)``: ``pipe(prompt_embeds=...,
+  output_type="latent", **self.diffuse_kwargs(pipe, params, seeds))`` inside
+  :func:`trident.pipelines.parallel.diffuse_context`; ``seeds`` (one per member) is given
+  by :meth:`FamilyStages.run_batch`, whose inputs hold the members concatenated on dim 0;
 - ``_decode(pipe, inputs, params)``: ``pipe.vae.decode`` + the pipeline's own processor.
 
 Pitfall handled here: a pipeline built with ``vae=None`` falls back to a hard-coded VAE scale
@@ -21,7 +23,7 @@ import inspect
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,24 @@ from trident.pipelines.api import ModelMeta, ParallelContext, StageName
 from trident.pipelines.meta import stage_components
 from trident.pipelines.parallel import broadcast_inputs, diffuse_context
 
-__all__ = ["STAGES", "FamilyStages", "drop_none", "to_numpy_output"]
+__all__ = ["PER_MEMBER_PARAMS", "STAGES", "FamilyStages", "drop_none", "to_numpy_output"]
 
 STAGES: tuple[StageName, ...] = ("encode", "diffuse", "decode")
+
+#: Params that may differ between the members of one batch (``run_batch``); every other
+#: param must be equal. Negative prompts must still agree on being ``None`` or not: that
+#: decides whether encode produces negative embeddings (flux / hunyuanvideo true CFG).
+PER_MEMBER_PARAMS: frozenset[str] = frozenset(
+    {
+        "prompt",
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "seed",
+    }
+)
 
 
 def drop_none(**tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -139,6 +156,93 @@ class FamilyStages:
             tensors = {k: v.to(self.device) for k, v in inputs.items()}
             return self._decode_with_options(pipe, tensors, params, options or {})
 
+    def run_batch(
+        self,
+        stage: StageName,
+        inputs: Sequence[Mapping[str, torch.Tensor] | None],
+        params: Sequence[Mapping[str, Any]],
+        options: Mapping[str, Any] | None = None,
+        parallel: ParallelContext | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Run one stage for several same-shape requests (see :mod:`trident.pipelines.api`).
+
+        Encode and decode run member by member (bit-exact); diffuse is one pipeline call on
+        the members' inputs concatenated along dim 0, one generator per member. A batch of
+        one is exactly :meth:`run`.
+        """
+        self._check_stage(stage)
+        if len(inputs) != len(params):
+            raise InvalidRequestError(
+                f"batch has {len(inputs)} inputs but {len(params)} params; expected one each"
+            )
+        if not params:
+            return []
+        if len(params) == 1:
+            return [self.run(stage, inputs[0], params[0], options, parallel)]
+        self._check_batch(inputs, params)
+        if stage != "diffuse":
+            return [self.run(stage, x, p, options) for x, p in zip(inputs, params, strict=True)]
+        if parallel is not None and parallel.world_size > 1:
+            raise InvalidRequestError("batched diffuse runs at degree 1")
+        pipe = self._pipe(stage)
+        members = [dict(x or {}) for x in inputs]
+        with torch.no_grad():
+            tensors = {k: torch.cat([m[k].to(self.device) for m in members]) for k in members[0]}
+            seeds = [self.seed(p) for p in params]
+            with diffuse_context(pipe, self.meta, parallel):
+                out = self._diffuse(pipe, tensors, params[0], seeds=seeds)
+        n = len(params)
+        split: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+        for name, value in out.items():
+            if value.shape[0] != n:
+                raise RuntimeError(
+                    f"{self.meta.family}: batched diffuse output {name!r} has batch "
+                    f"{value.shape[0]}, expected {n}"
+                )
+            # Clone: a view would keep the whole batch's storage alive as long as any one
+            # member's output is held (members finish and leave at different times).
+            for i, piece in enumerate(value.split(1)):
+                split[i][name] = piece.clone()
+        return split
+
+    @staticmethod
+    def _check_batch(
+        inputs: Sequence[Mapping[str, torch.Tensor] | None], params: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Raise :class:`InvalidRequestError` unless the members can share one call."""
+        first = params[0]
+        keys = set().union(*(p.keys() for p in params))
+        for key in sorted(keys):
+            if key in PER_MEMBER_PARAMS:
+                if (
+                    key.startswith("negative_prompt")
+                    and len({p.get(key) is None for p in params}) > 1
+                ):
+                    raise InvalidRequestError(
+                        f"batch members differ in whether {key} is given; they cannot share a call"
+                    )
+                continue
+            for i, p in enumerate(params[1:], start=1):
+                if p.get(key) != first.get(key):
+                    raise InvalidRequestError(
+                        f"batch members differ in {key} ({first.get(key)!r} vs "
+                        f"{p.get(key)!r} for member {i}); only prompts and seeds may differ"
+                    )
+        ref = dict(inputs[0] or {})
+        for i, x in enumerate(inputs[1:], start=1):
+            member = dict(x or {})
+            if set(member) != set(ref):
+                raise InvalidRequestError(
+                    f"batch member {i} has inputs {sorted(member)}, member 0 {sorted(ref)}"
+                )
+            for name, t in member.items():
+                if t.shape[1:] != ref[name].shape[1:] or t.dtype != ref[name].dtype:
+                    raise InvalidRequestError(
+                        f"batch member {i}'s {name} is {t.dtype} {tuple(t.shape)}, member 0's "
+                        f"{ref[name].dtype} {tuple(ref[name].shape)}: shapes must match "
+                        "beyond dim 0"
+                    )
+
     def _decode_with_options(
         self,
         pipe: Any,
@@ -187,12 +291,29 @@ class FamilyStages:
         return float(value) if value is not None else float(self.meta.default_guidance_scale)
 
     @staticmethod
-    def generator(params: Mapping[str, Any]) -> torch.Generator:
-        # seed=S means torch.Generator("cpu").manual_seed(S), whatever the device.
-        return torch.Generator("cpu").manual_seed(int(params.get("seed", 0)))
+    def seed(params: Mapping[str, Any]) -> int:
+        """The request's seed; absent or ``None`` means 0."""
+        value = params.get("seed")
+        return int(value) if value is not None else 0
 
-    def diffuse_kwargs(self, pipe: Any, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Arguments common to every family's ``__call__`` in the diffuse stage."""
+    @classmethod
+    def generator(cls, params: Mapping[str, Any]) -> torch.Generator:
+        # seed=S means torch.Generator("cpu").manual_seed(S), whatever the device.
+        return torch.Generator("cpu").manual_seed(cls.seed(params))
+
+    def diffuse_kwargs(
+        self, pipe: Any, params: Mapping[str, Any], seeds: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        """Arguments common to every family's ``__call__`` in the diffuse stage.
+
+        ``seeds``: a batch's seeds, one per member; diffusers draws each member's initial
+        noise from its own generator, so a member starts from the same noise as alone.
+        """
+        generator: torch.Generator | list[torch.Generator] = (
+            [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+            if seeds is not None
+            else self.generator(params)
+        )
         kwargs: dict[str, Any] = {
             "height": params.get("height"),
             "width": params.get("width"),
@@ -200,7 +321,7 @@ class FamilyStages:
                 params.get("num_inference_steps") or self.meta.default_steps
             ),
             "guidance_scale": self.guidance(params),
-            "generator": self.generator(params),
+            "generator": generator,
             "output_type": "latent",
             "return_dict": False,
         }
@@ -223,7 +344,11 @@ class FamilyStages:
         raise NotImplementedError
 
     def _diffuse(
-        self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
+        self,
+        pipe: Any,
+        inputs: dict[str, torch.Tensor],
+        params: Mapping[str, Any],
+        seeds: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,12 +33,16 @@ class CogVideoXStages(FamilyStages):
         return drop_none(prompt_embeds=embeds, negative_prompt_embeds=neg)
 
     def _diffuse(
-        self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
+        self,
+        pipe: Any,
+        inputs: dict[str, torch.Tensor],
+        params: Mapping[str, Any],
+        seeds: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds")
         if self.guidance(params) > 1:
             self.require(inputs, "negative_prompt_embeds")
-        kwargs = self.diffuse_kwargs(pipe, params)
+        kwargs = self.diffuse_kwargs(pipe, params, seeds)
         if params.get("use_dynamic_cfg") is not None:
             kwargs["use_dynamic_cfg"] = bool(params["use_dynamic_cfg"])
         (latents,) = pipe(**inputs, **kwargs)

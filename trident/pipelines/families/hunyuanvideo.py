@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,13 +56,17 @@ class HunyuanVideoStages(FamilyStages):
         return out
 
     def _diffuse(
-        self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
+        self,
+        pipe: Any,
+        inputs: dict[str, torch.Tensor],
+        params: Mapping[str, Any],
+        seeds: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
         (latents,) = pipe(
             **inputs,
             true_cfg_scale=float(params.get("true_cfg_scale") or 1.0),
-            **self.diffuse_kwargs(pipe, params),
+            **self.diffuse_kwargs(pipe, params, seeds),
         )
         return {"latents": latents}
 

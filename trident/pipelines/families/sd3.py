@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,12 +50,16 @@ class SD3Stages(FamilyStages):
         )
 
     def _diffuse(
-        self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
+        self,
+        pipe: Any,
+        inputs: dict[str, torch.Tensor],
+        params: Mapping[str, Any],
+        seeds: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds", "pooled_prompt_embeds")
         if self.guidance(params) > 1:
             self.require(inputs, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
-        (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params))
+        (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params, seeds))
         return {"latents": latents}
 
     def _decode(
