@@ -358,6 +358,48 @@ def test_real_tiny_flux_batched_matches_diffusers(tmp_path: Path) -> None:
         assert diff <= (1e-5 if job.get("allow_batching") is False else 1e-4), (job, diff)
 
 
+@pytest.mark.timeout(300)
+def test_trident_policy_batches_a_burst_of_small_images(tmp_path: Path) -> None:
+    """The default planner, one cpu device, real tiny flux: a burst of same-shape requests
+    waits for the one device, so the planner batches them; every result stays within
+    1e-4 of diffusers and a request that opted out never shares a call."""
+    pytest.importorskip("torch")
+    from tests.pipelines.conftest import STEPS, TEST_SHAPES, TinyModels, diffusers_reference
+
+    tiny = TinyModels(tmp_path / "tiny")("flux")
+    c = LocalCluster(
+        [f"tiny-flux={tiny}"], [NodeSpec("cpu:1", node_id="t", threads=1)],
+        log_dir=tmp_path / "log", startup_timeout=180,
+    )  # fmt: skip
+    common = dict(num_inference_steps=STEPS, guidance_scale=3.5, **TEST_SHAPES["flux"])
+    jobs: list[dict[str, Any]] = [dict(prompt=f"a fox, take {i}", seed=20 + i) for i in range(5)]
+    jobs.append(dict(prompt="a lone fox", seed=7, allow_batching=False))
+
+    async def run() -> list[Any]:
+        async with AsyncClient(c.client_addr, timeout=240) as client:
+            return await asyncio.gather(
+                *(client.generate(model="tiny-flux", **common, **j) for j in jobs)
+            )
+
+    with c:
+        results = asyncio.run(run())
+        log = read_log_until(
+            c.log_file, lambda ls: sum(e["event"] == "request.finished" for e in ls) >= len(jobs)
+        )
+    batches = [e for e in log if e["event"] == "batch.dispatched"]
+    assert batches and max(e["size"] for e in batches) >= 2, "the burst should share calls"
+    lone = results[-1].request_id
+    assert all(not _ours(r, {lone}) for e in batches for r in e["request_ids"])
+    import torch
+
+    torch.set_num_threads(1)  # as the worker
+    for job, res in zip(jobs, results, strict=True):
+        kwargs = {k: v for k, v in job.items() if k not in ("seed", "allow_batching")}
+        ref = diffusers_reference(tiny, int(job["seed"]), **common, **kwargs)
+        diff = float(np.abs(res.array - ref).max())
+        assert diff <= (1e-5 if job.get("allow_batching") is False else 1e-4), (job, diff)
+
+
 if __name__ == "__main__":
     # The scheduler of the cluster above: the real daemon around the test policy.
     from trident.runtime.scheduler import main

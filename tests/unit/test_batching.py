@@ -145,11 +145,13 @@ def test_batch_size_respects_the_most_urgent_deadline() -> None:
     out = form_batches([urgent, *rest], keys, {"flux": 0}, COST, BatchConfig(), 0.0)
     assert any(i.request_id == "u" and not i.members for i in out)
     assert [i.size for i in out if i.members] == [4]
-    # Late even alone: batching is all that still helps — a full batch.
-    late = item("late", deadline=alone * 0.5)
-    out = form_batches([late, *rest[:3]], keys | {"late": "k"}, {"flux": 0}, COST,
-                       BatchConfig(), 0.0)  # fmt: skip
-    assert [i.size for i in out] == [4]
+    # Late even alone: batching is all that still helps them — but only among
+    # themselves, never making an on-time request late.
+    late = [item(f"late{i}", deadline=alone * 0.5) for i in range(3)]
+    keys |= {i.request_id: "k" for i in late}
+    out = form_batches([*late, *rest[:2]], keys, {"flux": 0}, COST, BatchConfig(), 0.0)
+    batches = sorted((i.members for i in out if i.members), key=len)
+    assert batches == [("r0", "r1"), ("late0", "late1", "late2")]
 
 
 def test_max_batch_one_turns_batching_off() -> None:

@@ -19,8 +19,9 @@ MEASURED.md), so:
   latency); otherwise ``max(idle, ceil(n / b))`` calls share them evenly, earliest
   deadlines first.
 - As large as the most urgent member's deadline allows: the call, started when the
-  first device frees, must end by the earliest deadline among its members; a member
-  that is late even alone batches fully (only throughput helps the queue then).
+  first device frees, must end by the earliest deadline among its members. Requests
+  late even alone batch fully, but only among themselves (only throughput still helps
+  them; an on-time request must not be made late for their sake).
 
 Pure: no clock, no I/O — :func:`form_batches` maps a queue snapshot to a new one.
 """
@@ -149,15 +150,24 @@ def form_batches(
         if b_max < 2 or n <= room:
             free[head.model] = max(0, room - n)
             continue
-        calls = max(room, math.ceil(n / b_max))
-        free[head.model] = max(0, room - calls)
+        free[head.model] = max(0, room - max(room, math.ceil(n / b_max)))
         start = now if room > 0 else max(now, (free_at or {}).get(head.model, now))
-        rest = sorted(group, key=lambda i: (i.deadline, i.arrival, i.request_id))
-        while len(rest) > 1:
-            cap = min(b_max, math.ceil(len(rest) / max(1, calls)))  # spread over the calls
-            size = _slack_size(cost, rest[0], start, cap)
-            members, rest = rest[:size], rest[size:]
-            calls -= 1
+        ordered = sorted(group, key=lambda i: (i.deadline, i.arrival, i.request_id))
+        # Requests late even alone batch only among themselves: a batch must not make
+        # an on-time request late for the sake of one that is late anyway.
+        late = [i for i in ordered if start + _standalone(cost, i, 1) > i.deadline + 1e-9]
+        on_time = [i for i in ordered if i not in late]
+        chunks: list[list[QueueItem]] = []
+        for rest in (on_time, late):  # on-time ones first to the free devices
+            calls = max(math.ceil(len(rest) / b_max), min(room, len(rest)))
+            room = max(0, room - calls)
+            while rest:
+                cap = min(b_max, math.ceil(len(rest) / max(1, calls)))  # spread over calls
+                size = _slack_size(cost, rest[0], start, cap)
+                chunks.append(rest[:size])
+                rest = rest[size:]
+                calls -= 1
+        for members in chunks:
             if len(members) < 2:
                 continue
             first = members[0]

@@ -297,6 +297,13 @@ def _single(
     return build
 
 
+def _small_images(n: int, rng: random.Random, p0: float, p1: float) -> list[tuple[str, ShapeTuple]]:
+    # The small end of the flux and sd3 traces: where batching pays (bench/batching.md).
+    shapes = [("flux", sh) for sh in FAMILY_SHAPES["flux"][:2]]
+    shapes += [("sd3", sh) for sh in FAMILY_SHAPES["sd3"][:2]]
+    return [rng.choice(shapes) for _ in range(n)]
+
+
 def _mixed(n: int, rng: random.Random, p0: float, p1: float) -> list[tuple[str, ShapeTuple]]:
     fams = tuple(FAMILY_SHAPES)
     out = []
@@ -329,6 +336,12 @@ TRACES: dict[str, TraceSpec] = {
         for fam in FAMILY_SHAPES
     },
     "mixed": TraceSpec("mixed", 1.0, "flux, sd3, cogvideox, hunyuanvideo in equal shares", _mixed),
+    "small-images": TraceSpec(
+        "small-images",
+        6.0,
+        "flux 128^2/256^2 (28 steps) and sd3 128^2/256^2 (20 steps), equal mix, 6 req/s",
+        _small_images,
+    ),
     "shifting": TraceSpec(
         "shifting",
         1.0,
