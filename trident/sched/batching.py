@@ -136,6 +136,7 @@ def form_batches(
             continue
         groups.setdefault((key, it.next_stage), []).append(it)
     free = dict(idle)
+    standalone = _Standalone(cost)
     merged: dict[str, QueueItem] = {}  # first member's id -> batch item
     absorbed: set[str] = set()
     order = sorted(
@@ -155,15 +156,16 @@ def form_batches(
         ordered = sorted(group, key=lambda i: (i.deadline, i.arrival, i.request_id))
         # Requests late even alone batch only among themselves: a batch must not make
         # an on-time request late for the sake of one that is late anyway.
-        late = [i for i in ordered if start + _standalone(cost, i, 1) > i.deadline + 1e-9]
-        on_time = [i for i in ordered if i not in late]
+        alone = standalone(head, 1)  # same shape and stage: same for all
+        late = [i for i in ordered if start + alone > i.deadline + 1e-9]
+        on_time = [i for i in ordered if start + alone <= i.deadline + 1e-9]
         chunks: list[list[QueueItem]] = []
         for rest in (on_time, late):  # on-time ones first to the free devices
             calls = max(math.ceil(len(rest) / b_max), min(room, len(rest)))
             room = max(0, room - calls)
             while rest:
                 cap = min(b_max, math.ceil(len(rest) / max(1, calls)))  # spread over calls
-                size = _slack_size(cost, rest[0], start, cap)
+                size = _slack_size(standalone, rest[0], start, cap)
                 chunks.append(rest[:size])
                 rest = rest[size:]
                 calls -= 1
@@ -188,17 +190,17 @@ def form_batches(
     return out
 
 
-def _slack_size(cost: CostModel, urgent: QueueItem, start: float, cap: int) -> int:
+def _slack_size(standalone: _Standalone, urgent: QueueItem, start: float, cap: int) -> int:
     """How many requests may share a call with ``urgent`` (the group's earliest deadline,
     members after it have later ones): the largest size up to ``cap`` whose call, begun
     at ``start``, still ends by its deadline; 1 (alone) when only that does; ``cap``
     when it is late even alone — then serving more requests per second is all that
     batching can still do for the queue behind it."""
-    if start + _standalone(cost, urgent, 1) > urgent.deadline + 1e-9:
+    if start + standalone(urgent, 1) > urgent.deadline + 1e-9:
         return cap
     size = 1
     for b in range(2, cap + 1):
-        if start + _standalone(cost, urgent, b) <= urgent.deadline + 1e-9:
+        if start + standalone(urgent, b) <= urgent.deadline + 1e-9:
             size = b
     return size
 
@@ -208,10 +210,25 @@ def _chunks(seq: Sequence[QueueItem], size: int) -> Iterable[list[QueueItem]]:
         yield list(seq[i : i + size])
 
 
-def _standalone(cost: CostModel, item: QueueItem, batch: int) -> float:
-    """Seconds of the rest of ``item``'s stages in a call of ``batch`` requests, at
-    degree 1, without queueing or transfers."""
-    stages: tuple[Stage, ...] = STAGES if item.next_stage == "encode" else STAGES[1:]
-    return sum(
-        (batch_stage_seconds(cost, item.family, s, item.shape, 1, batch) for s in stages), 0.0
-    )
+class _Standalone:
+    """Seconds of the rest of an item's stages in a call of ``batch`` requests, at degree
+    1, without queueing or transfers — memoised for one :func:`form_batches` call (the
+    queue repeats a few shapes many times)."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+        self.memo: dict[tuple[str, Shape, str, int], float] = {}
+
+    def __call__(self, item: QueueItem, batch: int) -> float:
+        key = (item.family, item.shape, item.next_stage, batch)
+        got = self.memo.get(key)
+        if got is None:
+            stages: tuple[Stage, ...] = STAGES if item.next_stage == "encode" else STAGES[1:]
+            got = self.memo[key] = sum(
+                (
+                    batch_stage_seconds(self.cost, item.family, s, item.shape, 1, batch)
+                    for s in stages
+                ),
+                0.0,
+            )
+        return got
