@@ -194,6 +194,8 @@ class _FakePipe:
         self.batched_calls.append((stage, len(params)))
         if stage == "diffuse" and any(p["prompt"] == "poison" for p in params):
             raise ValueError("cannot batch this")
+        if stage == "diffuse" and len(params) > 2:
+            raise OutOfMemory("the batch does not fit")  # each member alone does
         return [{"t": np.array([i]), "stage": stage} for i in range(len(params))]  # type: ignore[dict-item]
 
     def run(self, stage: str, inputs: Any, params: Mapping[str, Any], options: Any = None, parallel: Any = None) -> dict[str, Any]:
@@ -234,6 +236,15 @@ def test_torch_run_batch_falls_back_to_one_by_one_so_one_bad_member_fails_alone(
     assert isinstance(results[0], TaskResult) and isinstance(results[2], TaskResult)
     assert isinstance(results[1], ValueError)
     assert set(results[0].stage_seconds) == set(STAGES)
+
+
+def test_torch_run_batch_that_does_not_fit_runs_its_members_one_by_one() -> None:
+    pipe = _FakePipe()
+    ex = _torch_executor(pipe)
+    results = ex.run_batch("m", STAGES, [{}, {}, {}], [{"prompt": p} for p in "abc"], {})
+    assert pipe.batched_calls == [("encode", 3), ("diffuse", 3)]
+    assert [c for c in pipe.single_calls if c[0] == "diffuse"] == [("diffuse", p) for p in "abc"]
+    assert all(isinstance(r, TaskResult) for r in results)
 
 
 def test_torch_run_batch_without_adapter_support_runs_one_by_one() -> None:

@@ -503,8 +503,8 @@ class TorchExecutor(Executor):
         parallel: Any | None = None,
     ) -> list[TaskResult | Exception]:
         """Each stage as one ``pipe.run_batch`` call for all members. If a batched call
-        fails (anything but out of memory: e.g. members that cannot share a call, or
-        one member's bad input), the members continue one by one from that stage, so
+        fails (members that cannot share a call, one member's bad input, or the batch
+        not fitting in memory), the members continue one by one from that stage, so
         each ends with its own result or its own error. Stage seconds of a batched stage
         are the call's wall time."""
         import torch
@@ -531,10 +531,12 @@ class TorchExecutor(Executor):
                     outs = batched(stage, current, params, options)
                 if len(outs) != len(current):
                     raise StageError(f"{stage}: run_batch returned {len(outs)} outputs for {len(current)} members")
-            except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-                raise OutOfMemory(str(exc)) from exc
-            except OutOfMemory:
-                raise
+            except (torch.cuda.OutOfMemoryError, OutOfMemory):  # type: ignore[attr-defined]
+                # The batch did not fit; each member alone may (the cost model's batched
+                # peak is an estimate): free what the call held and go on one by one.
+                if self.kind == "cuda":
+                    torch.cuda.empty_cache()
+                return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
             except Exception:
                 # Which member is at fault is unknown: each goes on alone.
                 return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
