@@ -43,9 +43,25 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:  # torch is heavy: simulated workers and the scheduler never import it
     import torch
 
-__all__ = ["ModelMeta", "ParallelContext", "PipelineStages", "StageName"]
+__all__ = ["PER_MEMBER_PARAMS", "ModelMeta", "ParallelContext", "PipelineStages", "StageName"]
 
 StageName = Literal["encode", "diffuse", "decode"]
+
+#: Params the members of one batch (``run_batch``) may differ in: each request's own text
+#: and noise. Every other param must be equal, and negative prompts must agree on being
+#: ``None`` or not (that decides whether encode produces negative embeddings: flux /
+#: hunyuanvideo true CFG).
+PER_MEMBER_PARAMS: frozenset[str] = frozenset(
+    {
+        "prompt",
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "seed",
+    }
+)
 
 
 @dataclass(frozen=True)

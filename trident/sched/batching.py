@@ -32,30 +32,18 @@ import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from trident.pipelines.api import PER_MEMBER_PARAMS
 from trident.sched.cost import batch_stage_seconds
 from trident.sched.dispatcher import QueueItem
 from trident.sched.types import STAGES, CostModel, ModelInfo, RequestSpec, Shape, Stage
 
 __all__ = [
-    "PER_MEMBER_PARAMS",
     "BatchConfig",
     "batch_key",
     "best_batch_size",
     "form_batches",
 ]
 
-# Params a batch's members may differ in: each member's own text and noise.
-PER_MEMBER_PARAMS = frozenset(
-    {
-        "prompt",
-        "prompt_2",
-        "prompt_3",
-        "negative_prompt",
-        "negative_prompt_2",
-        "negative_prompt_3",
-        "seed",
-    }
-)
 # Whether these are given changes what encode produces (flux: true CFG): members agree.
 _PRESENCE_PARAMS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
 

@@ -30,28 +30,13 @@ from typing import Any
 import torch
 
 from trident.errors import InvalidRequestError
-from trident.pipelines.api import ModelMeta, ParallelContext, StageName
+from trident.pipelines.api import PER_MEMBER_PARAMS, ModelMeta, ParallelContext, StageName
 from trident.pipelines.meta import stage_components
 from trident.pipelines.parallel import broadcast_inputs, diffuse_context
 
 __all__ = ["PER_MEMBER_PARAMS", "STAGES", "FamilyStages", "drop_none", "to_numpy_output"]
 
 STAGES: tuple[StageName, ...] = ("encode", "diffuse", "decode")
-
-#: Params that may differ between the members of one batch (``run_batch``); every other
-#: param must be equal. Negative prompts must still agree on being ``None`` or not: that
-#: decides whether encode produces negative embeddings (flux / hunyuanvideo true CFG).
-PER_MEMBER_PARAMS: frozenset[str] = frozenset(
-    {
-        "prompt",
-        "prompt_2",
-        "prompt_3",
-        "negative_prompt",
-        "negative_prompt_2",
-        "negative_prompt_3",
-        "seed",
-    }
-)
 
 
 def drop_none(**tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
