@@ -239,3 +239,13 @@ def test_client_timeout_cancels_the_request_in_the_scheduler(tmp_path) -> None:
         # the device is free again for the next request
         r = c.generate(model="flux", prompt="fast", height=256, width=256, num_inference_steps=2, timeout=30)
         assert r.array.size
+
+
+def test_a_booting_node_is_placed_once_not_once_per_worker(sim_cluster: LocalCluster) -> None:
+    """Workers say hello one by one; the planner must see each node's devices together,
+    or every hello re-plans the node and reloads weights (a boot-time load storm)."""
+    log = read_log(sim_cluster.log_file)
+    joined = [e for e in log if e["event"] == "worker.joined" and e["component"] == "scheduler"]
+    assert len(joined) >= 8
+    plans = [e for e in log if e["event"] == "placement.changed" and e.get("reason") == "devices joined"]
+    assert 1 <= len(plans) <= 2, [p.get("reason") for p in plans]  # one per node at most

@@ -42,6 +42,7 @@ from trident.sched.types import (
     FailRequest,
     LoadStage,
     LogEvent,
+    NodeJoined,
     NodeLost,
     Policy,
     ReleaseOutput,
@@ -63,6 +64,10 @@ from trident.sched.types import (
 __all__ = ["SchedulerDaemon", "main", "make_core"]
 
 DRAIN_MAX = 512
+# A booting node's workers say hello one by one; the core sees them together (one
+# placement for the node, not one per worker and the weight loads of each) once all the
+# devices the node announced are up, or this long after its hello at the latest.
+JOIN_GRACE_S = 10.0
 MAX_REQUEST_ID = 128
 
 
@@ -84,6 +89,10 @@ class _NodeConn:
     last_seen: float
     devices: list[dict[str, Any]] = field(default_factory=list)
     up: bool = True
+    # While booting: the workers that said hello, held back from the core (see
+    # JOIN_GRACE_S), and when the node said hello. None once the core knows the node.
+    joining: dict[str, DeviceInfo] | None = None
+    hello_at: float = 0.0
 
 
 @dataclass
@@ -582,7 +591,14 @@ class SchedulerDaemon:
                 self.out.append((self.nodes_sock, [ident, protocol.encode("reject", reason=reason)]))
                 return
             node_id = str(header["node_id"])
-            self.nodes[node_id] = _NodeConn(ident=ident, node_id=node_id, last_seen=now, devices=list(header["devices"]))
+            old = self.nodes.get(node_id)
+            booting = old is None or not old.up or not any(
+                w.up for w in self.workers.values() if w.info.node_id == node_id
+            )
+            self.nodes[node_id] = _NodeConn(
+                ident=ident, node_id=node_id, last_seen=now, devices=list(header["devices"]),
+                joining={} if booting else None, hello_at=now,
+            )
             self.out.append((self.nodes_sock, [ident, protocol.encode(
                 "node_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
             )]))
@@ -721,7 +737,24 @@ class SchedulerDaemon:
             "worker_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
         )]))
         self.log.info("worker.joined", device_id=info.device_id, kind=info.kind, pid=header.get("pid"), peer_addr=header["peer_addr"])
+        node = self.nodes.get(info.node_id)
+        if node is not None and node.joining is not None:
+            node.joining[info.device_id] = info
+            self._maybe_node_joined(node, self.now())
+            return
         self.feed(DeviceUp(info, new_stimulus_id("hello")))
+
+    def _maybe_node_joined(self, node: _NodeConn, now: float) -> None:
+        """Hand a booting node's devices to the core at once when all it announced are
+        up (or the grace period is over; later ones come as DeviceUp)."""
+        joining = node.joining
+        if joining is None or not joining:
+            return
+        if len(joining) < len(node.devices) and now - node.hello_at < JOIN_GRACE_S:
+            return
+        infos = tuple(sorted(joining.values(), key=lambda d: d.index))
+        node.joining = None
+        self.feed(NodeJoined(node.node_id, infos, new_stimulus_id("node-joined")))
 
     def _worker_lost(self, device_id: str, reason: str) -> None:
         conn = self.workers.get(device_id)
@@ -729,6 +762,9 @@ class SchedulerDaemon:
             return
         conn.up = False
         self.resident.pop(device_id, None)
+        node = self.nodes.get(conn.info.node_id)
+        if node is not None and node.joining is not None:
+            node.joining.pop(device_id, None)  # the core never heard of it
         for task_id in [t for t, c in self.task_info.items() if device_id in c.devices]:
             del self.task_info[task_id]  # it will never report
         self.log.warning("worker.lost", device_id=device_id, reason=reason)
@@ -739,6 +775,7 @@ class SchedulerDaemon:
         if node is None or not node.up:
             return
         node.up = False
+        node.joining = None
         self.log.warning("node.lost", node_id=node_id, reason=reason)
         for conn in self.workers.values():
             if conn.info.node_id == node_id and conn.up:
@@ -758,6 +795,8 @@ class SchedulerDaemon:
             for node_id, node in list(self.nodes.items()):
                 if node.up and now - node.last_seen > ttl:
                     self._node_lost(node_id, f"silent for {now - node.last_seen:.1f}s")
+                elif node.up:
+                    self._maybe_node_joined(node, now)
             self.feed(Tick())
             await self._pump()
             flush_logs()
