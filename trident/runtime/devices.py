@@ -284,15 +284,9 @@ class SimExecutor(Executor):
             result.loaded.append((model, stage, secs, source))
             sleeps.append((None, secs))
         for stage in stages:
-            if batch > 1:
-                peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
-                if stage == "diffuse":
-                    secs = batch_stage_seconds(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
-                else:  # run member by member
-                    secs = batch * self.cost.stage_seconds(family, stage, shape, degree)  # type: ignore[arg-type]
-            else:
-                peak = self.cost.stage_peak_bytes(family, stage, shape, degree)  # type: ignore[arg-type]
-                secs = self.cost.stage_seconds(family, stage, shape, degree)  # type: ignore[arg-type]
+            # batch 1 is one request's figures; encode and decode run member by member.
+            peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
+            secs = batch_stage_seconds(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
             result.evicted += self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
             sleeps.append((stage, secs / self.speed * self.time_scale))
         return result, sleeps, shape, family
@@ -334,17 +328,22 @@ class SimExecutor(Executor):
         parallel: Any | None = None,
     ) -> TaskResult:
         """As :meth:`run`, on the event loop: a simulated stage needs no thread."""
+        result, sleeps, shape, family = self._prepare(model, stages, params, options)
+        await self._sleep_through(result, sleeps)
+        result.outputs = self._outputs(stages, shape, family)
+        return result
+
+    @staticmethod
+    async def _sleep_through(result: TaskResult, sleeps: list[tuple[str | None, float]]) -> None:
+        """Spend the prepared loads and stages' time; record each stage's seconds."""
         import asyncio
 
-        result, sleeps, shape, family = self._prepare(model, stages, params, options)
         for stage, secs in sleeps:
             t0 = time.perf_counter()
             if secs > 0:
                 await asyncio.sleep(secs)
             if stage is not None:
                 result.stage_seconds[stage] = time.perf_counter() - t0
-        result.outputs = self._outputs(stages, shape, family)
-        return result
 
     def run_batch(
         self,
@@ -371,8 +370,6 @@ class SimExecutor(Executor):
     ) -> list[TaskResult | Exception]:
         """One batched sleep per stage for every member that shares the first good
         member's shape; a member with bad or different shape parameters fails alone."""
-        import asyncio
-
         _check_batch(inputs, params, parallel)
         out: list[TaskResult | Exception | None] = [None] * len(params)
         members: list[int] = []
@@ -394,12 +391,7 @@ class SimExecutor(Executor):
             result, sleeps, shape, family = self._prepare(
                 model, stages, params[members[0]], options, batch=len(members)
             )
-            for stage, secs in sleeps:
-                t0 = time.perf_counter()
-                if secs > 0:
-                    await asyncio.sleep(secs)
-                if stage is not None:
-                    result.stage_seconds[stage] = time.perf_counter() - t0
+            await self._sleep_through(result, sleeps)
             for i in members:
                 # Every member reports the call's times and the batch's loads; the
                 # worker reports a load or eviction once however many carry it.
@@ -531,14 +523,12 @@ class TorchExecutor(Executor):
                     outs = batched(stage, current, params, options)
                 if len(outs) != len(current):
                     raise StageError(f"{stage}: run_batch returned {len(outs)} outputs for {len(current)} members")
-            except (torch.cuda.OutOfMemoryError, OutOfMemory):  # type: ignore[attr-defined]
-                # The batch did not fit; each member alone may (the cost model's batched
-                # peak is an estimate): free what the call held and go on one by one.
+            except Exception:
+                # Which member is at fault is unknown, or the batch did not fit (its
+                # peak is an estimate) where each member alone may: free what the call
+                # held and go on one by one.
                 if self.kind == "cuda":
                     torch.cuda.empty_cache()
-                return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
-            except Exception:
-                # Which member is at fault is unknown: each goes on alone.
                 return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
             stage_seconds[stage] = time.perf_counter() - t0
             current = list(outs)

@@ -361,7 +361,6 @@ class SchedulerDaemon:
             for t in cmd.tasks:
                 self.feed(TaskFailed(t.task_id, "stage_failed", "device not available", retryable=True))
             return
-        members: list[dict[str, Any]] = []
         live: list[tuple[RunTask, list[dict[str, Any]]]] = []
         for t in cmd.tasks:
             inputs = self._input_refs(t)
@@ -370,13 +369,6 @@ class SchedulerDaemon:
                 self.feed(TaskFailed(t.task_id, "stage_failed", "input holder lost", retryable=True))
                 continue
             live.append((t, inputs))
-            members.append({
-                "task_id": t.task_id,
-                "request_id": t.request_id,
-                "inputs": inputs,
-                "final": t.final,
-                "params": dict(t.params),
-            })
         if not live:
             return
         for t, _ in live:
@@ -393,7 +385,11 @@ class SchedulerDaemon:
             stages=list(cmd.stages),
             devices=list(cmd.devices),
             rank=0,
-            members=members,
+            members=[
+                {"task_id": t.task_id, "request_id": t.request_id, "inputs": inputs, "final": t.final,
+                 "params": dict(t.params)}
+                for t, inputs in live
+            ],
             options=options,
             leader_addr=conn.peer_addr,
             group=None,

@@ -139,7 +139,7 @@ def form_batches(
         if b_max < 2 or n <= room:
             free[head.model] = max(0, room - n)
             continue
-        free[head.model] = max(0, room - max(room, math.ceil(n / b_max)))
+        free[head.model] = 0  # n > room: this group takes every free device
         start = now if room > 0 else max(now, (free_at or {}).get(head.model, now))
         ordered = sorted(group, key=lambda i: (i.deadline, i.arrival, i.request_id))
         # Requests late even alone batch only among themselves: a batch must not make

@@ -250,11 +250,8 @@ class SchedulerCore:
             raise ValueError(f"batches run at degree 1, not {len(devices)}")
         if len({(r.spec.model, r.spec.shape, r.next_stage) for r in reqs}) != 1:
             raise ValueError("batch members must share model, shape and next stage")
-        # One options map for all members (same shape: same tiling decision).
-        opts = dict(options or {})
-        if "decode" in stages and "vae_tiling" not in opts:
-            opts["vae_tiling"] = self._decode_needs_tiling(reqs[0], devices[0])
-        tasks = tuple(self._make_task(r, stages, devices, opts) for r in reqs)
+        # Same shape and device: _make_task gives every member the same options.
+        tasks = tuple(self._make_task(r, stages, devices, options) for r in reqs)
         self._task_seq += 1
         batch_id = f"batch-{self._task_seq}"
         for t in tasks:

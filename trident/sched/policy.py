@@ -575,11 +575,7 @@ class PlacedPolicy(SchedulerCore):
         now: float,
         end: float,
     ) -> Command:
-        cmd = self.start_task(req, stages, devices, now)
-        for d in devices:
-            st = self.devices[d]
-            st.busy_until = max(st.busy_until, end)
-        return cmd
+        return self.issue_batch([req], stages, devices, now, end)
 
     def issue_batch(
         self,
@@ -589,6 +585,8 @@ class PlacedPolicy(SchedulerCore):
         now: float,
         end: float,
     ) -> Command:
+        """Issue ``stages`` of ``reqs`` as one call (a plain task for one request) and
+        mark ``devices`` busy until ``end``."""
         cmd = self.start_batch(reqs, stages, devices, now)
         for d in devices:
             st = self.devices[d]
