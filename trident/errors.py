@@ -6,13 +6,18 @@
     ├── ConfigError              bad daemon configuration (model dir, TOML, flags)
     ├── ModelError               a directory that is not a servable diffusers pipeline
     ├── ProtocolError            malformed frame, unknown message type, wrong version
+    ├── ConnectionError          no scheduler answers at the address (or it went away)
+    │   └── AuthenticationError  the scheduler refused this client's CurveZMQ key
     └── RequestError             a request ended without a result (carries request_id)
         ├── UnknownModelError    the scheduler serves no model of that name
         ├── InvalidRequestError  impossible or absurd parameters (size, frames, steps)
         ├── OverloadedError      admission control refused it: retry later
+        ├── UnavailableError     no live device can serve its model, or the scheduler
+        │                        that held it is gone
         ├── StageFailedError     a stage raised (out-of-memory included) and retries ran out
         ├── RequestTimeoutError  no result within the client's timeout
-        └── CancelledError       cancelled by the client
+        ├── CancelledError       cancelled by the client
+        └── RequestProtocolError the scheduler could not read this request's message
 
 The wire carries an error *code* (see ``trident.sched.types.ErrorCode``);
 :func:`error_from_code` maps it back onto this tree on the client side.
@@ -21,16 +26,20 @@ The wire carries an error *code* (see ``trident.sched.types.ErrorCode``);
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "CancelledError",
     "ConfigError",
+    "ConnectionError",
     "InvalidRequestError",
     "ModelError",
     "OverloadedError",
     "ProtocolError",
     "RequestError",
+    "RequestProtocolError",
     "RequestTimeoutError",
     "StageFailedError",
     "TridentError",
+    "UnavailableError",
     "UnknownModelError",
     "error_from_code",
 ]
@@ -50,6 +59,15 @@ class ModelError(TridentError):
 
 class ProtocolError(TridentError):
     """A message that does not follow the wire protocol."""
+
+
+class ConnectionError(TridentError):  # noqa: A001 - Trident's own, under TridentError
+    """No scheduler answered at the client's address within the connect timeout, or
+    the scheduler stopped answering while requests were in flight."""
+
+
+class AuthenticationError(ConnectionError):
+    """The scheduler refused the client's CurveZMQ handshake (key not authorized)."""
 
 
 class RequestError(TridentError):
@@ -78,6 +96,14 @@ class OverloadedError(RequestError):
     code = "overloaded"
 
 
+class UnavailableError(RequestError):
+    code = "unavailable"
+
+
+class RequestProtocolError(RequestError):
+    code = "protocol"
+
+
 class StageFailedError(RequestError):
     code = "stage_failed"
 
@@ -98,6 +124,8 @@ _BY_CODE: dict[str, type[RequestError]] = {
     "out_of_memory": StageFailedError,
     "timeout": RequestTimeoutError,
     "cancelled": CancelledError,
+    "unavailable": UnavailableError,
+    "protocol": RequestProtocolError,
 }
 
 

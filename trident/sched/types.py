@@ -71,6 +71,7 @@ ErrorCode: TypeAlias = Literal[
     "timeout",
     "cancelled",
     "out_of_memory",
+    "unavailable",
     "internal",
 ]
 
