@@ -1,4 +1,4 @@
-"""Client SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio), one result type.
+"""Client SDK: ``AsyncClient`` (asyncio) and ``Client`` (blocking), one result type.
 
 ::
 
@@ -12,12 +12,28 @@
         r.devices    # {"encode": [...], "diffuse": [...], "decode": [...]}
 
 Argument names follow diffusers' pipeline ``__call__``. Failures raise the typed
-exceptions of :mod:`trident.errors`.
+exceptions of :mod:`trident.errors`:
+
+- the first call raises :class:`~trident.errors.ConnectionError` within
+  ``connect_timeout`` when no scheduler answers (:class:`AuthenticationError` when the
+  scheduler refused this client's CurveZMQ key);
+- parameters are checked before anything is sent (:class:`InvalidRequestError`, never
+  an ``OverflowError``; NaN and infinities are refused);
+- while requests are in flight the client heartbeats the scheduler; when it stops
+  answering for ``scheduler_ttl`` seconds they fail with :class:`UnavailableError`
+  (a scheduler restarted from its journal within that time carries them on);
+- a request ends at ``timeout`` (finite by default) with
+  :class:`RequestTimeoutError`, and a timed-out, cancelled (``asyncio`` cancel,
+  Ctrl-C) or closed request is cancelled in the scheduler too: its device is freed at
+  the next denoising step.
 
 Batching: the scheduler may run a request's diffuse stage in one call together with
 other same-shape requests. A batched output matches the unbatched one within 1e-4 (not
 bit for bit: matmuls of another batch size round differently). Pass
 ``allow_batching=False`` to ``generate`` for outputs bit-for-bit equal to diffusers'.
+
+``Client`` is a thin blocking wrapper: it runs one ``AsyncClient`` on an event loop
+in a background thread, so both behave the same; it is thread-safe.
 """
 
 from __future__ import annotations
@@ -29,19 +45,37 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from trident.errors import ProtocolError, RequestTimeoutError, TridentError, error_from_code
+from trident.errors import (
+    AuthenticationError,
+    ConnectionError,
+    InvalidRequestError,
+    ProtocolError,
+    RequestTimeoutError,
+    TridentError,
+    UnavailableError,
+    error_from_code,
+)
 from trident.runtime import protocol
 from trident.runtime.serial import unpack_tensors
 from trident.runtime.transport import make_socket
 
-__all__ = ["AsyncClient", "Client", "GenerateResult"]
+__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "GenerateResult"]
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+# Largest submit message the SDK sends (the scheduler's default client cap is 4 MiB).
+MAX_SUBMIT_BYTES = 1 << 20
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -80,116 +114,224 @@ def _curve(curve_dir: str | None, name: str) -> Any:
     return client_keys(curve_dir, name)
 
 
-def _submit_header(
-    rid: str,
-    model: str,
-    prompt: str,
-    *,
-    negative_prompt: str | None,
-    height: int | None,
-    width: int | None,
-    num_frames: int | None,
-    num_inference_steps: int | None,
-    guidance_scale: float | None,
-    seed: int | None,
-    slo_s: float | None,
-    allow_batching: bool = True,
+def _submit_message(
+    rid: str, model: str, params: dict[str, Any], slo_s: float | None, allow_batching: bool
 ) -> tuple[bytes, dict[str, Any]]:
-    params: dict[str, Any] = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "height": height,
-        "width": width,
-        "num_frames": num_frames,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
-    }
+    """The submit header, validated here with the wire's own bounds, so a bad value
+    is an InvalidRequestError naming the parameter before anything is sent."""
+    if not isinstance(model, str) or not 0 < len(model) <= 256:
+        raise InvalidRequestError(f"model must be a non-empty string, got {model!r}")
     params = {k: v for k, v in params.items() if v is not None or k == "prompt"}
-    header = protocol.encode("submit", id=rid, model=model, params=params, slo_s=slo_s, batch=bool(allow_batching))
-    return header, params
+    try:
+        typed = msgspec.convert(params, protocol.SubmitParams, strict=False)
+        msg = msgspec.convert(
+            {"id": rid, "model": model, "params": params, "slo_s": slo_s, "batch": bool(allow_batching)},
+            protocol.Submit,
+            strict=False,
+        )
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid parameter: {exc}") from None
+    header = protocol.encode(msg)
+    if len(header) > MAX_SUBMIT_BYTES:
+        raise InvalidRequestError(f"request of {len(header)} bytes exceeds {MAX_SUBMIT_BYTES}")
+    return header, typed.to_dict()
 
 
-def _result_from(header: dict[str, Any], frames: list[Any], model: str, params: dict[str, Any]) -> GenerateResult:
-    tensors = unpack_tensors(header["tensors"], frames, as_torch=False)
+def _result_from(msg: protocol.Result, frames: list[Any], model: str, params: dict[str, Any]) -> GenerateResult:
+    tensors = unpack_tensors(msg.tensors, frames, as_torch=False)
     out = tensors.get("output")
     if out is None:
-        raise ProtocolError("result carries no 'output' tensor")
+        raise ProtocolError("result carries no 'output' tensor", msg.id)
     return GenerateResult(
-        request_id=str(header["id"]),
+        request_id=msg.id,
         model=model,
         array=np.array(out, dtype=np.float32, copy=True),  # own the memory, writable
-        timings={str(k): float(v) for k, v in dict(header["timings"]).items()},
-        devices={str(k): list(v) for k, v in dict(header["devices"]).items()},
-        met_slo=header.get("met_slo"),
-        slo_s=header.get("slo_s"),
+        timings={str(k): float(v) for k, v in msg.timings.items()},
+        devices={str(k): list(v) for k, v in msg.devices.items()},
+        met_slo=msg.met_slo,
+        slo_s=msg.slo_s,
         params=params,
     )
 
 
-def _raise_error(header: dict[str, Any]) -> None:
-    raise error_from_code(str(header["code"]), str(header["message"]), header.get("id"))
-
-
 class AsyncClient:
-    """Asyncio client; many ``generate`` calls may be in flight at once."""
+    """Asyncio client; many ``generate`` calls may be in flight at once.
+
+    ``timeout``: default seconds a request may take (``generate(timeout=...)`` per
+    call). ``connect_timeout``: how long the first call waits for the scheduler.
+    ``scheduler_ttl``: in-flight requests fail with UnavailableError when the
+    scheduler has not answered a heartbeat for this long.
+    """
 
     def __init__(
         self,
         address: str = "tcp://127.0.0.1:5555",
         *,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        scheduler_ttl: float = 15.0,
         curve_dir: str | None = None,
         curve_name: str = "client",
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.scheduler_ttl = scheduler_ttl
         self._ctx = zmq.asyncio.Context()
+        self._curve = _curve(curve_dir, curve_name)
         self._sock = make_socket(
-            self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0,
-            curve=_curve(curve_dir, curve_name),
+            self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0, curve=self._curve,
         )
-        self._sock.connect(address)
-        self._waiters: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
-        self._pong: asyncio.Future[dict[str, Any]] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._seq = itertools.count()
+        self._watch: Any = None
+        if self._curve is not None:
+            from trident.runtime.security import HandshakeWatch
 
-    def _ensure_reader(self) -> None:
+            self._watch = HandshakeWatch(self._sock)
+        self._sock.connect(address)
+        self._waiters: dict[str, asyncio.Future[tuple[Any, list[Any]]]] = {}
+        self._sent: set[str] = set()
+        self._pings: dict[int, asyncio.Future[protocol.Pong]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._heart: asyncio.Task[None] | None = None
+        self._seq = itertools.count()
+        self._nonces = itertools.count(1)
+        self._connected = False
+        self._heartbeat_s = 1.0
+        self._last_heard = time.monotonic()
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _ensure_tasks(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = loop.create_task(self._read())
+        if self._heart is None or self._heart.done():
+            self._heart = loop.create_task(self._heartbeat())
 
     async def _read(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
             try:
-                header, rest = protocol.decode(frames)
+                msg, rest = protocol.decode(frames, protocol.SCHEDULER_TO_CLIENT)
             except ProtocolError:
+                continue  # nothing it could be matched to; the request's timeout stands
+            self._last_heard = time.monotonic()
+            if isinstance(msg, protocol.Pong):
+                fut = self._pings.pop(msg.nonce or 0, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
                 continue
-            if header["t"] == "pong":
-                if self._pong is not None and not self._pong.done():
-                    self._pong.set_result(header)
+            rid = msg.id
+            waiter = self._waiters.pop(rid, None) if rid is not None else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result((msg, rest))
+            # An error with no readable id concerns none of our requests in particular
+            # (the SDK only sends well-formed ones): it fails nobody.
+
+    async def _heartbeat(self) -> None:
+        """While requests are in flight: ping, and fail them if the scheduler is gone."""
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            if not self._waiters:
                 continue
-            rid = header.get("id")
-            fut = self._waiters.pop(str(rid), None) if rid is not None else None
-            if fut is not None and not fut.done():
-                fut.set_result((header, rest))
-            elif rid is None and header["t"] == "error":
-                # A protocol error about something we sent: fail everyone waiting.
-                for w in list(self._waiters.values()):
-                    if not w.done():
-                        w.set_result((header, rest))
+            nonce = next(self._nonces)
+            inflight = [rid for rid in self._sent if rid in self._waiters][:10_000]
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart(
+                    [protocol.encode(protocol.Ping(nonce=nonce, inflight=inflight))], flags=zmq.NOBLOCK
+                ).result()
+            self._pings.pop(nonce - 50, None)  # unanswered ones from long ago
+            silent = time.monotonic() - self._last_heard
+            if silent > self.scheduler_ttl:
+                err = UnavailableError(f"scheduler at {self.address} stopped answering ({silent:.0f}s)")
+                for rid, fut in list(self._waiters.items()):
+                    if not fut.done():
+                        fut.set_exception(type(err)(err.message, rid))
                 self._waiters.clear()
 
-    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The scheduler's served models, devices and nodes."""
-        self._ensure_reader()
-        self._pong = asyncio.get_running_loop().create_future()
-        await self._sock.send_multipart([protocol.encode("ping")])
+    def _auth_failure(self) -> str | None:
+        return self._watch.poll() if self._watch is not None else None
+
+    async def _connect(self) -> None:
+        """The first call proves the scheduler is there, or fails fast and typed."""
+        if self._connected:
+            return
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = self._auth_failure()
+                if reason is not None:
+                    raise AuthenticationError(reason)
+                raise ConnectionError(f"no scheduler answered at {self.address} within {self.connect_timeout}s")
+            try:
+                pong = await self._ping(min(left, 0.5))
+            except TimeoutError:
+                reason = self._auth_failure()
+                if reason is not None:
+                    raise AuthenticationError(reason) from None
+                continue
+            self._heartbeat_s = max(0.1, min(5.0, pong.heartbeat_s))
+            self._connected = True
+            return
+
+    async def _ping(self, timeout: float) -> protocol.Pong:
+        self._ensure_tasks()
+        nonce = next(self._nonces)
+        fut: asyncio.Future[protocol.Pong] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = fut
         try:
-            return await asyncio.wait_for(self._pong, timeout)
+            await self._send([protocol.encode(protocol.Ping(nonce=nonce))], timeout)
+            return await self._await_watching(fut, timeout)
+        finally:
+            self._pings.pop(nonce, None)
+
+    async def _send(self, frames: list[bytes], timeout: float) -> None:
+        """Send without ever blocking for good: a socket with no working connection
+        (nobody listening, handshake refused) takes nothing, and that is a TimeoutError
+        here after ``timeout``, not a hang."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK).result()
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError from None
+                reason = self._auth_failure()
+                if reason is not None:
+                    raise AuthenticationError(reason) from None
+                await asyncio.sleep(0.02)
+
+    async def _await_watching(self, fut: asyncio.Future[T], timeout: float) -> T:
+        """``fut``'s result within ``timeout`` (TimeoutError otherwise), failing at once
+        with AuthenticationError when the handshake was refused meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), min(left, 0.2))
+            except TimeoutError:
+                reason = self._auth_failure()
+                if reason is not None:
+                    fut.cancel()
+                    raise AuthenticationError(reason) from None
+
+    # ------------------------------------------------------------------ API
+
+    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The scheduler's served models, devices and nodes, and whether it is ready."""
+        try:
+            pong = await self._ping(timeout)
         except TimeoutError:
-            raise RequestTimeoutError(f"no answer from {self.address} within {timeout}s") from None
+            reason = self._auth_failure()
+            if reason is not None:
+                raise AuthenticationError(reason) from None
+            raise ConnectionError(f"no answer from {self.address} within {timeout}s") from None
+        return msgspec.structs.asdict(pong)
 
     async def generate(
         self,
@@ -213,33 +355,63 @@ class AsyncClient:
         call with other same-shape requests; the output then matches an unbatched run
         within 1e-4. Pass False for outputs bit-for-bit equal to diffusers'.
         """
-        self._ensure_reader()
+        if self._closed:
+            raise TridentError("client is closed")
         rid = f"{next(self._seq)}-{uuid.uuid4().hex[:8]}"
-        header, params = _submit_header(
-            rid, model, prompt, negative_prompt=negative_prompt, height=height, width=width,
-            num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, slo_s=slo_s, allow_batching=allow_batching,
+        header, params = _submit_message(
+            rid, model,
+            {
+                "prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
+                "num_frames": num_frames, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "seed": seed,
+            },
+            slo_s, allow_batching,
         )
-        fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = fut
-        await self._sock.send_multipart([header])
         limit = timeout if timeout is not None else self.timeout
+        if limit is not None and not limit > 0:
+            raise InvalidRequestError(f"timeout must be positive, got {limit!r}")
+        await self._connect()
+        self._ensure_tasks()
+        fut: asyncio.Future[tuple[Any, list[Any]]] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        self._last_heard = max(self._last_heard, time.monotonic() - self._heartbeat_s)
         try:
+            try:
+                await self._send([header], self.connect_timeout)
+            except TimeoutError:
+                raise ConnectionError(f"scheduler at {self.address} takes no requests (not connected)") from None
+            self._sent.add(rid)  # heartbeats name it only once the submit is on the wire
             reply, frames = await asyncio.wait_for(fut, limit)
         except TimeoutError:
-            self._waiters.pop(rid, None)
-            with contextlib.suppress(zmq.ZMQError):
-                await self._sock.send_multipart([protocol.encode("cancel", id=rid)])
+            await self._cancel(rid)
             raise RequestTimeoutError(f"no result within {limit}s", rid) from None
-        if reply["t"] == "error":
-            _raise_error(reply)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel(rid))
+            raise
+        finally:
+            self._waiters.pop(rid, None)
+            self._sent.discard(rid)
+        if isinstance(reply, protocol.Error):
+            raise error_from_code(reply.code, reply.message, reply.id)
         return _result_from(reply, frames, model, params)
 
+    async def _cancel(self, rid: str) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send_multipart([protocol.encode(protocol.Cancel(id=rid))], flags=zmq.NOBLOCK).result()
+
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        if self._closed:
+            return
+        self._closed = True
+        for rid in list(self._waiters):
+            await self._cancel(rid)
+        for task in (self._reader, self._heart):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._watch is not None:
+            self._watch.close()
         self._sock.close(0)
         self._ctx.term()
 
@@ -251,99 +423,72 @@ class AsyncClient:
 
 
 class Client:
-    """Blocking client. Thread-safe: calls from several threads are serialised."""
+    """Blocking client: an :class:`AsyncClient` on a private event loop thread.
+    Thread-safe (calls from several threads run concurrently); not fork-safe."""
 
     def __init__(
         self,
         address: str = "tcp://127.0.0.1:5555",
         *,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        scheduler_ttl: float = 15.0,
         curve_dir: str | None = None,
         curve_name: str = "client",
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._ctx: zmq.Context[Any] = zmq.Context()
-        self._sock = make_socket(
-            self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0,
-            curve=_curve(curve_dir, curve_name),
-        )
-        self._sock.connect(address)
-        self._lock = threading.Lock()
-        self._seq = itertools.count()
         self._pid = os.getpid()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="trident-client", daemon=True)
+        self._thread.start()
 
-    def _recv_until(self, want: str | None, deadline: float | None) -> tuple[dict[str, Any], list[Any]]:
-        while True:
-            wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(wait_ms):
-                raise TimeoutError
-            frames = self._sock.recv_multipart(copy=False)
-            try:
-                header, rest = protocol.decode(frames)
-            except ProtocolError:
-                continue
-            if want is None and header["t"] == "pong":
-                return header, rest
-            if want is not None and (header.get("id") == want or (header["t"] == "error" and header.get("id") is None)):
-                return header, rest
-            # a late reply to an earlier, timed-out request: drop it
+        async def make() -> AsyncClient:
+            return AsyncClient(
+                address, timeout=timeout, connect_timeout=connect_timeout, scheduler_ttl=scheduler_ttl,
+                curve_dir=curve_dir, curve_name=curve_name,
+            )
+
+        try:
+            self._async = self._call(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if os.getpid() != self._pid:
+            coro.close()
+            raise TridentError("a Client cannot be used across fork(); make one per process")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            if not fut.done():  # interrupted (Ctrl-C): cancel the request too
+                fut.cancel()
+                with contextlib.suppress(BaseException):
+                    fut.result(timeout=2.0)
+            raise
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
-        with self._lock:
-            self._sock.send_multipart([protocol.encode("ping")])
-            try:
-                header, _ = self._recv_until(None, time.monotonic() + timeout)
-            except TimeoutError:
-                raise RequestTimeoutError(f"no answer from {self.address} within {timeout}s") from None
-            return header
+        return self._call(self._async.ping(timeout))
 
-    def generate(
-        self,
-        model: str,
-        prompt: str,
-        negative_prompt: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_frames: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        *,
-        slo_s: float | None = None,
-        timeout: float | None = None,
-        allow_batching: bool = True,
-    ) -> GenerateResult:
-        """Generate one image or video; raises the typed errors of :mod:`trident.errors`.
+    def generate(self, model: str, prompt: str, *args: Any, **kwargs: Any) -> GenerateResult:
+        """Same arguments as :meth:`AsyncClient.generate`; blocks until done."""
+        return self._call(self._async.generate(model, prompt, *args, **kwargs))
 
-        ``allow_batching``: the scheduler may run this request's diffuse stage in one
-        call with other same-shape requests; the output then matches an unbatched run
-        within 1e-4. Pass False for outputs bit-for-bit equal to diffusers'.
-        """
-        if os.getpid() != self._pid:
-            raise TridentError("a Client cannot be used across fork(); make one per process")
-        rid = f"{next(self._seq)}-{uuid.uuid4().hex[:8]}"
-        header, params = _submit_header(
-            rid, model, prompt, negative_prompt=negative_prompt, height=height, width=width,
-            num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, slo_s=slo_s, allow_batching=allow_batching,
-        )
-        limit = timeout if timeout is not None else self.timeout
-        with self._lock:
-            self._sock.send_multipart([header])
-            try:
-                reply, frames = self._recv_until(rid, None if limit is None else time.monotonic() + limit)
-            except TimeoutError:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._sock.send_multipart([protocol.encode("cancel", id=rid)])
-                raise RequestTimeoutError(f"no result within {limit}s", rid) from None
-        if reply["t"] == "error":
-            _raise_error(reply)
-        return _result_from(reply, frames, model, params)
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def close(self) -> None:
-        self._sock.close(0)
-        self._ctx.term()
+        if self._loop.is_closed():
+            return
+        if os.getpid() == self._pid and self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(timeout=5.0)
+        self._stop_loop()
 
     def __enter__(self) -> Client:
         return self

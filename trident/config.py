@@ -66,6 +66,13 @@ class SchedulerConfig:
     tick_s: float = 0.05  # how often the core gets a Tick (timeouts, re-planning)
     profiles: list[str] = field(default_factory=list)  # `trident profile` files
     policy_options: dict[str, Any] = field(default_factory=dict)
+    # A client that sends heartbeats (the SDK does) and falls silent this long has its
+    # requests cancelled: it went away, its work would be wasted.
+    client_ttl_s: float = 10.0
+    # Largest message a client may send (submit headers; tensors never come from clients).
+    client_max_message_bytes: int = 4 << 20
+    # The request journal lives here (restart without silent loss); None: no journal.
+    state_dir: str | None = None
 
 
 def parse_model_flag(value: str) -> ModelSpec:

@@ -58,10 +58,19 @@ class ModelError(TridentError):
 
 
 class ProtocolError(TridentError):
-    """A message that does not follow the wire protocol."""
+    """A message that does not follow the wire protocol. ``request_id`` names the
+    request it concerned when the sender's id could still be read."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.request_id))
 
 
-class ConnectionError(TridentError):  # noqa: A001 - Trident's own, under TridentError
+class ConnectionError(TridentError):
     """No scheduler answered at the client's address within the connect timeout, or
     the scheduler stopped answering while requests were in flight."""
 

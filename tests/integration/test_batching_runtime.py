@@ -247,13 +247,14 @@ def test_batch_flag_must_be_a_bool(cluster: LocalCluster) -> None:
         raw = ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(cluster.client_addr)
-        raw.send_multipart([protocol.encode(
-            "submit", id="flag", model="flux", params={"prompt": "x", "height": 256, "width": 256}, batch="yes",
-        )])
+        raw.send_multipart([msgpack.packb({
+            "t": "submit", "id": "flag", "model": "flux", "params": {"prompt": "x", "height": 256, "width": 256},
+            "batch": "yes",
+        })])
         assert raw.poll(10_000), "no answer to a bad batch flag"
         header = msgpack.unpackb(raw.recv_multipart()[0])
-        assert header["t"] == "error" and header["code"] == "invalid_request"
-        assert header["message"] == "batch must be true or false" and header["id"] == "flag"
+        assert header["t"] == "error" and header["code"] == "protocol"
+        assert "Expected `bool`" in header["message"] and "$.batch" in header["message"] and header["id"] == "flag"
     finally:
         ctx.destroy(0)
 
@@ -284,15 +285,16 @@ def test_scheduler_sends_one_run_batch_and_fails_only_members_it_cannot_send() -
         failed = [e for e in daemon.events if isinstance(e, TaskFailed)]
         assert [(e.task_id, e.retryable) for e in failed] == [("r1.dif.1", True)]
         assert len(daemon.out) == 1
-        _, frames = daemon.out.popleft()
+        _, frames = daemon.out.pop(0)
         assert frames[0] == b"dev:n/sim:0"
-        header, _ = protocol.decode(frames[1:])
-        assert header["t"] == "run_batch" and header["batch_id"] == "batch-1" and header["rank"] == 0
-        assert [m["task_id"] for m in header["members"]] == ["r0.dif.0", "r2.dif.2"]
-        assert header["members"][0]["inputs"] == [
-            {"key": "r0.enc.1", "device_id": "n/sim:0", "addr": "tcp://127.0.0.1:7000"}
+        header, _ = protocol.decode(frames[1:], protocol.SCHEDULER_TO_WORKER)
+        assert isinstance(header, protocol.RunBatch)
+        assert header.batch_id == "batch-1" and header.rank == 0
+        assert [m.task_id for m in header.members] == ["r0.dif.0", "r2.dif.2"]
+        assert header.members[0].inputs == [
+            protocol.InputAddr(key="r0.enc.1", device_id="n/sim:0", addr="tcp://127.0.0.1:7000")
         ]
-        assert header["options"]["load_sources"] == {"diffuse": "disk"}
+        assert header.options["load_sources"] == {"diffuse": "disk"}
         assert set(daemon.task_info) == {"r0.dif.0", "r2.dif.2"}
         assert daemon.counters["dispatched"] == 2 and daemon.counters["batches"] == 1
 

@@ -111,7 +111,8 @@ def test_malformed_frames_and_wrong_versions_harm_nobody(sim_cluster: LocalClust
             [msgpack.packb({"t": "no_such_type"})],
             [msgpack.packb([1, 2, 3])],
             [msgpack.packb({"t": "submit", "id": "x"})],  # missing fields
-            [protocol.encode("submit", id="y", model="flux", params={"prompt": "x"}), b"unexpected frame"],
+            [protocol.encode(protocol.Submit(id="y", model="flux", params=protocol.SubmitParams(prompt="x"))),
+             b"unexpected frame"],
         ]
         for frames in garbage:
             raw.send_multipart(frames)

@@ -6,6 +6,7 @@ import pytest
 
 from trident.sched.core import CoreConfig, FifoPolicy
 from trident.sched.types import (
+    CancelTask,
     CompleteRequest,
     DeviceInfo,
     DeviceLost,
@@ -21,6 +22,7 @@ from trident.sched.types import (
     TaskFailed,
     TaskFinished,
     TaskStarted,
+    Tick,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -129,6 +131,65 @@ def test_cancel_waiting_request_replies_cancelled() -> None:
     assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [
         ("b", "cancelled")
     ]
+
+
+def test_cancel_in_flight_stops_its_task_and_is_idempotent() -> None:
+    core = FifoPolicy(MODELS, config=CoreConfig(max_inflight_per_device=1, preload=False))
+    core.handle(node(1), 0.0)
+    [enc] = runs(core.handle(request("a"), 0.0))
+    core.handle(TaskStarted(enc.task_id), 0.1)
+    out = core.handle(RequestCancelled("a"), 0.2)
+    # the device is told to stop the task; the request ends when the task reports
+    assert [c for c in out if isinstance(c, CancelTask)] == [CancelTask(enc.task_id, enc.devices)]
+    assert not [c for c in out if isinstance(c, FailRequest)]
+    assert core.handle(RequestCancelled("a"), 0.3) == []  # a second cancel: nothing new
+    out = core.handle(TaskFailed(enc.task_id, "cancelled", "cancelled by the client"), 0.4)
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("a", "cancelled")]
+    # the device is free again: the next request runs at once
+    assert runs(core.handle(request("b", 0.5), 0.5))
+    assert core.handle(RequestCancelled("a"), 0.6) == []  # after the end: still nothing
+
+
+def test_requests_fail_unavailable_once_the_only_node_is_gone() -> None:
+    cfg = CoreConfig(preload=False, unavailable_after_s=5.0, boot_grace_s=30.0)
+    core = FifoPolicy(MODELS, config=cfg)
+    core.handle(node(1), 0.0)
+    assert runs(core.handle(request("a"), 0.0))
+    core.handle(request("b"), 0.0)
+    out = core.handle(DeviceLost("n0/sim:0", "node died"), 1.0)
+    assert not [c for c in out if isinstance(c, FailRequest)]  # within the grace: they wait
+    out = core.handle(Tick(), 6.5)
+    assert sorted((c.request_id, c.error) for c in out if isinstance(c, FailRequest)) == [
+        ("a", "unavailable"), ("b", "unavailable")
+    ]
+    out = core.handle(request("c", 7.0), 7.0)  # new requests: refused at once
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("c", "unavailable")]
+    core.handle(node(1, "n1"), 8.0)  # a node comes back: served again
+    assert runs(core.handle(request("d", 8.0), 8.0))
+
+
+def test_at_boot_requests_wait_for_the_boot_grace() -> None:
+    core = FifoPolicy(MODELS, config=CoreConfig(preload=False, boot_grace_s=30.0))
+    core.handle(request("a"), 0.0)
+    assert not [c for c in core.handle(Tick(), 29.0) if isinstance(c, FailRequest)]
+    assert runs(core.handle(node(1), 29.5))  # the first node arrives in time: it runs
+
+
+def test_handle_many_plans_once_for_a_burst() -> None:
+    core = FifoPolicy(MODELS, config=CoreConfig(max_inflight_per_device=1, preload=False))
+    core.handle(node(2), 0.0)
+    rounds = 0
+    plan = core.plan
+
+    def counting(now: float) -> list:
+        nonlocal rounds
+        rounds += 1
+        return plan(now)
+
+    core.plan = counting  # type: ignore[method-assign]
+    out = core.handle_many([request(f"r{i}") for i in range(50)], 0.1)
+    assert rounds == 1
+    assert len(runs(out)) == 2  # two devices, one task each
 
 
 def test_fixed_diffuse_degree_uses_an_aligned_group_on_one_node() -> None:

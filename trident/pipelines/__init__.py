@@ -22,7 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trident.pipelines.api import ModelMeta, ParallelContext, PipelineStages, StageName
+from trident.pipelines.api import (
+    ModelMeta,
+    ParallelContext,
+    PipelineStages,
+    StageCancelled,
+    StageName,
+)
 from trident.pipelines.meta import FAMILIES, inspect_model, validate_request
 
 if TYPE_CHECKING:
@@ -33,6 +39,7 @@ __all__ = [
     "ModelMeta",
     "ParallelContext",
     "PipelineStages",
+    "StageCancelled",
     "StageName",
     "inspect_model",
     "open_pipeline",

@@ -32,6 +32,12 @@ Degree k > 1 (diffuse only): every rank of the instance calls ``run`` with the s
 ``params`` and its :class:`ParallelContext`; rank 0 passes the real inputs, the other
 ranks pass ``None`` and obtain them from rank 0 through the group. Only rank 0's return
 value is used.
+
+Cancellation: ``run`` and ``run_batch`` take an optional ``cancel`` flag (a
+``threading.Event``). It is checked before the stage starts and, in diffuse, after every
+denoising step (diffusers' ``callback_on_step_end``, which returns the step's tensors
+unchanged, so outputs are bit-exact); once it is set the call raises
+:class:`StageCancelled`. At degree k every rank checks its own flag.
 """
 
 from __future__ import annotations
@@ -41,9 +47,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # torch is heavy: simulated workers and the scheduler never import it
+    import threading
+
     import torch
 
-__all__ = ["PER_MEMBER_PARAMS", "ModelMeta", "ParallelContext", "PipelineStages", "StageName"]
+__all__ = [
+    "PER_MEMBER_PARAMS",
+    "ModelMeta",
+    "ParallelContext",
+    "PipelineStages",
+    "StageCancelled",
+    "StageName",
+]
 
 StageName = Literal["encode", "diffuse", "decode"]
 
@@ -62,6 +77,11 @@ PER_MEMBER_PARAMS: frozenset[str] = frozenset(
         "seed",
     }
 )
+
+
+class StageCancelled(Exception):
+    """A stage stopped because its ``cancel`` flag was set (before it started or between
+    two denoising steps); nothing went wrong with the model or the device."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +142,11 @@ class PipelineStages(Protocol):
         params: Mapping[str, Any],
         options: Mapping[str, Any] | None = None,
         parallel: ParallelContext | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run one stage for one request. ``options``: e.g. ``{"vae_tiling": True}``."""
+        """Run one stage for one request. ``options``: e.g. ``{"vae_tiling": True}``.
+        Raises :class:`StageCancelled` once ``cancel`` is set (checked between steps)."""
         ...
 
     def run_batch(
@@ -133,9 +156,12 @@ class PipelineStages(Protocol):
         params: Sequence[Mapping[str, Any]],
         options: Mapping[str, Any] | None = None,
         parallel: ParallelContext | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Run one stage for several requests (``inputs[i]`` and ``params[i]`` are member
         i's); returns one output dict per member, in order. Raises
         :class:`trident.errors.InvalidRequestError` when the members cannot share a call
-        (different shapes or shared params)."""
+        (different shapes or shared params), :class:`StageCancelled` once ``cancel`` is set
+        (the whole call stops)."""
         ...

@@ -47,7 +47,10 @@ class PeerServer:
         on_error: Callable[[str], None] | None = None,
         curve: CurveKeys | None = None,
     ) -> None:
-        self.sock = make_socket(ctx, zmq.ROUTER, curve=curve, curve_server=True)
+        # Only cluster members may fetch stage outputs (never a client key).
+        self.sock = make_socket(
+            ctx, zmq.ROUTER, curve=curve, curve_server=True, zap_domain="cluster" if curve is not None else None
+        )
         self.sock.bind(f"tcp://{host}:*")
         self.address = bound_address(self.sock)
         self.store = store
@@ -59,31 +62,33 @@ class PeerServer:
             frames = await self.sock.recv_multipart(copy=False)
             ident, body = frames[0].bytes, frames[1:]
             try:
-                header, _ = protocol.decode(body)
+                msg, _ = protocol.decode(body, protocol.PEER_REQUEST)
             except ProtocolError as exc:
                 if self.on_error:
-                    self.on_error(str(exc))
-                await self._send([ident, protocol.error_message("protocol", str(exc))])
+                    self.on_error(exc.message)
+                await self._send([ident, protocol.error_message("protocol", exc.message)])
                 continue
-            t = header["t"]
-            if t == "fetch":
-                key = str(header["key"])
-                kept = self.store.get(key)
+            if isinstance(msg, protocol.Fetch):
+                kept = self.store.get(msg.key)
                 if kept is None:
-                    await self._send([ident, protocol.encode("missing", key=key, rid=header["rid"])])
+                    await self._send([ident, protocol.encode(protocol.Missing(key=msg.key, rid=msg.rid))])
                 else:
                     meta, tensor_frames = pack_tensors(kept)
-                    head = protocol.encode("data", key=key, rid=header["rid"], tensors=meta)
+                    head = protocol.encode(protocol.Data(
+                        key=msg.key, rid=msg.rid, tensors=[protocol.TensorDesc(**m) for m in meta]
+                    ))
                     await self._send([ident, head, *tensor_frames])
-            elif t == "barrier" and self.on_barrier is not None:
-                self.on_barrier(str(header["task_id"]), int(header["rank"]), ident)
+            elif isinstance(msg, protocol.Barrier) and self.on_barrier is not None:
+                self.on_barrier(msg.task_id, msg.rank, ident)
 
     async def send_go(self, ident: bytes, task_id: str) -> None:
-        await self._send([ident, protocol.encode("go", task_id=task_id)])
+        await self._send([ident, protocol.encode(protocol.Go(task_id=task_id))])
 
     async def _send(self, frames: list[Any]) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # the fetcher went away: nothing to do
-            await self.sock.send_multipart(frames, copy=False)
+        # The fetcher went away, or does not read (its queue is full): never wait on
+        # it; a real fetcher whose reply is lost times out and the stage re-runs.
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False).result()
 
     def close(self) -> None:
         self.sock.close(0)
@@ -93,7 +98,7 @@ class PeerServer:
 class _Conn:
     sock: Any
     reader: asyncio.Task[None]
-    waiting: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = field(default_factory=dict)
+    waiting: dict[str, asyncio.Future[tuple[Any, list[Any]]]] = field(default_factory=dict)
 
 
 class PeerClient:
@@ -121,37 +126,37 @@ class PeerClient:
         while True:
             frames = await sock.recv_multipart(copy=False)
             try:
-                header, rest = protocol.decode(frames)
+                msg, rest = protocol.decode(frames, protocol.PEER_REPLY)
             except ProtocolError:
                 continue
-            if header["t"] == "go":
+            if isinstance(msg, protocol.Go):
                 if self.on_go is not None:
-                    self.on_go(str(header["task_id"]))
+                    self.on_go(msg.task_id)
                 continue
-            waiter = self.conns[addr].waiting.get(str(header.get("rid")))
+            if isinstance(msg, protocol.Error):
+                continue  # the peer could not read our request: its fetch times out
+            waiter = self.conns[addr].waiting.get(msg.rid)
             if waiter is not None and not waiter.done():
-                waiter.set_result((header, rest))
+                waiter.set_result((msg, rest))
 
     async def fetch(self, addr: str, key: str, *, timeout: float = FETCH_TIMEOUT_S) -> tuple[dict[str, Any], float]:
         """(tensors, seconds): the output ``key`` kept at ``addr``. Raises FetchMissing."""
         conn = self._conn(addr)
         rid = str(next(self._ids))
-        fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[Any, list[Any]]] = asyncio.get_running_loop().create_future()
         conn.waiting[rid] = fut
         t0 = time.perf_counter()
         try:
-            await conn.sock.send_multipart([protocol.encode("fetch", key=key, rid=rid)])
-            header, frames = await asyncio.wait_for(fut, timeout)
+            await conn.sock.send_multipart([protocol.encode(protocol.Fetch(key=key, rid=rid))])
+            msg, frames = await asyncio.wait_for(fut, timeout)
         finally:
             conn.waiting.pop(rid, None)
-        if header["t"] == "missing":
+        if isinstance(msg, protocol.Missing):
             raise FetchMissing(key)
-        if header["t"] != "data":
-            raise ProtocolError(f"peer answered fetch with {header['t']!r}")
-        return unpack_tensors(header["tensors"], frames), time.perf_counter() - t0
+        return unpack_tensors(msg.tensors, frames), time.perf_counter() - t0
 
     async def barrier(self, addr: str, task_id: str, rank: int) -> None:
-        await self._conn(addr).sock.send_multipart([protocol.encode("barrier", task_id=task_id, rank=rank)])
+        await self._conn(addr).sock.send_multipart([protocol.encode(protocol.Barrier(task_id=task_id, rank=rank))])
 
     def close(self) -> None:
         for c in self.conns.values():

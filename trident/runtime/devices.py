@@ -14,12 +14,22 @@ and options run as one call and come back as one result *per member* — a
 :class:`TaskResult` or the exception that member failed with — so one bad request
 cannot fail the others. An exception raised by ``run_batch`` itself (out of memory for
 the whole batch) fails every member. Batches run at degree 1 only.
+
+Cancellation: every ``run``/``run_batch`` takes a keyword-only ``cancel`` flag (a
+``threading.Event``, set from any thread). It is checked before each stage and between
+denoising steps; once set, the call raises :class:`TaskCancelled` (for a batch: the
+whole call). Weights loaded for the task stay resident, as after a finished task; the
+exception's ``partial`` holds the loads and evictions done before the stop, for the
+caller to report. An unset (or absent) flag changes nothing: outputs stay bit-exact.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +46,7 @@ __all__ = [
     "OutOfMemory",
     "SimExecutor",
     "StageError",
+    "TaskCancelled",
     "TaskResult",
     "TorchExecutor",
     "make_executor",
@@ -51,6 +62,37 @@ class StageError(Exception):
 
 class OutOfMemory(Exception):
     """A stage did not fit in the device's memory."""
+
+
+class TaskCancelled(Exception):
+    """The task was cancelled between steps (its ``cancel`` flag was set); nothing went
+    wrong with the device.
+
+    ``partial``: what the call did before it stopped — its loads (``loaded``,
+    ``load_seconds``), evictions and the seconds of the stages it finished; no outputs.
+    The weights it loaded stay resident, so a worker reports them as after a finished
+    task.
+    """
+
+    def __init__(self, message: str = "cancelled", partial: TaskResult | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+# A simulated diffuse with a cancel flag sleeps in slices of at most this many seconds
+# (and at least one per denoising step, where a real one checks), checking the flag
+# after each.
+SIM_SLICE_S = 0.05
+
+
+def _cancelled(cancel: threading.Event | None) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
+def _cancel_kw(cancel: threading.Event | None) -> dict[str, Any]:
+    """``cancel=`` only when there is a flag: adapters and executors written before
+    cancellation (tests' fakes) are still called exactly as before."""
+    return {} if cancel is None else {"cancel": cancel}
 
 
 @dataclass(frozen=True)
@@ -97,8 +139,12 @@ def parse_devices(
             raise ConfigError(f"--devices {spec!r}: cuda:{o} does not exist ({count} visible)")
     return [
         DeviceSpec(
-            "cuda", i, o,
-            int(memory_gb * GiB) if memory_gb is not None else int(torch.cuda.get_device_properties(o).total_memory),
+            "cuda",
+            i,
+            o,
+            int(memory_gb * GiB)
+            if memory_gb is not None
+            else int(torch.cuda.get_device_properties(o).total_memory),
             speed,
         )
         for i, o in enumerate(ordinals)
@@ -110,13 +156,30 @@ class TaskResult:
     outputs: dict[str, Any]
     stage_seconds: dict[str, float]
     load_seconds: float = 0.0
-    loaded: list[tuple[str, str, float, str]] = field(default_factory=list)  # model, stage, s, source
+    # (model, stage, seconds, source) of each load the task did
+    loaded: list[tuple[str, str, float, str]] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)  # (model, stage) dropped for room
+
+
+def _partial(
+    stage_seconds: Mapping[str, float],
+    load_seconds: float,
+    loaded: list[tuple[str, str, float, str]],
+) -> TaskResult:
+    """What a cancelled call did before it stopped (for :attr:`TaskCancelled.partial`)."""
+    return TaskResult(
+        outputs={},
+        stage_seconds=dict(stage_seconds),
+        load_seconds=load_seconds,
+        loaded=list(loaded),
+    )
 
 
 def _check_batch(inputs: list[Any], params: list[Any], parallel: Any | None) -> None:
     if len(inputs) != len(params) or not params:
-        raise ValueError(f"a batch needs one inputs and one params per member: {len(inputs)} != {len(params)}")
+        raise ValueError(
+            f"a batch needs one inputs and one params per member: {len(inputs)} != {len(params)}"
+        )
     if parallel is not None:
         # The runtime never forms a group for a batch (RunBatch is degree 1).
         raise StageError("batched tasks run at degree 1 only")
@@ -135,7 +198,11 @@ class Executor:
         params: Mapping[str, Any],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> TaskResult:
+        """Run ``stages`` for one request; raises :class:`TaskCancelled` once ``cancel``
+        is set (checked before each stage and between denoising steps)."""
         raise NotImplementedError
 
     def run_batch(
@@ -146,9 +213,12 @@ class Executor:
         params: list[Mapping[str, Any]],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[TaskResult | Exception]:
         """Run ``stages`` for several requests (member i: ``inputs[i]``, ``params[i]``);
         one entry per member, in order: its result or the exception it failed with.
+        ``cancel`` set: the whole call raises :class:`TaskCancelled`.
 
         This base form runs the members one by one (correct for any executor, no
         speed-up); executors that can batch override it.
@@ -156,8 +226,16 @@ class Executor:
         _check_batch(inputs, params, parallel)
         out: list[TaskResult | Exception] = []
         for member_inputs, member_params in zip(inputs, params, strict=True):
+            if _cancelled(cancel):
+                raise TaskCancelled("cancelled before a batch member started")
             try:
-                out.append(self.run(model, stages, member_inputs, member_params, options))
+                out.append(
+                    self.run(
+                        model, stages, member_inputs, member_params, options, **_cancel_kw(cancel)
+                    )
+                )
+            except TaskCancelled:
+                raise  # the whole call stops
             except Exception as exc:  # this member's failure, reported as its own
                 out.append(exc)
         return out
@@ -219,7 +297,9 @@ class SimExecutor(Executor):
     def unload(self, model: str, stage: str) -> None:
         self.resident.pop((model, stage), None)
 
-    def _make_room(self, need: int, keep: set[tuple[str, str]], peak: int = 0) -> list[tuple[str, str]]:
+    def _make_room(
+        self, need: int, keep: set[tuple[str, str]], peak: int = 0
+    ) -> list[tuple[str, str]]:
         """Evict stages the task does not need (largest first) until it fits; returns them."""
         used = sum(self.resident.values())
         if used + need + peak <= self.memory_bytes:
@@ -311,12 +391,14 @@ class SimExecutor(Executor):
         params: Mapping[str, Any],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> TaskResult:
         # The worker awaits run_async on its event loop; this blocking form (the Executor
         # contract, for a caller in a thread) runs the same code on a private loop.
-        import asyncio
-
-        return asyncio.run(self.run_async(model, stages, inputs, params, options, parallel))
+        return asyncio.run(
+            self.run_async(model, stages, inputs, params, options, parallel, cancel=cancel)
+        )
 
     async def run_async(
         self,
@@ -326,22 +408,49 @@ class SimExecutor(Executor):
         params: Mapping[str, Any],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> TaskResult:
         """As :meth:`run`, on the event loop: a simulated stage needs no thread."""
         result, sleeps, shape, family = self._prepare(model, stages, params, options)
-        await self._sleep_through(result, sleeps)
+        await self._sleep_through(result, sleeps, shape.num_inference_steps, cancel)
         result.outputs = self._outputs(stages, shape, family)
         return result
 
     @staticmethod
-    async def _sleep_through(result: TaskResult, sleeps: list[tuple[str | None, float]]) -> None:
-        """Spend the prepared loads and stages' time; record each stage's seconds."""
-        import asyncio
+    async def _sleep_through(
+        result: TaskResult,
+        sleeps: list[tuple[str | None, float]],
+        steps: int = 1,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Spend the prepared loads and stages' time; record each stage's seconds.
 
+        With a ``cancel`` flag, as a real device: checked before each stage and, in
+        diffuse, between denoising steps — diffuse sleeps in ``steps`` slices (finer
+        where a step would exceed :data:`SIM_SLICE_S`), each ending at its share of the
+        stage's time from the start (no drift). Loads are not interrupted. The memory
+        accounting is that of :meth:`_prepare`, as on the normal path: the loaded
+        weights stay resident and the activation peak was never held.
+        """
         for stage, secs in sleeps:
+            if stage is not None and _cancelled(cancel):
+                raise TaskCancelled(f"cancelled before {stage}", partial=result)
             t0 = time.perf_counter()
-            if secs > 0:
-                await asyncio.sleep(secs)
+            if stage != "diffuse" or cancel is None:
+                if secs > 0:
+                    await asyncio.sleep(secs)
+            else:
+                n = max(1, steps, math.ceil(secs / SIM_SLICE_S))
+                for k in range(1, n + 1):
+                    delay = t0 + secs * k / n - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if cancel.is_set():
+                        done = max(1, k * steps // n)
+                        raise TaskCancelled(
+                            f"cancelled after denoising step {done} of {steps}", partial=result
+                        )
             if stage is not None:
                 result.stage_seconds[stage] = time.perf_counter() - t0
 
@@ -353,11 +462,13 @@ class SimExecutor(Executor):
         params: list[Mapping[str, Any]],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[TaskResult | Exception]:
         # Blocking form of run_batch_async, as run is of run_async.
-        import asyncio
-
-        return asyncio.run(self.run_batch_async(model, stages, inputs, params, options, parallel))
+        return asyncio.run(
+            self.run_batch_async(model, stages, inputs, params, options, parallel, cancel=cancel)
+        )
 
     async def run_batch_async(
         self,
@@ -367,9 +478,12 @@ class SimExecutor(Executor):
         params: list[Mapping[str, Any]],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[TaskResult | Exception]:
         """One batched sleep per stage for every member that shares the first good
-        member's shape; a member with bad or different shape parameters fails alone."""
+        member's shape; a member with bad or different shape parameters fails alone.
+        ``cancel`` set: the whole call raises :class:`TaskCancelled`."""
         _check_batch(inputs, params, parallel)
         out: list[TaskResult | Exception | None] = [None] * len(params)
         members: list[int] = []
@@ -391,7 +505,7 @@ class SimExecutor(Executor):
             result, sleeps, shape, family = self._prepare(
                 model, stages, params[members[0]], options, batch=len(members)
             )
-            await self._sleep_through(result, sleeps)
+            await self._sleep_through(result, sleeps, shape.num_inference_steps, cancel)
             for i in members:
                 # Every member reports the call's times and the batch's loads; the
                 # worker reports a load or eviction once however many carry it.
@@ -408,7 +522,9 @@ class SimExecutor(Executor):
 class TorchExecutor(Executor):
     """Runs the real diffusers stages of ``trident.pipelines`` on a CPU or CUDA device."""
 
-    def __init__(self, models: Mapping[str, Mapping[str, Any]], device: str, threads: int | None = None) -> None:
+    def __init__(
+        self, models: Mapping[str, Mapping[str, Any]], device: str, threads: int | None = None
+    ) -> None:
         import torch
 
         self.kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -454,8 +570,12 @@ class TorchExecutor(Executor):
         params: Mapping[str, Any],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> TaskResult:
         import torch
+
+        from trident.pipelines.api import StageCancelled
 
         result = TaskResult(outputs={}, stage_seconds={})
         sources = dict(options.get("load_sources") or {})
@@ -472,13 +592,21 @@ class TorchExecutor(Executor):
                 # Merged stages at degree k: encode and decode run on the leader only;
                 # the other ranks join for diffuse (its inputs come from rank 0).
                 continue
+            if _cancelled(cancel):
+                raise TaskCancelled(f"cancelled before {stage}", partial=result)
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     current = pipe.run(
-                        stage, None if follower else current, params, options,
+                        stage,
+                        None if follower else current,
+                        params,
+                        options,
                         parallel if stage == "diffuse" else None,
+                        **_cancel_kw(cancel),
                     )
+            except StageCancelled as exc:  # the flag, seen between two denoising steps
+                raise TaskCancelled(str(exc), partial=result) from exc
             except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
                 raise OutOfMemory(str(exc)) from exc
             result.stage_seconds[stage] = time.perf_counter() - t0
@@ -493,13 +621,18 @@ class TorchExecutor(Executor):
         params: list[Mapping[str, Any]],
         options: Mapping[str, Any],
         parallel: Any | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[TaskResult | Exception]:
         """Each stage as one ``pipe.run_batch`` call for all members. If a batched call
         fails (members that cannot share a call, one member's bad input, or the batch
         not fitting in memory), the members continue one by one from that stage, so
         each ends with its own result or its own error. Stage seconds of a batched stage
-        are the call's wall time."""
+        are the call's wall time. ``cancel`` set: the whole call raises
+        :class:`TaskCancelled` (never a member's own error)."""
         import torch
+
+        from trident.pipelines.api import StageCancelled
 
         _check_batch(inputs, params, parallel)
         loaded: list[tuple[str, str, float, str]] = []
@@ -516,25 +649,61 @@ class TorchExecutor(Executor):
         stage_seconds: dict[str, float] = {}
         for si, stage in enumerate(stages):
             if batched is None:
-                return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
+                return self._finish_singly(
+                    pipe,
+                    stages[si:],
+                    current,
+                    params,
+                    options,
+                    stage_seconds,
+                    load_seconds,
+                    loaded,
+                    cancel,
+                )
+            if _cancelled(cancel):
+                raise TaskCancelled(
+                    f"cancelled before {stage}",
+                    partial=_partial(stage_seconds, load_seconds, loaded),
+                )
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    outs = batched(stage, current, params, options)
+                    outs = batched(stage, current, params, options, **_cancel_kw(cancel))
                 if len(outs) != len(current):
-                    raise StageError(f"{stage}: run_batch returned {len(outs)} outputs for {len(current)} members")
+                    raise StageError(
+                        f"{stage}: run_batch returned {len(outs)} outputs for {len(current)} members"
+                    )
+            except StageCancelled as exc:
+                if self.kind == "cuda":
+                    torch.cuda.empty_cache()
+                raise TaskCancelled(
+                    str(exc), partial=_partial(stage_seconds, load_seconds, loaded)
+                ) from exc
             except Exception:
                 # Which member is at fault is unknown, or the batch did not fit (its
                 # peak is an estimate) where each member alone may: free what the call
                 # held and go on one by one.
                 if self.kind == "cuda":
                     torch.cuda.empty_cache()
-                return self._finish_singly(pipe, stages[si:], current, params, options, stage_seconds, load_seconds, loaded)
+                return self._finish_singly(
+                    pipe,
+                    stages[si:],
+                    current,
+                    params,
+                    options,
+                    stage_seconds,
+                    load_seconds,
+                    loaded,
+                    cancel,
+                )
             stage_seconds[stage] = time.perf_counter() - t0
             current = list(outs)
         return [
             TaskResult(
-                outputs=dict(out or {}), stage_seconds=dict(stage_seconds), load_seconds=load_seconds, loaded=list(loaded)
+                outputs=dict(out or {}),
+                stage_seconds=dict(stage_seconds),
+                load_seconds=load_seconds,
+                loaded=list(loaded),
             )
             for out in current
         ]
@@ -549,23 +718,45 @@ class TorchExecutor(Executor):
         done_seconds: Mapping[str, float],
         load_seconds: float,
         loaded: list[tuple[str, str, float, str]],
+        cancel: threading.Event | None = None,
     ) -> list[TaskResult | Exception]:
-        """The remaining ``stages`` member by member; per-member result or exception."""
+        """The remaining ``stages`` member by member; per-member result or exception
+        (a set ``cancel`` stops the whole call: :class:`TaskCancelled`)."""
         import torch
+
+        from trident.pipelines.api import StageCancelled
 
         out: list[TaskResult | Exception] = []
         for member_inputs, member_params in zip(inputs, params, strict=True):
-            result = TaskResult(outputs={}, stage_seconds=dict(done_seconds), load_seconds=load_seconds, loaded=list(loaded))
+            result = TaskResult(
+                outputs={},
+                stage_seconds=dict(done_seconds),
+                load_seconds=load_seconds,
+                loaded=list(loaded),
+            )
             current = member_inputs
             try:
                 for stage in stages:
+                    if _cancelled(cancel):
+                        raise TaskCancelled(
+                            f"cancelled before {stage}",
+                            partial=_partial(done_seconds, load_seconds, loaded),
+                        )
                     t0 = time.perf_counter()
                     try:
                         with torch.inference_mode():
-                            current = pipe.run(stage, current, member_params, options, None)
+                            current = pipe.run(
+                                stage, current, member_params, options, None, **_cancel_kw(cancel)
+                            )
+                    except StageCancelled as exc:
+                        raise TaskCancelled(
+                            str(exc), partial=_partial(done_seconds, load_seconds, loaded)
+                        ) from exc
                     except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
                         raise OutOfMemory(str(exc)) from exc
                     result.stage_seconds[stage] = time.perf_counter() - t0
+            except TaskCancelled:
+                raise  # the whole call stops, not this member alone
             except Exception as exc:  # this member's own failure
                 out.append(exc)
                 continue

@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from trident.errors import ConfigError, ProtocolError
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
 from trident.runtime.devices import DeviceSpec, parse_devices
+from trident.runtime.protocol import SCHEDULER_TO_NODE
 from trident.runtime.transport import make_socket
 
 __all__ = ["NodeArgs", "NodeDaemon", "main"]
@@ -63,6 +66,7 @@ class _Slot:
     restarts: int = 0
     backoff: float = BACKOFF_START_S
     restart_at: float | None = None
+    killing: bool = False  # a kill is under way (SIGTERM sent)
 
 
 class NodeDaemon:
@@ -76,6 +80,8 @@ class NodeDaemon:
         self.ctx = zmq.asyncio.Context()
         self.sock: Any = None
         self.stopping = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self.exit_code = 0
 
     @property
     def kind(self) -> str:
@@ -100,46 +106,65 @@ class NodeDaemon:
             for slot in self.slots:
                 self._spawn(slot)
             loops = [
-                asyncio.create_task(self._recv_loop()),
-                asyncio.create_task(self._supervise_loop()),
-                asyncio.create_task(self._heartbeat_loop()),
+                asyncio.create_task(self._supervised("recv", self._recv_loop)),
+                asyncio.create_task(self._supervised("supervise", self._supervise_loop)),
+                asyncio.create_task(self._supervised("heartbeat", self._heartbeat_loop)),
             ]
             await self.stopping.wait()
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send_multipart([protocol.encode("node_bye", node_id=self.args.node_id)])
-            return 0
+                await self.sock.send_multipart([protocol.encode(protocol.NodeBye(node_id=self.args.node_id))])
+            return self.exit_code
         finally:
             await self._stop_workers()
             self.sock.close(0)
             self.ctx.term()
 
-    async def _handshake(self) -> bool:
-        hello = protocol.encode(
-            "node_hello",
+    def _hello(self) -> bytes:
+        return protocol.encode(protocol.NodeHello(
             version=protocol.PROTOCOL_VERSION,
             node_id=self.args.node_id,
             host=socket.gethostname(),
             devices=[
-                {"index": s.index, "kind": s.kind, "memory_bytes": s.memory_bytes, "speed": s.speed}
+                protocol.NodeDevice(index=s.index, kind=s.kind, memory_bytes=s.memory_bytes, speed=s.speed)  # type: ignore[arg-type]
                 for s in self.specs
             ],
-        )
+        ))
+
+    async def _supervised(self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """A loop that dies stops the node (exit 1, workers stopped): its supervisor
+        restarts it rather than it living on unsupervised."""
+        try:
+            await loop_fn()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.log.critical("task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20))
+            self.exit_code = 1
+        self.stopping.set()
+
+    async def _handshake(self) -> bool:
+        hello = self._hello()
         deadline = time.monotonic() + self.args.handshake_timeout_s
         while time.monotonic() < deadline and not self.stopping.is_set():
             await self.sock.send_multipart([hello])
-            if await self.sock.poll(1000):
-                header, _ = protocol.decode(await self.sock.recv_multipart())
-                if header["t"] == "reject":
-                    self.log.error("node.rejected", reason=header["reason"])
-                    print(f"trident-node: rejected by scheduler: {header['reason']}", file=sys.stderr)
-                    return False
-                if header["t"] == "node_welcome":
-                    self.args.heartbeat_s = float(header["heartbeat_s"])
-                    self.log.info("node.joined", scheduler=self.args.scheduler, devices=len(self.specs))
-                    return True
+            if not await self.sock.poll(1000):
+                continue
+            try:
+                msg, _ = protocol.decode(await self.sock.recv_multipart(), SCHEDULER_TO_NODE)
+            except ProtocolError as exc:
+                self.log.warning("protocol.rejected", channel="scheduler", error=exc.message)
+                continue
+            if isinstance(msg, protocol.Reject):
+                self.log.error("node.rejected", reason=msg.reason)
+                print(f"trident-node: rejected by scheduler: {msg.reason}", file=sys.stderr)
+                return False
+            if isinstance(msg, protocol.NodeWelcome):
+                self.args.heartbeat_s = float(msg.heartbeat_s)
+                self.log.info("node.joined", scheduler=self.args.scheduler, devices=len(self.specs))
+                return True
         print(f"trident-node: no answer from scheduler at {self.args.scheduler}", file=sys.stderr)
         self.log.error("node.no_scheduler", scheduler=self.args.scheduler)
         return False
@@ -176,6 +201,7 @@ class NodeDaemon:
         slot.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         slot.started = time.monotonic()
         slot.restart_at = None
+        slot.killing = False
         self.log.info("worker.spawned", device_id=self.device_id(slot), pid=slot.proc.pid, restarts=slot.restarts)
 
     async def _supervise_loop(self) -> None:
@@ -196,10 +222,10 @@ class NodeDaemon:
                     )
                     slot.backoff = min(BACKOFF_MAX_S, slot.backoff * 2)
                     with contextlib.suppress(zmq.ZMQError):
-                        await self.sock.send_multipart([protocol.encode(
-                            "worker_exited", node_id=self.args.node_id, index=slot.spec.index,
+                        await self.sock.send_multipart([protocol.encode(protocol.WorkerExited(
+                            node_id=self.args.node_id, index=slot.spec.index,
                             device_id=self.device_id(slot), exitcode=code, restarts=slot.restarts,
-                        )])
+                        ))])
                     if code in (3,):  # rejected by the scheduler: restarting will not help
                         slot.restart_at = None
                         self.log.error("worker.not_restarted", device_id=self.device_id(slot), exitcode=code)
@@ -231,31 +257,58 @@ class NodeDaemon:
         while True:
             await asyncio.sleep(self.args.heartbeat_s)
             workers = {
-                str(s.spec.index): {"pid": s.proc.pid if s.proc else None, "alive": s.proc is not None, "restarts": s.restarts}
+                str(s.spec.index): protocol.WorkerStatus(
+                    pid=s.proc.pid if s.proc else None, alive=s.proc is not None, restarts=s.restarts
+                )
                 for s in self.slots
             }
-            await self.sock.send_multipart([protocol.encode("node_heartbeat", node_id=self.args.node_id, workers=workers)])
+            await self.sock.send_multipart([protocol.encode(
+                protocol.NodeHeartbeat(node_id=self.args.node_id, workers=workers)
+            )])
 
     async def _recv_loop(self) -> None:
         while True:
             frames = await self.sock.recv_multipart()
             try:
-                header, _ = protocol.decode(frames)
+                msg, _ = protocol.decode(frames, SCHEDULER_TO_NODE)
             except ProtocolError as exc:
-                self.log.warning("protocol.error", error=str(exc))
+                self.log.warning("protocol.rejected", channel="scheduler", error=exc.message)
                 continue
-            t = header["t"]
-            if t == "shutdown":
+            if isinstance(msg, protocol.Shutdown):
                 self.log.info("node.shutdown", reason="scheduler asked")
                 self.stopping.set()
                 return
-            if t == "reregister":
+            if isinstance(msg, protocol.Reregister):
                 # The scheduler restarted or forgot us: say hello again.
-                await self.sock.send_multipart([protocol.encode(
-                    "node_hello", version=protocol.PROTOCOL_VERSION, node_id=self.args.node_id,
-                    host=socket.gethostname(),
-                    devices=[{"index": s.index, "kind": s.kind, "memory_bytes": s.memory_bytes, "speed": s.speed} for s in self.specs],
-                )])
+                await self.sock.send_multipart([self._hello()])
+            elif isinstance(msg, protocol.KillWorker):
+                slot = next((s for s in self.slots if s.spec.index == msg.index), None)
+                if slot is not None:
+                    self._kill(slot, msg.reason)
+
+    def _kill(self, slot: _Slot, reason: str) -> None:
+        """A worker the scheduler declared lost (hung, stopped): SIGTERM, then SIGKILL
+        after the grace; the supervise loop restarts it once it is gone."""
+        proc = slot.proc
+        if proc is None or proc.poll() is not None or slot.killing:
+            return
+        slot.killing = True
+        self.log.warning("worker.killing", device_id=self.device_id(slot), pid=proc.pid, reason=reason)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+            # A stopped process handles no SIGTERM until continued.
+            proc.send_signal(signal.SIGCONT)
+
+        async def escalate() -> None:
+            await asyncio.sleep(GRACE_S)
+            if proc.poll() is None:
+                self.log.warning("worker.killed", device_id=self.device_id(slot), pid=proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+        task = asyncio.get_running_loop().create_task(escalate())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def _parse(argv: list[str] | None) -> NodeArgs:

@@ -1,139 +1,553 @@
-"""Every message on Trident's wire, in one place.
+"""Every message on Trident's wire, in one place, as typed structs.
 
-A message is a ZeroMQ multipart: ``[header, *tensor_frames]`` where ``header`` is a
-msgpack map with ``"t"`` (the message type, below) and the type's fields, and the
-tensor frames are described by the header's ``"tensors"`` list (see
-:mod:`trident.runtime.serial`). No pickle anywhere. ROUTER sockets see the sender's
-identity as an extra first frame, handled by the transport.
+A message is a ZeroMQ multipart ``[header, *tensor_frames]``. The header is one
+msgspec :class:`Message` struct encoded as a msgpack map whose ``"t"`` field names the
+type (a tagged union, the vLLM ``serial_utils`` pattern); tensor frames follow,
+described by the header's ``tensors`` list (:mod:`trident.runtime.serial`). No pickle.
+ROUTER sockets see the sender's identity as an extra first frame (the transport's).
 
-Channels and their messages (C client, S scheduler, N node, W worker)::
+Decoding *is* validation: :func:`decode` checks the message's type against what its
+channel may carry, every field's type and bounds, and the tensor frames against their
+descriptions, and raises :class:`~trident.errors.ProtocolError` (carrying the request
+id when one could be read) for anything else. Nothing malformed reaches a handler.
 
-    C -> S   submit, cancel, ping
-    S -> C   result (+frames), error, pong
-    N -> S   node_hello, node_heartbeat, worker_exited, node_bye
-    S -> N   node_welcome, reject, reregister, shutdown
-    W -> S   worker_hello, heartbeat, task_started, task_finished (+frames when final),
-             task_failed, stage_loaded, stage_unloaded
-    S -> W   worker_welcome, reject, run_task, run_batch, release, load_stage, unload_stage,
-             shutdown
-    W -> W   fetch -> data (+frames) | missing;  barrier -> go     (peer data plane)
-    any      error   (a reply to a message that could not be understood)
+Channels (C client, S scheduler, N node, W worker), each with its own decoder::
 
-``run_batch`` carries several requests' tasks of the same model, stages and devices
-(``members``: one map per task, fields :data:`BATCH_MEMBER_FIELDS`) to run as one call;
-the worker reports ``task_started`` / ``task_finished`` / ``task_failed`` per member
-task id, exactly as for ``run_task``.
+    C -> S   submit, cancel, ping                              CLIENT_TO_SCHEDULER
+    S -> C   result (+frames), error, pong                     SCHEDULER_TO_CLIENT
+    N,W -> S node_hello, node_heartbeat, worker_exited, node_bye,
+             worker_hello, heartbeat, task_started, task_finished (+frames when final),
+             task_failed, stage_loaded, stage_unloaded, stage_load_failed
+                                                               CLUSTER_TO_SCHEDULER
+    S -> N   node_welcome, reject, reregister, shutdown, kill_worker, error
+                                                               SCHEDULER_TO_NODE
+    S -> W   worker_welcome, reject, reregister, run_task, run_batch, cancel_task,
+             release, load_stage, unload_stage, shutdown, error SCHEDULER_TO_WORKER
+    W -> W   fetch, barrier                                    PEER_REQUEST
+    W -> W   data (+frames), missing, go, error                PEER_REPLY
 
-The handshake (``*_hello``) carries :data:`PROTOCOL_VERSION`; a mismatch is answered
-with ``reject`` and the peer exits with a clear message.
+The handshakes (``node_hello``, ``worker_hello``) carry :data:`PROTOCOL_VERSION`; a
+mismatch is answered with ``reject`` and the peer exits with a clear message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeAlias
 
-import msgpack
+import msgspec
+from msgspec import Meta, Struct
 
 from trident.errors import ProtocolError
 
 __all__ = [
-    "BATCH_MEMBER_FIELDS",
+    "CLIENT_TO_SCHEDULER",
+    "CLUSTER_TO_SCHEDULER",
     "MAX_HEADER_BYTES",
-    "MESSAGE_FIELDS",
+    "PEER_REPLY",
+    "PEER_REQUEST",
     "PROTOCOL_VERSION",
+    "SCHEDULER_TO_CLIENT",
+    "SCHEDULER_TO_NODE",
+    "SCHEDULER_TO_WORKER",
+    "Barrier",
+    "BatchMember",
+    "Cancel",
+    "CancelTask",
+    "Channel",
+    "Data",
+    "Error",
+    "Fetch",
+    "Go",
+    "GroupSpec",
+    "Heartbeat",
+    "InputAddr",
+    "KillWorker",
+    "LoadStage",
+    "Message",
+    "Missing",
+    "ModelRef",
+    "NodeBye",
+    "NodeDevice",
+    "NodeHeartbeat",
+    "NodeHello",
+    "NodeWelcome",
+    "Ping",
+    "Pong",
+    "Reject",
+    "Release",
+    "Reregister",
+    "Result",
+    "RunBatch",
+    "RunTask",
+    "Shutdown",
+    "StageLoadFailed",
+    "StageLoaded",
+    "StageUnloaded",
+    "Submit",
+    "SubmitParams",
+    "TaskFailed",
+    "TaskFinished",
+    "TaskStarted",
+    "TensorDesc",
+    "UnloadStage",
+    "WorkerExited",
+    "WorkerHello",
+    "WorkerStatus",
+    "WorkerWelcome",
     "decode",
     "encode",
     "error_message",
+    "message_types",
 ]
 
-# 2: run_batch (batched tasks) and the submit field "batch".
-PROTOCOL_VERSION = 2
+# 3: typed structs (msgspec), cancel_task, kill_worker, stage_load_failed, ping nonce.
+PROTOCOL_VERSION = 3
 
 # Headers are small maps; anything bigger is malformed or hostile.
 MAX_HEADER_BYTES = 1 << 20
 
-# message type -> required fields (optional fields are documented at the sender).
-MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    # client <-> scheduler
-    "submit": ("id", "model", "params"),
-    "cancel": ("id",),
-    "ping": (),
-    "pong": ("models",),
-    "result": ("id", "timings", "devices", "tensors"),
-    "error": ("code", "message"),
-    # node <-> scheduler
-    "node_hello": ("version", "node_id", "devices"),
-    "node_welcome": ("models", "heartbeat_s"),
-    "node_heartbeat": ("node_id", "workers"),
-    "worker_exited": ("node_id", "index", "exitcode", "restarts"),
-    "node_bye": ("node_id",),
-    "reject": ("reason",),
-    "reregister": (),
-    "shutdown": (),
-    # worker <-> scheduler
-    "worker_hello": ("version", "device_id", "node_id", "index", "kind", "memory_bytes", "peer_addr"),
-    "worker_welcome": ("models", "heartbeat_s"),
-    "heartbeat": (),
-    "run_task": ("task_id", "request_id", "model", "stages", "devices", "rank", "inputs", "final", "params"),
-    # optional: options, leader_addr, group (as run_task)
-    "run_batch": ("batch_id", "model", "stages", "devices", "rank", "members"),
-    "task_started": ("task_id",),
-    "task_finished": ("task_id", "stage_seconds"),
-    "task_failed": ("task_id", "error", "message", "retryable"),
-    "release": ("key",),
-    "load_stage": ("model", "stage"),
-    "unload_stage": ("model", "stage"),
-    "stage_loaded": ("model", "stage", "seconds", "source"),
-    "stage_unloaded": ("model", "stage"),
-    # worker <-> worker
-    "fetch": ("key", "rid"),
-    "data": ("key", "rid", "tensors"),
-    "missing": ("key", "rid"),
-    "barrier": ("task_id", "rank"),
-    "go": ("task_id",),
-}
+# ---------------------------------------------------------------- field types (bounds)
 
-# Each map of run_batch's "members": one request's task riding in the batch.
-BATCH_MEMBER_FIELDS: tuple[str, ...] = ("task_id", "request_id", "inputs", "final", "params")
+Id = Annotated[str, Meta(min_length=1, max_length=256)]
+ClientRid = Annotated[str, Meta(min_length=1, max_length=128)]
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+Addr = Annotated[str, Meta(max_length=512)]
+Text = Annotated[str, Meta(max_length=65_536)]
+Prompt = Annotated[str, Meta(max_length=20_000)]
+Count = Annotated[int, Meta(ge=0, le=1 << 53)]
+Index = Annotated[int, Meta(ge=0, le=65_535)]
+# Durations and sizes: finite, non-negative (NaN fails every bound).
+Seconds = Annotated[float, Meta(ge=0.0, le=1e9)]
+Stage = Literal["encode", "diffuse", "decode"]
+DeviceKind = Literal["cpu", "sim", "cuda"]
+ErrorCode = Annotated[str, Meta(min_length=1, max_length=64)]
+StageList = Annotated[list[Stage], Meta(min_length=1, max_length=3)]
+DeviceList = Annotated[list[Id], Meta(min_length=1, max_length=1024)]
 
 
-def _member_problem(members: Any) -> str | None:
-    """Why a run_batch's ``members`` is malformed, or None: checked on both ends so a
-    worker never starts a batch it cannot report on member by member."""
-    if not isinstance(members, list) or not members:
-        return "'members' is not a non-empty list"
-    for i, m in enumerate(members):
-        if not isinstance(m, dict):
-            return f"member {i} is not a map"
-        missing = [f for f in BATCH_MEMBER_FIELDS if f not in m]
-        if missing:
-            return f"member {i}: missing fields {missing}"
+class _Base(Struct, tag_field="t", omit_defaults=False):
+    """Every message: a msgpack map tagged by ``"t"``."""
+
+
+class TensorDesc(Struct):
+    """One tensor frame's description (see :mod:`trident.runtime.serial`)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    dtype: Annotated[str, Meta(min_length=1, max_length=32)]
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(max_length=16)]
+    lib: Literal["np", "torch"] = "np"
+
+
+Tensors = Annotated[list[TensorDesc], Meta(max_length=256)]
+
+# ---------------------------------------------------------------- client <-> scheduler
+
+
+class SubmitParams(Struct, forbid_unknown_fields=True):
+    """A request's parameters, named as diffusers' pipeline ``__call__`` names them.
+    Wire-level bounds only (no overflow, no NaN); what a model accepts is checked
+    by the registry against that model."""
+
+    prompt: Prompt
+    negative_prompt: Prompt | None = None
+    height: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    width: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    num_frames: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0.0, le=1000.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The params the stages see: ``prompt`` always, the rest when given."""
+        out: dict[str, Any] = {"prompt": self.prompt}
+        for name in self.__struct_fields__[1:]:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+class Submit(_Base, tag="submit"):
+    id: ClientRid
+    model: Name
+    params: SubmitParams
+    slo_s: Annotated[float, Meta(gt=0.0, le=1e7)] | None = None
+    batch: bool = True
+
+
+class Cancel(_Base, tag="cancel"):
+    id: ClientRid
+
+
+class Ping(_Base, tag="ping"):
+    """Also the client's heartbeat while it has requests in flight: ``inflight`` lists
+    their ids, and the scheduler answers an ``error`` (``unavailable``) for each one it
+    does not hold (it restarted without it), so no request waits for nothing."""
+
+    nonce: Count | None = None
+    inflight: Annotated[list[ClientRid], Meta(max_length=10_000)] = []
+
+
+class Pong(_Base, tag="pong"):
+    models: dict[str, dict[str, Any]]
+    devices: list[str] = []
+    nodes: list[str] = []
+    nonce: int | None = None
+    # Every served model has a live device, and the scheduler's loops are healthy.
+    ready: bool = False
+    heartbeat_s: float = 1.0
+    # Models no live device can serve now (new requests for them fail "unavailable").
+    unavailable: list[str] = []
+
+
+class Result(_Base, tag="result"):
+    id: ClientRid
+    timings: dict[str, float]
+    devices: dict[str, list[str]]
+    tensors: Tensors
+    met_slo: bool | None = None
+    slo_s: float | None = None
+
+
+class Error(_Base, tag="error"):
+    """A reply about something that could not be done or understood. ``id`` names
+    the request it concerns when there is one (the client matches on it)."""
+
+    code: ErrorCode
+    message: Text
+    id: str | None = None
+
+
+# ---------------------------------------------------------------- node <-> scheduler
+
+
+class NodeDevice(Struct):
+    index: Index
+    kind: DeviceKind
+    memory_bytes: Count
+    speed: Annotated[float, Meta(gt=0.0, le=1000.0)] = 1.0
+
+
+class NodeHello(_Base, tag="node_hello"):
+    version: int
+    node_id: Name
+    devices: Annotated[list[NodeDevice], Meta(max_length=1024)]
+    host: Addr = ""
+
+
+class ModelRef(Struct):
+    family: Name
+    path: Addr | None = None
+
+
+class NodeWelcome(_Base, tag="node_welcome"):
+    models: dict[str, ModelRef]
+    heartbeat_s: float
+
+
+class WorkerStatus(Struct):
+    pid: int | None = None
+    alive: bool = False
+    restarts: Count = 0
+
+
+class NodeHeartbeat(_Base, tag="node_heartbeat"):
+    node_id: Name
+    workers: dict[str, WorkerStatus] = {}
+
+
+class WorkerExited(_Base, tag="worker_exited"):
+    node_id: Name
+    index: Index
+    exitcode: int | None
+    restarts: Count = 0
+    device_id: Id | None = None
+
+
+class NodeBye(_Base, tag="node_bye"):
+    node_id: Name
+
+
+class KillWorker(_Base, tag="kill_worker"):
+    """The scheduler declared this worker lost (silent): kill and restart it."""
+
+    index: Index
+    reason: Text = ""
+
+
+class Reject(_Base, tag="reject"):
+    reason: Text
+
+
+class Reregister(_Base, tag="reregister"):
+    pass
+
+
+class Shutdown(_Base, tag="shutdown"):
+    pass
+
+
+# ---------------------------------------------------------------- worker <-> scheduler
+
+
+class WorkerHello(_Base, tag="worker_hello"):
+    version: int
+    device_id: Id
+    node_id: Name
+    index: Index
+    kind: DeviceKind
+    memory_bytes: Count
+    peer_addr: Addr
+    pid: int | None = None
+    speed: Annotated[float, Meta(gt=0.0, le=1000.0)] = 1.0
+    store_addr: Addr | None = None
+
+
+class WorkerWelcome(_Base, tag="worker_welcome"):
+    models: dict[str, ModelRef]
+    heartbeat_s: float
+
+
+class Heartbeat(_Base, tag="heartbeat"):
+    queued: Count = 0
+
+
+class InputAddr(Struct):
+    """A kept stage output and the peer address of the worker keeping it."""
+
+    key: Id
+    device_id: Id
+    addr: Addr
+
+
+class GroupSpec(Struct):
+    """A degree-k instance's process group: rendezvous store and member devices."""
+
+    key: Id
+    rendezvous: Addr | None
+    devices: DeviceList
+
+
+class RunTask(_Base, tag="run_task"):
+    task_id: Id
+    request_id: Id
+    model: Name
+    stages: StageList
+    devices: DeviceList
+    rank: Index
+    inputs: Annotated[list[InputAddr], Meta(max_length=16)]
+    final: bool
+    params: dict[str, Any]
+    options: dict[str, Any] = {}
+    leader_addr: Addr | None = None
+    group: GroupSpec | None = None
+
+
+class BatchMember(Struct):
+    """One request's task riding in a ``run_batch``."""
+
+    task_id: Id
+    request_id: Id
+    inputs: Annotated[list[InputAddr], Meta(max_length=16)]
+    final: bool
+    params: dict[str, Any]
+
+
+class RunBatch(_Base, tag="run_batch"):
+    """Several requests' tasks of the same model, stages and devices as one call;
+    the worker reports started / finished / failed per member task id."""
+
+    batch_id: Id
+    model: Name
+    stages: StageList
+    devices: DeviceList
+    rank: Index
+    members: Annotated[list[BatchMember], Meta(min_length=1, max_length=1024)]
+    options: dict[str, Any] = {}
+    leader_addr: Addr | None = None
+    group: GroupSpec | None = None
+
+
+class CancelTask(_Base, tag="cancel_task"):
+    """Drop the task if queued; stop it at its next denoising step if running."""
+
+    task_id: Id
+
+
+class TaskStarted(_Base, tag="task_started"):
+    task_id: Id
+
+
+class TaskFinished(_Base, tag="task_finished"):
+    task_id: Id
+    stage_seconds: dict[str, Seconds]
+    transfer_seconds: Seconds = 0.0
+    load_seconds: Seconds = 0.0
+    output_bytes: Count = 0
+    tensors: Tensors | None = None  # the final output (the request's result)
+
+
+class TaskFailed(_Base, tag="task_failed"):
+    task_id: Id
+    error: ErrorCode
+    message: Text
+    retryable: bool
+
+
+class Release(_Base, tag="release"):
+    key: Id
+
+
+class LoadStage(_Base, tag="load_stage"):
+    model: Name
+    stage: Stage
+    source: Annotated[str, Meta(max_length=32)] = "disk"
+
+
+class UnloadStage(_Base, tag="unload_stage"):
+    model: Name
+    stage: Stage
+
+
+class StageLoaded(_Base, tag="stage_loaded"):
+    model: Name
+    stage: Stage
+    seconds: Seconds
+    source: Annotated[str, Meta(max_length=32)]
+
+
+class StageUnloaded(_Base, tag="stage_unloaded"):
+    model: Name
+    stage: Stage
+
+
+class StageLoadFailed(_Base, tag="stage_load_failed"):
+    model: Name
+    stage: Stage
+    message: Text
+
+
+# ---------------------------------------------------------------- worker <-> worker
+
+
+class Fetch(_Base, tag="fetch"):
+    key: Id
+    rid: Id
+
+
+class Data(_Base, tag="data"):
+    key: Id
+    rid: Id
+    tensors: Tensors
+
+
+class Missing(_Base, tag="missing"):
+    key: Id
+    rid: Id
+
+
+class Barrier(_Base, tag="barrier"):
+    task_id: Id
+    rank: Index
+
+
+class Go(_Base, tag="go"):
+    task_id: Id
+
+
+Message: TypeAlias = (
+    Submit | Cancel | Ping | Pong | Result | Error
+    | NodeHello | NodeWelcome | NodeHeartbeat | WorkerExited | NodeBye | KillWorker
+    | Reject | Reregister | Shutdown
+    | WorkerHello | WorkerWelcome | Heartbeat | RunTask | RunBatch | CancelTask
+    | TaskStarted | TaskFinished | TaskFailed | Release | LoadStage | UnloadStage
+    | StageLoaded | StageUnloaded | StageLoadFailed
+    | Fetch | Data | Missing | Barrier | Go
+)  # fmt: skip
+
+
+class Channel:
+    """What one socket may receive: a name (for logs) and a decoder of its union."""
+
+    def __init__(self, name: str, types: tuple[type[_Base], ...]) -> None:
+        self.name = name
+        self.types = types
+        self.tags = frozenset(str(t.__struct_config__.tag) for t in types)
+        union: Any = types[0] if len(types) == 1 else _union(types)
+        self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(union)
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name})"
+
+
+def _union(types: tuple[type[_Base], ...]) -> Any:
+    from functools import reduce
+    from operator import or_
+
+    return reduce(or_, types)
+
+
+CLIENT_TO_SCHEDULER = Channel("client", (Submit, Cancel, Ping))
+SCHEDULER_TO_CLIENT = Channel("client-reply", (Result, Error, Pong))
+CLUSTER_TO_SCHEDULER = Channel(
+    "cluster",
+    (
+        NodeHello, NodeHeartbeat, WorkerExited, NodeBye,
+        WorkerHello, Heartbeat, TaskStarted, TaskFinished, TaskFailed,
+        StageLoaded, StageUnloaded, StageLoadFailed,
+    ),
+)  # fmt: skip
+SCHEDULER_TO_NODE = Channel(
+    "node", (NodeWelcome, Reject, Reregister, Shutdown, KillWorker, Error)
+)
+SCHEDULER_TO_WORKER = Channel(
+    "worker",
+    (
+        WorkerWelcome, Reject, Reregister, RunTask, RunBatch, CancelTask, Release,
+        LoadStage, UnloadStage, Shutdown, Error,
+    ),
+)  # fmt: skip
+PEER_REQUEST = Channel("peer", (Fetch, Barrier))
+PEER_REPLY = Channel("peer-reply", (Data, Missing, Go, Error))
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def message_types() -> tuple[type[_Base], ...]:
+    """Every message type (for fuzzing and docs)."""
+    return tuple(Message.__args__)  # type: ignore[attr-defined]
+
+
+def encode(msg: Message) -> bytes:
+    """The msgpack header of ``msg``."""
+    return _encoder.encode(msg)
+
+
+def error_message(code: str, message: str, id: str | None = None) -> bytes:
+    return _encoder.encode(Error(code=code, message=message[:65_536], id=id))
+
+
+def _readable_id(raw: bytes) -> str | None:
+    """The ``id`` of a message that failed validation, when it has a readable one (so
+    the error reply reaches the request it concerns, not every request in flight)."""
+    try:
+        loose = msgspec.msgpack.decode(raw)
+    except Exception:
+        return None
+    if isinstance(loose, dict):
+        rid = loose.get("id")
+        if isinstance(rid, str) and 0 < len(rid) <= 128:
+            return rid
     return None
 
 
-def encode(msg_type: str, fields: Mapping[str, Any] | None = None, **more: Any) -> bytes:
-    """The msgpack header of a message of ``msg_type``."""
-    if msg_type not in MESSAGE_FIELDS:
-        raise ValueError(f"unknown message type {msg_type!r}")
-    body: dict[str, Any] = {"t": msg_type}
-    if fields:
-        body.update(fields)
-    body.update(more)
-    missing = [f for f in MESSAGE_FIELDS[msg_type] if f not in body]
-    if missing:
-        raise ValueError(f"{msg_type}: missing fields {missing}")
-    if msg_type == "run_batch":
-        problem = _member_problem(body["members"])
-        if problem is not None:
-            raise ValueError(f"run_batch: {problem}")
-    return msgpack.packb(body, use_bin_type=True)
+def decode(frames: Sequence[Any], channel: Channel) -> tuple[Any, list[Any]]:
+    """Split a received multipart into (message, tensor frames) and validate both.
 
-
-def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Any]]:
-    """Split a received multipart into (header, tensor frames) and check the header.
-
-    Raises :class:`ProtocolError` for anything that is not a well-formed known message.
+    Raises :class:`ProtocolError` (with ``request_id`` when one could be read) for
+    anything that is not a well-formed message this channel may carry.
     """
     if not frames:
         raise ProtocolError("empty message")
@@ -142,34 +556,27 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Any]]:
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"header is not msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header is not a map")
-    msg_type = header.get("t")
-    if not isinstance(msg_type, str) or msg_type not in MESSAGE_FIELDS:
-        raise ProtocolError(f"unknown message type {msg_type!r}")
-    missing = [f for f in MESSAGE_FIELDS[msg_type] if f not in header]
-    if missing:
-        raise ProtocolError(f"{msg_type}: missing fields {missing}")
-    if msg_type == "run_batch":
-        problem = _member_problem(header["members"])
-        if problem is not None:
-            raise ProtocolError(f"run_batch: {problem}")
+        msg = channel.decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"{channel.name}: {exc}", request_id=_readable_id(raw)) from None
+    except Exception as exc:  # msgspec is strict, but never let decoding crash a loop
+        raise ProtocolError(f"{channel.name}: undecodable header ({type(exc).__name__})") from None
     rest = list(frames[1:])
-    described = header.get("tensors")
+    described = getattr(msg, "tensors", None)
     if described is not None:
-        if not isinstance(described, list):
-            raise ProtocolError(f"{msg_type}: 'tensors' is not a list")
         if len(described) != len(rest):
             raise ProtocolError(
-                f"{msg_type}: {len(described)} tensors described, {len(rest)} frames attached"
+                f"{msg.__struct_config__.tag}: {len(described)} tensors described, "
+                f"{len(rest)} frames attached",
+                request_id=getattr(msg, "id", None),
             )
     elif rest:
-        raise ProtocolError(f"{msg_type}: {len(rest)} unexpected frames")
-    return header, rest
+        raise ProtocolError(
+            f"{msg.__struct_config__.tag}: {len(rest)} unexpected frames",
+            request_id=getattr(msg, "id", None),
+        )
+    return msg, rest
 
 
-def error_message(code: str, message: str, **more: Any) -> bytes:
-    return encode("error", {"code": code, "message": message, **more})
+def finite(value: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

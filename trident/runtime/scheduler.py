@@ -5,8 +5,21 @@ It owns two ROUTER sockets — clients on ``--client-addr``; nodes and their wor
 (:mod:`trident.sched`), and carries out the commands the core returns. It decides
 nothing itself: every choice of where and when a stage runs is the core's.
 
-Liveness: a worker or node silent for longer than ``worker_ttl_s`` is lost; a node
-also reports a worker's process exit at once (two channels, as vLLM does).
+Isolation: the event loop only does I/O. The core runs on its own thread, one round
+at a time, over every event that arrived since the last round (``handle_many``), so a
+slow dispatch round never delays a heartbeat, a ping or an "overloaded" answer. The
+cluster socket is read before the client socket each turn and client intake is
+bounded per turn; liveness is judged only once the cluster socket has been read dry.
+
+Supervision: every loop runs under :meth:`SchedulerDaemon._supervised`; a handler
+that raises on one message logs the traceback and answers that sender with an error;
+a loop that dies takes the process down with exit status 1 (systemd / Kubernetes
+restart it) — never a live process that stopped serving.
+
+Liveness: a worker or node silent for longer than ``worker_ttl_s`` is lost (and its
+node is told to kill and restart a silent worker); a node also reports a worker's
+exit at once (two channels, as vLLM does). A client that heartbeats (the SDK does)
+and goes silent for ``client_ttl_s`` has its requests cancelled.
 """
 
 from __future__ import annotations
@@ -17,8 +30,9 @@ import contextlib
 import signal
 import sys
 import time
-from collections import deque
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +43,25 @@ from trident.config import SchedulerConfig, load_scheduler_config, parse_model_f
 from trident.errors import ConfigError, InvalidRequestError, ModelError, ProtocolError, TridentError
 from trident.log import configure_logging, flush_logs, get_logger
 from trident.runtime import protocol
+from trident.runtime.protocol import (
+    CLIENT_TO_SCHEDULER,
+    CLUSTER_TO_SCHEDULER,
+    Cancel,
+    Heartbeat,
+    ModelRef,
+    NodeBye,
+    NodeHeartbeat,
+    NodeHello,
+    Ping,
+    Submit,
+    WorkerExited,
+    WorkerHello,
+)
 from trident.runtime.registry import ServedModel, build_request_shape, register_models
 from trident.runtime.transport import make_socket
-from trident.sched.core import CoreConfig, FifoPolicy
+from trident.sched.core import CoreConfig, FifoPolicy, handle_events
 from trident.sched.types import (
+    CancelTask,
     Command,
     CompleteRequest,
     DeviceInfo,
@@ -63,12 +92,14 @@ from trident.sched.types import (
 
 __all__ = ["SchedulerDaemon", "main", "make_core"]
 
-DRAIN_MAX = 512
+# Messages read from a socket per loop turn: the cluster socket drains more, and a
+# burst of client traffic cannot hold the loop for long.
+CLUSTER_DRAIN_MAX = 2048
+CLIENT_DRAIN_MAX = 256
 # A booting node's workers say hello one by one; the core sees them together (one
 # placement for the node, not one per worker and the weight loads of each) once all the
 # devices the node announced are up, or this long after its hello at the latest.
 JOIN_GRACE_S = 10.0
-MAX_REQUEST_ID = 128
 
 
 @dataclass
@@ -100,6 +131,13 @@ class _Pending:
     client: bytes
     client_rid: str
     arrival: float
+    heartbeat: bool = False  # its client heartbeats: silence means it went away
+
+
+@dataclass
+class _ClientConn:
+    last_seen: float
+    heartbeats: bool = False
 
 
 def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
@@ -139,34 +177,50 @@ class SchedulerDaemon:
         self.worker_by_ident: dict[bytes, str] = {}
         self.nodes: dict[str, _NodeConn] = {}
         self.pending: dict[str, _Pending] = {}  # request id -> who asked
+        self.client_conns: dict[bytes, _ClientConn] = {}
         self.results: dict[str, tuple[list[Any], list[Any]]] = {}  # request id -> (meta, frames)
         self.task_info: dict[str, RunTask] = {}
-        self.events: deque[Event] = deque()
-        self.out: deque[tuple[Any, list[Any]]] = deque()  # (socket, frames) to send
+        # Events for the core's next round (filled by the I/O loop, taken by the core loop).
+        self.events: list[Event] = []
+        self.events_ready = asyncio.Event()
+        self.out: list[tuple[Any, list[Any]]] = []  # (socket, frames) to send
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
-        self.counters = {"dispatched": 0, "finished": 0, "failed": 0, "batches": 0}
+        self.counters = {"dispatched": 0, "finished": 0, "failed": 0, "batches": 0, "overloaded": 0,
+                         "protocol_rejected": 0}
         # Facts for weight loading (adjust on dispatch): what each device holds now, and
         # what each node has loaded before (its CPU copy / page cache has it).
         self.resident: dict[str, set[tuple[str, str]]] = {}
         self.node_loaded: set[tuple[str, str, str]] = set()
         self.auth: Any = None
+        # The core runs here, one round at a time, off the event loop.
+        self.core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core")
+        self.core_busy_since: float | None = None
+        self.fatal: BaseException | None = None
+        self.exit_code = 0
+        self._tick_queued = False
 
     def now(self) -> float:
         return time.monotonic() - self.started
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         keys = None
         if self.cfg.curve_dir:
             from trident.runtime.security import daemon_keys, start_authenticator
 
             keys = daemon_keys(self.cfg.curve_dir)
             self.auth = start_authenticator(self.ctx, self.cfg.curve_dir)
-        self.clients = make_socket(self.ctx, zmq.ROUTER, heartbeat_ms=0, curve=keys, curve_server=True)
+        self.clients = make_socket(
+            self.ctx, zmq.ROUTER, heartbeat_ms=0, curve=keys, curve_server=True,
+            zap_domain="client" if keys is not None else None,
+            max_message_bytes=self.cfg.client_max_message_bytes,
+        )
         self.clients.bind(self.cfg.client_addr)
-        self.nodes_sock = make_socket(self.ctx, zmq.ROUTER, curve=keys, curve_server=True)
+        self.nodes_sock = make_socket(
+            self.ctx, zmq.ROUTER, curve=keys, curve_server=True, zap_domain="cluster" if keys is not None else None
+        )
         self.nodes_sock.bind(self.cfg.node_addr)
         self.log.info(
             "scheduler.started",
@@ -176,56 +230,100 @@ class SchedulerDaemon:
             models={n: m.describe() for n, m in self.served.items()},
         )
         loops = [
-            asyncio.create_task(self._client_loop(), name="clients"),
-            asyncio.create_task(self._node_loop(), name="nodes"),
-            asyncio.create_task(self._tick_loop(), name="tick"),
+            asyncio.create_task(self._supervised("cluster", self._cluster_loop), name="cluster"),
+            asyncio.create_task(self._supervised("clients", self._client_loop), name="clients"),
+            asyncio.create_task(self._supervised("core", self._core_loop), name="core"),
+            asyncio.create_task(self._supervised("tick", self._tick_loop), name="tick"),
         ]
         await self.stopping.wait()
         await self._shutdown_cluster()
         for t in loops:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        self.core_thread.shutdown(wait=False, cancel_futures=True)
         self.clients.close(0)
         self.nodes_sock.close(0)
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-        self.log.info("scheduler.stopped", **self.counters)
+        self.log.info("scheduler.stopped", exit_code=self.exit_code, **self.counters)
         flush_logs()
+        return self.exit_code
+
+    async def _supervised(self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run one of the daemon's loops; if it dies, the process exits non-zero (a
+        supervisor restarts it) instead of living on without that loop."""
+        try:
+            await loop_fn()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.fatal = exc
+            self.exit_code = 1
+            self.log.critical(
+                "task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20)
+            )
+            flush_logs()
+            self.stopping.set()
+            return
+        if not self.stopping.is_set():
+            self.fatal = RuntimeError(f"loop {name} returned")
+            self.exit_code = 1
+            self.log.critical("task.crashed", task=name, error="loop returned")
+            self.stopping.set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.fatal is None and not self.stopping.is_set()
 
     async def _shutdown_cluster(self) -> None:
         # Fail what is still in flight: nothing is silently lost.
         for rid in list(self.pending):
-            self._reply_error(rid, "internal", "scheduler is shutting down")
+            self._reply_error(rid, "unavailable", "scheduler is shutting down")
         for node in self.nodes.values():
-            self.out.append((self.nodes_sock, [node.ident, protocol.encode("shutdown")]))
+            self.out.append((self.nodes_sock, [node.ident, protocol.encode(protocol.Shutdown())]))
         await self._flush()
 
     # ------------------------------------------------------------------ event pump
 
     def feed(self, event: Event) -> None:
         self.events.append(event)
+        self.events_ready.set()
 
-    async def _pump(self) -> None:
-        """Run queued events through the core and send what results."""
-        while self.events:
-            event = self.events.popleft()
-            for cmd in self.core.handle(event, self.now()):
+    async def _core_loop(self) -> None:
+        """One core round at a time, in the core thread, over every event queued since
+        the last round; then carry out its commands here, on the loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.events_ready.wait()
+            self.events_ready.clear()
+            if not self.events:
+                continue
+            batch, self.events = self.events, []
+            self._tick_queued = False
+            now = self.now()
+            self.core_busy_since = now
+            cmds = await loop.run_in_executor(self.core_thread, handle_events, self.core, batch, now)
+            self.core_busy_since = None
+            for cmd in cmds:
                 self._execute(cmd)
-        await self._flush()
+            await self._flush()
 
     async def _flush(self) -> None:
-        while self.out:
-            sock, frames = self.out.popleft()
+        out, self.out = self.out, []
+        for sock, frames in out:
             try:
-                await sock.send_multipart(frames, copy=False)
+                # Never wait on a peer: one that does not read its replies (its queue
+                # is full) loses them rather than stalling the loop for everyone.
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False).result()
+            except zmq.Again:
+                self.counters["send_dropped"] = self.counters.get("send_dropped", 0) + 1
+                self.log.warning("send.dropped", peer=frames[0].decode(errors="replace")[:80], reason="peer queue full")
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._unreachable(frames[0])
                 else:
                     self.log.warning("send.failed", error=str(exc))
-        if self.events:
-            await self._pump()
 
     def _unreachable(self, ident: bytes) -> None:
         dev = self.worker_by_ident.get(ident)
@@ -241,17 +339,23 @@ class SchedulerDaemon:
             self._run_task(cmd)
         elif isinstance(cmd, RunBatch):
             self._run_batch(cmd)
+        elif isinstance(cmd, CancelTask):
+            for dev in cmd.devices:
+                self._to_worker(dev, protocol.encode(protocol.CancelTask(task_id=cmd.task_id)))
+            self.log.info("stage.cancelling", task_id=cmd.task_id, devices=list(cmd.devices))
         elif isinstance(cmd, ReleaseOutput):
-            self._to_worker(cmd.device_id, protocol.encode("release", key=cmd.key))
+            self._to_worker(cmd.device_id, protocol.encode(protocol.Release(key=cmd.key)))
         elif isinstance(cmd, CompleteRequest):
             self._complete(cmd)
         elif isinstance(cmd, FailRequest):
             self._reply_error(cmd.request_id, cmd.error, cmd.message)
         elif isinstance(cmd, LoadStage):
             source = self._load_source(cmd.device_id, cmd.model, cmd.stage)
-            self._to_worker(cmd.device_id, protocol.encode("load_stage", model=cmd.model, stage=cmd.stage, source=source))
+            self._to_worker(
+                cmd.device_id, protocol.encode(protocol.LoadStage(model=cmd.model, stage=cmd.stage, source=source))
+            )
         elif isinstance(cmd, UnloadStage):
-            self._to_worker(cmd.device_id, protocol.encode("unload_stage", model=cmd.model, stage=cmd.stage))
+            self._to_worker(cmd.device_id, protocol.encode(protocol.UnloadStage(model=cmd.model, stage=cmd.stage)))
         elif isinstance(cmd, LogEvent):
             self.log.info(cmd.event, **dict(cmd.fields))
 
@@ -282,7 +386,7 @@ class SchedulerDaemon:
         self.out.append((self.nodes_sock, [conn.ident, header, *(frames or [])]))
         return True
 
-    def _input_refs(self, cmd: RunTask) -> list[dict[str, Any]] | None:
+    def _input_refs(self, cmd: RunTask) -> list[protocol.InputAddr] | None:
         """The task's inputs as the leader will fetch them (holder's peer address), or
         None when a holder is gone (the task cannot run: the core re-plans it)."""
         inputs = []
@@ -290,7 +394,7 @@ class SchedulerDaemon:
             holder = self.workers.get(ref.device_id)
             if holder is None or not holder.up:
                 return None
-            inputs.append({"key": ref.key, "device_id": ref.device_id, "addr": holder.peer_addr})
+            inputs.append(protocol.InputAddr(key=ref.key, device_id=ref.device_id, addr=holder.peer_addr))
         return inputs
 
     def _run_task(self, cmd: RunTask) -> None:
@@ -309,15 +413,16 @@ class SchedulerDaemon:
         group = None
         if cmd.degree > 1:
             # A fresh key per formation: a restarted partner never meets a stale group.
-            group = {"key": cmd.task_id.replace("/", "_"), "rendezvous": leader.store_addr, "devices": list(cmd.devices)}
+            group = protocol.GroupSpec(
+                key=cmd.task_id.replace("/", "_"), rendezvous=leader.store_addr, devices=list(cmd.devices)
+            )
         for rank, conn in enumerate(conns):
             assert conn is not None
             # The leader runs every stage of the task; the others join for diffuse only.
             its_stages = cmd.stages if rank == 0 else tuple(s for s in cmd.stages if s == "diffuse")
             options = dict(cmd.options)
             options["load_sources"] = {s: self._load_source(conn.info.device_id, cmd.model, s) for s in its_stages}
-            header = protocol.encode(
-                "run_task",
+            header = protocol.encode(protocol.RunTask(
                 task_id=cmd.task_id,
                 request_id=cmd.request_id,
                 model=cmd.model,
@@ -330,7 +435,7 @@ class SchedulerDaemon:
                 options=options,
                 leader_addr=leader.peer_addr,
                 group=group,
-            )
+            ))
             self.out.append((self.nodes_sock, [conn.ident, header]))
         self.log.info(
             "stage.dispatched",
@@ -339,7 +444,7 @@ class SchedulerDaemon:
             stages=list(cmd.stages),
             devices=list(cmd.devices),
             degree=cmd.degree,
-            inputs=[i["device_id"] for i in inputs],
+            inputs=[i.device_id for i in inputs],
         )
 
     def _run_batch(self, cmd: RunBatch) -> None:
@@ -361,7 +466,7 @@ class SchedulerDaemon:
             for t in cmd.tasks:
                 self.feed(TaskFailed(t.task_id, "stage_failed", "device not available", retryable=True))
             return
-        live: list[tuple[RunTask, list[dict[str, Any]]]] = []
+        live: list[tuple[RunTask, list[protocol.InputAddr]]] = []
         for t in cmd.tasks:
             inputs = self._input_refs(t)
             if inputs is None:
@@ -378,22 +483,22 @@ class SchedulerDaemon:
         # Members share their options (same shape, same device: same decisions).
         options = dict(cmd.tasks[0].options)
         options["load_sources"] = {s: self._load_source(conn.info.device_id, cmd.model, s) for s in cmd.stages}
-        header = protocol.encode(
-            "run_batch",
+        header = protocol.encode(protocol.RunBatch(
             batch_id=cmd.batch_id,
             model=cmd.model,
             stages=list(cmd.stages),
             devices=list(cmd.devices),
             rank=0,
             members=[
-                {"task_id": t.task_id, "request_id": t.request_id, "inputs": inputs, "final": t.final,
-                 "params": dict(t.params)}
+                protocol.BatchMember(
+                    task_id=t.task_id, request_id=t.request_id, inputs=inputs, final=t.final, params=dict(t.params)
+                )
                 for t, inputs in live
             ],
             options=options,
             leader_addr=conn.peer_addr,
             group=None,
-        )
+        ))
         self.out.append((self.nodes_sock, [conn.ident, header]))
         self.log.info(
             "batch.dispatched",
@@ -412,7 +517,7 @@ class SchedulerDaemon:
                 stages=list(t.stages),
                 devices=list(t.devices),
                 degree=t.degree,
-                inputs=[i["device_id"] for i in inputs],
+                inputs=[i.device_id for i in inputs],
             )
 
     def _complete(self, cmd: CompleteRequest) -> None:
@@ -429,15 +534,14 @@ class SchedulerDaemon:
         )
         if pend is None:
             return
-        header = protocol.encode(
-            "result",
+        header = protocol.encode(protocol.Result(
             id=pend.client_rid,
             timings=dict(cmd.timings),
             devices={k: list(v) for k, v in cmd.devices.items()},
             tensors=meta,
             met_slo=cmd.met_slo,
             slo_s=None if cmd.deadline is None else cmd.deadline - pend.arrival,
-        )
+        ))
         self.out.append((self.clients, [pend.client, header, *frames]))
 
     def _reply_error(self, request_id: str, code: str, message: str) -> None:
@@ -447,61 +551,125 @@ class SchedulerDaemon:
         self.log.info("request.failed", request_id=request_id, error=code, message=message)
         if pend is None:
             return
-        self.out.append(
-            (self.clients, [pend.client, protocol.error_message(code, message, id=pend.client_rid)])
-        )
+        self.out.append((self.clients, [pend.client, protocol.error_message(code, message, id=pend.client_rid)]))
 
-    # ------------------------------------------------------------------ clients
+    # ------------------------------------------------------------------ sockets
 
-    async def _drain(self, sock: Any) -> list[list[Any]]:
-        """One awaited message plus whatever else is already queued (bounded), so a
-        burst costs one pass through the core and one flush instead of one each."""
-        batch = [await sock.recv_multipart(copy=False)]
-        while len(batch) < DRAIN_MAX:
+    def _drain_now(self, sock: Any, limit: int) -> list[list[Any]]:
+        """Whatever is queued on ``sock`` now, up to ``limit`` messages, without waiting."""
+        batch: list[list[Any]] = []
+        while len(batch) < limit:
             try:
-                batch.append(await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                batch.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result())
             except zmq.Again:
                 break
         return batch
 
+    async def _drain(self, sock: Any, limit: int) -> list[list[Any]]:
+        """One awaited message plus whatever else is already queued (bounded), so a
+        burst costs one pass and one flush instead of one each."""
+        first = await sock.recv_multipart(copy=False)
+        return [first, *self._drain_now(sock, limit - 1)]
+
+    def _cluster_pending(self) -> bool:
+        return bool(self.nodes_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    async def _cluster_loop(self) -> None:
+        while True:
+            for frames in await self._drain(self.nodes_sock, CLUSTER_DRAIN_MAX):
+                self._on_cluster_frames(frames)
+            await self._flush()
+
+    def _on_cluster_frames(self, frames: list[Any]) -> None:
+        ident = frames[0].bytes
+        try:
+            msg, rest = protocol.decode(frames[1:], CLUSTER_TO_SCHEDULER)
+            if isinstance(msg, NodeHello | NodeHeartbeat | WorkerExited | NodeBye):
+                self._on_node(ident, msg)
+            else:
+                self._on_worker(ident, msg, rest)
+        except ProtocolError as exc:
+            self._rejected(self.nodes_sock, "cluster", ident, exc)
+        except Exception as exc:  # a handler bug: loud, and only this message is lost
+            self._handler_failed("cluster", ident, exc)
+
     async def _client_loop(self) -> None:
         while True:
-            for frames in await self._drain(self.clients):
+            for frames in await self._drain(self.clients, CLIENT_DRAIN_MAX):
                 ident = frames[0].bytes
                 try:
-                    header, _ = protocol.decode(frames[1:])
-                    self._on_client(ident, header)
+                    msg, _ = protocol.decode(frames[1:], CLIENT_TO_SCHEDULER)
+                    self._on_client(ident, msg)
                 except ProtocolError as exc:
-                    self.log.warning("protocol.error", channel="client", error=str(exc))
-                    self.out.append((self.clients, [ident, protocol.error_message("protocol", str(exc))]))
-            await self._pump()
+                    self._rejected(self.clients, "client", ident, exc)
+                except Exception as exc:
+                    self._handler_failed("client", ident, exc)
+            await self._flush()
+            # The cluster channel goes first: serve what it has before more client intake.
+            if self._cluster_pending():
+                await asyncio.sleep(0)
 
-    def _on_client(self, ident: bytes, header: dict[str, Any]) -> None:
-        t = header["t"]
-        if t == "ping":
-            self.out.append((self.clients, [ident, protocol.encode(
-                "pong",
-                models={n: m.describe() for n, m in self.served.items()},
-                devices=sorted(d for d, w in self.workers.items() if w.up),
-                nodes=sorted(n for n, c in self.nodes.items() if c.up),
-            )]))
-        elif t == "submit":
-            self._on_submit(ident, header)
-        elif t == "cancel":
-            rid = self._request_id(ident, header["id"])
+    def _rejected(self, sock: Any, channel: str, ident: bytes, exc: ProtocolError) -> None:
+        self.counters["protocol_rejected"] += 1
+        peer = ident.decode(errors="replace")[:80]
+        self.log.warning("protocol.rejected", channel=channel, peer=peer, error=exc.message[:500],
+                         request_id=exc.request_id)
+        self.out.append((sock, [ident, protocol.error_message("protocol", exc.message, id=exc.request_id)]))
+
+    def _handler_failed(self, channel: str, ident: bytes, exc: Exception) -> None:
+        self.log.error(
+            "handler.failed", channel=channel, peer=ident.decode(errors="replace")[:80], error=repr(exc),
+            traceback=traceback.format_exc(limit=12),
+        )
+        sock = self.clients if channel == "client" else self.nodes_sock
+        self.out.append((sock, [ident, protocol.error_message("internal", f"scheduler could not handle it: {exc!r}")]))
+
+    # ------------------------------------------------------------------ clients
+
+    def _on_client(self, ident: bytes, msg: Any) -> None:
+        conn = self.client_conns.get(ident)
+        if conn is None:
+            conn = self.client_conns[ident] = _ClientConn(last_seen=self.now())
+        conn.last_seen = self.now()
+        if isinstance(msg, Ping):
+            if msg.nonce is not None:
+                conn.heartbeats = True
+            self.out.append((self.clients, [ident, protocol.encode(self._pong(msg.nonce))]))
+            unknown = [r for r in msg.inflight if self._request_id(ident, r) not in self.pending]
+            for client_rid in unknown[:256]:  # bounded work per ping; the rest next time
+                # Replies go out in order: a result sent before this ping arrived
+                # reaches the client first, so this only ends requests we lost.
+                self.out.append((self.clients, [ident, protocol.error_message(
+                    "unavailable", "the scheduler holds no such request (it restarted without it)",
+                    id=client_rid,
+                )]))
+        elif isinstance(msg, Submit):
+            self._on_submit(ident, msg)
+        elif isinstance(msg, Cancel):
+            rid = self._request_id(ident, msg.id)
             if rid in self.pending:
+                self.log.info("request.cancel", request_id=rid, reason="client")
                 self.feed(RequestCancelled(rid, new_stimulus_id("cancel")))
-        else:
-            raise ProtocolError(f"{t!r} is not a client message")
 
-    def _request_id(self, ident: bytes, client_rid: Any) -> str:
+    def _pong(self, nonce: int | None) -> protocol.Pong:
+        devices = sorted(d for d, w in self.workers.items() if w.up)
+        unavailable = sorted(self.served) if not devices else []
+        return protocol.Pong(
+            models={n: m.describe() for n, m in self.served.items()},
+            devices=devices,
+            nodes=sorted(n for n, c in self.nodes.items() if c.up),
+            nonce=nonce,
+            ready=self.healthy and bool(devices),
+            heartbeat_s=self.cfg.heartbeat_s,
+            unavailable=unavailable,
+        )
+
+    def _request_id(self, ident: bytes, client_rid: str) -> str:
         # Scoped by client identity so two clients cannot collide or cancel each other.
         return f"{ident.hex()[:12]}-{client_rid}"
 
-    def _on_submit(self, ident: bytes, header: dict[str, Any]) -> None:
-        client_rid = header["id"]
-        if not isinstance(client_rid, str) or not 0 < len(client_rid) <= MAX_REQUEST_ID:
-            raise ProtocolError("submit: id must be a non-empty string of at most 128 characters")
+    def _on_submit(self, ident: bytes, msg: Submit) -> None:
+        client_rid = msg.id
         rid = self._request_id(ident, client_rid)
 
         def refuse(code: str, message: str) -> None:
@@ -512,229 +680,217 @@ class SchedulerDaemon:
         if rid in self.pending:
             refuse("invalid_request", f"request id {client_rid!r} is already in flight")
             return
-        model_name = header["model"]
-        served = self.served.get(model_name) if isinstance(model_name, str) else None
+        if len(self.pending) >= self.cfg.max_queue:
+            # The intake bound: answered here, at once, without a core round.
+            self.counters["overloaded"] += 1
+            refuse("overloaded", f"{len(self.pending)} requests in flight (limit {self.cfg.max_queue})")
+            return
+        served = self.served.get(msg.model)
         if served is None:
-            refuse("unknown_model", f"no model named {model_name!r}; served: {sorted(self.served)}")
+            refuse("unknown_model", f"no model named {msg.model!r}; served: {sorted(self.served)}")
             return
-        params = header["params"]
-        if not isinstance(params, dict):
-            refuse("invalid_request", "params must be a map")
-            return
-        params = {k: v for k, v in params.items() if isinstance(k, str)}
-        slo_s = header.get("slo_s")
-        batchable = header.get("batch", True)
-        if not isinstance(batchable, bool):
-            refuse("invalid_request", "batch must be true or false")
-            return
+        params = msg.params.to_dict()
         try:
             shape = build_request_shape(served, params)
-            if slo_s is not None and (not isinstance(slo_s, int | float) or isinstance(slo_s, bool) or slo_s <= 0):
-                raise InvalidRequestError(f"slo_s must be a positive number, got {slo_s!r}")
         except InvalidRequestError as exc:
             refuse("invalid_request", exc.message)
             return
         now = self.now()
-        self.pending[rid] = _Pending(client=ident, client_rid=client_rid, arrival=now)
+        self.pending[rid] = _Pending(
+            client=ident, client_rid=client_rid, arrival=now,
+            heartbeat=self.client_conns[ident].heartbeats,
+        )
         self.log.info(
             "request.arrived",
             request_id=rid,
-            model=model_name,
+            model=msg.model,
             height=shape.height,
             width=shape.width,
             num_frames=shape.num_frames,
             steps=shape.num_inference_steps,
-            batchable=batchable,
+            batchable=msg.batch,
         )
         spec = RequestSpec(
             request_id=rid,
-            model=model_name,
+            model=msg.model,
             shape=shape,
             arrival=now,
-            slo_s=float(slo_s) if slo_s is not None else None,
+            slo_s=msg.slo_s,
             params=params,
-            batchable=batchable,
+            batchable=msg.batch,
         )
         self.feed(RequestArrived(spec, new_stimulus_id("submit")))
 
     # ------------------------------------------------------------------ nodes and workers
 
-    async def _node_loop(self) -> None:
-        while True:
-            for frames in await self._drain(self.nodes_sock):
-                ident = frames[0].bytes
-                try:
-                    header, rest = protocol.decode(frames[1:])
-                    if ident.startswith(b"dev:"):
-                        self._on_worker(ident, header, rest)
-                    else:
-                        self._on_node(ident, header)
-                except ProtocolError as exc:
-                    self.log.warning("protocol.error", channel="node", peer=ident.decode(errors="replace"), error=str(exc))
-                    self.out.append((self.nodes_sock, [ident, protocol.error_message("protocol", str(exc))]))
-            await self._pump()
+    def _models_for_workers(self) -> dict[str, ModelRef]:
+        return {n: ModelRef(family=m.info.family, path=m.info.path) for n, m in self.served.items()}
 
-    def _models_for_workers(self) -> dict[str, dict[str, Any]]:
-        return {n: {"family": m.info.family, "path": m.info.path} for n, m in self.served.items()}
+    def _welcome_node(self) -> bytes:
+        return protocol.encode(protocol.NodeWelcome(models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s))
 
-    def _on_node(self, ident: bytes, header: dict[str, Any]) -> None:
-        t = header["t"]
+    def _welcome_worker(self) -> bytes:
+        return protocol.encode(protocol.WorkerWelcome(models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s))
+
+    def _reject(self, ident: bytes, reason: str) -> None:
+        self.out.append((self.nodes_sock, [ident, protocol.encode(protocol.Reject(reason=reason))]))
+
+    def _on_node(self, ident: bytes, msg: NodeHello | NodeHeartbeat | WorkerExited | NodeBye) -> None:
         now = self.now()
-        if t == "node_hello":
-            if header["version"] != protocol.PROTOCOL_VERSION:
-                reason = f"protocol version {header['version']} != scheduler's {protocol.PROTOCOL_VERSION}"
+        if isinstance(msg, NodeHello):
+            if msg.version != protocol.PROTOCOL_VERSION:
+                reason = f"protocol version {msg.version} != scheduler's {protocol.PROTOCOL_VERSION}"
                 self.log.warning("node.rejected", node=ident.decode(errors="replace"), reason=reason)
-                self.out.append((self.nodes_sock, [ident, protocol.encode("reject", reason=reason)]))
+                self._reject(ident, reason)
                 return
-            node_id = str(header["node_id"])
+            if ident != f"node:{msg.node_id}".encode():
+                self._reject(ident, "node identity does not match its node id")
+                return
+            node_id = msg.node_id
             old = self.nodes.get(node_id)
             booting = old is None or not old.up or not any(
                 w.up for w in self.workers.values() if w.info.node_id == node_id
             )
             self.nodes[node_id] = _NodeConn(
-                ident=ident, node_id=node_id, last_seen=now, devices=list(header["devices"]),
+                ident=ident, node_id=node_id, last_seen=now,
+                devices=[{"index": d.index, "kind": d.kind, "memory_bytes": d.memory_bytes, "speed": d.speed}
+                         for d in msg.devices],
                 joining={} if booting else None, hello_at=now,
             )
-            self.out.append((self.nodes_sock, [ident, protocol.encode(
-                "node_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
-            )]))
-            self.log.info("node.joined", node_id=node_id, devices=len(header["devices"]))
+            self.out.append((self.nodes_sock, [ident, self._welcome_node()]))
+            self.log.info("node.joined", node_id=node_id, devices=len(msg.devices))
             return
-        node_id = str(header.get("node_id", ""))
+        node_id = msg.node_id
         node = self.nodes.get(node_id)
-        if node is None or not node.up:
-            self.out.append((self.nodes_sock, [ident, protocol.encode("reregister")]))
+        if node is None or not node.up or node.ident != ident:
+            self.out.append((self.nodes_sock, [ident, protocol.encode(protocol.Reregister())]))
             return
         node.last_seen = now
-        if t == "node_heartbeat":
+        if isinstance(msg, NodeHeartbeat):
             return
-        if t == "worker_exited":
-            dev = str(header.get("device_id") or f"{node_id}/{self._node_kind(node)}:{header['index']}")
-            self.log.warning(
-                "worker.died", device_id=dev, exitcode=header["exitcode"], restarts=header["restarts"]
-            )
-            if dev in self.workers and self.workers[dev].up:
-                self._worker_lost(dev, f"process exited with {header['exitcode']}")
-        elif t == "node_bye":
+        if isinstance(msg, WorkerExited):
+            dev = msg.device_id or f"{node_id}/{self._node_kind(node)}:{msg.index}"
+            self.log.warning("worker.died", device_id=dev, exitcode=msg.exitcode, restarts=msg.restarts)
+            conn = self.workers.get(dev)
+            if conn is not None and conn.up and conn.info.node_id == node_id:
+                self._worker_lost(dev, f"process exited with {msg.exitcode}")
+        elif isinstance(msg, NodeBye):
             self._node_lost(node_id, "node shut down")
-        else:
-            raise ProtocolError(f"{t!r} is not a node message")
 
     @staticmethod
     def _node_kind(node: _NodeConn) -> str:
         return str(node.devices[0]["kind"]) if node.devices else "sim"
 
-    def _on_worker(self, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
-        t = header["t"]
+    def _on_worker(self, ident: bytes, msg: Any, frames: list[Any]) -> None:
         now = self.now()
-        if t == "worker_hello":
-            self._worker_hello(ident, header)
+        if isinstance(msg, WorkerHello):
+            self._worker_hello(ident, msg)
             return
         dev = self.worker_by_ident.get(ident)
         conn = self.workers.get(dev) if dev else None
         if conn is None or not conn.up:
-            self.out.append((self.nodes_sock, [ident, protocol.encode("reregister")]))
+            self.out.append((self.nodes_sock, [ident, protocol.encode(protocol.Reregister())]))
             return
         conn.last_seen = now
-        if t == "heartbeat":
+        if isinstance(msg, Heartbeat):
             return
-        if t == "task_started":
-            task_id = str(header["task_id"])
-            started = self.task_info.get(task_id)
-            self.log.info(
-                "stage.started", task_id=task_id, device_id=dev,
-                request_id=started.request_id if started else None,
-            )
-            self.feed(TaskStarted(task_id))
-        elif t == "task_finished":
-            task_id = str(header["task_id"])
-            cmd = self.task_info.pop(task_id, None)
-            if cmd is not None and cmd.final and cmd.request_id in self.pending:
+        if isinstance(msg, protocol.TaskStarted):
+            started = self.task_info.get(msg.task_id)
+            if started is None or dev not in started.devices:
+                return  # not a task of this worker's: ignore rather than confuse the core
+            self.log.info("stage.started", task_id=msg.task_id, device_id=dev, request_id=started.request_id)
+            self.feed(TaskStarted(msg.task_id))
+        elif isinstance(msg, protocol.TaskFinished):
+            cmd = self.task_info.get(msg.task_id)
+            if cmd is None or cmd.devices[0] != dev:
+                return  # a late or foreign report (the task was given up on)
+            del self.task_info[msg.task_id]
+            if cmd.final and cmd.request_id in self.pending:
                 # Held only until the core completes the request (a request already
                 # failed or cancelled would never claim it: don't keep it).
-                self.results[cmd.request_id] = (list(header.get("tensors") or []), frames)
+                self.results[cmd.request_id] = (list(msg.tensors or []), frames)
             self.feed(
                 TaskFinished(
-                    task_id,
-                    stage_seconds={str(k): float(v) for k, v in dict(header["stage_seconds"]).items()},
-                    transfer_seconds=float(header.get("transfer_seconds", 0.0)),
-                    load_seconds=float(header.get("load_seconds", 0.0)),
-                    output_bytes=int(header.get("output_bytes", 0)),
+                    msg.task_id,
+                    stage_seconds=dict(msg.stage_seconds),
+                    transfer_seconds=msg.transfer_seconds,
+                    load_seconds=msg.load_seconds,
+                    output_bytes=msg.output_bytes,
                 )
             )
             self.log.info(
-                "stage.finished",
-                task_id=task_id,
-                request_id=cmd.request_id if cmd else None,
-                device_id=dev,
-                seconds=dict(header["stage_seconds"]),
-                transfer_s=header.get("transfer_seconds", 0.0),
+                "stage.finished", task_id=msg.task_id, request_id=cmd.request_id, device_id=dev,
+                seconds=dict(msg.stage_seconds), transfer_s=msg.transfer_seconds,
             )
-        elif t == "task_failed":
-            task_id = str(header["task_id"])
-            cmd = self.task_info.pop(task_id, None)
+        elif isinstance(msg, protocol.TaskFailed):
+            cmd = self.task_info.get(msg.task_id)
+            if cmd is None or cmd.devices[0] != dev:
+                return
+            del self.task_info[msg.task_id]
             self.log.warning(
-                "stage.failed",
-                task_id=task_id,
-                request_id=cmd.request_id if cmd else None,
-                device_id=dev,
-                error=header["error"],
-                message=header["message"],
+                "stage.failed", task_id=msg.task_id, request_id=cmd.request_id, device_id=dev,
+                error=msg.error, message=msg.message,
             )
-            self.feed(TaskFailed(task_id, header["error"], str(header["message"]), bool(header["retryable"])))
-        elif t == "stage_loaded":
-            self.resident.setdefault(conn.info.device_id, set()).add((str(header["model"]), str(header["stage"])))
-            self.node_loaded.add((conn.info.node_id, str(header["model"]), str(header["stage"])))
-            if header["source"] != "resident":
+            error: Any = msg.error if msg.error in _ERROR_CODES else "stage_failed"
+            self.feed(TaskFailed(msg.task_id, error, msg.message, msg.retryable))
+        elif isinstance(msg, protocol.StageLoaded):
+            self.resident.setdefault(conn.info.device_id, set()).add((msg.model, msg.stage))
+            self.node_loaded.add((conn.info.node_id, msg.model, msg.stage))
+            if msg.source != "resident":
                 self.log.info(
-                    "stage.loaded", device_id=conn.info.device_id, model=header["model"], stage=header["stage"],
-                    seconds=header["seconds"], source=header["source"],
+                    "stage.loaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage,
+                    seconds=msg.seconds, source=msg.source,
                 )
-            self.feed(StageLoaded(conn.info.device_id, str(header["model"]), header["stage"], float(header["seconds"]), str(header["source"])))
-        elif t == "stage_unloaded":
-            self.resident.get(conn.info.device_id, set()).discard((str(header["model"]), str(header["stage"])))
-            self.log.info("stage.unloaded", device_id=conn.info.device_id, model=header["model"], stage=header["stage"])
-            self.feed(StageUnloaded(conn.info.device_id, str(header["model"]), header["stage"]))
-        else:
-            raise ProtocolError(f"{t!r} is not a worker message")
+            self.feed(StageLoaded(conn.info.device_id, msg.model, msg.stage, msg.seconds, msg.source))
+        elif isinstance(msg, protocol.StageUnloaded):
+            self.resident.get(conn.info.device_id, set()).discard((msg.model, msg.stage))
+            self.log.info("stage.unloaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage)
+            self.feed(StageUnloaded(conn.info.device_id, msg.model, msg.stage))
+        elif isinstance(msg, protocol.StageLoadFailed):
+            self.log.error(
+                "stage.load_failed", device_id=conn.info.device_id, model=msg.model, stage=msg.stage,
+                message=msg.message,
+            )
 
-    def _worker_hello(self, ident: bytes, header: dict[str, Any]) -> None:
-        if header["version"] != protocol.PROTOCOL_VERSION:
-            reason = f"protocol version {header['version']} != scheduler's {protocol.PROTOCOL_VERSION}"
-            self.out.append((self.nodes_sock, [ident, protocol.encode("reject", reason=reason)]))
+    def _worker_hello(self, ident: bytes, msg: WorkerHello) -> None:
+        if msg.version != protocol.PROTOCOL_VERSION:
+            reason = f"protocol version {msg.version} != scheduler's {protocol.PROTOCOL_VERSION}"
+            self._reject(ident, reason)
             self.log.warning("worker.rejected", worker=ident.decode(errors="replace"), reason=reason)
             return
         info = DeviceInfo(
-            device_id=str(header["device_id"]),
-            node_id=str(header["node_id"]),
-            kind=header["kind"],
-            index=int(header["index"]),
-            memory_bytes=int(header["memory_bytes"]),
-            speed=float(header.get("speed", 1.0)),
+            device_id=msg.device_id,
+            node_id=msg.node_id,
+            kind=msg.kind,
+            index=msg.index,
+            memory_bytes=msg.memory_bytes,
+            speed=msg.speed,
         )
-        if ident != f"dev:{info.device_id}".encode():
-            raise ProtocolError("worker identity does not match its device id")
+        if ident != f"dev:{info.device_id}".encode() or info.device_id != f"{msg.node_id}/{msg.kind}:{msg.index}":
+            self._reject(ident, "worker identity does not match its device id")
+            self.log.warning("worker.rejected", worker=ident.decode(errors="replace"), reason="identity mismatch")
+            return
+        node = self.nodes.get(info.node_id)
+        if node is None or not node.up:
+            # Workers join through their node: an unknown node's worker waits for it.
+            self.out.append((self.nodes_sock, [ident, protocol.encode(protocol.Reregister())]))
+            return
         old = self.workers.get(info.device_id)
-        if old is not None and old.up and old.pid == header.get("pid"):
+        if old is not None and old.up and old.pid == msg.pid:
             # A repeated hello (the welcome was lost): welcome again, nothing changes.
-            self.out.append((self.nodes_sock, [ident, protocol.encode(
-                "worker_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
-            )]))
+            self.out.append((self.nodes_sock, [ident, self._welcome_worker()]))
             return
         if old is not None and old.up:
             self._worker_lost(info.device_id, "replaced by a new process")
         self.workers[info.device_id] = _WorkerConn(
-            ident=ident, info=info, peer_addr=str(header["peer_addr"]), pid=header.get("pid"), last_seen=self.now(),
-            store_addr=header.get("store_addr"),
+            ident=ident, info=info, peer_addr=msg.peer_addr, pid=msg.pid, last_seen=self.now(),
+            store_addr=msg.store_addr,
         )
         self.worker_by_ident[ident] = info.device_id
         self.resident[info.device_id] = set()  # a (re)started worker holds nothing
-        self.out.append((self.nodes_sock, [ident, protocol.encode(
-            "worker_welcome", models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
-        )]))
-        self.log.info("worker.joined", device_id=info.device_id, kind=info.kind, pid=header.get("pid"), peer_addr=header["peer_addr"])
-        node = self.nodes.get(info.node_id)
-        if node is not None and node.joining is not None:
+        self.out.append((self.nodes_sock, [ident, self._welcome_worker()]))
+        self.log.info("worker.joined", device_id=info.device_id, kind=info.kind, pid=msg.pid, peer_addr=msg.peer_addr)
+        if node.joining is not None:
             node.joining[info.device_id] = info
             self._maybe_node_joined(node, self.now())
             return
@@ -752,7 +908,7 @@ class SchedulerDaemon:
         node.joining = None
         self.feed(NodeJoined(node.node_id, infos, new_stimulus_id("node-joined")))
 
-    def _worker_lost(self, device_id: str, reason: str) -> None:
+    def _worker_lost(self, device_id: str, reason: str, *, kill: bool = False) -> None:
         conn = self.workers.get(device_id)
         if conn is None or not conn.up:
             return
@@ -764,6 +920,12 @@ class SchedulerDaemon:
         for task_id in [t for t, c in self.task_info.items() if device_id in c.devices]:
             del self.task_info[task_id]  # it will never report
         self.log.warning("worker.lost", device_id=device_id, reason=reason)
+        if kill and node is not None and node.up:
+            # A hung worker would otherwise live on, holding its device: its node kills
+            # and restarts it.
+            self.out.append((self.nodes_sock, [node.ident, protocol.encode(
+                protocol.KillWorker(index=conn.info.index, reason=reason)
+            )]))
         self.feed(DeviceLost(device_id, reason, new_stimulus_id("lost")))
 
     def _node_lost(self, node_id: str, reason: str) -> None:
@@ -776,6 +938,10 @@ class SchedulerDaemon:
         for conn in self.workers.values():
             if conn.info.node_id == node_id and conn.up:
                 conn.up = False
+                self.resident.pop(conn.info.device_id, None)
+        for task_id in [t for t, c in self.task_info.items()
+                        if any(d.startswith(f"{node_id}/") for d in c.devices)]:
+            del self.task_info[task_id]
         self.feed(NodeLost(node_id, reason, new_stimulus_id("node-lost")))
 
     # ------------------------------------------------------------------ ticks
@@ -783,19 +949,47 @@ class SchedulerDaemon:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.tick_s)
-            now = self.now()
-            ttl = self.cfg.worker_ttl_s
-            for dev, conn in list(self.workers.items()):
-                if conn.up and now - conn.last_seen > ttl:
-                    self._worker_lost(dev, f"silent for {now - conn.last_seen:.1f}s")
-            for node_id, node in list(self.nodes.items()):
-                if node.up and now - node.last_seen > ttl:
-                    self._node_lost(node_id, f"silent for {now - node.last_seen:.1f}s")
-                elif node.up:
-                    self._maybe_node_joined(node, now)
-            self.feed(Tick())
-            await self._pump()
+            self._check_liveness()
+            if not self._tick_queued:
+                self._tick_queued = True
+                self.feed(Tick())
+            await self._flush()
             flush_logs()
+
+    def _check_liveness(self) -> None:
+        now = self.now()
+        if self._cluster_pending():
+            # Unread cluster messages may hold the very heartbeats we would miss: judge
+            # liveness only on a socket read dry.
+            return
+        ttl = self.cfg.worker_ttl_s
+        for dev, conn in list(self.workers.items()):
+            if conn.up and now - conn.last_seen > ttl:
+                self._worker_lost(dev, f"silent for {now - conn.last_seen:.1f}s", kill=True)
+        for node_id, node in list(self.nodes.items()):
+            if node.up and now - node.last_seen > ttl:
+                self._node_lost(node_id, f"silent for {now - node.last_seen:.1f}s")
+            elif node.up:
+                self._maybe_node_joined(node, now)
+        cttl = self.cfg.client_ttl_s
+        gone = {ident for ident, c in self.client_conns.items() if c.heartbeats and now - c.last_seen > cttl}
+        for rid, pend in list(self.pending.items()):
+            if pend.heartbeat and pend.client in gone:
+                self.log.info("request.cancel", request_id=rid, reason="client gone")
+                self.feed(RequestCancelled(rid, new_stimulus_id("client-gone")))
+                pend.heartbeat = False  # cancel once
+        for ident in gone:
+            self.log.info("client.gone", client=ident.decode(errors="replace")[:80])
+            del self.client_conns[ident]
+        if len(self.client_conns) > 100_000:  # clients that never heartbeat: forget the oldest
+            for ident in sorted(self.client_conns, key=lambda i: self.client_conns[i].last_seen)[:50_000]:
+                del self.client_conns[ident]
+
+
+_ERROR_CODES = frozenset(
+    ("unknown_model", "invalid_request", "overloaded", "stage_failed", "timeout", "cancelled",
+     "out_of_memory", "unavailable", "internal")
+)
 
 
 def _option_value(text: str) -> Any:
@@ -826,11 +1020,13 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     p.add_argument("--profile", action="append", default=[], metavar="FILE",
                    help="a `trident profile` file for the cost model (repeatable)")
     p.add_argument("--curve-dir", help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate")
+    p.add_argument("--client-ttl-s", type=float, help="cancel the requests of a heartbeating client silent this long")
+    p.add_argument("--state-dir", help="directory of the request journal (restart without silent loss)")
     p.add_argument("--log-file")
     ns = p.parse_args(argv)
     cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
     cfg.profiles.extend(ns.profile)
-    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale", "curve_dir", "tick_s"):
+    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale", "curve_dir", "tick_s", "client_ttl_s", "state_dir"):
         value = getattr(ns, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -871,18 +1067,17 @@ def main(
 
         uvloop.install()
 
-    async def _main() -> None:
+    async def _main() -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stopping.set)
-        await daemon.run()
+        return await daemon.run()
 
     try:
-        asyncio.run(_main())
+        return asyncio.run(_main())
     except zmq.ZMQError as exc:
         print(f"trident-scheduler: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

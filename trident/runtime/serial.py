@@ -79,7 +79,7 @@ def pack_tensors(tensors: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list
 
 
 def unpack_tensors(
-    meta: Sequence[Mapping[str, Any]], frames: Sequence[Any], *, as_torch: bool | None = None
+    meta: Sequence[Any], frames: Sequence[Any], *, as_torch: bool | None = None
 ) -> dict[str, Any]:
     """Rebuild tensors described by ``meta`` over ``frames`` (zero-copy, read-only).
 
@@ -90,6 +90,8 @@ def unpack_tensors(
         raise ProtocolError(f"{len(meta)} tensors described but {len(frames)} frames received")
     out: dict[str, Any] = {}
     for desc, frame in zip(meta, frames, strict=True):
+        if not isinstance(desc, Mapping):  # a protocol.TensorDesc struct
+            desc = {f: getattr(desc, f, None) for f in ("name", "dtype", "shape", "lib")}
         try:
             name = str(desc["name"])
             dtype = str(desc["dtype"])

@@ -14,18 +14,27 @@ event loop keeps answering heartbeats and peers' fetches during a long stage.
 A ``run_batch`` (several requests' tasks as one call) is one queue entry; each member
 is reported under its own task id as if it had come alone, and a member's failure
 (lost input, bad request) fails that member only.
+
+``cancel_task`` drops a queued task, or sets the running task's flag, which the
+executor checks between denoising steps (degree 1; a degree-k task runs to its end).
+Every loop is supervised: one that dies exits the worker with status 1 and its node
+restarts it. Re-registration (``reregister``) happens on the control loop without
+blocking it: hello, then on welcome the old executor is closed and a new one made.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,11 +49,12 @@ from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
 from trident.runtime.devices import (
     Executor,
     OutOfMemory,
-    SimExecutor,
     StageError,
+    TaskCancelled,
     TaskResult,
     make_executor,
 )
+from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.serial import pack_tensors
 from trident.runtime.transport import make_socket
 
@@ -78,21 +88,35 @@ class WorkerArgs:
         return f"{self.node_id}/{self.kind}:{self.index}"
 
 
+class InputLost(StageError):
+    """A task's input is no longer kept where it was: the holder's failure, not the
+    request's, so a re-run from an earlier stage may succeed (retryable)."""
+
+
 @dataclass
 class _Task:
-    msg: dict[str, Any]  # the message; for a batch member, its map in "members"
+    # The message: RunTask, RunBatch, LoadStage or UnloadStage; for a batch member,
+    # its BatchMember.
+    msg: Any
     inputs: asyncio.Future[dict[str, Any]] | None = None
     transfer_seconds: float = 0.0
     members: list[_Task] = field(default_factory=list)  # run_batch only
 
+    @property
+    def task_id(self) -> str | None:
+        return getattr(self.msg, "task_id", None)
+
 
 def _failure(exc: BaseException, degree: int) -> tuple[str, str, bool]:
     """(error code, message, retryable) reported for a task that raised ``exc``."""
+    if isinstance(exc, TaskCancelled):
+        return "cancelled", "cancelled by the client", False
     if isinstance(exc, OutOfMemory):
         return "out_of_memory", str(exc), False
+    if isinstance(exc, InputLost):
+        return "stage_failed", str(exc), True
     if isinstance(exc, StageError):
-        # A lost input is the holder's failure, not the request's: a re-run may succeed.
-        return "stage_failed", str(exc), "no longer kept" in str(exc)
+        return "stage_failed", str(exc), False
     # At degree k a failure is usually a partner's (a collective broke): another
     # instance may well succeed. At degree 1 it is the request's own.
     return "stage_failed", f"{type(exc).__name__}: {exc}", degree > 1
@@ -119,6 +143,14 @@ class Worker:
         self.go: dict[str, asyncio.Future[None]] = {}
         self.store_addr: str | None = None
         self.auth: Any = None
+        # The task computing now and its cancel flag (checked between denoising steps).
+        self.running: _Task | None = None
+        self.running_cancel: threading.Event | None = None
+        self.cancelled_members: set[str] = set()  # members of the running batch
+        # Re-registration (the scheduler restarted or forgot us): hello sent, welcome
+        # awaited by the control loop; the executor is replaced between tasks.
+        self.rejoining = False
+        self.exit_code = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,7 +166,7 @@ class Worker:
         self.ctl.connect(a.scheduler)
         self.server = PeerServer(
             self.ctx, a.host, self.outputs, on_barrier=self._on_barrier,
-            on_error=lambda e: self.log.warning("protocol.error", channel="peer", error=e),
+            on_error=lambda e: self.log.warning("protocol.rejected", channel="peer", error=e),
             curve=keys,
         )
         self.peer_addr = self.server.address
@@ -146,61 +178,89 @@ class Worker:
             self.store_addr = await asyncio.get_running_loop().run_in_executor(self.pool, _host_store, a.host)
         code = await self._handshake()
         if code is not None:
+            await self._close()
             return code
         self.log.info("worker.joined", peer_addr=self.peer_addr, kind=a.kind, pid=os.getpid())
         loops = [
-            asyncio.create_task(self._control_loop(), name="control"),
-            asyncio.create_task(self.server.serve(), name="peer"),
-            asyncio.create_task(self._run_loop(), name="run"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._parent_watchdog(), name="watchdog"),
+            asyncio.create_task(self._supervised("control", self._control_loop), name="control"),
+            asyncio.create_task(self._supervised("peer", self.server.serve), name="peer"),
+            asyncio.create_task(self._supervised("run", self._run_loop), name="run"),
+            asyncio.create_task(self._supervised("heartbeat", self._heartbeat_loop), name="heartbeat"),
+            asyncio.create_task(self._supervised("watchdog", self._parent_watchdog), name="watchdog"),
         ]
         await self.stopping.wait()
+        if self.running_cancel is not None:
+            self.running_cancel.set()
         for t in loops:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self._close()
-        return 0
+        return self.exit_code
 
-    async def _handshake(self) -> int | None:
+    async def _supervised(self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """A loop that dies takes the worker down (exit 1; its node restarts it)."""
+        try:
+            await loop_fn()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.log.critical("task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20))
+            self.exit_code = 1
+            self.stopping.set()
+
+    def _hello(self) -> bytes:
         a = self.args
-        hello = protocol.encode(
-            "worker_hello",
+        return protocol.encode(protocol.WorkerHello(
             version=protocol.PROTOCOL_VERSION,
             device_id=a.device_id,
             node_id=a.node_id,
             index=a.index,
-            kind=a.kind,
+            kind=a.kind,  # type: ignore[arg-type]
             memory_bytes=a.memory_bytes,
             speed=a.speed,
             peer_addr=self.peer_addr,
             store_addr=self.store_addr,
             pid=os.getpid(),
-        )
+        ))
+
+    async def _handshake(self) -> int | None:
+        """The first hello, before any loop runs (re-registration is the control loop's)."""
+        a = self.args
+        hello = self._hello()
         deadline = time.monotonic() + 60.0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stopping.is_set():
             await self.ctl.send_multipart([hello])
-            if await self.ctl.poll(2000):
-                header, _ = protocol.decode(await self.ctl.recv_multipart())
-                if header["t"] == "reject":
-                    self.log.error("worker.rejected", reason=header["reason"])
-                    print(f"trident worker: rejected by scheduler: {header['reason']}", file=sys.stderr)
-                    return EXIT_REJECTED
-                if header["t"] == "worker_welcome":
-                    self.models = dict(header["models"])
-                    self.args.heartbeat_s = float(header["heartbeat_s"])
-                    self.executor = make_executor(
-                        a.kind,
-                        self.models,
-                        memory_bytes=a.memory_bytes,
-                        ordinal=a.ordinal,
-                        time_scale=a.time_scale,
-                        speed=a.speed,
-                        threads=a.threads,
-                    )
-                    return None
+            if not await self.ctl.poll(2000):
+                continue
+            try:
+                msg, _ = protocol.decode(await self.ctl.recv_multipart(), SCHEDULER_TO_WORKER)
+            except ProtocolError as exc:
+                self.log.warning("protocol.rejected", channel="control", error=exc.message)
+                continue
+            if isinstance(msg, protocol.Reject):
+                self.log.error("worker.rejected", reason=msg.reason)
+                print(f"trident worker: rejected by scheduler: {msg.reason}", file=sys.stderr)
+                return EXIT_REJECTED
+            if isinstance(msg, protocol.WorkerWelcome):
+                self._welcomed(msg)
+                return None
+            # reregister (our node has not said hello yet) or stale traffic: hello again
         self.log.error("worker.no_scheduler", scheduler=a.scheduler)
         return EXIT_NO_SCHEDULER
+
+    def _welcomed(self, msg: protocol.WorkerWelcome) -> None:
+        a = self.args
+        self.models = {n: {"family": m.family, "path": m.path} for n, m in msg.models.items()}
+        self.args.heartbeat_s = float(msg.heartbeat_s)
+        self.executor = make_executor(
+            a.kind,
+            self.models,
+            memory_bytes=a.memory_bytes,
+            ordinal=a.ordinal,
+            time_scale=a.time_scale,
+            speed=a.speed,
+            threads=a.threads,
+        )
 
     async def _close(self) -> None:
         if self.peers is not None:
@@ -224,61 +284,127 @@ class Worker:
                 self.log.warning("worker.orphaned", parent_pid=parent)
                 self.stopping.set()
                 return
+        await self.stopping.wait()
 
     async def _heartbeat_loop(self) -> None:
-        msg = protocol.encode("heartbeat", queued=0)
         while True:
             await asyncio.sleep(self.args.heartbeat_s)
-            await self.ctl.send_multipart([msg])
+            if self.rejoining:
+                await self.ctl.send_multipart([self._hello()])  # until welcomed
+            else:
+                await self.ctl.send_multipart([protocol.encode(protocol.Heartbeat(queued=len(self.queue)))])
 
     # ------------------------------------------------------------------ control
 
-    async def _send(self, msg_type: str, frames: list[Any] | None = None, /, **fields: Any) -> None:
-        header = protocol.encode(msg_type, fields)
-        await self.ctl.send_multipart([header, *(frames or [])], copy=False)
+    async def _send(self, msg: protocol.Message, frames: list[Any] | None = None) -> None:
+        await self.ctl.send_multipart([protocol.encode(msg), *(frames or [])], copy=False)
 
     async def _control_loop(self) -> None:
         while True:
             frames = await self.ctl.recv_multipart(copy=False)
             try:
-                header, _ = protocol.decode(frames)
+                msg, _ = protocol.decode(frames, SCHEDULER_TO_WORKER)
             except ProtocolError as exc:
-                self.log.warning("protocol.error", error=str(exc), channel="control")
+                self.log.warning("protocol.rejected", error=exc.message, channel="control")
                 continue
-            t = header["t"]
-            if t == "run_task":
-                self._enqueue(header)
-            elif t == "run_batch":
-                self._enqueue_batch(header)
-            elif t == "release":
-                self.outputs.pop(str(header["key"]), None)
-            elif t == "load_stage" or t == "unload_stage":
-                self.queue.append(_Task(msg=header))
+            if isinstance(msg, protocol.RunTask):
+                self._enqueue(msg)
+            elif isinstance(msg, protocol.RunBatch):
+                self._enqueue_batch(msg)
+            elif isinstance(msg, protocol.CancelTask):
+                await self._cancel(msg.task_id)
+            elif isinstance(msg, protocol.Release):
+                self.outputs.pop(msg.key, None)
+            elif isinstance(msg, protocol.LoadStage | protocol.UnloadStage):
+                self.queue.append(_Task(msg=msg))
                 self.queue_event.set()
-            elif t == "shutdown":
+            elif isinstance(msg, protocol.Shutdown):
                 self.log.info("worker.shutdown")
                 self.stopping.set()
                 return
-            elif t == "reregister":
-                await self._handshake()
-            elif t == "reject":
-                self.log.error("worker.rejected", reason=header.get("reason"))
+            elif isinstance(msg, protocol.Reregister):
+                if not self.rejoining:
+                    self.log.info("worker.rejoining")
+                    self.rejoining = True
+                    await self.ctl.send_multipart([self._hello()])
+            elif isinstance(msg, protocol.WorkerWelcome):
+                if self.rejoining:
+                    await self._rejoined(msg)
+            elif isinstance(msg, protocol.Reject):
+                self.log.error("worker.rejected", reason=msg.reason)
+                self.exit_code = EXIT_REJECTED
                 self.stopping.set()
                 return
 
-    def _enqueue(self, msg: dict[str, Any]) -> None:
+    async def _rejoined(self, msg: protocol.WorkerWelcome) -> None:
+        """Welcomed again by a scheduler that knows nothing of our past: what we queued,
+        kept or loaded for the old one is dropped, and the executor (with its weights)
+        is closed and made anew once the running task, if any, has stopped."""
+        self.rejoining = False
+        self.queue.clear()
+        self.outputs.clear()
+        if self.running_cancel is not None:
+            self.running_cancel.set()
+        while self.running is not None:
+            await asyncio.sleep(0.05)
+        old = self.executor
+        if old is not None:
+            await asyncio.get_running_loop().run_in_executor(self.pool, old.close)
+        self._welcomed(msg)
+        self.log.info("worker.joined", peer_addr=self.peer_addr, kind=self.args.kind, pid=os.getpid(), rejoined=True)
+
+    async def _cancel(self, task_id: str) -> None:
+        """Drop a queued task, or stop the running one at its next denoising step."""
+        for task in list(self.queue):
+            if task.task_id == task_id:
+                self.queue.remove(task)
+                self._drop_fetch(task)
+                if int(task.msg.rank) == 0:
+                    await self._report_cancelled(task_id)
+                return
+            for member in list(task.members):
+                if member.task_id == task_id:
+                    task.members.remove(member)
+                    self._drop_fetch(member)
+                    await self._report_cancelled(task_id)
+                    if not task.members:
+                        self.queue.remove(task)
+                    return
+        running = self.running
+        if running is None:
+            return
+        if running.task_id == task_id:
+            if len(running.msg.devices) == 1 and self.running_cancel is not None:
+                # Degree k: ranks would have to agree on the step to stop at (a
+                # collective would hang otherwise); such a task runs to its end and
+                # the scheduler drops its output.
+                self.running_cancel.set()
+            return
+        ids = {m.task_id for m in running.members}
+        if task_id in ids:
+            self.cancelled_members.add(task_id)
+            if ids <= self.cancelled_members and self.running_cancel is not None:
+                self.running_cancel.set()
+
+    async def _report_cancelled(self, task_id: str) -> None:
+        self.log.info("stage.cancelled", task_id=task_id, where="queued")
+        await self._send(protocol.TaskFailed(
+            task_id=task_id, error="cancelled", message="cancelled by the client", retryable=False
+        ))
+
+    def _enqueue(self, msg: protocol.RunTask) -> None:
         task = _Task(msg=msg)
-        if int(msg["rank"]) == 0 and msg["inputs"]:
+        if msg.rank == 0 and msg.inputs:
             task.inputs = asyncio.ensure_future(self._fetch_inputs(task))
         self.queue.append(task)
         self.queue_event.set()
 
-    def _enqueue_batch(self, msg: dict[str, Any]) -> None:
+    def _enqueue_batch(self, msg: protocol.RunBatch) -> None:
         # One queue entry: the members run as one call, at the batch's place in order.
-        task = _Task(msg=msg, members=[_Task(msg=dict(m)) for m in msg["members"]])
-        if int(msg["rank"]) == 0:
+        task = _Task(msg=msg, members=[_Task(msg=m) for m in msg.members])
+        if msg.rank == 0:
             for member in task.members:
-                if member.msg["inputs"]:
+                if member.msg.inputs:
                     # Every member's inputs are fetched concurrently, from wherever each is kept.
                     member.inputs = asyncio.ensure_future(self._fetch_inputs(member))
         self.queue.append(task)
@@ -290,20 +416,19 @@ class Worker:
         assert self.peers is not None
         merged: dict[str, Any] = {}
         total = 0.0
-        for ref in task.msg["inputs"]:
-            key, addr = str(ref["key"]), str(ref["addr"])
-            if addr == self.peer_addr:
-                local = self.outputs.get(key)
+        for ref in task.msg.inputs:
+            if ref.addr == self.peer_addr:
+                local = self.outputs.get(ref.key)
                 if local is None:
-                    raise StageError(f"input {key} is no longer kept on this device")
+                    raise InputLost(f"input {ref.key} is no longer kept on this device")
                 merged.update(local)
                 continue
             try:
-                tensors, secs = await self.peers.fetch(addr, key)
+                tensors, secs = await self.peers.fetch(ref.addr, ref.key)
             except FetchMissing:
-                raise StageError(f"input {key} is no longer kept on {ref.get('device_id')}") from None
+                raise InputLost(f"input {ref.key} is no longer kept on {ref.device_id}") from None
             except TimeoutError:
-                raise StageError(f"input {key} is no longer kept: {ref.get('device_id')} did not answer") from None
+                raise InputLost(f"input {ref.key} is unreachable: {ref.device_id} did not answer") from None
             merged.update(tensors)
             total += secs
         task.transfer_seconds = total
@@ -326,39 +451,56 @@ class Worker:
                 self.queue_event.clear()
                 await self.queue_event.wait()
             task = self.queue.popleft()
-            t = task.msg["t"]
-            if t == "run_task":
-                await self._run_task(task)
-            elif t == "run_batch":
-                await self._run_batch(task)
-            elif t in ("load_stage", "unload_stage"):
-                await self._load_unload(task.msg)
+            self.running = task
+            self.running_cancel = threading.Event()
+            self.cancelled_members = set()
+            try:
+                if isinstance(task.msg, protocol.RunTask):
+                    await self._run_task(task)
+                elif isinstance(task.msg, protocol.RunBatch):
+                    await self._run_batch(task)
+                else:
+                    await self._load_unload(task.msg)
+            finally:
+                self.running = None
+                self.running_cancel = None
 
-    async def _load_unload(self, msg: dict[str, Any]) -> None:
+    async def _call(self, method: str, *args: Any) -> Any:
+        """Call the executor: on the loop when it runs there (``<method>_async``,
+        simulated devices), else in the compute thread; with the task's cancel flag."""
+        assert self.executor is not None
+        cancel = self.running_cancel
+        on_loop = getattr(self.executor, f"{method}_async", None)
+        if on_loop is not None:
+            return await on_loop(*args, cancel=cancel)
+        fn = functools.partial(getattr(self.executor, method), *args, cancel=cancel)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+
+    async def _load_unload(self, msg: protocol.LoadStage | protocol.UnloadStage) -> None:
         assert self.executor is not None
         loop = asyncio.get_running_loop()
-        model, stage = str(msg["model"]), str(msg["stage"])
         try:
-            if msg["t"] == "load_stage":
+            if isinstance(msg, protocol.LoadStage):
                 secs, source = await loop.run_in_executor(
-                    self.pool, self.executor.load, model, stage, str(msg.get("source") or "disk")
+                    self.pool, self.executor.load, msg.model, msg.stage, msg.source or "disk"
                 )
                 await self._report_evictions(getattr(self.executor, "evicted", None))
                 if source != "resident":
-                    self.log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
-                await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+                    self.log.info("stage.loaded", model=msg.model, stage=msg.stage, seconds=secs, source=source)
+                await self._send(protocol.StageLoaded(model=msg.model, stage=msg.stage, seconds=secs, source=source))
             else:
-                await loop.run_in_executor(self.pool, self.executor.unload, model, stage)
-                self.log.info("stage.unloaded", model=model, stage=stage)
-                await self._send("stage_unloaded", model=model, stage=stage)
+                await loop.run_in_executor(self.pool, self.executor.unload, msg.model, msg.stage)
+                self.log.info("stage.unloaded", model=msg.model, stage=msg.stage)
+                await self._send(protocol.StageUnloaded(model=msg.model, stage=msg.stage))
         except Exception as exc:
-            self.log.warning("stage.load_failed", model=model, stage=stage, error=str(exc))
+            self.log.error("stage.load_failed", model=msg.model, stage=msg.stage, error=repr(exc))
+            await self._send(protocol.StageLoadFailed(model=msg.model, stage=msg.stage, message=repr(exc)[:4000]))
 
-    async def _barrier(self, msg: dict[str, Any]) -> None:
+    async def _barrier(self, msg: protocol.RunTask) -> None:
         """Degree-k tasks start together on all their devices (as collectives would)."""
         assert self.server is not None and self.peers is not None
-        task_id, rank = str(msg["task_id"]), int(msg["rank"])
-        degree = len(msg["devices"])
+        task_id, rank = msg.task_id, msg.rank
+        degree = len(msg.devices)
         if rank == 0:
             while len(self.barriers.get(task_id, ())) < degree - 1:
                 self.barrier_event.clear()
@@ -369,19 +511,19 @@ class Worker:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.go[task_id] = fut
             try:
-                await self.peers.barrier(str(msg["leader_addr"]), task_id, rank)
-                await asyncio.wait_for(fut, timeout=600.0)
+                await self.peers.barrier(str(msg.leader_addr), task_id, rank)
+                await asyncio.wait_for(fut, timeout=GROUP_TIMEOUT_S)
             finally:
                 self.go.pop(task_id, None)
 
     async def _run_task(self, task: _Task) -> None:
         assert self.executor is not None
-        msg = task.msg
-        task_id = str(msg["task_id"])
-        rank = int(msg["rank"])
-        stages = tuple(str(s) for s in msg["stages"])
-        degree = len(msg["devices"])
-        log = self.log.bind(task_id=task_id, request_id=msg["request_id"], stages=list(stages))
+        msg: protocol.RunTask = task.msg
+        task_id = msg.task_id
+        rank = msg.rank
+        stages = tuple(msg.stages)
+        degree = len(msg.devices)
+        log = self.log.bind(task_id=task_id, request_id=msg.request_id, stages=list(stages))
         loop = asyncio.get_running_loop()
         parallel = None
         try:
@@ -396,32 +538,24 @@ class Worker:
                 else:
                     parallel = await loop.run_in_executor(self.pool, self._join_group, msg)
             if rank == 0:
-                await self._send("task_started", task_id=task_id)
+                await self._send(protocol.TaskStarted(task_id=task_id))
                 log.debug("stage.started")
-            options = dict(msg.get("options") or {})
+            options = dict(msg.options)
             options["degree"] = degree
             try:
-                if isinstance(self.executor, SimExecutor):
-                    result = await self.executor.run_async(
-                        str(msg["model"]), stages, inputs, dict(msg["params"]), options
-                    )
+                if parallel is None:
+                    result = await self._call("run", msg.model, stages, inputs, dict(msg.params), options)
                 else:
-                    result = await loop.run_in_executor(
-                        self.pool,
-                        self.executor.run,
-                        str(msg["model"]),
-                        stages,
-                        inputs,
-                        dict(msg["params"]),
-                        options,
-                        parallel,
-                    )
+                    result = await self._call("run", msg.model, stages, inputs, dict(msg.params), options, parallel)
             finally:
                 if parallel is not None:
                     await loop.run_in_executor(self.pool, _leave_group, parallel)
         except Exception as exc:
             error, message, retryable = _failure(exc, degree)
-            if not isinstance(exc, OutOfMemory | StageError):
+            if isinstance(exc, TaskCancelled):
+                log.info("stage.cancelled", where="running")
+                log = None
+            elif not isinstance(exc, OutOfMemory | StageError):
                 log.error("stage.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
                 log = None  # logged with its traceback already
             await self._fail(task_id, rank, error, message, retryable=retryable, log=log)
@@ -429,7 +563,7 @@ class Worker:
         await self._report_loads([result], log)
         if rank != 0:
             return
-        await self._finished(task_id, bool(msg["final"]), result, task.transfer_seconds)
+        await self._finished(task_id, bool(msg.final), result, task.transfer_seconds)
         log.debug("stage.finished", seconds=result.stage_seconds)
 
     async def _finished(self, task_id: str, final: bool, result: TaskResult, transfer_seconds: float) -> None:
@@ -437,18 +571,19 @@ class Worker:
         any other is kept here under the task id for the next stage to fetch."""
         meta, frames = pack_tensors(result.outputs)
         nbytes = sum(memoryview(f).nbytes for f in frames)
-        fields: dict[str, Any] = {
-            "task_id": task_id,
-            "stage_seconds": result.stage_seconds,
-            "transfer_seconds": transfer_seconds,
-            "load_seconds": result.load_seconds,
-            "output_bytes": nbytes,
-        }
+        report = protocol.TaskFinished(
+            task_id=task_id,
+            stage_seconds=dict(result.stage_seconds),
+            transfer_seconds=transfer_seconds,
+            load_seconds=result.load_seconds,
+            output_bytes=nbytes,
+            tensors=[protocol.TensorDesc(**m) for m in meta] if final else None,
+        )
         if final:
-            await self._send("task_finished", frames, tensors=meta, **fields)
+            await self._send(report, frames)
         else:
             self.outputs[task_id] = result.outputs
-            await self._send("task_finished", **fields)
+            await self._send(report)
 
     async def _report_loads(self, results: list[TaskResult], log: Any) -> None:
         """Stage loads and evictions of a call, each once however many results carry it
@@ -462,26 +597,25 @@ class Worker:
         await self._report_evictions(evicted)
         for (model, stage), (secs, source) in loaded.items():
             log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
-            await self._send("stage_loaded", model=model, stage=stage, seconds=secs, source=source)
+            await self._send(protocol.StageLoaded(model=model, stage=stage, seconds=secs, source=source))  # type: ignore[arg-type]
 
     async def _run_batch(self, task: _Task) -> None:
         """Run a ``run_batch``: the members whose inputs arrived, as one executor call."""
         assert self.executor is not None
-        msg = task.msg
-        batch_id = str(msg["batch_id"])
-        stages = tuple(str(s) for s in msg["stages"])
-        degree = len(msg["devices"])
-        blog = self.log.bind(batch_id=batch_id, stages=list(stages))
+        msg: protocol.RunBatch = task.msg
+        stages = tuple(msg.stages)
+        degree = len(msg.devices)
+        blog = self.log.bind(batch_id=msg.batch_id, stages=list(stages))
 
         def member_log(member: _Task) -> Any:
-            return blog.bind(task_id=str(member.msg["task_id"]), request_id=member.msg["request_id"])
+            return blog.bind(task_id=member.msg.task_id, request_id=member.msg.request_id)
 
-        if degree != 1 or int(msg["rank"]) != 0:
+        if degree != 1 or msg.rank != 0:
             # The scheduler never sends these (it fails such batches itself).
             for member in task.members:
                 self._drop_fetch(member)
                 await self._fail(
-                    str(member.msg["task_id"]), 0, "internal", f"batches run at degree 1, not {degree}",
+                    member.msg.task_id, 0, "internal", f"batches run at degree 1, not {degree}",
                     retryable=False, log=member_log(member),
                 )
             return
@@ -491,43 +625,39 @@ class Worker:
                 inputs = await member.inputs if member.inputs is not None else {}
             except Exception as exc:
                 error, message, retryable = _failure(exc, degree)
-                await self._fail(str(member.msg["task_id"]), 0, error, message, retryable=retryable, log=member_log(member))
+                await self._fail(member.msg.task_id, 0, error, message, retryable=retryable, log=member_log(member))
                 continue
             live.append((member, inputs))
         if not live:
             return
         for member, _ in live:
-            await self._send("task_started", task_id=str(member.msg["task_id"]))
-        options = dict(msg.get("options") or {})
+            await self._send(protocol.TaskStarted(task_id=member.msg.task_id))
+        options = dict(msg.options)
         options["degree"] = degree
-        model = str(msg["model"])
         inputs_list: list[Any] = [inp for _, inp in live]
-        params_list: list[Any] = [dict(m.msg["params"]) for m, _ in live]
+        params_list: list[Any] = [dict(m.msg.params) for m, _ in live]
         blog.debug("batch.started", size=len(live))
         try:
-            if isinstance(self.executor, SimExecutor):
-                results = await self.executor.run_batch_async(model, stages, inputs_list, params_list, options)
-            else:
-                loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(
-                    self.pool, self.executor.run_batch, model, stages, inputs_list, params_list, options, None
-                )
+            results = await self._call("run_batch", msg.model, stages, inputs_list, params_list, options)
             if len(results) != len(live):
                 raise RuntimeError(f"executor returned {len(results)} results for {len(live)} members")
         except Exception as exc:
             # The call as a whole failed (e.g. the batch did not fit): every member fails.
             error, message, retryable = _failure(exc, degree)
-            if not isinstance(exc, OutOfMemory | StageError):
+            if not isinstance(exc, OutOfMemory | StageError | TaskCancelled):
                 blog.error("batch.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
             for member, _ in live:
-                await self._fail(str(member.msg["task_id"]), 0, error, message, retryable=retryable, log=member_log(member))
+                await self._fail(member.msg.task_id, 0, error, message, retryable=retryable, log=member_log(member))
             return
         await self._report_loads([r for r in results if isinstance(r, TaskResult)], blog)
         for (member, _), res in zip(live, results, strict=True):
-            task_id = str(member.msg["task_id"])
+            task_id = member.msg.task_id
             mlog = member_log(member)
+            if task_id in self.cancelled_members:
+                await self._fail(task_id, 0, "cancelled", "cancelled by the client", retryable=False, log=mlog)
+                continue
             if isinstance(res, TaskResult):
-                await self._finished(task_id, bool(member.msg["final"]), res, member.transfer_seconds)
+                await self._finished(task_id, bool(member.msg.final), res, member.transfer_seconds)
                 mlog.debug("stage.finished", seconds=res.stage_seconds)
                 continue
             error, message, retryable = _failure(res, degree)
@@ -556,23 +686,25 @@ class Worker:
         while evicted:
             model, stage = evicted.pop(0)
             self.log.info("stage.unloaded", model=model, stage=stage, reason="evicted for memory")
-            await self._send("stage_unloaded", model=model, stage=stage)
+            await self._send(protocol.StageUnloaded(model=model, stage=stage))  # type: ignore[arg-type]
 
-    def _join_group(self, msg: dict[str, Any]) -> Any:
+    def _join_group(self, msg: protocol.RunTask) -> Any:
         from trident.pipelines.parallel import join_group
 
-        group = msg["group"]
+        group = msg.group
+        if group is None or group.rendezvous is None:
+            raise StageError(f"task {msg.task_id} at degree {len(msg.devices)} carries no process group")
         backend = "nccl" if self.args.kind == "cuda" else "gloo"
         return join_group(
-            str(group["rendezvous"]), str(group["key"]), int(msg["rank"]), len(msg["devices"]), backend,
-            timeout=GROUP_TIMEOUT_S,
+            group.rendezvous, group.key, msg.rank, len(msg.devices), backend, timeout=GROUP_TIMEOUT_S,
         )
 
     async def _fail(self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any) -> None:
         if log is not None:
             log.warning("stage.failed", error=error, message=message)
         if rank == 0:
-            await self._send("task_failed", task_id=task_id, error=error, message=message, retryable=retryable)
+            await self._send(protocol.TaskFailed(task_id=task_id, error=error, message=message[:60_000],
+                                                 retryable=retryable))
 
 
 def _warm_torch() -> None:

@@ -17,12 +17,13 @@ Pure: no sockets, no asyncio, no wall clock — ``now`` comes with each event.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trident.sched.cost import best_degree
 from trident.sched.types import (
     STAGES,
+    CancelTask,
     Command,
     CompleteRequest,
     CostModel,
@@ -38,6 +39,7 @@ from trident.sched.types import (
     ModelInfo,
     NodeJoined,
     NodeLost,
+    Policy,
     ReleaseOutput,
     RequestArrived,
     RequestCancelled,
@@ -60,6 +62,7 @@ __all__ = [
     "RequestState",
     "SchedulerCore",
     "TaskState",
+    "handle_events",
     "standalone_latency",
 ]
 
@@ -76,6 +79,11 @@ class CoreConfig:
     # Decode with VAE tiling when its untiled activation peak would take more than this
     # share of the decoding device's memory (big images, long videos).
     vae_tiling_fraction: float = 0.5
+    # With no live device, requests fail "unavailable" (queued, in flight and new) once
+    # the cluster has had none for this long; at boot, before any device ever joined,
+    # the longer boot grace applies (workers import torch and load weights first).
+    unavailable_after_s: float = 10.0
+    boot_grace_s: float = 60.0
 
 
 @dataclass
@@ -145,6 +153,18 @@ def standalone_latency(
     return total, k
 
 
+def handle_events(policy: Policy, events: Sequence[Event], now: float) -> list[Command]:
+    """Feed ``events`` to any policy: as one round (``handle_many``) where the policy
+    is a :class:`SchedulerCore` that keeps its ``handle``, else one event at a time
+    (a policy, or a wrapper, that overrides ``handle`` sees every event there)."""
+    if isinstance(policy, SchedulerCore) and type(policy).handle is SchedulerCore.handle:
+        return policy.handle_many(events, now)
+    out: list[Command] = []
+    for ev in events:
+        out.extend(policy.handle(ev, now))
+    return out
+
+
 class SchedulerCore:
     """Request lifecycle; subclasses override :meth:`plan` to dispatch."""
 
@@ -167,11 +187,53 @@ class SchedulerCore:
         # Batch id -> its members' task ids that have not ended yet.
         self.batches: dict[str, list[str]] = {}
         self._task_seq = 0
+        # When the cluster last had no live device (None: it has some), whether any
+        # device ever joined, and whether requests are being refused for it now.
+        self._no_devices_since: float | None = None
+        self._ever_had_devices = False
+        self.unavailable = False
 
     # ------------------------------------------------------------------ entry point
 
     def handle(self, event: Event, now: float) -> list[Command]:
+        return self.handle_many((event,), now)
+
+    def handle_many(self, events: Iterable[Event], now: float) -> list[Command]:
+        """Apply ``events`` in order, then plan once. The daemon hands over everything
+        that arrived during one loop turn this way, so a burst of arrivals costs one
+        dispatch round, not one per arrival; the simulator feeds events one by one."""
         out: list[Command] = []
+        for event in events:
+            self.apply(event, now, out)
+        self._check_available(now, out)
+        out.extend(self.plan(now))
+        return out
+
+    def _check_available(self, now: float, out: list[Command]) -> None:
+        """Fail everything at once when no live device is left (after a grace), rather
+        than letting requests wait for a cluster that is gone."""
+        if any(d.up for d in self.devices.values()):
+            self._ever_had_devices = True
+            self._no_devices_since = None
+            if self.unavailable:
+                self.unavailable = False
+                out.append(LogEvent("cluster.available", {"devices": len(self.up_devices())}))
+            return
+        if self._no_devices_since is None:
+            self._no_devices_since = now
+        grace = (
+            self.config.unavailable_after_s if self._ever_had_devices else self.config.boot_grace_s
+        )
+        if now - self._no_devices_since < grace:
+            return
+        if not self.unavailable:
+            self.unavailable = True
+            out.append(LogEvent("cluster.unavailable", {"since": self._no_devices_since}))
+        for req in list(self.requests.values()):
+            self._fail(req, "unavailable", "no live device can serve this request", out)
+
+    def apply(self, event: Event, now: float, out: list[Command]) -> None:
+        """Update the state for one event (no dispatch: that is :meth:`plan`'s)."""
         if isinstance(event, RequestArrived):
             self._on_arrived(event.request, now, out)
         elif isinstance(event, TaskStarted):
@@ -204,8 +266,6 @@ class SchedulerCore:
             pass
         else:  # pragma: no cover - a programming error, not input
             raise TypeError(f"unknown event {event!r}")
-        out.extend(self.plan(now))
-        return out
 
     # ------------------------------------------------------------------ policy hook
 
@@ -335,6 +395,11 @@ class SchedulerCore:
             return
         if spec.request_id in self.requests:
             out.append(FailRequest(spec.request_id, "invalid_request", "duplicate request id"))
+            return
+        if self.unavailable:
+            out.append(
+                FailRequest(spec.request_id, "unavailable", "no live device can serve this request")
+            )
             return
         if len(self.requests) >= self.config.max_queue:
             out.append(
@@ -559,8 +624,12 @@ class SchedulerCore:
             return
         if req.task_id is None:
             self._fail(req, "cancelled", "cancelled by the client", out)
-        else:
-            req.cancelled = True  # ends when its running task reports
+        elif not req.cancelled:
+            # Ends when its task reports (stopped at the next step, or dropped unrun).
+            req.cancelled = True
+            task = self.tasks.get(req.task_id)
+            if task is not None:
+                out.append(CancelTask(req.task_id, task.cmd.devices))
 
 
 class FifoPolicy(SchedulerCore):

@@ -99,8 +99,8 @@ class PlacedPolicy(SchedulerCore):
 
     # ------------------------------------------------------------------ events
 
-    def handle(self, event: Event, now: float) -> list[Command]:
-        pre: list[Command] = []
+    def apply(self, event: Event, now: float, out: list[Command]) -> None:
+        pre = out
         if isinstance(event, NodeJoined):
             self._join(list(event.devices), now, pre)
         elif isinstance(event, DeviceUp):
@@ -112,8 +112,7 @@ class PlacedPolicy(SchedulerCore):
             for d in self.graph.node_devices(event.node_id):
                 self.graph.set_up(d.device_id, False)
         self.observe(event, now, pre)
-        out = super().handle(event, now)
-        return pre + out
+        super().apply(event, now, out)
 
     def observe(self, event: Event, now: float, out: list[Command]) -> None:
         """Hook for subclasses (monitor, re-placement) before dispatch."""

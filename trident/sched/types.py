@@ -22,6 +22,7 @@ from typing import Literal, Protocol, TypeAlias
 
 __all__ = [
     "STAGES",
+    "CancelTask",
     "Command",
     "CompleteRequest",
     "CostModel",
@@ -344,6 +345,16 @@ class RunBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelTask:
+    """Stop a task the client no longer wants: dropped where it is still queued, and
+    stopped at its next denoising step where it runs. Its devices report it failed
+    with ``cancelled``; the core then ends the request."""
+
+    task_id: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseOutput:
     """The kept output ``key`` on ``device_id`` is no longer needed."""
 
@@ -396,6 +407,7 @@ class LogEvent:
 Command: TypeAlias = (
     RunTask
     | RunBatch
+    | CancelTask
     | ReleaseOutput
     | LoadStage
     | UnloadStage

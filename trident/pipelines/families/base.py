@@ -6,10 +6,12 @@ never reads the text encoders or the transformer. Family modules implement three
 built on the pipelines' public methods:
 
 - ``_encode(pipe, params)``: ``pipe.encode_prompt(...)``;
-- ``_diffuse(pipe, inputs, params, seeds=None)``: ``pipe(prompt_embeds=...,
-  output_type="latent", **self.diffuse_kwargs(pipe, params, seeds))`` inside
+- ``_diffuse(pipe, inputs, params, seeds=None, cancel=None)``: ``pipe(prompt_embeds=...,
+  output_type="latent", **self.diffuse_kwargs(pipe, params, seeds, cancel))`` inside
   :func:`trident.pipelines.parallel.diffuse_context`; ``seeds`` (one per member) is given
   by :meth:`FamilyStages.run_batch`, whose inputs hold the members concatenated on dim 0;
+  ``cancel`` becomes a ``callback_on_step_end`` that raises
+  :class:`~trident.pipelines.api.StageCancelled` between denoising steps once it is set;
 - ``_decode(pipe, inputs, params)``: ``pipe.vae.decode`` + the pipeline's own processor.
 
 Pitfall handled here: a pipeline built with ``vae=None`` falls back to a hard-coded VAE scale
@@ -30,11 +32,26 @@ from typing import Any
 import torch
 
 from trident.errors import InvalidRequestError
-from trident.pipelines.api import PER_MEMBER_PARAMS, ModelMeta, ParallelContext, StageName
+from trident.pipelines.api import (
+    PER_MEMBER_PARAMS,
+    ModelMeta,
+    ParallelContext,
+    StageCancelled,
+    StageName,
+)
 from trident.pipelines.meta import stage_components
 from trident.pipelines.parallel import broadcast_inputs, diffuse_context
 
-__all__ = ["PER_MEMBER_PARAMS", "STAGES", "FamilyStages", "drop_none", "to_numpy_output"]
+__all__ = [
+    "PER_MEMBER_PARAMS",
+    "STAGES",
+    "FamilyStages",
+    "StageCancelled",
+    "check_cancel",
+    "drop_none",
+    "step_end_canceller",
+    "to_numpy_output",
+]
 
 STAGES: tuple[StageName, ...] = ("encode", "diffuse", "decode")
 
@@ -47,6 +64,27 @@ def drop_none(**tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
 def to_numpy_output(array: Any) -> dict[str, torch.Tensor]:
     """Wrap diffusers' ``output_type="np"`` array for one request as the decode output."""
     return {"output": torch.from_numpy(array[0]).to(torch.float32)}
+
+
+def check_cancel(cancel: threading.Event | None, where: str) -> None:
+    """Raise :class:`StageCancelled` if ``cancel`` is set (``where``: for the message)."""
+    if cancel is not None and cancel.is_set():
+        raise StageCancelled(f"cancelled {where}")
+
+
+def step_end_canceller(cancel: threading.Event) -> Any:
+    """A diffusers ``callback_on_step_end`` that stops the denoising loop once ``cancel``
+    is set. Otherwise it returns the step's tensors as given (the pipeline pops them back
+    unchanged), so a run with the flag unset is bit-exact with one without the callback."""
+
+    def on_step_end(
+        pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        if cancel.is_set():
+            raise StageCancelled(f"cancelled after denoising step {step + 1}")
+        return callback_kwargs
+
+    return on_step_end
 
 
 class FamilyStages:
@@ -123,9 +161,16 @@ class FamilyStages:
         params: Mapping[str, Any],
         options: Mapping[str, Any] | None = None,
         parallel: ParallelContext | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run one stage for one request (see :mod:`trident.pipelines.api`)."""
+        """Run one stage for one request (see :mod:`trident.pipelines.api`).
+
+        ``cancel``: checked before the stage and after every denoising step; once set the
+        call raises :class:`StageCancelled`.
+        """
         self._check_stage(stage)
+        check_cancel(cancel, f"before {stage}")
         pipe = self._pipe(stage)
         with torch.no_grad():
             if stage == "encode":
@@ -135,7 +180,7 @@ class FamilyStages:
                 tensors = broadcast_inputs(inputs, parallel)
                 tensors = {k: v.to(self.device) for k, v in tensors.items()}
                 with diffuse_context(pipe, self.meta, parallel):
-                    return self._diffuse(pipe, tensors, params)
+                    return self._diffuse(pipe, tensors, params, cancel=cancel)
             if inputs is None:
                 raise InvalidRequestError("decode needs the diffuse stage's output")
             tensors = {k: v.to(self.device) for k, v in inputs.items()}
@@ -148,12 +193,15 @@ class FamilyStages:
         params: Sequence[Mapping[str, Any]],
         options: Mapping[str, Any] | None = None,
         parallel: ParallelContext | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Run one stage for several same-shape requests (see :mod:`trident.pipelines.api`).
 
         Encode and decode run member by member (bit-exact); diffuse is one pipeline call on
         the members' inputs concatenated along dim 0, one generator per member. A batch of
-        one is exactly :meth:`run`.
+        one is exactly :meth:`run`. ``cancel`` stops the whole call (:class:`StageCancelled`)
+        before a member starts or between denoising steps.
         """
         self._check_stage(stage)
         if len(inputs) != len(params):
@@ -163,10 +211,14 @@ class FamilyStages:
         if not params:
             return []
         if len(params) == 1:
-            return [self.run(stage, inputs[0], params[0], options, parallel)]
+            return [self.run(stage, inputs[0], params[0], options, parallel, cancel=cancel)]
         self._check_batch(inputs, params)
         if stage != "diffuse":
-            return [self.run(stage, x, p, options) for x, p in zip(inputs, params, strict=True)]
+            return [
+                self.run(stage, x, p, options, cancel=cancel)
+                for x, p in zip(inputs, params, strict=True)
+            ]
+        check_cancel(cancel, "before diffuse")
         if parallel is not None and parallel.world_size > 1:
             raise InvalidRequestError("batched diffuse runs at degree 1")
         pipe = self._pipe(stage)
@@ -175,7 +227,7 @@ class FamilyStages:
             tensors = {k: torch.cat([m[k].to(self.device) for m in members]) for k in members[0]}
             seeds = [self.seed(p) for p in params]
             with diffuse_context(pipe, self.meta, parallel):
-                out = self._diffuse(pipe, tensors, params[0], seeds=seeds)
+                out = self._diffuse(pipe, tensors, params[0], seeds=seeds, cancel=cancel)
         n = len(params)
         split: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
         for name, value in out.items():
@@ -287,12 +339,18 @@ class FamilyStages:
         return torch.Generator("cpu").manual_seed(cls.seed(params))
 
     def diffuse_kwargs(
-        self, pipe: Any, params: Mapping[str, Any], seeds: Sequence[int] | None = None
+        self,
+        pipe: Any,
+        params: Mapping[str, Any],
+        seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Arguments common to every family's ``__call__`` in the diffuse stage.
 
         ``seeds``: a batch's seeds, one per member; diffusers draws each member's initial
         noise from its own generator, so a member starts from the same noise as alone.
+        ``cancel``: adds a ``callback_on_step_end`` that raises :class:`StageCancelled`
+        between denoising steps once the flag is set (none when ``cancel`` is ``None``).
         """
         generator: torch.Generator | list[torch.Generator] = (
             [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -312,8 +370,13 @@ class FamilyStages:
         }
         if self.meta.is_video:
             kwargs["num_frames"] = params.get("num_frames") or self.meta.default_num_frames
-        if "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters:
+        call_params = inspect.signature(type(pipe).__call__).parameters
+        if "max_sequence_length" in call_params:
             kwargs["max_sequence_length"] = self.max_sequence_length(pipe, params)
+        if cancel is not None and "callback_on_step_end" in call_params:
+            # (Every served family's pipeline has it; one without would be cancellable
+            # only between stages.)
+            kwargs["callback_on_step_end"] = step_end_canceller(cancel)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @staticmethod
@@ -334,6 +397,7 @@ class FamilyStages:
         inputs: dict[str, torch.Tensor],
         params: Mapping[str, Any],
         seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,11 +39,12 @@ class CogVideoXStages(FamilyStages):
         inputs: dict[str, torch.Tensor],
         params: Mapping[str, Any],
         seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds")
         if self.guidance(params) > 1:
             self.require(inputs, "negative_prompt_embeds")
-        kwargs = self.diffuse_kwargs(pipe, params, seeds)
+        kwargs = self.diffuse_kwargs(pipe, params, seeds, cancel)
         if params.get("use_dynamic_cfg") is not None:
             kwargs["use_dynamic_cfg"] = bool(params["use_dynamic_cfg"])
         (latents,) = pipe(**inputs, **kwargs)

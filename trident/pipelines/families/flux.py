@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,9 +56,10 @@ class FluxStages(FamilyStages):
         inputs: dict[str, torch.Tensor],
         params: Mapping[str, Any],
         seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds", "pooled_prompt_embeds")
-        kwargs = self.diffuse_kwargs(pipe, params, seeds)
+        kwargs = self.diffuse_kwargs(pipe, params, seeds, cancel)
         (latents,) = pipe(
             **inputs, true_cfg_scale=float(params.get("true_cfg_scale") or 1.0), **kwargs
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,12 +62,13 @@ class HunyuanVideoStages(FamilyStages):
         inputs: dict[str, torch.Tensor],
         params: Mapping[str, Any],
         seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
         (latents,) = pipe(
             **inputs,
             true_cfg_scale=float(params.get("true_cfg_scale") or 1.0),
-            **self.diffuse_kwargs(pipe, params, seeds),
+            **self.diffuse_kwargs(pipe, params, seeds, cancel),
         )
         return {"latents": latents}
 

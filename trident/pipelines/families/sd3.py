@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,11 +56,12 @@ class SD3Stages(FamilyStages):
         inputs: dict[str, torch.Tensor],
         params: Mapping[str, Any],
         seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds", "pooled_prompt_embeds")
         if self.guidance(params) > 1:
             self.require(inputs, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
-        (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params, seeds))
+        (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params, seeds, cancel))
         return {"latents": latents}
 
     def _decode(

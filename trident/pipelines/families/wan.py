@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,11 +39,12 @@ class WanStages(FamilyStages):
         inputs: dict[str, torch.Tensor],
         params: Mapping[str, Any],
         seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         self.require(inputs, "prompt_embeds")
         if self.guidance(params) > 1:
             self.require(inputs, "negative_prompt_embeds")
-        (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params, seeds))
+        (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params, seeds, cancel))
         return {"latents": latents}
 
     def _decode(
