@@ -97,7 +97,8 @@ class LocalCluster:
             sched += ["--model", m]
         if self.curve_dir:
             sched += ["--curve-dir", self.curve_dir]
-        self.scheduler = self._popen(sched + log + self.scheduler_args)
+        self._scheduler_cmd = sched + log + self.scheduler_args
+        self.scheduler = self._popen(self._scheduler_cmd)
         for i, n in enumerate(self.nodes):
             self.start_node(n, i, log)
         try:
@@ -106,6 +107,14 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def restart_scheduler(self) -> subprocess.Popen[bytes]:
+        """Start the scheduler again on the same addresses (after it died or was
+        killed); nodes and clients reconnect on their own."""
+        if self.scheduler is not None and self.scheduler.poll() is None:
+            raise TridentError("the scheduler is still running")
+        self.scheduler = self._popen(self._scheduler_cmd)
+        return self.scheduler
 
     def start_node(self, n: NodeSpec, i: int, log: list[str] | None = None) -> subprocess.Popen[bytes]:
         log = log if log is not None else (["--log-file", self.log_file] if self.log_file else [])

@@ -43,6 +43,7 @@ from trident.config import SchedulerConfig, load_scheduler_config, parse_model_f
 from trident.errors import ConfigError, InvalidRequestError, ModelError, ProtocolError, TridentError
 from trident.log import configure_logging, flush_logs, get_logger
 from trident.runtime import protocol
+from trident.runtime.journal import AcceptedRecord, RequestJournal
 from trident.runtime.protocol import (
     CLIENT_TO_SCHEDULER,
     CLUSTER_TO_SCHEDULER,
@@ -199,6 +200,8 @@ class SchedulerDaemon:
         self.fatal: BaseException | None = None
         self.exit_code = 0
         self._tick_queued = False
+        # Accepted requests survive a crash here (``--state-dir``); None: no journal.
+        self.journal: RequestJournal | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -222,6 +225,9 @@ class SchedulerDaemon:
             self.ctx, zmq.ROUTER, curve=keys, curve_server=True, zap_domain="cluster" if keys is not None else None
         )
         self.nodes_sock.bind(self.cfg.node_addr)
+        if self.cfg.state_dir:
+            self.journal = RequestJournal(self.cfg.state_dir)
+            self._recover(self.journal.replay())
         self.log.info(
             "scheduler.started",
             client_addr=self.cfg.client_addr,
@@ -241,6 +247,8 @@ class SchedulerDaemon:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         self.core_thread.shutdown(wait=False, cancel_futures=True)
+        if self.journal is not None:
+            self.journal.close()
         self.clients.close(0)
         self.nodes_sock.close(0)
         if self.auth is not None:
@@ -284,6 +292,42 @@ class SchedulerDaemon:
             self.out.append((self.nodes_sock, [node.ident, protocol.encode(protocol.Shutdown())]))
         await self._flush()
 
+    def _recover(self, records: list[AcceptedRecord]) -> None:
+        """Re-admit the requests a previous process accepted and never ended: each runs
+        again from the start (its stage outputs died with the old plan) and its result
+        goes to the same client, which reconnects on its own (same identity)."""
+        now = self.now()
+        wall = time.time()
+        for rec in records:
+            served = self.served.get(rec.model)
+            params = dict(rec.params)
+            try:
+                if served is None:
+                    raise InvalidRequestError(f"model {rec.model!r} is no longer served")
+                shape = build_request_shape(served, params)
+            except InvalidRequestError as exc:
+                self.log.warning("request.unrecoverable", request_id=rec.request_id, message=exc.message)
+                self.journal.end(rec.request_id, "invalid_request")  # type: ignore[union-attr]
+                continue
+            arrival = now - max(0.0, wall - rec.arrival_wall)
+            self.pending[rec.request_id] = _Pending(
+                client=rec.client, client_rid=rec.client_rid, arrival=arrival, heartbeat=True
+            )
+            # A client that never comes back has its recovered requests cancelled.
+            self.client_conns.setdefault(rec.client, _ClientConn(last_seen=now, heartbeats=True))
+            self.log.info("request.recovered", request_id=rec.request_id, model=rec.model,
+                          age_s=round(now - arrival, 3))
+            self.feed(RequestArrived(RequestSpec(
+                request_id=rec.request_id, model=rec.model, shape=shape, arrival=arrival, slo_s=rec.slo_s,
+                params=params, batchable=rec.batchable,
+            ), new_stimulus_id("recovered")))
+        if self.journal is not None:
+            self.journal.commit()
+
+    def _commit_journal(self) -> None:
+        if self.journal is not None and self.journal.buffered:
+            self.journal.commit()
+
     # ------------------------------------------------------------------ event pump
 
     def feed(self, event: Event) -> None:
@@ -307,6 +351,7 @@ class SchedulerDaemon:
             self.core_busy_since = None
             for cmd in cmds:
                 self._execute(cmd)
+            self._commit_journal()
             await self._flush()
 
     async def _flush(self) -> None:
@@ -522,6 +567,8 @@ class SchedulerDaemon:
 
     def _complete(self, cmd: CompleteRequest) -> None:
         pend = self.pending.pop(cmd.request_id, None)
+        if self.journal is not None:
+            self.journal.end(cmd.request_id, "completed")
         meta, frames = self.results.pop(cmd.request_id, ([], []))
         self.counters["finished"] += 1
         self.log.info(
@@ -546,6 +593,8 @@ class SchedulerDaemon:
 
     def _reply_error(self, request_id: str, code: str, message: str) -> None:
         pend = self.pending.pop(request_id, None)
+        if self.journal is not None:
+            self.journal.end(request_id, code)
         self.results.pop(request_id, None)
         self.counters["failed"] += 1
         self.log.info("request.failed", request_id=request_id, error=code, message=message)
@@ -604,6 +653,8 @@ class SchedulerDaemon:
                     self._rejected(self.clients, "client", ident, exc)
                 except Exception as exc:
                     self._handler_failed("client", ident, exc)
+            # Durable before any of this turn's new requests reaches the core.
+            self._commit_journal()
             await self._flush()
             # The cluster channel goes first: serve what it has before more client intake.
             if self._cluster_pending():
@@ -680,6 +731,9 @@ class SchedulerDaemon:
         if rid in self.pending:
             refuse("invalid_request", f"request id {client_rid!r} is already in flight")
             return
+        if self.journal is not None and self.journal.ended_outcome(rid) is not None:
+            refuse("invalid_request", f"request id {client_rid!r} has already ended")  # a duplicate
+            return
         if len(self.pending) >= self.cfg.max_queue:
             # The intake bound: answered here, at once, without a core round.
             self.counters["overloaded"] += 1
@@ -700,6 +754,11 @@ class SchedulerDaemon:
             client=ident, client_rid=client_rid, arrival=now,
             heartbeat=self.client_conns[ident].heartbeats,
         )
+        if self.journal is not None:
+            self.journal.accept(AcceptedRecord(
+                request_id=rid, client=ident, client_rid=client_rid, model=msg.model, params=params,
+                slo_s=msg.slo_s, batchable=msg.batch, arrival_wall=time.time(),
+            ))
         self.log.info(
             "request.arrived",
             request_id=rid,
@@ -950,6 +1009,7 @@ class SchedulerDaemon:
         while True:
             await asyncio.sleep(self.cfg.tick_s)
             self._check_liveness()
+            self._commit_journal()
             if not self._tick_queued:
                 self._tick_queued = True
                 self.feed(Tick())
