@@ -7,7 +7,7 @@
     trident node ...                                   = trident-node
     trident tiny-model FAMILY OUT_DIR [--seed N]       tiny random-weight diffusers pipeline
     trident profile --model DIR --device cpu|cuda ...  per-stage latency / memory profile
-    trident bench planner|sim|runtime|live|replacement benchmarks (see bench/README.md)
+    trident bench planner|sim|runtime|live|replacement|chaos benchmarks (see bench/README.md)
     trident report LOGFILE                             SLO attainment and latency from logs
     trident keys DIR                                   CurveZMQ keys (--curve-dir on every daemon)
 """
@@ -90,7 +90,12 @@ def _bench(argv: list[str]) -> int:
 
         return int(m(a) or 0)
 
-    targets.update(planner=planner, sim=sim, runtime=runtime, live=live, replacement=replacement)
+    def chaos(a: list[str]) -> int:
+        from trident.bench.chaos import main as m
+
+        return int(m(a) or 0)
+
+    targets.update(planner=planner, sim=sim, runtime=runtime, live=live, replacement=replacement, chaos=chaos)
     if not argv or argv[0] not in targets:
         print(f"usage: trident bench {{{','.join(targets)}}} ...", file=sys.stderr)
         return 2

@@ -190,6 +190,8 @@ class AsyncClient:
         self._sock.connect(address)
         self._waiters: dict[str, asyncio.Future[tuple[Any, list[Any]]]] = {}
         self._sent: set[str] = set()
+        self._resent: dict[str, int] = {}  # re-sent request -> the last ping nonce before it
+        self._last_nonce = 0
         self._pings: dict[int, asyncio.Future[protocol.Pong]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
@@ -223,6 +225,11 @@ class AsyncClient:
                     fut.set_result(msg)
                 continue
             rid = msg.id
+            if (
+                isinstance(msg, protocol.Error) and msg.code == "unknown_request" and rid in self._resent
+                and (msg.nonce or 0) <= self._resent[rid]
+            ):
+                continue  # answers a heartbeat sent before the re-send: stale
             waiter = self._waiters.pop(rid, None) if rid is not None else None
             if waiter is not None and not waiter.done():
                 waiter.set_result((msg, rest))
@@ -235,7 +242,7 @@ class AsyncClient:
             await asyncio.sleep(self._heartbeat_s)
             if not self._waiters:
                 continue
-            nonce = next(self._nonces)
+            nonce = self._last_nonce = next(self._nonces)
             inflight = [rid for rid in self._sent if rid in self._waiters][:10_000]
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.send_multipart(
@@ -278,7 +285,7 @@ class AsyncClient:
 
     async def _ping(self, timeout: float) -> protocol.Pong:
         self._ensure_tasks()
-        nonce = next(self._nonces)
+        nonce = self._last_nonce = next(self._nonces)
         fut: asyncio.Future[protocol.Pong] = asyncio.get_running_loop().create_future()
         self._pings[nonce] = fut
         try:
@@ -382,6 +389,15 @@ class AsyncClient:
                 raise ConnectionError(f"scheduler at {self.address} takes no requests (not connected)") from None
             self._sent.add(rid)  # heartbeats name it only once the submit is on the wire
             reply, frames = await asyncio.wait_for(fut, limit)
+            if isinstance(reply, protocol.Error) and reply.code == "unknown_request":
+                # The submit never reached a scheduler (sent into a connection that was
+                # dying as the scheduler restarted): sending it again is safe, since the
+                # scheduler refuses an id it already holds or has ended. Once.
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters[rid] = fut
+                self._resent[rid] = self._last_nonce
+                await self._send([header], self.connect_timeout)
+                reply, frames = await asyncio.wait_for(fut, limit)
         except TimeoutError:
             await self._cancel(rid)
             raise RequestTimeoutError(f"no result within {limit}s", rid) from None
@@ -391,6 +407,7 @@ class AsyncClient:
         finally:
             self._waiters.pop(rid, None)
             self._sent.discard(rid)
+            self._resent.pop(rid, None)
         if isinstance(reply, protocol.Error):
             raise error_from_code(reply.code, reply.message, reply.id)
         return _result_from(reply, frames, model, params)

@@ -134,6 +134,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
     "timeout": RequestTimeoutError,
     "cancelled": CancelledError,
     "unavailable": UnavailableError,
+    "unknown_request": UnavailableError,
     "protocol": RequestProtocolError,
 }
 

@@ -218,6 +218,7 @@ class Error(_Base, tag="error"):
     code: ErrorCode
     message: Text
     id: str | None = None
+    nonce: int | None = None  # the ping this answers (``unknown_request`` replies)
 
 
 # ---------------------------------------------------------------- node <-> scheduler
@@ -525,8 +526,8 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
-def error_message(code: str, message: str, id: str | None = None) -> bytes:
-    return _encoder.encode(Error(code=code, message=message[:65_536], id=id))
+def error_message(code: str, message: str, id: str | None = None, nonce: int | None = None) -> bytes:
+    return _encoder.encode(Error(code=code, message=message[:65_536], id=id, nonce=nonce))
 
 
 def _readable_id(raw: bytes) -> str | None:

@@ -351,8 +351,10 @@ class SchedulerDaemon:
             self.core_busy_since = None
             for cmd in cmds:
                 self._execute(cmd)
-            self._commit_journal()
+            # Replies first, then their "ended" records: a crash between the two re-runs
+            # a request (its duplicate result is dropped by the client), never loses one.
             await self._flush()
+            self._commit_journal()
 
     async def _flush(self) -> None:
         out, self.out = self.out, []
@@ -691,8 +693,8 @@ class SchedulerDaemon:
                 # Replies go out in order: a result sent before this ping arrived
                 # reaches the client first, so this only ends requests we lost.
                 self.out.append((self.clients, [ident, protocol.error_message(
-                    "unavailable", "the scheduler holds no such request (it restarted without it)",
-                    id=client_rid,
+                    "unknown_request", "the scheduler holds no such request (it never arrived, or the "
+                    "scheduler restarted without it)", id=client_rid, nonce=msg.nonce,
                 )]))
         elif isinstance(msg, Submit):
             self._on_submit(ident, msg)

@@ -1,0 +1,1 @@
+"""Benchmark drivers that run real daemons (``trident bench ...``)."""
