@@ -95,7 +95,9 @@ def _bench(argv: list[str]) -> int:
 
         return int(m(a) or 0)
 
-    targets.update(planner=planner, sim=sim, runtime=runtime, live=live, replacement=replacement, chaos=chaos)
+    targets.update(
+        planner=planner, sim=sim, runtime=runtime, live=live, replacement=replacement, chaos=chaos
+    )
     if not argv or argv[0] not in targets:
         print(f"usage: trident bench {{{','.join(targets)}}} ...", file=sys.stderr)
         return 2

@@ -72,8 +72,8 @@ __all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "GenerateResult"]
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-# Largest submit message the SDK sends (the scheduler's default client cap is 4 MiB).
-MAX_SUBMIT_BYTES = 1 << 20
+# Largest submit message the SDK sends (the scheduler's default client cap is 1 MiB).
+MAX_SUBMIT_BYTES = 512 << 10
 
 T = TypeVar("T")
 
@@ -99,7 +99,9 @@ class GenerateResult:
         from PIL import Image
 
         frames = self.array if self.is_video else self.array[None]
-        return [Image.fromarray((np.clip(f, 0.0, 1.0) * 255).round().astype(np.uint8)) for f in frames]
+        return [
+            Image.fromarray((np.clip(f, 0.0, 1.0) * 255).round().astype(np.uint8)) for f in frames
+        ]
 
     @property
     def latency_s(self) -> float:
@@ -125,7 +127,13 @@ def _submit_message(
     try:
         typed = msgspec.convert(params, protocol.SubmitParams, strict=False)
         msg = msgspec.convert(
-            {"id": rid, "model": model, "params": params, "slo_s": slo_s, "batch": bool(allow_batching)},
+            {
+                "id": rid,
+                "model": model,
+                "params": params,
+                "slo_s": slo_s,
+                "batch": bool(allow_batching),
+            },
             protocol.Submit,
             strict=False,
         )
@@ -137,7 +145,9 @@ def _submit_message(
     return header, typed.to_dict()
 
 
-def _result_from(msg: protocol.Result, frames: list[Any], model: str, params: dict[str, Any]) -> GenerateResult:
+def _result_from(
+    msg: protocol.Result, frames: list[Any], model: str, params: dict[str, Any]
+) -> GenerateResult:
     tensors = unpack_tensors(msg.tensors, frames, as_torch=False)
     out = tensors.get("output")
     if out is None:
@@ -180,7 +190,11 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context()
         self._curve = _curve(curve_dir, curve_name)
         self._sock = make_socket(
-            self._ctx, zmq.DEALER, identity=f"cli:{uuid.uuid4().hex}".encode(), heartbeat_ms=0, curve=self._curve,
+            self._ctx,
+            zmq.DEALER,
+            identity=f"cli:{uuid.uuid4().hex}".encode(),
+            heartbeat_ms=0,
+            curve=self._curve,
         )
         self._watch: Any = None
         if self._curve is not None:
@@ -226,7 +240,9 @@ class AsyncClient:
                 continue
             rid = msg.id
             if (
-                isinstance(msg, protocol.Error) and msg.code == "unknown_request" and rid in self._resent
+                isinstance(msg, protocol.Error)
+                and msg.code == "unknown_request"
+                and rid in self._resent
                 and (msg.nonce or 0) <= self._resent[rid]
             ):
                 continue  # answers a heartbeat sent before the re-send: stale
@@ -246,12 +262,15 @@ class AsyncClient:
             inflight = [rid for rid in self._sent if rid in self._waiters][:10_000]
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.send_multipart(
-                    [protocol.encode(protocol.Ping(nonce=nonce, inflight=inflight))], flags=zmq.NOBLOCK
+                    [protocol.encode(protocol.Ping(nonce=nonce, inflight=inflight))],
+                    flags=zmq.NOBLOCK,
                 ).result()
             self._pings.pop(nonce - 50, None)  # unanswered ones from long ago
             silent = time.monotonic() - self._last_heard
             if silent > self.scheduler_ttl:
-                err = UnavailableError(f"scheduler at {self.address} stopped answering ({silent:.0f}s)")
+                err = UnavailableError(
+                    f"scheduler at {self.address} stopped answering ({silent:.0f}s)"
+                )
                 for rid, fut in list(self._waiters.items()):
                     if not fut.done():
                         fut.set_exception(type(err)(err.message, rid))
@@ -271,7 +290,9 @@ class AsyncClient:
                 reason = self._auth_failure()
                 if reason is not None:
                     raise AuthenticationError(reason)
-                raise ConnectionError(f"no scheduler answered at {self.address} within {self.connect_timeout}s")
+                raise ConnectionError(
+                    f"no scheduler answered at {self.address} within {self.connect_timeout}s"
+                )
             try:
                 pong = await self._ping(min(left, 0.5))
             except TimeoutError:
@@ -366,13 +387,20 @@ class AsyncClient:
             raise TridentError("client is closed")
         rid = f"{next(self._seq)}-{uuid.uuid4().hex[:8]}"
         header, params = _submit_message(
-            rid, model,
+            rid,
+            model,
             {
-                "prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
-                "num_frames": num_frames, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "seed": seed,
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "height": height,
+                "width": width,
+                "num_frames": num_frames,
+                "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "seed": seed,
             },
-            slo_s, allow_batching,
+            slo_s,
+            allow_batching,
         )
         limit = timeout if timeout is not None else self.timeout
         if limit is not None and not limit > 0:
@@ -386,7 +414,9 @@ class AsyncClient:
             try:
                 await self._send([header], self.connect_timeout)
             except TimeoutError:
-                raise ConnectionError(f"scheduler at {self.address} takes no requests (not connected)") from None
+                raise ConnectionError(
+                    f"scheduler at {self.address} takes no requests (not connected)"
+                ) from None
             self._sent.add(rid)  # heartbeats name it only once the submit is on the wire
             reply, frames = await asyncio.wait_for(fut, limit)
             if isinstance(reply, protocol.Error) and reply.code == "unknown_request":
@@ -414,7 +444,9 @@ class AsyncClient:
 
     async def _cancel(self, rid: str) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            self._sock.send_multipart([protocol.encode(protocol.Cancel(id=rid))], flags=zmq.NOBLOCK).result()
+            self._sock.send_multipart(
+                [protocol.encode(protocol.Cancel(id=rid))], flags=zmq.NOBLOCK
+            ).result()
 
     async def close(self) -> None:
         if self._closed:
@@ -457,13 +489,19 @@ class Client:
         self.timeout = timeout
         self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="trident-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="trident-client", daemon=True
+        )
         self._thread.start()
 
         async def make() -> AsyncClient:
             return AsyncClient(
-                address, timeout=timeout, connect_timeout=connect_timeout, scheduler_ttl=scheduler_ttl,
-                curve_dir=curve_dir, curve_name=curve_name,
+                address,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                scheduler_ttl=scheduler_ttl,
+                curve_dir=curve_dir,
+                curve_name=curve_name,
             )
 
         try:
@@ -504,7 +542,9 @@ class Client:
             return
         if os.getpid() == self._pid and self._thread.is_alive():
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(timeout=5.0)
+                asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(
+                    timeout=5.0
+                )
         self._stop_loop()
 
     def __enter__(self) -> Client:

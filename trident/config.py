@@ -70,7 +70,7 @@ class SchedulerConfig:
     # requests cancelled: it went away, its work would be wasted.
     client_ttl_s: float = 10.0
     # Largest message a client may send (submit headers; tensors never come from clients).
-    client_max_message_bytes: int = 4 << 20
+    client_max_message_bytes: int = 1 << 20
     # The request journal lives here (restart without silent loss); None: no journal.
     state_dir: str | None = None
 
@@ -92,7 +92,9 @@ def parse_model_flag(value: str) -> ModelSpec:
     if target.startswith("sim:"):
         family = target[4:]
         if family not in KNOWN_FAMILIES:
-            raise ConfigError(f"--model {value!r}: unknown family {family!r}; known: {KNOWN_FAMILIES}")
+            raise ConfigError(
+                f"--model {value!r}: unknown family {family!r}; known: {KNOWN_FAMILIES}"
+            )
         return ModelSpec(name=name, family=family)
     path = os.path.abspath(os.path.expanduser(target))
     if not Path(path).is_dir():

@@ -45,10 +45,19 @@ def _requests(sim: bool, n: int) -> list[dict[str, Any]]:
         shapes = [
             dict(model="tiny-flux", height=32, width=32, num_inference_steps=4, guidance_scale=3.5),
             dict(model="tiny-flux", height=64, width=64, num_inference_steps=4, guidance_scale=3.5),
-            dict(model="tiny-wan", height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=5.0),
+            dict(
+                model="tiny-wan",
+                height=32,
+                width=32,
+                num_frames=5,
+                num_inference_steps=4,
+                guidance_scale=5.0,
+            ),
             dict(model="tiny-flux", height=48, width=48, num_inference_steps=6, guidance_scale=3.5),
         ]
-    return [dict(shapes[i % len(shapes)], prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(n)]
+    return [
+        dict(shapes[i % len(shapes)], prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(n)
+    ]
 
 
 def _save(result: GenerateResult, out: Path, i: int) -> Path:
@@ -65,9 +74,9 @@ def _save(result: GenerateResult, out: Path, i: int) -> Path:
     if max(frames[0].size) < 256:
         scale = 256 // max(frames[0].size)
         strip = np.concatenate([np.asarray(f) for f in frames[:8]], axis=1)
-        Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.Resampling.NEAREST).save(
-            out / f"{i:02d}-{result.model}-preview.png"
-        )
+        Image.fromarray(strip).resize(
+            (strip.shape[1] * scale, strip.shape[0] * scale), Image.Resampling.NEAREST
+        ).save(out / f"{i:02d}-{result.model}-preview.png")
     return path
 
 
@@ -79,7 +88,9 @@ def _short(devs: list[str]) -> str:
     return ",".join(d.split("/", 1)[-1] for d in devs)
 
 
-async def _send_all(addr: str, reqs: list[dict[str, Any]], slo_s: float | None) -> list[GenerateResult | RequestError]:
+async def _send_all(
+    addr: str, reqs: list[dict[str, Any]], slo_s: float | None
+) -> list[GenerateResult | RequestError]:
     async with AsyncClient(addr, timeout=600) as c:
 
         async def one(r: dict[str, Any]) -> GenerateResult | RequestError:
@@ -93,12 +104,22 @@ async def _send_all(addr: str, reqs: list[dict[str, Any]], slo_s: float | None) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="trident demo", description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=2, help="devices on the embedded node (default 2)")
+    p.add_argument(
+        "--devices", type=int, default=2, help="devices on the embedded node (default 2)"
+    )
     p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--sim", action="store_true", help="simulated GPUs (sleep for the cost model's time) instead of CPU")
+    p.add_argument(
+        "--sim",
+        action="store_true",
+        help="simulated GPUs (sleep for the cost model's time) instead of CPU",
+    )
     p.add_argument("--out", default="trident-out")
-    p.add_argument("--slo-s", type=float, default=None,
-                   help="latency budget per request (default: 60 s on CPU; the cost model's SLO on sim)")
+    p.add_argument(
+        "--slo-s",
+        type=float,
+        default=None,
+        help="latency budget per request (default: 60 s on CPU; the cost model's SLO on sim)",
+    )
     p.add_argument("--policy", default="trident")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -125,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting scheduler + 1 node ({node.devices}); logs in {out / 'logs'}")
     t0 = time.monotonic()
     try:
-        with LocalCluster(models, [node], policy=args.policy, log_dir=out / "logs", startup_timeout=120) as cluster:
+        with LocalCluster(
+            models, [node], policy=args.policy, log_dir=out / "logs", startup_timeout=120
+        ) as cluster:
             print(f"cluster up in {time.monotonic() - t0:.1f}s; sending {len(reqs)} requests")
             results = asyncio.run(_send_all(cluster.client_addr, reqs, slo_s))
     except TridentError as exc:

@@ -30,7 +30,9 @@ class LogSummary:
     latencies: list[float] = field(default_factory=list)
     stage_totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     by_model: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    bars: list[tuple[str, float, float, str, str]] = field(default_factory=list)  # device, t0, t1, stage, request
+    bars: list[tuple[str, float, float, str, str]] = field(
+        default_factory=list
+    )  # device, t0, t1, stage, request
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -122,13 +124,24 @@ def _timeline(s: LogSummary, out: str) -> None:
     fig, ax = plt.subplots(figsize=(12, 0.35 * len(devices) + 1.5))
     for dev, t0, t1, stage, _ in s.bars:
         color = STAGE_COLORS.get(stage.split("+")[0], "#8172B3")
-        ax.barh(row[dev], max(t1 - t0, 1e-3), left=t0 - t_min, color=color, edgecolor="black", linewidth=0.2)
+        ax.barh(
+            row[dev],
+            max(t1 - t0, 1e-3),
+            left=t0 - t_min,
+            color=color,
+            edgecolor="black",
+            linewidth=0.2,
+        )
     ax.set_yticks(range(len(devices)), devices, fontsize=7)
     ax.set_xlabel("seconds since first stage")
     ax.set_title("Trident timeline (one bar per stage task)")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in STAGE_COLORS.items()], loc="upper right", fontsize=8)
+    ax.legend(
+        handles=[Patch(color=c, label=k) for k, c in STAGE_COLORS.items()],
+        loc="upper right",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -145,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     s = summarize(args.logfile)
     d = s.as_dict()
-    print(f"requests: {s.arrived}  completed: {s.finished}  failed: {sum(s.failed.values())} {dict(s.failed) or ''}")
+    print(
+        f"requests: {s.arrived}  completed: {s.finished}  failed: {sum(s.failed.values())} {dict(s.failed) or ''}"
+    )
     if d["slo_attainment"] is not None:
         print(f"SLO attainment: {d['slo_attainment']:.1%} ({s.met_slo}/{s.arrived})")
     if s.latencies:
@@ -153,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             f"latency: mean {d['mean_latency_s']:.3f}s  p50 {d['p50_latency_s']:.3f}s  "
             f"p95 {d['p95_latency_s']:.3f}s  p99 {d['p99_latency_s']:.3f}s"
         )
-        print("mean per request: " + "  ".join(f"{k} {v:.3f}s" for k, v in d["mean_stage_s"].items()))
+        print(
+            "mean per request: " + "  ".join(f"{k} {v:.3f}s" for k, v in d["mean_stage_s"].items())
+        )
         for model, lat in sorted(s.by_model.items()):
             print(f"  {model}: {len(lat)} done, mean {sum(lat) / len(lat):.3f}s")
     if args.png:

@@ -31,8 +31,10 @@ SHORT = {"height": 256, "width": 256, "num_inference_steps": 2}
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:1", node_id="a", time_scale=SCALE)],
-        log_dir=tmp_path_factory.mktemp("cancel"), scheduler_args=["--client-ttl-s", "2"],
+        ["flux"],
+        [NodeSpec("sim:1", node_id="a", time_scale=SCALE)],
+        log_dir=tmp_path_factory.mktemp("cancel"),
+        scheduler_args=["--client-ttl-s", "2"],
     )
     with cluster:
         yield cluster
@@ -51,9 +53,14 @@ def _wait_diffusing(cluster: LocalCluster, prompt_tag: str, since: int) -> None:
 
     def started(lines: list[dict]) -> bool:
         # task ids name their stages: "<request>.enc+dif.<n>" for merged ones
-        return any(e.get("event") == "stage.started" and "dif" in str(e.get("task_id")) for e in lines[since:])
+        return any(
+            e.get("event") == "stage.started" and "dif" in str(e.get("task_id"))
+            for e in lines[since:]
+        )
 
-    assert started(read_log_until(cluster.log_file, started, timeout=30)), "the long request never started"
+    assert started(read_log_until(cluster.log_file, started, timeout=30)), (
+        "the long request never started"
+    )
 
 
 def test_client_cancel_frees_the_device(one_device: LocalCluster) -> None:
@@ -64,7 +71,9 @@ def test_client_cancel_frees_the_device(one_device: LocalCluster) -> None:
     async def run() -> float:
         async with AsyncClient(one_device.client_addr, timeout=120) as c:
             long = asyncio.ensure_future(c.generate(model="flux", prompt="long", **LONG))
-            await asyncio.get_running_loop().run_in_executor(None, _wait_diffusing, one_device, "long", since)
+            await asyncio.get_running_loop().run_in_executor(
+                None, _wait_diffusing, one_device, "long", since
+            )
             long.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await long
@@ -74,8 +83,12 @@ def test_client_cancel_frees_the_device(one_device: LocalCluster) -> None:
 
     after = asyncio.run(run())
     assert after <= unloaded + STEP_S + 0.5, (after, unloaded)
-    lines = read_log_until(one_device.log_file, lambda ls: any(e.get("event") == "stage.cancelled" for e in ls[since:]))
-    assert any(e.get("event") == "stage.cancelled" and e.get("where") == "running" for e in lines[since:])
+    lines = read_log_until(
+        one_device.log_file, lambda ls: any(e.get("event") == "stage.cancelled" for e in ls[since:])
+    )
+    assert any(
+        e.get("event") == "stage.cancelled" and e.get("where") == "running" for e in lines[since:]
+    )
 
 
 def test_client_timeout_cancels_the_running_stage(one_device: LocalCluster) -> None:
@@ -104,9 +117,14 @@ def test_a_killed_client_process_has_its_work_cancelled(one_device: LocalCluster
     # the scheduler notices the silence (--client-ttl-s 2) and stops the stage
     lines = read_log_until(
         one_device.log_file,
-        lambda ls: any(e.get("event") == "request.failed" and e.get("error") == "cancelled" for e in ls[since:]),
+        lambda ls: any(
+            e.get("event") == "request.failed" and e.get("error") == "cancelled" for e in ls[since:]
+        ),
         timeout=20,
     )
-    assert any(e.get("event") == "request.cancel" and e.get("reason") == "client gone" for e in lines[since:])
+    assert any(
+        e.get("event") == "request.cancel" and e.get("reason") == "client gone"
+        for e in lines[since:]
+    )
     after = _short_latency(one_device.client_addr)
     assert after <= unloaded + STEP_S + 0.5, (after, unloaded)

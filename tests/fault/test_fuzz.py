@@ -53,7 +53,9 @@ def _blast(addr: str, messages: list[list[bytes]], sockets: int = 4, read: bool 
 
 def test_a_hundred_thousand_malformed_messages_harm_nobody(tmp_path: Path) -> None:
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:2", node_id="a", time_scale=0.001)], log_dir=tmp_path / "logs",
+        ["flux"],
+        [NodeSpec("sim:2", node_id="a", time_scale=0.001)],
+        log_dir=tmp_path / "logs",
     )
     with cluster:
         assert cluster.scheduler is not None and cluster.log_file is not None
@@ -72,7 +74,9 @@ def test_a_hundred_thousand_malformed_messages_harm_nobody(tmp_path: Path) -> No
             pong = c.ping()
             assert len(pong["devices"]) == 2 and pong["ready"]
             for i in range(4):
-                r = c.generate(model="flux", prompt=f"after {i}", height=256, width=256, num_inference_steps=2)
+                r = c.generate(
+                    model="flux", prompt=f"after {i}", height=256, width=256, num_inference_steps=2
+                )
                 assert r.array.shape[-1] == 3
         assert cluster.scheduler.poll() is None
         assert rss_bytes(cluster.scheduler.pid) < 2 * rss_start

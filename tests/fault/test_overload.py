@@ -33,7 +33,9 @@ async def _offer(addr: str) -> tuple[list[str], list[float]]:
         async def one(i: int) -> None:
             t0 = time.perf_counter()
             try:
-                await c.generate(model="flux", prompt=f"load {i}", height=256, width=256, num_inference_steps=4)
+                await c.generate(
+                    model="flux", prompt=f"load {i}", height=256, width=256, num_inference_steps=4
+                )
                 outcomes.append("result")
             except OverloadedError:
                 overloaded_s.append(time.perf_counter() - t0)
@@ -56,7 +58,9 @@ def test_ten_times_capacity_for_thirty_seconds(tmp_path: Path) -> None:
     # 4 simulated devices; a 256^2 4-step flux request costs ~0.5 s of device time
     # here, so capacity is ~8 req/s and RATE is >10x it.
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:4", node_id="a", time_scale=1.0)], log_dir=tmp_path / "logs",
+        ["flux"],
+        [NodeSpec("sim:4", node_id="a", time_scale=1.0)],
+        log_dir=tmp_path / "logs",
         scheduler_args=["--max-queue", "256"],
     )
     with cluster:
@@ -66,7 +70,9 @@ def test_ten_times_capacity_for_thirty_seconds(tmp_path: Path) -> None:
         counts = {k: outcomes.count(k) for k in set(outcomes)}
         print("outcomes", counts)
         assert len(outcomes) == int(RATE * SECONDS)  # every request ended
-        assert set(counts) <= {"result", "overloaded"}, counts  # results or typed refusals, no timeouts
+        assert set(counts) <= {"result", "overloaded"}, (
+            counts
+        )  # results or typed refusals, no timeouts
         assert counts.get("result", 0) > 50 and counts.get("overloaded", 0) > 1000
         overloaded_s.sort()
         p50 = overloaded_s[len(overloaded_s) // 2]
@@ -80,8 +86,13 @@ def test_ten_times_capacity_for_thirty_seconds(tmp_path: Path) -> None:
         async def after() -> None:
             async with AsyncClient(cluster.client_addr, timeout=60) as c:
                 for i in range(3):
-                    r = await c.generate(model="flux", prompt=f"after {i}", height=256, width=256,
-                                         num_inference_steps=4)
+                    r = await c.generate(
+                        model="flux",
+                        prompt=f"after {i}",
+                        height=256,
+                        width=256,
+                        num_inference_steps=4,
+                    )
                     assert r.met_slo is not None
 
         asyncio.run(after())

@@ -27,15 +27,20 @@ MEDIUM = {"height": 1024, "width": 1024, "num_inference_steps": 10}
 def _wait_started(cluster: LocalCluster, count: int) -> None:
     assert cluster.log_file is not None
     lines = read_log_until(
-        cluster.log_file, lambda ls: sum(e.get("event") == "stage.started" for e in ls) >= count, timeout=30
+        cluster.log_file,
+        lambda ls: sum(e.get("event") == "stage.started" for e in ls) >= count,
+        timeout=30,
     )
     assert sum(e.get("event") == "stage.started" for e in lines) >= count
 
 
 def test_a_killed_and_restarted_scheduler_finishes_every_accepted_request(tmp_path: Path) -> None:
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:2", node_id="a", time_scale=SCALE)], log_dir=tmp_path / "logs",
-        scheduler_args=["--state-dir", str(tmp_path / "state")], policy="fifo",
+        ["flux"],
+        [NodeSpec("sim:2", node_id="a", time_scale=SCALE)],
+        log_dir=tmp_path / "logs",
+        scheduler_args=["--state-dir", str(tmp_path / "state")],
+        policy="fifo",
     )
     with cluster:
         assert cluster.scheduler is not None and cluster.log_file is not None
@@ -43,8 +48,12 @@ def test_a_killed_and_restarted_scheduler_finishes_every_accepted_request(tmp_pa
         async def run() -> list[object]:
             async with AsyncClient(cluster.client_addr, timeout=120, scheduler_ttl=20) as c:
                 await c.ping()
-                jobs = [asyncio.ensure_future(c.generate(model="flux", prompt=f"job {i}", seed=i, **MEDIUM))
-                        for i in range(6)]
+                jobs = [
+                    asyncio.ensure_future(
+                        c.generate(model="flux", prompt=f"job {i}", seed=i, **MEDIUM)
+                    )
+                    for i in range(6)
+                ]
                 await asyncio.get_running_loop().run_in_executor(None, _wait_started, cluster, 2)
                 os.kill(cluster.scheduler.pid, signal.SIGKILL)  # type: ignore[union-attr]
                 cluster.scheduler.wait()  # type: ignore[union-attr]
@@ -61,7 +70,9 @@ def test_a_killed_and_restarted_scheduler_finishes_every_accepted_request(tmp_pa
 
 def test_a_scheduler_that_stays_dead_fails_requests_within_the_ttl(tmp_path: Path) -> None:
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:1", node_id="a", time_scale=SCALE)], log_dir=tmp_path / "logs",
+        ["flux"],
+        [NodeSpec("sim:1", node_id="a", time_scale=SCALE)],
+        log_dir=tmp_path / "logs",
     )
     with cluster:
         assert cluster.scheduler is not None
@@ -83,7 +94,9 @@ def test_a_scheduler_that_stays_dead_fails_requests_within_the_ttl(tmp_path: Pat
 
 def test_losing_the_only_node_fails_in_flight_and_new_requests_unavailable(tmp_path: Path) -> None:
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:2", node_id="a", time_scale=SCALE)], log_dir=tmp_path / "logs",
+        ["flux"],
+        [NodeSpec("sim:2", node_id="a", time_scale=SCALE)],
+        log_dir=tmp_path / "logs",
         scheduler_args=["--worker-ttl-s", "3"],
     )
     with cluster:
@@ -91,7 +104,10 @@ def test_losing_the_only_node_fails_in_flight_and_new_requests_unavailable(tmp_p
         async def run() -> tuple[list[object], float, BaseException | None]:
             async with AsyncClient(cluster.client_addr, timeout=120) as c:
                 await c.ping()
-                jobs = [asyncio.ensure_future(c.generate(model="flux", prompt=f"j{i}", **MEDIUM)) for i in range(4)]
+                jobs = [
+                    asyncio.ensure_future(c.generate(model="flux", prompt=f"j{i}", **MEDIUM))
+                    for i in range(4)
+                ]
                 await asyncio.get_running_loop().run_in_executor(None, _wait_started, cluster, 1)
                 for p in cluster.node_procs:
                     os.killpg(p.pid, signal.SIGKILL)  # the node and its workers

@@ -20,5 +20,7 @@ def worker_peer_addrs(log_file: str | os.PathLike[str]) -> list[str]:
     return [
         str(e["peer_addr"])
         for e in read_log(log_file)
-        if e.get("event") == "worker.joined" and e.get("component") == "scheduler" and "peer_addr" in e
+        if e.get("event") == "worker.joined"
+        and e.get("component") == "scheduler"
+        and "peer_addr" in e
     ]

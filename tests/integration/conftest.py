@@ -22,7 +22,9 @@ def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return lines
 
 
-def read_log_until(path: str | os.PathLike[str], done: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+def read_log_until(
+    path: str | os.PathLike[str], done: Any, timeout: float = 10.0
+) -> list[dict[str, Any]]:
     """The log once ``done(lines)`` holds (the scheduler flushes its log every tick)."""
     import time
 
@@ -52,7 +54,10 @@ def sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
     log_dir = tmp_path_factory.mktemp("sim-cluster")
     cluster = LocalCluster(
         ["flux", "wan=sim:wan"],
-        [NodeSpec("sim:4", node_id="a", time_scale=0.0005), NodeSpec("sim:4", node_id="b", time_scale=0.0005)],
+        [
+            NodeSpec("sim:4", node_id="a", time_scale=0.0005),
+            NodeSpec("sim:4", node_id="b", time_scale=0.0005),
+        ],
         log_dir=log_dir,
     )
     with cluster:

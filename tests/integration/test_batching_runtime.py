@@ -59,7 +59,12 @@ class BatchEverythingPolicy(FifoPolicy):
         if isinstance(event, RequestArrived):
             # Shows the test what reached the core.
             spec = event.request
-            out.append(LogEvent("test.request_seen", {"request_id": spec.request_id, "batchable": spec.batchable}))
+            out.append(
+                LogEvent(
+                    "test.request_seen",
+                    {"request_id": spec.request_id, "batchable": spec.batchable},
+                )
+            )
         out.extend(super().handle(event, now))
         return out
 
@@ -69,7 +74,11 @@ class BatchEverythingPolicy(FifoPolicy):
         groups: dict[Any, list[RequestState]] = {}
         for req in self.waiting.values():
             self.since.setdefault((req.request_id, req.next_stage), now)
-            key = (req.spec.model, req.spec.shape, req.next_stage) if req.spec.batchable else req.request_id
+            key = (
+                (req.spec.model, req.spec.shape, req.next_stage)
+                if req.spec.batchable
+                else req.request_id
+            )
             groups.setdefault(key, []).append(req)
         for reqs in groups.values():
             free = [d for d in self.devices.values() if d.up and len(d.inflight) < limit]
@@ -81,7 +90,8 @@ class BatchEverythingPolicy(FifoPolicy):
                 continue  # wait for the rest of the batch
             # Alternate devices stage by stage, so members fetch their inputs from a peer.
             dev = min(
-                free, key=lambda d: (len(d.inflight), (d.info.index + first.next_stage) % 2, d.device_id)
+                free,
+                key=lambda d: (len(d.inflight), (d.info.index + first.next_stage) % 2, d.device_id),
             ).device_id
             stage = first.pending_stages[0]
             cmd = self.start_batch(reqs[:N], (stage,), (dev,), now)
@@ -133,7 +143,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         policy="fifo",
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        mp.setenv(
+            "PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        )
         with c:
             yield c
     spawned = [e["pid"] for e in read_log(c.log_file or "") if e["event"] == "worker.spawned"]
@@ -143,9 +155,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 def _generate_all(addr: str, jobs: list[dict[str, Any]]) -> list[Any]:
     async def run() -> list[Any]:
         async with AsyncClient(addr, timeout=60) as c:
+
             async def one(job: dict[str, Any]) -> Any:
                 try:
-                    return await c.generate(model="flux", height=256, width=256, num_inference_steps=4, **job)
+                    return await c.generate(
+                        model="flux", height=256, width=256, num_inference_steps=4, **job
+                    )
                 except StageFailedError as exc:
                     return exc
 
@@ -160,7 +175,9 @@ def _ours(log_rid: str, client_rids: set[str]) -> bool:
 
 
 def test_same_shape_requests_run_as_batches_and_all_complete(cluster: LocalCluster) -> None:
-    results = _generate_all(cluster.client_addr, [dict(prompt=f"fox {i}", seed=i) for i in range(N)])
+    results = _generate_all(
+        cluster.client_addr, [dict(prompt=f"fox {i}", seed=i) for i in range(N)]
+    )
     assert all(not isinstance(r, Exception) for r in results), results
     for r in results:
         assert r.array.shape == (4, 4, 3)  # the sim's final layout
@@ -168,16 +185,27 @@ def test_same_shape_requests_run_as_batches_and_all_complete(cluster: LocalClust
         assert r.timings["diffuse"] > 0
     mine = {r.request_id for r in results}
     log = read_log_until(
-        cluster.log_file, lambda ls: sum(e["event"] == "request.finished" and _ours(e["request_id"], mine) for e in ls) >= N
+        cluster.log_file,
+        lambda ls: (
+            sum(e["event"] == "request.finished" and _ours(e["request_id"], mine) for e in ls) >= N
+        ),
     )
-    batches = [e for e in log if e["event"] == "batch.dispatched" and _ours(e["request_ids"][0], mine)]
+    batches = [
+        e for e in log if e["event"] == "batch.dispatched" and _ours(e["request_ids"][0], mine)
+    ]
     # every stage went out as one batch of all N (the policy holds for a full batch)
-    assert sorted(tuple(e["stages"]) for e in batches) == [("decode",), ("diffuse",), ("encode",)], batches
+    assert sorted(tuple(e["stages"]) for e in batches) == [
+        ("decode",),
+        ("diffuse",),
+        ("encode",),
+    ], batches
     for e in batches:
         assert e["size"] == N and len(e["request_ids"]) == N and len(e["devices"]) == 1
     # per member: dispatched (with its batch), started and finished under its own task id
     by_batch = {e["batch_id"]: e for e in batches}
-    dispatched = [e for e in log if e["event"] == "stage.dispatched" and e.get("batch_id") in by_batch]
+    dispatched = [
+        e for e in log if e["event"] == "stage.dispatched" and e.get("batch_id") in by_batch
+    ]
     assert len(dispatched) == 3 * N
     finished = {e["task_id"] for e in log if e["event"] == "stage.finished"}
     started = {e["task_id"] for e in log if e["event"] == "stage.started"}
@@ -188,27 +216,43 @@ def test_same_shape_requests_run_as_batches_and_all_complete(cluster: LocalClust
     # one call: every member of a batch reports the call's seconds
     diffuse_batch = next(e["batch_id"] for e in batches if e["stages"] == ["diffuse"])
     diffuse_tasks = {e["task_id"] for e in dispatched if e["batch_id"] == diffuse_batch}
-    secs = {e["seconds"]["diffuse"] for e in log if e["event"] == "stage.finished" and e["task_id"] in diffuse_tasks}
+    secs = {
+        e["seconds"]["diffuse"]
+        for e in log
+        if e["event"] == "stage.finished" and e["task_id"] in diffuse_tasks
+    }
     assert len(secs) == 1
 
 
 def test_allow_batching_false_reaches_the_core_and_runs_alone(cluster: LocalCluster) -> None:
-    jobs = [dict(prompt="a", seed=1), dict(prompt="solo", seed=2, allow_batching=False), dict(prompt="b", seed=3)]
+    jobs = [
+        dict(prompt="a", seed=1),
+        dict(prompt="solo", seed=2, allow_batching=False),
+        dict(prompt="b", seed=3),
+    ]
     results = _generate_all(cluster.client_addr, jobs)
     assert all(not isinstance(r, Exception) for r in results), results
     solo = results[1].request_id
     mine = {r.request_id for r in results}
     log = read_log_until(
-        cluster.log_file, lambda ls: sum(e["event"] == "request.finished" and _ours(e["request_id"], mine) for e in ls) >= 3
+        cluster.log_file,
+        lambda ls: (
+            sum(e["event"] == "request.finished" and _ours(e["request_id"], mine) for e in ls) >= 3
+        ),
     )
-    seen = {e["request_id"].split("-", 1)[1]: e["batchable"] for e in log if e["event"] == "test.request_seen"}
+    seen = {
+        e["request_id"].split("-", 1)[1]: e["batchable"]
+        for e in log
+        if e["event"] == "test.request_seen"
+    }
     assert seen[solo] is False
     assert seen[results[0].request_id] is True and seen[results[2].request_id] is True
     in_batches = {rid for e in log if e["event"] == "batch.dispatched" for rid in e["request_ids"]}
     assert not any(_ours(rid, {solo}) for rid in in_batches)
     # the two batchable ones shared their calls (the policy waited for more, then sent 2)
     assert any(
-        e["event"] == "batch.dispatched" and {r.split("-", 1)[1] for r in e["request_ids"]} == mine - {solo}
+        e["event"] == "batch.dispatched"
+        and {r.split("-", 1)[1] for r in e["request_ids"]} == mine - {solo}
         for e in log
     )
 
@@ -222,21 +266,40 @@ def test_a_failing_member_fails_alone(cluster: LocalCluster) -> None:
 
 
 def test_a_member_whose_input_is_gone_is_retried_alone(cluster: LocalCluster) -> None:
-    jobs = [dict(prompt=f"fine {i}", seed=i) for i in range(N - 1)] + [dict(prompt=LOSE_INPUT, seed=7)]
+    jobs = [dict(prompt=f"fine {i}", seed=i) for i in range(N - 1)] + [
+        dict(prompt=LOSE_INPUT, seed=7)
+    ]
     results = _generate_all(cluster.client_addr, jobs)
     assert all(not isinstance(r, Exception) for r in results), results
     unlucky = results[-1].request_id
     mine = {r.request_id for r in results}
     log = read_log_until(
-        cluster.log_file, lambda ls: sum(e["event"] == "request.finished" and _ours(e["request_id"], mine) for e in ls) >= N
+        cluster.log_file,
+        lambda ls: (
+            sum(e["event"] == "request.finished" and _ours(e["request_id"], mine) for e in ls) >= N
+        ),
     )
-    failed = [e for e in log if e["event"] == "stage.failed" and e["component"] == "worker" and _ours(e["request_id"], {unlucky})]
+    failed = [
+        e
+        for e in log
+        if e["event"] == "stage.failed"
+        and e["component"] == "worker"
+        and _ours(e["request_id"], {unlucky})
+    ]
     assert len(failed) == 1 and "no longer kept" in failed[0]["message"] and failed[0]["batch_id"]
     assert any(e["event"] == "stage.retry" and _ours(e["request_id"], {unlucky}) for e in log)
     # the others finished their diffuse in that same batch
-    batch = next(e for e in log if e["event"] == "batch.dispatched" and e["batch_id"] == failed[0]["batch_id"])
+    batch = next(
+        e
+        for e in log
+        if e["event"] == "batch.dispatched" and e["batch_id"] == failed[0]["batch_id"]
+    )
     assert batch["size"] == N
-    others = {e["task_id"] for e in log if e["event"] == "stage.dispatched" and e.get("batch_id") == batch["batch_id"]}
+    others = {
+        e["task_id"]
+        for e in log
+        if e["event"] == "stage.dispatched" and e.get("batch_id") == batch["batch_id"]
+    }
     finished = {e["task_id"] for e in log if e["event"] == "stage.finished"}
     assert len(others & finished) == N - 1
 
@@ -247,14 +310,27 @@ def test_batch_flag_must_be_a_bool(cluster: LocalCluster) -> None:
         raw = ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(cluster.client_addr)
-        raw.send_multipart([msgpack.packb({
-            "t": "submit", "id": "flag", "model": "flux", "params": {"prompt": "x", "height": 256, "width": 256},
-            "batch": "yes",
-        })])
+        raw.send_multipart(
+            [
+                msgpack.packb(
+                    {
+                        "t": "submit",
+                        "id": "flag",
+                        "model": "flux",
+                        "params": {"prompt": "x", "height": 256, "width": 256},
+                        "batch": "yes",
+                    }
+                )
+            ]
+        )
         assert raw.poll(10_000), "no answer to a bad batch flag"
         header = msgpack.unpackb(raw.recv_multipart()[0])
         assert header["t"] == "error" and header["code"] == "protocol"
-        assert "Expected `bool`" in header["message"] and "$.batch" in header["message"] and header["id"] == "flag"
+        assert (
+            "Expected `bool`" in header["message"]
+            and "$.batch" in header["message"]
+            and header["id"] == "flag"
+        )
     finally:
         ctx.destroy(0)
 
@@ -272,12 +348,20 @@ def test_scheduler_sends_one_run_batch_and_fails_only_members_it_cannot_send() -
         for i, up in ((0, True), (1, False)):
             dev = f"n/sim:{i}"
             daemon.workers[dev] = _WorkerConn(
-                ident=f"dev:{dev}".encode(), info=DeviceInfo(dev, "n", "sim", i, 1 << 30),
-                peer_addr=f"tcp://127.0.0.1:{7000 + i}", pid=i, last_seen=0.0, up=up,
+                ident=f"dev:{dev}".encode(),
+                info=DeviceInfo(dev, "n", "sim", i, 1 << 30),
+                peer_addr=f"tcp://127.0.0.1:{7000 + i}",
+                pid=i,
+                last_seen=0.0,
+                up=up,
             )
 
-        def task(i: int, inputs: tuple[InputRef, ...], devices: tuple[str, ...] = ("n/sim:0",)) -> RunTask:
-            return RunTask(f"r{i}.dif.{i}", f"r{i}", "flux", ("diffuse",), devices, inputs, params={"seed": i})
+        def task(
+            i: int, inputs: tuple[InputRef, ...], devices: tuple[str, ...] = ("n/sim:0",)
+        ) -> RunTask:
+            return RunTask(
+                f"r{i}.dif.{i}", f"r{i}", "flux", ("diffuse",), devices, inputs, params={"seed": i}
+            )
 
         kept = (InputRef("r0.enc.1", "n/sim:0"),)
         lost = (InputRef("r1.enc.2", "n/sim:1"),)  # its holder is down
@@ -308,9 +392,9 @@ def test_scheduler_sends_one_run_batch_and_fails_only_members_it_cannot_send() -
         pair = ("n/sim:0", "n/sim:1")
         daemon._execute(RunBatch("batch-3", (task(5, (), pair), task(6, (), pair))))
         assert not daemon.out
-        assert [(e.task_id, e.error, e.retryable) for e in daemon.events if isinstance(e, TaskFailed)] == [
-            ("r5.dif.5", "internal", False), ("r6.dif.6", "internal", False)
-        ]
+        assert [
+            (e.task_id, e.error, e.retryable) for e in daemon.events if isinstance(e, TaskFailed)
+        ] == [("r5.dif.5", "internal", False), ("r6.dif.6", "internal", False)]
     finally:
         daemon.ctx.term()
 
@@ -327,8 +411,11 @@ def test_real_tiny_flux_batched_matches_diffusers(tmp_path: Path) -> None:
 
     tiny = TinyModels(tmp_path / "tiny")("flux")
     c = _Cluster(
-        [f"tiny-flux={tiny}"], [NodeSpec("cpu:2", node_id="c", threads=1)],
-        log_dir=tmp_path / "log", policy="fifo", startup_timeout=180,
+        [f"tiny-flux={tiny}"],
+        [NodeSpec("cpu:2", node_id="c", threads=1)],
+        log_dir=tmp_path / "log",
+        policy="fifo",
+        startup_timeout=180,
     )
     common = dict(num_inference_steps=STEPS, guidance_scale=3.5, **TEST_SHAPES["flux"])
     jobs = [
@@ -339,19 +426,31 @@ def test_real_tiny_flux_batched_matches_diffusers(tmp_path: Path) -> None:
 
     async def run() -> list[Any]:
         async with AsyncClient(c.client_addr, timeout=240) as client:
-            return await asyncio.gather(*(client.generate(model="tiny-flux", **common, **j) for j in jobs))
+            return await asyncio.gather(
+                *(client.generate(model="tiny-flux", **common, **j) for j in jobs)
+            )
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        mp.setenv(
+            "PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        )
         with c:
             results = asyncio.run(run())
             log = read_log_until(
-                c.log_file, lambda ls: sum(e["event"] == "request.finished" for e in ls) >= len(jobs)
+                c.log_file,
+                lambda ls: sum(e["event"] == "request.finished" for e in ls) >= len(jobs),
             )
     spawned = [e["pid"] for e in read_log(c.log_file or "") if e["event"] == "worker.spawned"]
     assert spawned and not [p for p in spawned if pid_alive(p)], "no worker may outlive the cluster"
-    batched = {r.split("-", 1)[1] for e in log if e["event"] == "batch.dispatched" and e["stages"] == ["diffuse"] for r in e["request_ids"]}
-    assert batched == {results[0].request_id, results[1].request_id}, "the two batchable requests share diffuse"
+    batched = {
+        r.split("-", 1)[1]
+        for e in log
+        if e["event"] == "batch.dispatched" and e["stages"] == ["diffuse"]
+        for r in e["request_ids"]
+    }
+    assert batched == {results[0].request_id, results[1].request_id}, (
+        "the two batchable requests share diffuse"
+    )
     torch.set_num_threads(1)  # as the workers
     for job, res in zip(jobs, results, strict=True):
         kwargs = {k: v for k, v in job.items() if k not in ("seed", "allow_batching")}

@@ -29,16 +29,35 @@ from .conftest import pid_alive, read_log, read_log_until
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_hundreds_of_mixed_requests_each_end_in_result_or_typed_error(sim_cluster: LocalCluster) -> None:
+def test_hundreds_of_mixed_requests_each_end_in_result_or_typed_error(
+    sim_cluster: LocalCluster,
+) -> None:
     rng = random.Random(7)
     jobs: list[dict] = []
     for _ in range(150):
         kind = rng.random()
         if kind < 0.55:
             side = rng.choice([256, 512, 1024])
-            jobs.append(dict(model="flux", height=side, width=side, num_inference_steps=rng.choice([4, 8]), want="ok"))
+            jobs.append(
+                dict(
+                    model="flux",
+                    height=side,
+                    width=side,
+                    num_inference_steps=rng.choice([4, 8]),
+                    want="ok",
+                )
+            )
         elif kind < 0.8:
-            jobs.append(dict(model="wan", height=480, width=832, num_frames=rng.choice([17, 33]), num_inference_steps=4, want="ok"))
+            jobs.append(
+                dict(
+                    model="wan",
+                    height=480,
+                    width=832,
+                    num_frames=rng.choice([17, 33]),
+                    num_inference_steps=4,
+                    want="ok",
+                )
+            )
         elif kind < 0.9:
             jobs.append(dict(model="no-such-model", want="unknown"))
         else:
@@ -46,12 +65,14 @@ def test_hundreds_of_mixed_requests_each_end_in_result_or_typed_error(sim_cluste
 
     async def run() -> list[object]:
         async with AsyncClient(sim_cluster.client_addr, timeout=60) as c:
+
             async def one(i: int, job: dict) -> object:
                 args = {k: v for k, v in job.items() if k != "want"}
                 try:
                     return await c.generate(prompt=f"prompt {i}", seed=i, **args)
                 except RequestError as exc:
                     return exc
+
             return await asyncio.gather(*(one(i, j) for i, j in enumerate(jobs)))
 
     results = asyncio.run(run())
@@ -71,7 +92,8 @@ def test_hundreds_of_mixed_requests_each_end_in_result_or_typed_error(sim_cluste
     # the log alone rebuilds every request's timeline
     ok_count = sum(1 for j in jobs if j["want"] == "ok")
     log = read_log_until(
-        sim_cluster.log_file, lambda lines: sum(e["event"] == "request.finished" for e in lines) >= ok_count
+        sim_cluster.log_file,
+        lambda lines: sum(e["event"] == "request.finished" for e in lines) >= ok_count,
     )
     finished = {e["request_id"] for e in log if e["event"] == "request.finished"}
     dispatched = [e for e in log if e["event"] == "stage.dispatched"]
@@ -88,7 +110,12 @@ def test_bad_sizes_get_clear_typed_errors(sim_cluster: LocalCluster) -> None:
     with Client(sim_cluster.client_addr, timeout=30) as c:
         with pytest.raises(UnknownModelError, match="served"):
             c.generate(model="sdxl", prompt="x")
-        for bad in (dict(height=0), dict(width=100_000), dict(height=500), dict(num_inference_steps=0)):
+        for bad in (
+            dict(height=0),
+            dict(width=100_000),
+            dict(height=500),
+            dict(num_inference_steps=0),
+        ):
             with pytest.raises(InvalidRequestError):
                 c.generate(model="flux", prompt="x", **bad)
         with pytest.raises(InvalidRequestError, match="num_frames"):
@@ -111,8 +138,12 @@ def test_malformed_frames_and_wrong_versions_harm_nobody(sim_cluster: LocalClust
             [msgpack.packb({"t": "no_such_type"})],
             [msgpack.packb([1, 2, 3])],
             [msgpack.packb({"t": "submit", "id": "x"})],  # missing fields
-            [protocol.encode(protocol.Submit(id="y", model="flux", params=protocol.SubmitParams(prompt="x"))),
-             b"unexpected frame"],
+            [
+                protocol.encode(
+                    protocol.Submit(id="y", model="flux", params=protocol.SubmitParams(prompt="x"))
+                ),
+                b"unexpected frame",
+            ],
         ]
         for frames in garbage:
             raw.send_multipart(frames)
@@ -124,7 +155,13 @@ def test_malformed_frames_and_wrong_versions_harm_nobody(sim_cluster: LocalClust
         node.setsockopt(zmq.LINGER, 0)
         node.setsockopt(zmq.IDENTITY, b"node:intruder")
         node.connect(sim_cluster.node_addr)
-        node.send_multipart([msgpack.packb({"t": "node_hello", "version": 999, "node_id": "intruder", "devices": []})])
+        node.send_multipart(
+            [
+                msgpack.packb(
+                    {"t": "node_hello", "version": 999, "node_id": "intruder", "devices": []}
+                )
+            ]
+        )
         assert node.poll(5000)
         header = msgpack.unpackb(node.recv_multipart()[0])
         assert header["t"] == "reject" and "version" in header["reason"]
@@ -135,22 +172,36 @@ def test_malformed_frames_and_wrong_versions_harm_nobody(sim_cluster: LocalClust
     finally:
         ctx.destroy(0)
     with Client(sim_cluster.client_addr, timeout=30) as c:
-        assert c.generate(model="flux", prompt="still fine", height=256, width=256, num_inference_steps=2).array.size
+        assert c.generate(
+            model="flux", prompt="still fine", height=256, width=256, num_inference_steps=2
+        ).array.size
 
 
 @pytest.mark.timeout(90)
 def test_bounded_queue_answers_overloaded_not_a_hang(tmp_path) -> None:
     cluster = LocalCluster(
-        ["flux"], [NodeSpec("sim:1", time_scale=0.002)], log_dir=tmp_path, scheduler_args=["--max-queue", "3"]
+        ["flux"],
+        [NodeSpec("sim:1", time_scale=0.002)],
+        log_dir=tmp_path,
+        scheduler_args=["--max-queue", "3"],
     )
     with cluster:
+
         async def run() -> list[object]:
             async with AsyncClient(cluster.client_addr, timeout=60) as c:
+
                 async def one(i: int) -> object:
                     try:
-                        return await c.generate(model="flux", prompt="x", height=1024, width=1024, num_inference_steps=28)
+                        return await c.generate(
+                            model="flux",
+                            prompt="x",
+                            height=1024,
+                            width=1024,
+                            num_inference_steps=28,
+                        )
                     except RequestError as exc:
                         return exc
+
                 return await asyncio.gather(*(one(i) for i in range(12)))
 
         results = asyncio.run(run())
@@ -163,7 +214,9 @@ def test_bounded_queue_answers_overloaded_not_a_hang(tmp_path) -> None:
 
 @pytest.mark.timeout(120)
 def test_killed_worker_is_restarted_and_its_request_still_completes(tmp_path) -> None:
-    cluster = LocalCluster(["flux"], [NodeSpec("sim:2", node_id="k", time_scale=0.05)], log_dir=tmp_path)
+    cluster = LocalCluster(
+        ["flux"], [NodeSpec("sim:2", node_id="k", time_scale=0.05)], log_dir=tmp_path
+    )
     with cluster:
         log = read_log(cluster.log_file)
         pids = {e["device_id"]: e["pid"] for e in log if e["event"] == "worker.spawned"}
@@ -171,9 +224,17 @@ def test_killed_worker_is_restarted_and_its_request_still_completes(tmp_path) ->
 
         async def run() -> list[object]:
             async with AsyncClient(cluster.client_addr, timeout=90) as c:
+
                 async def one(i: int) -> object:
                     try:
-                        return await c.generate(model="flux", prompt="x", height=512, width=512, num_inference_steps=28, seed=i)
+                        return await c.generate(
+                            model="flux",
+                            prompt="x",
+                            height=512,
+                            width=512,
+                            num_inference_steps=28,
+                            seed=i,
+                        )
                     except RequestError as exc:
                         return exc
 
@@ -187,7 +248,13 @@ def test_killed_worker_is_restarted_and_its_request_still_completes(tmp_path) ->
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             log = read_log(cluster.log_file)
-            joined = [e for e in log if e["event"] == "worker.joined" and e["component"] == "scheduler" and e["device_id"] == "k/sim:0"]
+            joined = [
+                e
+                for e in log
+                if e["event"] == "worker.joined"
+                and e["component"] == "scheduler"
+                and e["device_id"] == "k/sim:0"
+            ]
             if len(joined) >= 2:
                 break
             time.sleep(0.2)
@@ -198,21 +265,38 @@ def test_killed_worker_is_restarted_and_its_request_still_completes(tmp_path) ->
         with Client(cluster.client_addr, timeout=60) as c:
             cluster.wait_ready(2)
             for i in range(4):
-                c.generate(model="flux", prompt="again", height=256, width=256, num_inference_steps=2, seed=i)
+                c.generate(
+                    model="flux",
+                    prompt="again",
+                    height=256,
+                    width=256,
+                    num_inference_steps=2,
+                    seed=i,
+                )
     all_pids = [e["pid"] for e in read_log(cluster.log_file) if e["event"] == "worker.spawned"]
     assert not [p for p in all_pids if pid_alive(p)], "no worker may outlive the cluster"
 
 
-def test_report_rebuilds_slo_and_latency_from_the_log_alone(sim_cluster: LocalCluster, tmp_path) -> None:
+def test_report_rebuilds_slo_and_latency_from_the_log_alone(
+    sim_cluster: LocalCluster, tmp_path
+) -> None:
     from trident.report import main as report_main
     from trident.report import summarize
 
     with Client(sim_cluster.client_addr, timeout=30) as c:
-        results = [c.generate(model="flux", prompt="r", height=256, width=256, num_inference_steps=2, seed=i) for i in range(5)]
+        results = [
+            c.generate(
+                model="flux", prompt="r", height=256, width=256, num_inference_steps=2, seed=i
+            )
+            for i in range(5)
+        ]
     want = {round(r.timings["total"], 9) for r in results}
     read_log_until(
         sim_cluster.log_file,
-        lambda lines: want <= {round(e["timings"]["total"], 9) for e in lines if e["event"] == "request.finished"},
+        lambda lines: (
+            want
+            <= {round(e["timings"]["total"], 9) for e in lines if e["event"] == "request.finished"}
+        ),
     )
     summary = summarize(sim_cluster.log_file)
     assert summary.finished >= 5
@@ -226,19 +310,32 @@ def test_report_rebuilds_slo_and_latency_from_the_log_alone(sim_cluster: LocalCl
 
 @pytest.mark.timeout(60)
 def test_client_timeout_cancels_the_request_in_the_scheduler(tmp_path) -> None:
-    cluster = LocalCluster(["flux"], [NodeSpec("sim:1", time_scale=0.05)], log_dir=tmp_path, policy="fifo")
+    cluster = LocalCluster(
+        ["flux"], [NodeSpec("sim:1", time_scale=0.05)], log_dir=tmp_path, policy="fifo"
+    )
     with cluster, Client(cluster.client_addr) as c:
         # 2048x2048 x 28 steps is ~130 s simulated: ~6.5 s here; give up after 0.5 s
         with pytest.raises(RequestTimeoutError):
-            c.generate(model="flux", prompt="slow", height=2048, width=2048, num_inference_steps=28, timeout=0.5)
+            c.generate(
+                model="flux",
+                prompt="slow",
+                height=2048,
+                width=2048,
+                num_inference_steps=28,
+                timeout=0.5,
+            )
         log = read_log_until(
             cluster.log_file,
-            lambda lines: any(e["event"] == "request.failed" and e.get("error") == "cancelled" for e in lines),
+            lambda lines: any(
+                e["event"] == "request.failed" and e.get("error") == "cancelled" for e in lines
+            ),
             timeout=30,
         )
         assert any(e["event"] == "request.failed" and e.get("error") == "cancelled" for e in log)
         # the device is free again for the next request
-        r = c.generate(model="flux", prompt="fast", height=256, width=256, num_inference_steps=2, timeout=30)
+        r = c.generate(
+            model="flux", prompt="fast", height=256, width=256, num_inference_steps=2, timeout=30
+        )
         assert r.array.size
 
 
@@ -248,5 +345,7 @@ def test_a_booting_node_is_placed_once_not_once_per_worker(sim_cluster: LocalClu
     log = read_log(sim_cluster.log_file)
     joined = [e for e in log if e["event"] == "worker.joined" and e["component"] == "scheduler"]
     assert len(joined) >= 8
-    plans = [e for e in log if e["event"] == "placement.changed" and e.get("reason") == "devices joined"]
+    plans = [
+        e for e in log if e["event"] == "placement.changed" and e.get("reason") == "devices joined"
+    ]
     assert 1 <= len(plans) <= 2, [p.get("reason") for p in plans]  # one per node at most

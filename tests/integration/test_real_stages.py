@@ -32,7 +32,9 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def cpu_cluster(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cpu_cluster(
+    tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
         [f"tiny-{f}={d}" for f, d in tiny_dirs.items()],
         [NodeSpec("cpu:2", node_id="c", threads=1)],
@@ -43,18 +45,28 @@ def cpu_cluster(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         yield cluster
 
 
-def test_every_family_matches_the_whole_diffusers_pipeline(cpu_cluster: LocalCluster, tiny_dirs: dict[str, Path]) -> None:
+def test_every_family_matches_the_whole_diffusers_pipeline(
+    cpu_cluster: LocalCluster, tiny_dirs: dict[str, Path]
+) -> None:
     import torch
 
     torch.set_num_threads(1)  # the workers run with one thread too
 
     def request(family: str, seed: int) -> dict:
-        return dict(prompt=f"a tiny {family} test", num_inference_steps=STEPS, guidance_scale=GUIDANCE[family], **TEST_SHAPES[family])
+        return dict(
+            prompt=f"a tiny {family} test",
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE[family],
+            **TEST_SHAPES[family],
+        )
 
     async def run() -> list:
         async with AsyncClient(cpu_cluster.client_addr, timeout=240) as c:
             return await asyncio.gather(
-                *(c.generate(model=f"tiny-{f}", seed=11 + i, **request(f, 11 + i)) for i, f in enumerate(FAMILIES))
+                *(
+                    c.generate(model=f"tiny-{f}", seed=11 + i, **request(f, 11 + i))
+                    for i, f in enumerate(FAMILIES)
+                )
             )
 
     results = asyncio.run(run())
@@ -73,13 +85,31 @@ def test_bad_shapes_for_a_real_model_are_refused_at_submission(cpu_cluster: Loca
     async def run() -> None:
         async with AsyncClient(cpu_cluster.client_addr, timeout=60) as c:
             with pytest.raises(InvalidRequestError):
-                await c.generate(model="tiny-flux", prompt="x", height=30, width=32, num_inference_steps=2)
+                await c.generate(
+                    model="tiny-flux", prompt="x", height=30, width=32, num_inference_steps=2
+                )
             with pytest.raises(InvalidRequestError):
-                await c.generate(model="tiny-wan", prompt="x", height=32, width=32, num_frames=6, num_inference_steps=2)
+                await c.generate(
+                    model="tiny-wan",
+                    prompt="x",
+                    height=32,
+                    width=32,
+                    num_frames=6,
+                    num_inference_steps=2,
+                )
             with pytest.raises(InvalidRequestError):
-                await c.generate(model="tiny-wan", prompt="x", height=32, width=32, num_frames=100_000, num_inference_steps=2)
+                await c.generate(
+                    model="tiny-wan",
+                    prompt="x",
+                    height=32,
+                    width=32,
+                    num_frames=100_000,
+                    num_inference_steps=2,
+                )
             # still serving
-            r = await c.generate(model="tiny-flux", prompt="x", height=32, width=32, num_inference_steps=2, seed=1)
+            r = await c.generate(
+                model="tiny-flux", prompt="x", height=32, width=32, num_inference_steps=2, seed=1
+            )
             assert r.array.shape == (32, 32, 3)
 
     asyncio.run(run())

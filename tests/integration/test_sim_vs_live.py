@@ -19,7 +19,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def test_live_daemons_match_the_simulator_on_a_short_trace(tmp_path) -> None:
-    cfg = BenchConfig(trace="flux", nodes=1, gpus_per_node=4, policies=("trident",), rate=0.1, duration_s=120.0, seed=3)
+    cfg = BenchConfig(
+        trace="flux",
+        nodes=1,
+        gpus_per_node=4,
+        policies=("trident",),
+        rate=0.1,
+        duration_s=120.0,
+        seed=3,
+    )
     sim = run_policies(cfg)[0]["trident"]
     live = run_live(cfg, "trident", time_scale=0.2, log_dir=str(tmp_path))
     assert live["requests"] == sim.requests > 5

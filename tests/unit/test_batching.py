@@ -109,7 +109,9 @@ def test_batch_key_ignores_prompts_and_seeds_but_not_shared_params() -> None:
 # --------------------------------------------------------------------------- forming
 
 
-def item(rid: str, shape: Shape = SMALL, deadline: float = 100.0, stage: str = "encode") -> QueueItem:
+def item(
+    rid: str, shape: Shape = SMALL, deadline: float = 100.0, stage: str = "encode"
+) -> QueueItem:
     return QueueItem(rid, "flux", "flux", shape, 0.0, deadline, stage)  # type: ignore[arg-type]
 
 
@@ -249,6 +251,4 @@ def test_core_counts_a_batch_as_one_call_on_its_device() -> None:
     single = core.start_batch([core.requests["r0"]], ("diffuse",), (dev.device_id,), 0.4)
     assert isinstance(single, RunTask)
     with pytest.raises(ValueError):
-        core.start_batch(
-            [core.requests["r1"], core.requests["r2"]], ("diffuse",), ("a", "b"), 0.5
-        )
+        core.start_batch([core.requests["r1"], core.requests["r2"]], ("diffuse",), ("a", "b"), 0.5)

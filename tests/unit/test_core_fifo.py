@@ -144,7 +144,9 @@ def test_cancel_in_flight_stops_its_task_and_is_idempotent() -> None:
     assert not [c for c in out if isinstance(c, FailRequest)]
     assert core.handle(RequestCancelled("a"), 0.3) == []  # a second cancel: nothing new
     out = core.handle(TaskFailed(enc.task_id, "cancelled", "cancelled by the client"), 0.4)
-    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("a", "cancelled")]
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [
+        ("a", "cancelled")
+    ]
     # the device is free again: the next request runs at once
     assert runs(core.handle(request("b", 0.5), 0.5))
     assert core.handle(RequestCancelled("a"), 0.6) == []  # after the end: still nothing
@@ -160,10 +162,13 @@ def test_requests_fail_unavailable_once_the_only_node_is_gone() -> None:
     assert not [c for c in out if isinstance(c, FailRequest)]  # within the grace: they wait
     out = core.handle(Tick(), 6.5)
     assert sorted((c.request_id, c.error) for c in out if isinstance(c, FailRequest)) == [
-        ("a", "unavailable"), ("b", "unavailable")
+        ("a", "unavailable"),
+        ("b", "unavailable"),
     ]
     out = core.handle(request("c", 7.0), 7.0)  # new requests: refused at once
-    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [("c", "unavailable")]
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [
+        ("c", "unavailable")
+    ]
     core.handle(node(1, "n1"), 8.0)  # a node comes back: served again
     assert runs(core.handle(request("d", 8.0), 8.0))
 

@@ -27,7 +27,9 @@ STAGES = ("encode", "diffuse", "decode")
 
 
 def params(i: int = 0, **over: Any) -> dict[str, Any]:
-    p: dict[str, Any] = dict(prompt=f"p{i}", seed=i, height=256, width=256, num_frames=1, num_inference_steps=4)
+    p: dict[str, Any] = dict(
+        prompt=f"p{i}", seed=i, height=256, width=256, num_frames=1, num_inference_steps=4
+    )
     p.update(over)
     return p
 
@@ -51,9 +53,15 @@ def test_sim_batch_plans_one_call_priced_by_the_batched_cost(batch: int) -> None
     planned = dict((s, secs) for s, secs in sleeps if s is not None)
     assert shape == SHAPE
     # encode and decode: member by member; diffuse: the cost model's batched call
-    assert planned["encode"] == pytest.approx(batch * cost.stage_seconds("flux", "encode", SHAPE) * 0.5)
-    assert planned["decode"] == pytest.approx(batch * cost.stage_seconds("flux", "decode", SHAPE) * 0.5)
-    assert planned["diffuse"] == pytest.approx(batch_stage_seconds(cost, "flux", "diffuse", SHAPE, 1, batch) * 0.5)
+    assert planned["encode"] == pytest.approx(
+        batch * cost.stage_seconds("flux", "encode", SHAPE) * 0.5
+    )
+    assert planned["decode"] == pytest.approx(
+        batch * cost.stage_seconds("flux", "decode", SHAPE) * 0.5
+    )
+    assert planned["diffuse"] == pytest.approx(
+        batch_stage_seconds(cost, "flux", "diffuse", SHAPE, 1, batch) * 0.5
+    )
     if batch > 1:  # cheaper than separate calls: the point of batching
         assert planned["diffuse"] < batch * cost.stage_seconds("flux", "diffuse", SHAPE) * 0.5
 
@@ -77,13 +85,20 @@ def test_sim_run_batch_sleeps_once_and_every_member_gets_the_calls_times() -> No
         assert r.stage_seconds == first.stage_seconds  # one call, the same seconds for all
         assert r.outputs["output"].shape == (4, 4, 3)  # the final layout, scaled down
         assert r.outputs["output"] is not first.outputs["output"] or r is first
-    assert first.stage_seconds["diffuse"] >= scale * batch_stage_seconds(cost, "flux", "diffuse", SHAPE, 1, n) * 0.9
+    assert (
+        first.stage_seconds["diffuse"]
+        >= scale * batch_stage_seconds(cost, "flux", "diffuse", SHAPE, 1, n) * 0.9
+    )
 
 
 def test_sim_batch_reports_its_loads_on_every_member() -> None:
     ex = SimExecutor(MODELS, 80 << 30, time_scale=0.0)
     results = ex.run_batch(
-        "flux", ("encode",), [{}, {}], [params(0), params(1)], {"degree": 1, "load_sources": {"encode": "disk"}}
+        "flux",
+        ("encode",),
+        [{}, {}],
+        [params(0), params(1)],
+        {"degree": 1, "load_sources": {"encode": "disk"}},
     )
     assert all(isinstance(r, TaskResult) for r in results)
     for r in results:
@@ -113,9 +128,13 @@ def test_sim_batch_accounts_the_batched_peak_and_fails_a_batch_that_does_not_fit
 
 def test_sim_batch_evicts_stages_it_does_not_need_to_fit() -> None:
     cost = load_cost_model()
-    need = cost.weight_bytes("flux", "diffuse") + batch_peak_bytes(cost, "flux", "diffuse", SHAPE, 1, 4)
+    need = cost.weight_bytes("flux", "diffuse") + batch_peak_bytes(
+        cost, "flux", "diffuse", SHAPE, 1, 4
+    )
     ex = sim(memory_gb=(need + (1 << 20)) / (1 << 30))  # only diffuse's weights + the batch
-    results = ex.run_batch("flux", ("diffuse",), [{}] * 4, [params(i) for i in range(4)], {"degree": 1})
+    results = ex.run_batch(
+        "flux", ("diffuse",), [{}] * 4, [params(i) for i in range(4)], {"degree": 1}
+    )
     evicted = {e for r in results if isinstance(r, TaskResult) for e in r.evicted}
     assert evicted == {("flux", "encode")} or evicted == {("flux", "encode"), ("flux", "decode")}
     assert ("flux", "diffuse") in ex.resident
@@ -127,8 +146,11 @@ def test_sim_batch_evicts_stages_it_does_not_need_to_fit() -> None:
 def test_sim_batch_member_with_bad_or_different_shape_fails_alone() -> None:
     ex = sim()
     results = ex.run_batch(
-        "flux", ("diffuse",), [{}] * 4,
-        [params(0), params(1, height="tall"), params(2, width=512), params(3)], {"degree": 1},
+        "flux",
+        ("diffuse",),
+        [{}] * 4,
+        [params(0), params(1, height="tall"), params(2, width=512), params(3)],
+        {"degree": 1},
     )
     assert isinstance(results[0], TaskResult) and isinstance(results[3], TaskResult)
     assert isinstance(results[1], StageError) and "shape" in str(results[1])
@@ -161,12 +183,16 @@ class _OneByOne(Executor):
         self.calls.append(str(params["prompt"]))
         if params["prompt"] == "bad":
             raise StageError("bad prompt")
-        return TaskResult(outputs={"x": np.array([len(self.calls)])}, stage_seconds={s: 0.0 for s in stages})
+        return TaskResult(
+            outputs={"x": np.array([len(self.calls)])}, stage_seconds={s: 0.0 for s in stages}
+        )
 
 
 def test_base_run_batch_runs_members_one_by_one_and_isolates_failures() -> None:
     ex = _OneByOne()
-    results = ex.run_batch("m", ("encode",), [{}, {}, {}], [{"prompt": "a"}, {"prompt": "bad"}, {"prompt": "c"}], {})
+    results = ex.run_batch(
+        "m", ("encode",), [{}, {}, {}], [{"prompt": "a"}, {"prompt": "bad"}, {"prompt": "c"}], {}
+    )
     assert ex.calls == ["a", "bad", "c"]
     assert isinstance(results[0], TaskResult) and isinstance(results[2], TaskResult)
     assert isinstance(results[1], StageError)
@@ -191,7 +217,12 @@ class _FakePipe:
         return 0.0
 
     def run_batch(  # type: ignore[no-redef]
-        self, stage: str, inputs: list[Any], params: list[Mapping[str, Any]], options: Any = None, parallel: Any = None
+        self,
+        stage: str,
+        inputs: list[Any],
+        params: list[Mapping[str, Any]],
+        options: Any = None,
+        parallel: Any = None,
     ) -> list[dict[str, Any]]:
         self.batched_calls.append((stage, len(params)))
         if stage == "diffuse" and any(p["prompt"] == "poison" for p in params):
@@ -200,7 +231,14 @@ class _FakePipe:
             raise OutOfMemory("the batch does not fit")  # each member alone does
         return [{"t": np.array([i]), "stage": stage} for i in range(len(params))]  # type: ignore[dict-item]
 
-    def run(self, stage: str, inputs: Any, params: Mapping[str, Any], options: Any = None, parallel: Any = None) -> dict[str, Any]:
+    def run(
+        self,
+        stage: str,
+        inputs: Any,
+        params: Mapping[str, Any],
+        options: Any = None,
+        parallel: Any = None,
+    ) -> dict[str, Any]:
         self.single_calls.append((stage, str(params["prompt"])))
         if params["prompt"] == "poison":
             raise ValueError("poisoned")
@@ -252,8 +290,15 @@ def test_torch_run_batch_that_does_not_fit_runs_its_members_one_by_one() -> None
 def test_torch_run_batch_without_adapter_support_runs_one_by_one() -> None:
     pipe = _FakePipe(batched=False)
     ex = _torch_executor(pipe)
-    results = ex.run_batch("m", ("encode", "diffuse"), [{}, {}], [{"prompt": "a"}, {"prompt": "b"}], {})
-    assert pipe.single_calls == [("encode", "a"), ("diffuse", "a"), ("encode", "b"), ("diffuse", "b")]
+    results = ex.run_batch(
+        "m", ("encode", "diffuse"), [{}, {}], [{"prompt": "a"}, {"prompt": "b"}], {}
+    )
+    assert pipe.single_calls == [
+        ("encode", "a"),
+        ("diffuse", "a"),
+        ("encode", "b"),
+        ("diffuse", "b"),
+    ]
     assert all(isinstance(r, TaskResult) for r in results)
 
 
@@ -262,7 +307,10 @@ def test_torch_run_batch_without_adapter_support_runs_one_by_one() -> None:
 
 def _member(i: int, **over: Any) -> dict[str, Any]:
     m: dict[str, Any] = {
-        "task_id": f"r{i}.dif.{i}", "request_id": f"r{i}", "final": False, "params": params(i),
+        "task_id": f"r{i}.dif.{i}",
+        "request_id": f"r{i}",
+        "final": False,
+        "params": params(i),
         "inputs": [{"key": f"r{i}.enc.0", "device_id": "n/sim:0", "addr": "tcp://127.0.0.1:1"}],
     }
     m.update(over)
@@ -271,16 +319,27 @@ def _member(i: int, **over: Any) -> dict[str, Any]:
 
 def test_run_batch_round_trips() -> None:
     members = [_member(0), _member(1, final=True)]
-    raw = msgpack.packb({
-        "t": "run_batch", "batch_id": "batch-7", "model": "flux", "stages": ["diffuse"], "devices": ["n/sim:0"],
-        "rank": 0, "members": members, "options": {"load_sources": {"diffuse": "disk"}}, "leader_addr": "tcp://x",
-        "group": None,
-    })
+    raw = msgpack.packb(
+        {
+            "t": "run_batch",
+            "batch_id": "batch-7",
+            "model": "flux",
+            "stages": ["diffuse"],
+            "devices": ["n/sim:0"],
+            "rank": 0,
+            "members": members,
+            "options": {"load_sources": {"diffuse": "disk"}},
+            "leader_addr": "tcp://x",
+            "group": None,
+        }
+    )
     decoded, frames = protocol.decode([raw], protocol.SCHEDULER_TO_WORKER)
     assert frames == []
     assert isinstance(decoded, protocol.RunBatch) and decoded.batch_id == "batch-7"
-    assert [msgspec.structs.asdict(m) | {"inputs": [msgspec.structs.asdict(i) for i in m.inputs]}
-            for m in decoded.members] == members
+    assert [
+        msgspec.structs.asdict(m) | {"inputs": [msgspec.structs.asdict(i) for i in m.inputs]}
+        for m in decoded.members
+    ] == members
     assert decoded.options == {"load_sources": {"diffuse": "disk"}}
     # and back: the encoded struct decodes to the same struct
     again, _ = protocol.decode([protocol.encode(decoded)], protocol.SCHEDULER_TO_WORKER)
@@ -297,9 +356,13 @@ def test_run_batch_round_trips() -> None:
     ],
 )
 def test_malformed_run_batch_is_refused(members: Any, problem: str) -> None:
-    fields = dict(batch_id="b", model="flux", stages=["diffuse"], devices=["d"], rank=0, members=members)
+    fields = dict(
+        batch_id="b", model="flux", stages=["diffuse"], devices=["d"], rank=0, members=members
+    )
     raw = msgpack.packb({"t": "run_batch", **fields}, use_bin_type=True)
     with pytest.raises(ProtocolError, match=re.escape(problem)):
         protocol.decode([raw], protocol.SCHEDULER_TO_WORKER)
     with pytest.raises(ProtocolError, match="missing required field"):
-        protocol.decode([msgpack.packb({"t": "run_batch", "batch_id": "b"})], protocol.SCHEDULER_TO_WORKER)
+        protocol.decode(
+            [msgpack.packb({"t": "run_batch", "batch_id": "b"})], protocol.SCHEDULER_TO_WORKER
+        )

@@ -77,7 +77,12 @@ def _lost(lines: list[dict[str, Any]]) -> dict[str, int]:
 
 
 async def _load(
-    addr: str, rate: float, seconds: float, *, timeout: float, params: dict[str, Any] | None = None,
+    addr: str,
+    rate: float,
+    seconds: float,
+    *,
+    timeout: float,
+    params: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[Counter[str], list[float]]:
     """Submit at ``rate`` for ``seconds``: outcomes by kind, "overloaded" latencies."""
@@ -90,7 +95,9 @@ async def _load(
         async def one(i: int) -> None:
             t0 = time.perf_counter()
             try:
-                await c.generate(model="flux", prompt=f"load {i}", seed=seed * 1_000_000 + i, **params)
+                await c.generate(
+                    model="flux", prompt=f"load {i}", seed=seed * 1_000_000 + i, **params
+                )
                 outcomes["result"] += 1
             except OverloadedError:
                 overloaded_s.append(time.perf_counter() - t0)
@@ -122,14 +129,20 @@ def _served_after(addr: str, n: int = 3) -> bool:
 
 
 def overload(
-    *, rate: float = 100.0, seconds: float = 30.0, devices: int = 4, max_queue: int = 256,
+    *,
+    rate: float = 100.0,
+    seconds: float = 30.0,
+    devices: int = 4,
+    max_queue: int = 256,
     log_dir: str | None = None,
 ) -> dict[str, Any]:
     """``rate`` req/s at ``devices`` simulated GPUs (~7 req/s of capacity at 4)."""
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(
-            ["flux"], [NodeSpec(f"sim:{devices}", node_id="a", time_scale=1.0)],
-            log_dir=log_dir or tmp, scheduler_args=["--max-queue", str(max_queue)],
+            ["flux"],
+            [NodeSpec(f"sim:{devices}", node_id="a", time_scale=1.0)],
+            log_dir=log_dir or tmp,
+            scheduler_args=["--max-queue", str(max_queue)],
         )
         with cluster:
             assert cluster.scheduler is not None
@@ -191,13 +204,18 @@ def _blast(addr: str, messages: list[list[bytes]], *, sockets: int = 4, read: bo
 def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> dict[str, Any]:
     """``count`` malformed messages split over the client, node and data ports."""
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = LocalCluster(["flux"], [NodeSpec("sim:2", node_id="a", time_scale=0.001)], log_dir=log_dir or tmp)
+        cluster = LocalCluster(
+            ["flux"], [NodeSpec("sim:2", node_id="a", time_scale=0.001)], log_dir=log_dir or tmp
+        )
         with cluster:
             assert cluster.scheduler is not None
             ok_before = _served_after(cluster.client_addr, 1)
             rss0 = _rss(cluster.scheduler.pid)
-            peers = [str(e["peer_addr"]) for e in _log(cluster)
-                     if e.get("event") == "worker.joined" and e.get("component") == "scheduler"]
+            peers = [
+                str(e["peer_addr"])
+                for e in _log(cluster)
+                if e.get("event") == "worker.joined" and e.get("component") == "scheduler"
+            ]
             messages = list(malformed_messages(seed=seed, count=count))
             third = count // 3
             t0 = time.monotonic()
@@ -218,7 +236,10 @@ def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> 
         "messages": count,
         "seconds": round(seconds, 1),
         "replies_read": replies,
-        "protocol_rejected_logged": sum(e.get("event") == "protocol.rejected" for e in lines),
+        "protocol_rejected_lines": sum(e.get("event") == "protocol.rejected" for e in lines),
+        "protocol_rejected_suppressed": sum(
+            int(e.get("suppressed", 0)) for e in lines if e.get("event") == "protocol.rejected"
+        ),
         "handler_failures": sum(e.get("event") == "handler.failed" for e in lines),
         "crashed_tasks": sum(e.get("event") == "task.crashed" for e in lines),
         "served_before": ok_before,
@@ -249,15 +270,24 @@ def _worker_pids(cluster: LocalCluster) -> dict[str, int]:
 
 
 def chaos(
-    *, seconds: float = 40.0, rate: float = 3.0, seed: int = 0, log_dir: str | None = None,
+    *,
+    seconds: float = 40.0,
+    rate: float = 3.0,
+    seed: int = 0,
+    log_dir: str | None = None,
 ) -> dict[str, Any]:
     """Load while faults are injected at fixed fractions of ``seconds``."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(log_dir or tmp)
-        nodes = [NodeSpec("sim:3", node_id="a", time_scale=0.5), NodeSpec("sim:3", node_id="b", time_scale=0.5)]
+        nodes = [
+            NodeSpec("sim:3", node_id="a", time_scale=0.5),
+            NodeSpec("sim:3", node_id="b", time_scale=0.5),
+        ]
         cluster = LocalCluster(
-            ["flux"], nodes, log_dir=base,
+            ["flux"],
+            nodes,
+            log_dir=base,
             scheduler_args=["--state-dir", str(base / "state"), "--worker-ttl-s", "3"],
         )
         faults: list[dict[str, Any]] = []
@@ -270,7 +300,11 @@ def chaos(
                     time.sleep(max(0.0, start + frac * seconds - time.monotonic()))
 
                 def pick_worker(node: str | None = None) -> tuple[str, int] | None:
-                    pids = {d: p for d, p in _worker_pids(cluster).items() if node is None or d.startswith(node)}
+                    pids = {
+                        d: p
+                        for d, p in _worker_pids(cluster).items()
+                        if node is None or d.startswith(node)
+                    }
                     if not pids:
                         return None
                     dev = rng.choice(sorted(pids))
@@ -281,7 +315,13 @@ def chaos(
                     if w is not None:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(w[1], sig)
-                        faults.append({"t": round(time.monotonic() - start, 1), "fault": sig.name, "device": w[0]})
+                        faults.append(
+                            {
+                                "t": round(time.monotonic() - start, 1),
+                                "fault": sig.name,
+                                "device": w[0],
+                            }
+                        )
 
                 at(0.12)
                 signal_worker(signal.SIGKILL)
@@ -292,25 +332,39 @@ def chaos(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(victim.pid, signal.SIGKILL)
                 victim.wait()
-                faults.append({"t": round(time.monotonic() - start, 1), "fault": "SIGKILL node", "node": "b"})
+                faults.append(
+                    {"t": round(time.monotonic() - start, 1), "fault": "SIGKILL node", "node": "b"}
+                )
                 at(0.44)
                 cluster.start_node(nodes[1], 1)  # its supervisor restarts it
-                faults.append({"t": round(time.monotonic() - start, 1), "fault": "node restarted", "node": "b"})
+                faults.append(
+                    {
+                        "t": round(time.monotonic() - start, 1),
+                        "fault": "node restarted",
+                        "node": "b",
+                    }
+                )
                 at(0.55)
                 assert cluster.scheduler is not None
                 os.kill(cluster.scheduler.pid, signal.SIGKILL)
                 cluster.scheduler.wait()
-                faults.append({"t": round(time.monotonic() - start, 1), "fault": "SIGKILL scheduler"})
+                faults.append(
+                    {"t": round(time.monotonic() - start, 1), "fault": "SIGKILL scheduler"}
+                )
                 time.sleep(1.0)
                 cluster.restart_scheduler()
-                faults.append({"t": round(time.monotonic() - start, 1), "fault": "scheduler restarted"})
+                faults.append(
+                    {"t": round(time.monotonic() - start, 1), "fault": "scheduler restarted"}
+                )
                 at(0.7)
                 signal_worker(signal.SIGKILL)
 
             async def run() -> tuple[Counter[str], list[float]]:
                 loop = asyncio.get_running_loop()
                 injector = loop.run_in_executor(None, inject)
-                load = await _load(cluster.client_addr, rate, seconds, timeout=180, params=SMALL, seed=seed)
+                load = await _load(
+                    cluster.client_addr, rate, seconds, timeout=180, params=SMALL, seed=seed
+                )
                 await injector
                 return load
 
@@ -338,7 +392,9 @@ def only_node(*, log_dir: str | None = None) -> dict[str, Any]:
     """The only node SIGKILLed with requests in flight: time to each typed error."""
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(
-            ["flux"], [NodeSpec("sim:2", node_id="a", time_scale=0.5)], log_dir=log_dir or tmp,
+            ["flux"],
+            [NodeSpec("sim:2", node_id="a", time_scale=0.5)],
+            log_dir=log_dir or tmp,
             scheduler_args=["--worker-ttl-s", "3"],
         )
         with cluster:
@@ -346,7 +402,11 @@ def only_node(*, log_dir: str | None = None) -> dict[str, Any]:
             async def run() -> dict[str, Any]:
                 async with AsyncClient(cluster.client_addr, timeout=120) as c:
                     await c.ping()
-                    medium: dict[str, Any] = {"height": 1024, "width": 1024, "num_inference_steps": 20}
+                    medium: dict[str, Any] = {
+                        "height": 1024,
+                        "width": 1024,
+                        "num_inference_steps": 20,
+                    }
                     kinds: Counter[str] = Counter()
                     waits: list[float] = []
                     killed_at: list[float] = []

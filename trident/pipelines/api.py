@@ -25,7 +25,7 @@ differ only in per-request values (prompt(s), negative prompt(s), seed) run one 
 together. Diffuse is one call: the members' encode outputs concatenated along dim 0,
 one ``torch.Generator`` per member (so each member starts from the same noise as
 alone), the output split back per member. Encode and decode run member by member and
-stay bit-exact; a batched diffuse matches the unbatched one within 1e-4 (MEASURED:
+stay bit-exact; a batched diffuse matches the unbatched one within 1e-4 (measured
 up to 3e-5 — matmuls of another batch size round differently).
 
 Degree k > 1 (diffuse only): every rank of the instance calls ``run`` with the same

@@ -127,7 +127,9 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
 # ---------------------------------------------------------------------- control plane
 
 
-def control_plane(requests: int = 3000, devices: int = 8, concurrency: int = 512, policy: str = "fifo") -> dict[str, Any]:
+def control_plane(
+    requests: int = 3000, devices: int = 8, concurrency: int = 512, policy: str = "fifo"
+) -> dict[str, Any]:
     from trident.client import AsyncClient
     from trident.errors import RequestError
     from trident.runtime.cluster import LocalCluster, NodeSpec
@@ -151,7 +153,14 @@ def control_plane(requests: int = 3000, devices: int = 8, concurrency: int = 512
                     async def one(i: int) -> bool:
                         async with sem:
                             try:
-                                await c.generate(model="flux", prompt="p", height=256, width=256, num_inference_steps=1, seed=i)
+                                await c.generate(
+                                    model="flux",
+                                    prompt="p",
+                                    height=256,
+                                    width=256,
+                                    num_inference_steps=1,
+                                    seed=i,
+                                )
                                 return True
                             except RequestError:
                                 return False

@@ -89,7 +89,15 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         log = ["--log-file", self.log_file] if self.log_file else []
-        sched = ["trident.runtime.scheduler", "--client-addr", self.client_addr, "--node-addr", self.node_addr, "--policy", self.policy]
+        sched = [
+            "trident.runtime.scheduler",
+            "--client-addr",
+            self.client_addr,
+            "--node-addr",
+            self.node_addr,
+            "--policy",
+            self.policy,
+        ]
         scales = {n.time_scale for n in self.nodes if n.devices.startswith("sim")}
         if len(scales) == 1:
             sched += ["--time-scale", str(scales.pop())]
@@ -116,12 +124,22 @@ class LocalCluster:
         self.scheduler = self._popen(self._scheduler_cmd)
         return self.scheduler
 
-    def start_node(self, n: NodeSpec, i: int, log: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start_node(
+        self, n: NodeSpec, i: int, log: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = log if log is not None else (["--log-file", self.log_file] if self.log_file else [])
         args = [
-            "trident.runtime.node", "--scheduler", self.node_addr, "--devices", n.devices,
-            "--node-id", n.node_id or f"n{i}", "--time-scale", str(n.time_scale),
-            "--sim-memory-gb", str(n.sim_memory_gb),
+            "trident.runtime.node",
+            "--scheduler",
+            self.node_addr,
+            "--devices",
+            n.devices,
+            "--node-id",
+            n.node_id or f"n{i}",
+            "--time-scale",
+            str(n.time_scale),
+            "--sim-memory-gb",
+            str(n.sim_memory_gb),
         ]
         if n.threads:
             args += ["--threads", str(n.threads)]

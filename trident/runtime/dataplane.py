@@ -49,7 +49,11 @@ class PeerServer:
     ) -> None:
         # Only cluster members may fetch stage outputs (never a client key).
         self.sock = make_socket(
-            ctx, zmq.ROUTER, curve=curve, curve_server=True, zap_domain="cluster" if curve is not None else None
+            ctx,
+            zmq.ROUTER,
+            curve=curve,
+            curve_server=True,
+            zap_domain="cluster" if curve is not None else None,
         )
         self.sock.bind(f"tcp://{host}:*")
         self.address = bound_address(self.sock)
@@ -71,12 +75,18 @@ class PeerServer:
             if isinstance(msg, protocol.Fetch):
                 kept = self.store.get(msg.key)
                 if kept is None:
-                    await self._send([ident, protocol.encode(protocol.Missing(key=msg.key, rid=msg.rid))])
+                    await self._send(
+                        [ident, protocol.encode(protocol.Missing(key=msg.key, rid=msg.rid))]
+                    )
                 else:
                     meta, tensor_frames = pack_tensors(kept)
-                    head = protocol.encode(protocol.Data(
-                        key=msg.key, rid=msg.rid, tensors=[protocol.TensorDesc(**m) for m in meta]
-                    ))
+                    head = protocol.encode(
+                        protocol.Data(
+                            key=msg.key,
+                            rid=msg.rid,
+                            tensors=[protocol.TensorDesc(**m) for m in meta],
+                        )
+                    )
                     await self._send([ident, head, *tensor_frames])
             elif isinstance(msg, protocol.Barrier) and self.on_barrier is not None:
                 self.on_barrier(msg.task_id, msg.rank, ident)
@@ -105,7 +115,11 @@ class PeerClient:
     """Fetches kept outputs from peers; one DEALER per peer address."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, *, on_go: Callable[[str], None] | None = None, curve: CurveKeys | None = None
+        self,
+        ctx: zmq.asyncio.Context,
+        *,
+        on_go: Callable[[str], None] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.ctx = ctx
         self.curve = curve
@@ -139,7 +153,9 @@ class PeerClient:
             if waiter is not None and not waiter.done():
                 waiter.set_result((msg, rest))
 
-    async def fetch(self, addr: str, key: str, *, timeout: float = FETCH_TIMEOUT_S) -> tuple[dict[str, Any], float]:
+    async def fetch(
+        self, addr: str, key: str, *, timeout: float = FETCH_TIMEOUT_S
+    ) -> tuple[dict[str, Any], float]:
         """(tensors, seconds): the output ``key`` kept at ``addr``. Raises FetchMissing."""
         conn = self._conn(addr)
         rid = str(next(self._ids))
@@ -156,7 +172,9 @@ class PeerClient:
         return unpack_tensors(msg.tensors, frames), time.perf_counter() - t0
 
     async def barrier(self, addr: str, task_id: str, rank: int) -> None:
-        await self._conn(addr).sock.send_multipart([protocol.encode(protocol.Barrier(task_id=task_id, rank=rank))])
+        await self._conn(addr).sock.send_multipart(
+            [protocol.encode(protocol.Barrier(task_id=task_id, rank=rank))]
+        )
 
     def close(self) -> None:
         for c in self.conns.values():

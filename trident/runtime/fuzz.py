@@ -22,8 +22,28 @@ __all__ = ["malformed_messages", "valid_sample"]
 
 # Values that break type or bounds somewhere: every field gets each of them.
 _CONFUSED: tuple[Any, ...] = (
-    None, True, False, -1, 0, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, float("nan"), float("inf"), -float("inf"),
-    "", "x" * 70_000, b"\x00\xff", [], [None], [1, "a"], {}, {"": None}, {"a": [1]}, "abc",
+    None,
+    True,
+    False,
+    -1,
+    0,
+    2**63 - 1,
+    -(2**63),
+    2**64 - 1,
+    1.5,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    "",
+    "x" * 70_000,
+    b"\x00\xff",
+    [],
+    [None],
+    [1, "a"],
+    {},
+    {"": None},
+    {"a": [1]},
+    "abc",
 )
 
 
@@ -114,7 +134,9 @@ def malformed_messages(seed: int = 0, count: int = 100_000) -> Iterator[list[byt
             for frames in (
                 [_pack({**sample, "t": tag + "_x"})],
                 [_pack({**sample, "t": rng.choice([1, None, [tag], {"t": tag}])})],
-                [_pack({**sample, "version": rng.randint(-5, 99)})] if "version" in sample else [_pack(sample[fields[0]] if fields else 0)],
+                [_pack({**sample, "version": rng.randint(-5, 99)})]
+                if "version" in sample
+                else [_pack(sample[fields[0]] if fields else 0)],
                 [_pack(sample), b"extra frame"],
                 [_pack(sample)[: rng.randint(0, max(0, len(_pack(sample)) - 1))]],
                 [_pack(list(sample.values()))],
@@ -131,8 +153,12 @@ def malformed_messages(seed: int = 0, count: int = 100_000) -> Iterator[list[byt
             yield frames
             if emit(frames):
                 return
-        for frames in ([_nested(rng.randint(100, 5000))], [b""], [_pack(rng.random())],
-                       [_pack({"t": "submit", "id": "a" * 200, "model": "m", "params": []})]):
+        for frames in (
+            [_nested(rng.randint(100, 5000))],
+            [b""],
+            [_pack(rng.random())],
+            [_pack({"t": "submit", "id": "a" * 200, "model": "m", "params": []})],
+        ):
             yield frames
             if emit(frames):
                 return

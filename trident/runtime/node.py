@@ -73,7 +73,10 @@ class NodeDaemon:
     def __init__(self, args: NodeArgs) -> None:
         self.args = args
         self.specs = parse_devices(
-            args.devices, sim_memory_gb=args.sim_memory_gb, speed=args.speed, memory_gb=args.memory_gb
+            args.devices,
+            sim_memory_gb=args.sim_memory_gb,
+            speed=args.speed,
+            memory_gb=args.memory_gb,
         )
         self.slots = [_Slot(spec=s) for s in self.specs]
         self.log = get_logger("node", node_id=args.node_id)
@@ -98,7 +101,9 @@ class NodeDaemon:
             from trident.runtime.security import daemon_keys
 
             keys = daemon_keys(self.args.curve_dir)
-        self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode(), curve=keys)
+        self.sock = make_socket(
+            self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode(), curve=keys
+        )
         self.sock.connect(self.args.scheduler)
         try:
             if not await self._handshake():
@@ -115,7 +120,9 @@ class NodeDaemon:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send_multipart([protocol.encode(protocol.NodeBye(node_id=self.args.node_id))])
+                await self.sock.send_multipart(
+                    [protocol.encode(protocol.NodeBye(node_id=self.args.node_id))]
+                )
             return self.exit_code
         finally:
             await self._stop_workers()
@@ -123,17 +130,26 @@ class NodeDaemon:
             self.ctx.term()
 
     def _hello(self) -> bytes:
-        return protocol.encode(protocol.NodeHello(
-            version=protocol.PROTOCOL_VERSION,
-            node_id=self.args.node_id,
-            host=socket.gethostname(),
-            devices=[
-                protocol.NodeDevice(index=s.index, kind=s.kind, memory_bytes=s.memory_bytes, speed=s.speed)  # type: ignore[arg-type]
-                for s in self.specs
-            ],
-        ))
+        return protocol.encode(
+            protocol.NodeHello(
+                version=protocol.PROTOCOL_VERSION,
+                node_id=self.args.node_id,
+                host=socket.gethostname(),
+                devices=[
+                    protocol.NodeDevice(
+                        index=s.index,
+                        kind=s.kind,  # type: ignore[arg-type]
+                        memory_bytes=s.memory_bytes,
+                        speed=s.speed,
+                    )
+                    for s in self.specs
+                ],
+            )
+        )
 
-    async def _supervised(self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _supervised(
+        self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
         """A loop that dies stops the node (exit 1, workers stopped): its supervisor
         restarts it rather than it living on unsupervised."""
         try:
@@ -141,7 +157,9 @@ class NodeDaemon:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self.log.critical("task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20))
+            self.log.critical(
+                "task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20)
+            )
             self.exit_code = 1
         self.stopping.set()
 
@@ -177,16 +195,26 @@ class NodeDaemon:
             sys.executable,
             "-m",
             "trident.runtime.worker",
-            "--scheduler", a.scheduler,
-            "--node-id", a.node_id,
-            "--kind", slot.spec.kind,
-            "--index", str(slot.spec.index),
-            "--ordinal", str(slot.spec.ordinal),
-            "--memory-bytes", str(slot.spec.memory_bytes),
-            "--speed", str(slot.spec.speed),
-            "--host", a.host,
-            "--time-scale", str(a.time_scale),
-            "--parent-pid", str(os.getpid()),
+            "--scheduler",
+            a.scheduler,
+            "--node-id",
+            a.node_id,
+            "--kind",
+            slot.spec.kind,
+            "--index",
+            str(slot.spec.index),
+            "--ordinal",
+            str(slot.spec.ordinal),
+            "--memory-bytes",
+            str(slot.spec.memory_bytes),
+            "--speed",
+            str(slot.spec.speed),
+            "--host",
+            a.host,
+            "--time-scale",
+            str(a.time_scale),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
@@ -202,7 +230,12 @@ class NodeDaemon:
         slot.started = time.monotonic()
         slot.restart_at = None
         slot.killing = False
-        self.log.info("worker.spawned", device_id=self.device_id(slot), pid=slot.proc.pid, restarts=slot.restarts)
+        self.log.info(
+            "worker.spawned",
+            device_id=self.device_id(slot),
+            pid=slot.proc.pid,
+            restarts=slot.restarts,
+        )
 
     async def _supervise_loop(self) -> None:
         while True:
@@ -217,21 +250,37 @@ class NodeDaemon:
                         slot.backoff = BACKOFF_START_S
                     slot.restart_at = now + slot.backoff
                     self.log.warning(
-                        "worker.died", device_id=self.device_id(slot), exitcode=code,
-                        restart_in_s=slot.backoff, restarts=slot.restarts,
+                        "worker.died",
+                        device_id=self.device_id(slot),
+                        exitcode=code,
+                        restart_in_s=slot.backoff,
+                        restarts=slot.restarts,
                     )
                     slot.backoff = min(BACKOFF_MAX_S, slot.backoff * 2)
                     with contextlib.suppress(zmq.ZMQError):
-                        await self.sock.send_multipart([protocol.encode(protocol.WorkerExited(
-                            node_id=self.args.node_id, index=slot.spec.index,
-                            device_id=self.device_id(slot), exitcode=code, restarts=slot.restarts,
-                        ))])
+                        await self.sock.send_multipart(
+                            [
+                                protocol.encode(
+                                    protocol.WorkerExited(
+                                        node_id=self.args.node_id,
+                                        index=slot.spec.index,
+                                        device_id=self.device_id(slot),
+                                        exitcode=code,
+                                        restarts=slot.restarts,
+                                    )
+                                )
+                            ]
+                        )
                     if code in (3,):  # rejected by the scheduler: restarting will not help
                         slot.restart_at = None
-                        self.log.error("worker.not_restarted", device_id=self.device_id(slot), exitcode=code)
+                        self.log.error(
+                            "worker.not_restarted", device_id=self.device_id(slot), exitcode=code
+                        )
                 elif proc is None and slot.restart_at is not None and now >= slot.restart_at:
                     slot.restarts += 1
-                    self.log.info("worker.restarted", device_id=self.device_id(slot), restarts=slot.restarts)
+                    self.log.info(
+                        "worker.restarted", device_id=self.device_id(slot), restarts=slot.restarts
+                    )
                     self._spawn(slot)
 
     async def _stop_workers(self) -> None:
@@ -258,13 +307,19 @@ class NodeDaemon:
             await asyncio.sleep(self.args.heartbeat_s)
             workers = {
                 str(s.spec.index): protocol.WorkerStatus(
-                    pid=s.proc.pid if s.proc else None, alive=s.proc is not None, restarts=s.restarts
+                    pid=s.proc.pid if s.proc else None,
+                    alive=s.proc is not None,
+                    restarts=s.restarts,
                 )
                 for s in self.slots
             }
-            await self.sock.send_multipart([protocol.encode(
-                protocol.NodeHeartbeat(node_id=self.args.node_id, workers=workers)
-            )])
+            await self.sock.send_multipart(
+                [
+                    protocol.encode(
+                        protocol.NodeHeartbeat(node_id=self.args.node_id, workers=workers)
+                    )
+                ]
+            )
 
     async def _recv_loop(self) -> None:
         while True:
@@ -293,7 +348,9 @@ class NodeDaemon:
         if proc is None or proc.poll() is not None or slot.killing:
             return
         slot.killing = True
-        self.log.warning("worker.killing", device_id=self.device_id(slot), pid=proc.pid, reason=reason)
+        self.log.warning(
+            "worker.killing", device_id=self.device_id(slot), pid=proc.pid, reason=reason
+        )
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
             # A stopped process handles no SIGTERM until continued.
@@ -312,19 +369,39 @@ class NodeDaemon:
 
 
 def _parse(argv: list[str] | None) -> NodeArgs:
-    p = argparse.ArgumentParser(prog="trident-node", description="Trident node daemon: one per machine.")
-    p.add_argument("--scheduler", default="tcp://127.0.0.1:5556", help="the scheduler's node address")
+    p = argparse.ArgumentParser(
+        prog="trident-node", description="Trident node daemon: one per machine."
+    )
+    p.add_argument(
+        "--scheduler", default="tcp://127.0.0.1:5556", help="the scheduler's node address"
+    )
     p.add_argument("--devices", required=True, help="cpu:N, sim:N or cuda:0,1,...")
     p.add_argument("--node-id", default=None, help="unique node name (default: HOSTNAME-PID)")
-    p.add_argument("--host", default="127.0.0.1", help="address workers bind their data-plane sockets on")
-    p.add_argument("--time-scale", type=float, default=1.0, help="sim devices: multiply simulated stage times")
-    p.add_argument("--sim-memory-gb", type=float, default=80.0, help="sim devices: memory per simulated GPU")
-    p.add_argument("--device-memory-gb", type=float, default=None,
-                   help="memory each device reports to the planner (default: the device's own)")
-    p.add_argument("--speed", type=float, default=1.0, help="relative device speed reported to the planner")
-    p.add_argument("--threads", type=int, default=None, help="cpu devices: torch threads per worker")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address workers bind their data-plane sockets on"
+    )
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="sim devices: multiply simulated stage times"
+    )
+    p.add_argument(
+        "--sim-memory-gb", type=float, default=80.0, help="sim devices: memory per simulated GPU"
+    )
+    p.add_argument(
+        "--device-memory-gb",
+        type=float,
+        default=None,
+        help="memory each device reports to the planner (default: the device's own)",
+    )
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="relative device speed reported to the planner"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="cpu devices: torch threads per worker"
+    )
     p.add_argument("--log-file", default=None)
-    p.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (same as the scheduler's)")
+    p.add_argument(
+        "--curve-dir", default=None, help="CurveZMQ key directory (same as the scheduler's)"
+    )
     ns = p.parse_args(argv)
     node_id = ns.node_id or f"{socket.gethostname()}-{os.getpid()}"
     if "/" in node_id or ":" in node_id:

@@ -500,9 +500,7 @@ CLUSTER_TO_SCHEDULER = Channel(
         StageLoaded, StageUnloaded, StageLoadFailed,
     ),
 )  # fmt: skip
-SCHEDULER_TO_NODE = Channel(
-    "node", (NodeWelcome, Reject, Reregister, Shutdown, KillWorker, Error)
-)
+SCHEDULER_TO_NODE = Channel("node", (NodeWelcome, Reject, Reregister, Shutdown, KillWorker, Error))
 SCHEDULER_TO_WORKER = Channel(
     "worker",
     (
@@ -526,7 +524,9 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
-def error_message(code: str, message: str, id: str | None = None, nonce: int | None = None) -> bytes:
+def error_message(
+    code: str, message: str, id: str | None = None, nonce: int | None = None
+) -> bytes:
     return _encoder.encode(Error(code=code, message=message[:65_536], id=id, nonce=nonce))
 
 

@@ -104,7 +104,9 @@ def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
             d = SIM_DEFAULTS.get(family)
             if d is None:
                 raise ModelError(f"model {spec.name!r}: unknown family {family!r}")
-            info = ModelInfo(name=spec.name, family=family, path=None, is_video=family in VIDEO_FAMILIES)
+            info = ModelInfo(
+                name=spec.name, family=family, path=None, is_video=family in VIDEO_FAMILIES
+            )
             served[spec.name] = ServedModel(
                 info=info,
                 meta=None,
@@ -145,12 +147,20 @@ def build_request_shape(model: ServedModel, params: dict[str, Any]) -> Shape:
     num_frames = _as_int(params, "num_frames", frames_default)
     steps = _as_int(params, "num_inference_steps", model.default_steps)
     seed = params.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
+    ):
         raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     guidance = params.get("guidance_scale", model.default_guidance)
     if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance <= 100:
-            raise InvalidRequestError(f"guidance_scale must be a number in [0, 100], got {guidance!r}")
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, int | float)
+            or not 0 <= guidance <= 100
+        ):
+            raise InvalidRequestError(
+                f"guidance_scale must be a number in [0, 100], got {guidance!r}"
+            )
         guidance = float(guidance)
     if not model.info.is_video and num_frames != 1:
         raise InvalidRequestError(f"{model.info.name} makes images: num_frames must be 1 or None")
@@ -182,4 +192,6 @@ def build_request_shape(model: ServedModel, params: dict[str, Any]) -> Shape:
         seed=seed,
     )
     cfg = guidance is not None and guidance > 1.0 and model.info.family not in ("flux",)
-    return Shape(height=height, width=width, num_frames=num_frames, num_inference_steps=steps, cfg=cfg)
+    return Shape(
+        height=height, width=width, num_frames=num_frames, num_inference_steps=steps, cfg=cfg
+    )

@@ -97,6 +97,13 @@ __all__ = ["SchedulerDaemon", "main", "make_core"]
 # burst of client traffic cannot hold the loop for long.
 CLUSTER_DRAIN_MAX = 2048
 CLIENT_DRAIN_MAX = 256
+CLIENT_HWM = 1000
+# Per peer: far more than a worker ever has in flight (tasks, reports), and a bound on
+# what a misbehaving peer can make us buffer.
+CLUSTER_HWM = 2000
+DRAIN_MAX_BYTES = 4 << 20
+REJECT_LOG_WINDOW_S = 10.0
+REJECT_LOG_BURST = 20
 # A booting node's workers say hello one by one; the core sees them together (one
 # placement for the node, not one per worker and the weight loads of each) once all the
 # devices the node announced are up, or this long after its hello at the latest.
@@ -159,14 +166,23 @@ def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
     try:
         from trident.sched.policy import make_policy
     except ImportError as exc:
-        raise ConfigError(f"policy {cfg.policy!r} needs the planner (trident.sched.policy): {exc}") from exc
+        raise ConfigError(
+            f"policy {cfg.policy!r} needs the planner (trident.sched.policy): {exc}"
+        ) from exc
     return make_policy(
-        cfg.policy, models, cost, slo_scale=cfg.slo_scale, max_queue=cfg.max_queue, **cfg.policy_options
+        cfg.policy,
+        models,
+        cost,
+        slo_scale=cfg.slo_scale,
+        max_queue=cfg.max_queue,
+        **cfg.policy_options,
     )
 
 
 class SchedulerDaemon:
-    def __init__(self, cfg: SchedulerConfig, served: dict[str, ServedModel], core: Policy | None = None) -> None:
+    def __init__(
+        self, cfg: SchedulerConfig, served: dict[str, ServedModel], core: Policy | None = None
+    ) -> None:
         self.cfg = cfg
         self.served = served
         self.core = core if core is not None else make_core(cfg, served)
@@ -187,8 +203,14 @@ class SchedulerDaemon:
         self.out: list[tuple[Any, list[Any]]] = []  # (socket, frames) to send
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
-        self.counters = {"dispatched": 0, "finished": 0, "failed": 0, "batches": 0, "overloaded": 0,
-                         "protocol_rejected": 0}
+        self.counters = {
+            "dispatched": 0,
+            "finished": 0,
+            "failed": 0,
+            "batches": 0,
+            "overloaded": 0,
+            "protocol_rejected": 0,
+        }
         # Facts for weight loading (adjust on dispatch): what each device holds now, and
         # what each node has loaded before (its CPU copy / page cache has it).
         self.resident: dict[str, set[tuple[str, str]]] = {}
@@ -200,6 +222,8 @@ class SchedulerDaemon:
         self.fatal: BaseException | None = None
         self.exit_code = 0
         self._tick_queued = False
+        # peer -> [window start, lines logged, lines suppressed] (protocol.rejected)
+        self.rejected_log: dict[bytes, list[float]] = {}
         # Accepted requests survive a crash here (``--state-dir``); None: no journal.
         self.journal: RequestJournal | None = None
 
@@ -216,13 +240,25 @@ class SchedulerDaemon:
             keys = daemon_keys(self.cfg.curve_dir)
             self.auth = start_authenticator(self.ctx, self.cfg.curve_dir)
         self.clients = make_socket(
-            self.ctx, zmq.ROUTER, heartbeat_ms=0, curve=keys, curve_server=True,
+            # A short receive queue: past it, libzmq stops reading the senders' TCP (back
+            # pressure) instead of holding their messages in our memory.
+            self.ctx,
+            zmq.ROUTER,
+            heartbeat_ms=0,
+            curve=keys,
+            curve_server=True,
+            hwm=CLIENT_HWM,
             zap_domain="client" if keys is not None else None,
             max_message_bytes=self.cfg.client_max_message_bytes,
         )
         self.clients.bind(self.cfg.client_addr)
         self.nodes_sock = make_socket(
-            self.ctx, zmq.ROUTER, curve=keys, curve_server=True, zap_domain="cluster" if keys is not None else None
+            self.ctx,
+            zmq.ROUTER,
+            curve=keys,
+            curve_server=True,
+            zap_domain="cluster" if keys is not None else None,
+            hwm=CLUSTER_HWM,
         )
         self.nodes_sock.bind(self.cfg.node_addr)
         if self.cfg.state_dir:
@@ -258,7 +294,9 @@ class SchedulerDaemon:
         flush_logs()
         return self.exit_code
 
-    async def _supervised(self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _supervised(
+        self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
         """Run one of the daemon's loops; if it dies, the process exits non-zero (a
         supervisor restarts it) instead of living on without that loop."""
         try:
@@ -306,7 +344,9 @@ class SchedulerDaemon:
                     raise InvalidRequestError(f"model {rec.model!r} is no longer served")
                 shape = build_request_shape(served, params)
             except InvalidRequestError as exc:
-                self.log.warning("request.unrecoverable", request_id=rec.request_id, message=exc.message)
+                self.log.warning(
+                    "request.unrecoverable", request_id=rec.request_id, message=exc.message
+                )
                 self.journal.end(rec.request_id, "invalid_request")  # type: ignore[union-attr]
                 continue
             arrival = now - max(0.0, wall - rec.arrival_wall)
@@ -315,12 +355,26 @@ class SchedulerDaemon:
             )
             # A client that never comes back has its recovered requests cancelled.
             self.client_conns.setdefault(rec.client, _ClientConn(last_seen=now, heartbeats=True))
-            self.log.info("request.recovered", request_id=rec.request_id, model=rec.model,
-                          age_s=round(now - arrival, 3))
-            self.feed(RequestArrived(RequestSpec(
-                request_id=rec.request_id, model=rec.model, shape=shape, arrival=arrival, slo_s=rec.slo_s,
-                params=params, batchable=rec.batchable,
-            ), new_stimulus_id("recovered")))
+            self.log.info(
+                "request.recovered",
+                request_id=rec.request_id,
+                model=rec.model,
+                age_s=round(now - arrival, 3),
+            )
+            self.feed(
+                RequestArrived(
+                    RequestSpec(
+                        request_id=rec.request_id,
+                        model=rec.model,
+                        shape=shape,
+                        arrival=arrival,
+                        slo_s=rec.slo_s,
+                        params=params,
+                        batchable=rec.batchable,
+                    ),
+                    new_stimulus_id("recovered"),
+                )
+            )
         if self.journal is not None:
             self.journal.commit()
 
@@ -347,7 +401,9 @@ class SchedulerDaemon:
             self._tick_queued = False
             now = self.now()
             self.core_busy_since = now
-            cmds = await loop.run_in_executor(self.core_thread, handle_events, self.core, batch, now)
+            cmds = await loop.run_in_executor(
+                self.core_thread, handle_events, self.core, batch, now
+            )
             self.core_busy_since = None
             for cmd in cmds:
                 self._execute(cmd)
@@ -365,7 +421,11 @@ class SchedulerDaemon:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False).result()
             except zmq.Again:
                 self.counters["send_dropped"] = self.counters.get("send_dropped", 0) + 1
-                self.log.warning("send.dropped", peer=frames[0].decode(errors="replace")[:80], reason="peer queue full")
+                self.log.warning(
+                    "send.dropped",
+                    peer=frames[0].decode(errors="replace")[:80],
+                    reason="peer queue full",
+                )
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._unreachable(frames[0])
@@ -399,10 +459,16 @@ class SchedulerDaemon:
         elif isinstance(cmd, LoadStage):
             source = self._load_source(cmd.device_id, cmd.model, cmd.stage)
             self._to_worker(
-                cmd.device_id, protocol.encode(protocol.LoadStage(model=cmd.model, stage=cmd.stage, source=source))
+                cmd.device_id,
+                protocol.encode(
+                    protocol.LoadStage(model=cmd.model, stage=cmd.stage, source=source)
+                ),
             )
         elif isinstance(cmd, UnloadStage):
-            self._to_worker(cmd.device_id, protocol.encode(protocol.UnloadStage(model=cmd.model, stage=cmd.stage)))
+            self._to_worker(
+                cmd.device_id,
+                protocol.encode(protocol.UnloadStage(model=cmd.model, stage=cmd.stage)),
+            )
         elif isinstance(cmd, LogEvent):
             self.log.info(cmd.event, **dict(cmd.fields))
 
@@ -417,7 +483,13 @@ class SchedulerDaemon:
         node = conn.info.node_id if conn else ""
         for dev, held in self.resident.items():
             peer = self.workers.get(dev)
-            if dev != device_id and key in held and peer is not None and peer.up and peer.info.node_id == node:
+            if (
+                dev != device_id
+                and key in held
+                and peer is not None
+                and peer.up
+                and peer.info.node_id == node
+            ):
                 return "peer"
         if (node, model, stage) in self.node_loaded:
             return "node-cache"
@@ -441,13 +513,17 @@ class SchedulerDaemon:
             holder = self.workers.get(ref.device_id)
             if holder is None or not holder.up:
                 return None
-            inputs.append(protocol.InputAddr(key=ref.key, device_id=ref.device_id, addr=holder.peer_addr))
+            inputs.append(
+                protocol.InputAddr(key=ref.key, device_id=ref.device_id, addr=holder.peer_addr)
+            )
         return inputs
 
     def _run_task(self, cmd: RunTask) -> None:
         conns = [self.workers.get(d) for d in cmd.devices]
         if any(c is None or not c.up for c in conns):
-            self.feed(TaskFailed(cmd.task_id, "stage_failed", "device not available", retryable=True))
+            self.feed(
+                TaskFailed(cmd.task_id, "stage_failed", "device not available", retryable=True)
+            )
             return
         inputs = self._input_refs(cmd)
         if inputs is None:
@@ -461,28 +537,34 @@ class SchedulerDaemon:
         if cmd.degree > 1:
             # A fresh key per formation: a restarted partner never meets a stale group.
             group = protocol.GroupSpec(
-                key=cmd.task_id.replace("/", "_"), rendezvous=leader.store_addr, devices=list(cmd.devices)
+                key=cmd.task_id.replace("/", "_"),
+                rendezvous=leader.store_addr,
+                devices=list(cmd.devices),
             )
         for rank, conn in enumerate(conns):
             assert conn is not None
             # The leader runs every stage of the task; the others join for diffuse only.
             its_stages = cmd.stages if rank == 0 else tuple(s for s in cmd.stages if s == "diffuse")
             options = dict(cmd.options)
-            options["load_sources"] = {s: self._load_source(conn.info.device_id, cmd.model, s) for s in its_stages}
-            header = protocol.encode(protocol.RunTask(
-                task_id=cmd.task_id,
-                request_id=cmd.request_id,
-                model=cmd.model,
-                stages=list(cmd.stages),
-                devices=list(cmd.devices),
-                rank=rank,
-                inputs=inputs if rank == 0 else [],
-                final=cmd.final,
-                params=dict(cmd.params),
-                options=options,
-                leader_addr=leader.peer_addr,
-                group=group,
-            ))
+            options["load_sources"] = {
+                s: self._load_source(conn.info.device_id, cmd.model, s) for s in its_stages
+            }
+            header = protocol.encode(
+                protocol.RunTask(
+                    task_id=cmd.task_id,
+                    request_id=cmd.request_id,
+                    model=cmd.model,
+                    stages=list(cmd.stages),
+                    devices=list(cmd.devices),
+                    rank=rank,
+                    inputs=inputs if rank == 0 else [],
+                    final=cmd.final,
+                    params=dict(cmd.params),
+                    options=options,
+                    leader_addr=leader.peer_addr,
+                    group=group,
+                )
+            )
             self.out.append((self.nodes_sock, [conn.ident, header]))
         self.log.info(
             "stage.dispatched",
@@ -502,23 +584,31 @@ class SchedulerDaemon:
             # after each one's input fetch; the planner never makes them, so the runtime
             # does not carry them: a policy bug, reported per member, not a hang.
             for t in cmd.tasks:
-                self.feed(TaskFailed(
-                    t.task_id, "internal", f"batch {cmd.batch_id}: batches at degree {cmd.degree} are not supported",
-                    retryable=False,
-                ))
+                self.feed(
+                    TaskFailed(
+                        t.task_id,
+                        "internal",
+                        f"batch {cmd.batch_id}: batches at degree {cmd.degree} are not supported",
+                        retryable=False,
+                    )
+                )
             self.log.warning("batch.refused", batch_id=cmd.batch_id, degree=cmd.degree)
             return
         conn = self.workers.get(cmd.devices[0])
         if conn is None or not conn.up:
             for t in cmd.tasks:
-                self.feed(TaskFailed(t.task_id, "stage_failed", "device not available", retryable=True))
+                self.feed(
+                    TaskFailed(t.task_id, "stage_failed", "device not available", retryable=True)
+                )
             return
         live: list[tuple[RunTask, list[protocol.InputAddr]]] = []
         for t in cmd.tasks:
             inputs = self._input_refs(t)
             if inputs is None:
                 # This member cannot run; the others can.
-                self.feed(TaskFailed(t.task_id, "stage_failed", "input holder lost", retryable=True))
+                self.feed(
+                    TaskFailed(t.task_id, "stage_failed", "input holder lost", retryable=True)
+                )
                 continue
             live.append((t, inputs))
         if not live:
@@ -529,23 +619,31 @@ class SchedulerDaemon:
         self.counters["batches"] += 1
         # Members share their options (same shape, same device: same decisions).
         options = dict(cmd.tasks[0].options)
-        options["load_sources"] = {s: self._load_source(conn.info.device_id, cmd.model, s) for s in cmd.stages}
-        header = protocol.encode(protocol.RunBatch(
-            batch_id=cmd.batch_id,
-            model=cmd.model,
-            stages=list(cmd.stages),
-            devices=list(cmd.devices),
-            rank=0,
-            members=[
-                protocol.BatchMember(
-                    task_id=t.task_id, request_id=t.request_id, inputs=inputs, final=t.final, params=dict(t.params)
-                )
-                for t, inputs in live
-            ],
-            options=options,
-            leader_addr=conn.peer_addr,
-            group=None,
-        ))
+        options["load_sources"] = {
+            s: self._load_source(conn.info.device_id, cmd.model, s) for s in cmd.stages
+        }
+        header = protocol.encode(
+            protocol.RunBatch(
+                batch_id=cmd.batch_id,
+                model=cmd.model,
+                stages=list(cmd.stages),
+                devices=list(cmd.devices),
+                rank=0,
+                members=[
+                    protocol.BatchMember(
+                        task_id=t.task_id,
+                        request_id=t.request_id,
+                        inputs=inputs,
+                        final=t.final,
+                        params=dict(t.params),
+                    )
+                    for t, inputs in live
+                ],
+                options=options,
+                leader_addr=conn.peer_addr,
+                group=None,
+            )
+        )
         self.out.append((self.nodes_sock, [conn.ident, header]))
         self.log.info(
             "batch.dispatched",
@@ -583,14 +681,16 @@ class SchedulerDaemon:
         )
         if pend is None:
             return
-        header = protocol.encode(protocol.Result(
-            id=pend.client_rid,
-            timings=dict(cmd.timings),
-            devices={k: list(v) for k, v in cmd.devices.items()},
-            tensors=meta,
-            met_slo=cmd.met_slo,
-            slo_s=None if cmd.deadline is None else cmd.deadline - pend.arrival,
-        ))
+        header = protocol.encode(
+            protocol.Result(
+                id=pend.client_rid,
+                timings=dict(cmd.timings),
+                devices={k: list(v) for k, v in cmd.devices.items()},
+                tensors=meta,
+                met_slo=cmd.met_slo,
+                slo_s=None if cmd.deadline is None else cmd.deadline - pend.arrival,
+            )
+        )
         self.out.append((self.clients, [pend.client, header, *frames]))
 
     def _reply_error(self, request_id: str, code: str, message: str) -> None:
@@ -602,18 +702,25 @@ class SchedulerDaemon:
         self.log.info("request.failed", request_id=request_id, error=code, message=message)
         if pend is None:
             return
-        self.out.append((self.clients, [pend.client, protocol.error_message(code, message, id=pend.client_rid)]))
+        self.out.append(
+            (self.clients, [pend.client, protocol.error_message(code, message, id=pend.client_rid)])
+        )
 
     # ------------------------------------------------------------------ sockets
 
     def _drain_now(self, sock: Any, limit: int) -> list[list[Any]]:
-        """Whatever is queued on ``sock`` now, up to ``limit`` messages, without waiting."""
+        """Whatever is queued on ``sock`` now, up to ``limit`` messages and
+        DRAIN_MAX_BYTES of headers, without waiting (a turn's memory stays bounded even
+        when every message is large). Tensor frames do not count: they are results."""
         batch: list[list[Any]] = []
-        while len(batch) < limit:
+        nbytes = 0
+        while len(batch) < limit and nbytes < DRAIN_MAX_BYTES:
             try:
-                batch.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result())
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result()
             except zmq.Again:
                 break
+            batch.append(frames)
+            nbytes += len(frames[1]) if len(frames) > 1 else 0
         return batch
 
     async def _drain(self, sock: Any, limit: int) -> list[list[Any]]:
@@ -665,17 +772,51 @@ class SchedulerDaemon:
     def _rejected(self, sock: Any, channel: str, ident: bytes, exc: ProtocolError) -> None:
         self.counters["protocol_rejected"] += 1
         peer = ident.decode(errors="replace")[:80]
-        self.log.warning("protocol.rejected", channel=channel, peer=peer, error=exc.message[:500],
-                         request_id=exc.request_id)
-        self.out.append((sock, [ident, protocol.error_message("protocol", exc.message, id=exc.request_id)]))
+        # A flood of bad messages must not become a flood of log lines: the first few
+        # per peer and window are logged, then one line with how many were suppressed.
+        now = self.now()
+        window = self.rejected_log.get(ident)
+        if window is None or now - window[0] > REJECT_LOG_WINDOW_S:
+            if window is not None and window[2]:
+                self.log.warning(
+                    "protocol.rejected", channel=channel, peer=peer, suppressed=window[2]
+                )
+            if window is None and len(self.rejected_log) > 10_000:
+                self.rejected_log.clear()
+            window = self.rejected_log[ident] = [now, 0, 0]
+        if window[1] < REJECT_LOG_BURST:
+            window[1] += 1
+            self.log.warning(
+                "protocol.rejected",
+                channel=channel,
+                peer=peer,
+                error=exc.message[:500],
+                request_id=exc.request_id,
+            )
+        else:
+            window[2] += 1
+        self.out.append(
+            (sock, [ident, protocol.error_message("protocol", exc.message, id=exc.request_id)])
+        )
 
     def _handler_failed(self, channel: str, ident: bytes, exc: Exception) -> None:
         self.log.error(
-            "handler.failed", channel=channel, peer=ident.decode(errors="replace")[:80], error=repr(exc),
+            "handler.failed",
+            channel=channel,
+            peer=ident.decode(errors="replace")[:80],
+            error=repr(exc),
             traceback=traceback.format_exc(limit=12),
         )
         sock = self.clients if channel == "client" else self.nodes_sock
-        self.out.append((sock, [ident, protocol.error_message("internal", f"scheduler could not handle it: {exc!r}")]))
+        self.out.append(
+            (
+                sock,
+                [
+                    ident,
+                    protocol.error_message("internal", f"scheduler could not handle it: {exc!r}"),
+                ],
+            )
+        )
 
     # ------------------------------------------------------------------ clients
 
@@ -692,10 +833,21 @@ class SchedulerDaemon:
             for client_rid in unknown[:256]:  # bounded work per ping; the rest next time
                 # Replies go out in order: a result sent before this ping arrived
                 # reaches the client first, so this only ends requests we lost.
-                self.out.append((self.clients, [ident, protocol.error_message(
-                    "unknown_request", "the scheduler holds no such request (it never arrived, or the "
-                    "scheduler restarted without it)", id=client_rid, nonce=msg.nonce,
-                )]))
+                self.out.append(
+                    (
+                        self.clients,
+                        [
+                            ident,
+                            protocol.error_message(
+                                "unknown_request",
+                                "the scheduler holds no such request (it never arrived, or the "
+                                "scheduler restarted without it)",
+                                id=client_rid,
+                                nonce=msg.nonce,
+                            ),
+                        ],
+                    )
+                )
         elif isinstance(msg, Submit):
             self._on_submit(ident, msg)
         elif isinstance(msg, Cancel):
@@ -728,7 +880,9 @@ class SchedulerDaemon:
         def refuse(code: str, message: str) -> None:
             self.counters["failed"] += 1
             self.log.info("request.failed", request_id=rid, error=code, message=message)
-            self.out.append((self.clients, [ident, protocol.error_message(code, message, id=client_rid)]))
+            self.out.append(
+                (self.clients, [ident, protocol.error_message(code, message, id=client_rid)])
+            )
 
         if rid in self.pending:
             refuse("invalid_request", f"request id {client_rid!r} is already in flight")
@@ -739,7 +893,9 @@ class SchedulerDaemon:
         if len(self.pending) >= self.cfg.max_queue:
             # The intake bound: answered here, at once, without a core round.
             self.counters["overloaded"] += 1
-            refuse("overloaded", f"{len(self.pending)} requests in flight (limit {self.cfg.max_queue})")
+            refuse(
+                "overloaded", f"{len(self.pending)} requests in flight (limit {self.cfg.max_queue})"
+            )
             return
         served = self.served.get(msg.model)
         if served is None:
@@ -753,14 +909,24 @@ class SchedulerDaemon:
             return
         now = self.now()
         self.pending[rid] = _Pending(
-            client=ident, client_rid=client_rid, arrival=now,
+            client=ident,
+            client_rid=client_rid,
+            arrival=now,
             heartbeat=self.client_conns[ident].heartbeats,
         )
         if self.journal is not None:
-            self.journal.accept(AcceptedRecord(
-                request_id=rid, client=ident, client_rid=client_rid, model=msg.model, params=params,
-                slo_s=msg.slo_s, batchable=msg.batch, arrival_wall=time.time(),
-            ))
+            self.journal.accept(
+                AcceptedRecord(
+                    request_id=rid,
+                    client=ident,
+                    client_rid=client_rid,
+                    model=msg.model,
+                    params=params,
+                    slo_s=msg.slo_s,
+                    batchable=msg.batch,
+                    arrival_wall=time.time(),
+                )
+            )
         self.log.info(
             "request.arrived",
             request_id=rid,
@@ -788,20 +954,34 @@ class SchedulerDaemon:
         return {n: ModelRef(family=m.info.family, path=m.info.path) for n, m in self.served.items()}
 
     def _welcome_node(self) -> bytes:
-        return protocol.encode(protocol.NodeWelcome(models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s))
+        return protocol.encode(
+            protocol.NodeWelcome(
+                models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
+            )
+        )
 
     def _welcome_worker(self) -> bytes:
-        return protocol.encode(protocol.WorkerWelcome(models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s))
+        return protocol.encode(
+            protocol.WorkerWelcome(
+                models=self._models_for_workers(), heartbeat_s=self.cfg.heartbeat_s
+            )
+        )
 
     def _reject(self, ident: bytes, reason: str) -> None:
         self.out.append((self.nodes_sock, [ident, protocol.encode(protocol.Reject(reason=reason))]))
 
-    def _on_node(self, ident: bytes, msg: NodeHello | NodeHeartbeat | WorkerExited | NodeBye) -> None:
+    def _on_node(
+        self, ident: bytes, msg: NodeHello | NodeHeartbeat | WorkerExited | NodeBye
+    ) -> None:
         now = self.now()
         if isinstance(msg, NodeHello):
             if msg.version != protocol.PROTOCOL_VERSION:
-                reason = f"protocol version {msg.version} != scheduler's {protocol.PROTOCOL_VERSION}"
-                self.log.warning("node.rejected", node=ident.decode(errors="replace"), reason=reason)
+                reason = (
+                    f"protocol version {msg.version} != scheduler's {protocol.PROTOCOL_VERSION}"
+                )
+                self.log.warning(
+                    "node.rejected", node=ident.decode(errors="replace"), reason=reason
+                )
                 self._reject(ident, reason)
                 return
             if ident != f"node:{msg.node_id}".encode():
@@ -809,14 +989,26 @@ class SchedulerDaemon:
                 return
             node_id = msg.node_id
             old = self.nodes.get(node_id)
-            booting = old is None or not old.up or not any(
-                w.up for w in self.workers.values() if w.info.node_id == node_id
+            booting = (
+                old is None
+                or not old.up
+                or not any(w.up for w in self.workers.values() if w.info.node_id == node_id)
             )
             self.nodes[node_id] = _NodeConn(
-                ident=ident, node_id=node_id, last_seen=now,
-                devices=[{"index": d.index, "kind": d.kind, "memory_bytes": d.memory_bytes, "speed": d.speed}
-                         for d in msg.devices],
-                joining={} if booting else None, hello_at=now,
+                ident=ident,
+                node_id=node_id,
+                last_seen=now,
+                devices=[
+                    {
+                        "index": d.index,
+                        "kind": d.kind,
+                        "memory_bytes": d.memory_bytes,
+                        "speed": d.speed,
+                    }
+                    for d in msg.devices
+                ],
+                joining={} if booting else None,
+                hello_at=now,
             )
             self.out.append((self.nodes_sock, [ident, self._welcome_node()]))
             self.log.info("node.joined", node_id=node_id, devices=len(msg.devices))
@@ -831,7 +1023,9 @@ class SchedulerDaemon:
             return
         if isinstance(msg, WorkerExited):
             dev = msg.device_id or f"{node_id}/{self._node_kind(node)}:{msg.index}"
-            self.log.warning("worker.died", device_id=dev, exitcode=msg.exitcode, restarts=msg.restarts)
+            self.log.warning(
+                "worker.died", device_id=dev, exitcode=msg.exitcode, restarts=msg.restarts
+            )
             conn = self.workers.get(dev)
             if conn is not None and conn.up and conn.info.node_id == node_id:
                 self._worker_lost(dev, f"process exited with {msg.exitcode}")
@@ -859,7 +1053,9 @@ class SchedulerDaemon:
             started = self.task_info.get(msg.task_id)
             if started is None or dev not in started.devices:
                 return  # not a task of this worker's: ignore rather than confuse the core
-            self.log.info("stage.started", task_id=msg.task_id, device_id=dev, request_id=started.request_id)
+            self.log.info(
+                "stage.started", task_id=msg.task_id, device_id=dev, request_id=started.request_id
+            )
             self.feed(TaskStarted(msg.task_id))
         elif isinstance(msg, protocol.TaskFinished):
             cmd = self.task_info.get(msg.task_id)
@@ -880,8 +1076,12 @@ class SchedulerDaemon:
                 )
             )
             self.log.info(
-                "stage.finished", task_id=msg.task_id, request_id=cmd.request_id, device_id=dev,
-                seconds=dict(msg.stage_seconds), transfer_s=msg.transfer_seconds,
+                "stage.finished",
+                task_id=msg.task_id,
+                request_id=cmd.request_id,
+                device_id=dev,
+                seconds=dict(msg.stage_seconds),
+                transfer_s=msg.transfer_seconds,
             )
         elif isinstance(msg, protocol.TaskFailed):
             cmd = self.task_info.get(msg.task_id)
@@ -889,8 +1089,12 @@ class SchedulerDaemon:
                 return
             del self.task_info[msg.task_id]
             self.log.warning(
-                "stage.failed", task_id=msg.task_id, request_id=cmd.request_id, device_id=dev,
-                error=msg.error, message=msg.message,
+                "stage.failed",
+                task_id=msg.task_id,
+                request_id=cmd.request_id,
+                device_id=dev,
+                error=msg.error,
+                message=msg.message,
             )
             error: Any = msg.error if msg.error in _ERROR_CODES else "stage_failed"
             self.feed(TaskFailed(msg.task_id, error, msg.message, msg.retryable))
@@ -899,17 +1103,28 @@ class SchedulerDaemon:
             self.node_loaded.add((conn.info.node_id, msg.model, msg.stage))
             if msg.source != "resident":
                 self.log.info(
-                    "stage.loaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage,
-                    seconds=msg.seconds, source=msg.source,
+                    "stage.loaded",
+                    device_id=conn.info.device_id,
+                    model=msg.model,
+                    stage=msg.stage,
+                    seconds=msg.seconds,
+                    source=msg.source,
                 )
-            self.feed(StageLoaded(conn.info.device_id, msg.model, msg.stage, msg.seconds, msg.source))
+            self.feed(
+                StageLoaded(conn.info.device_id, msg.model, msg.stage, msg.seconds, msg.source)
+            )
         elif isinstance(msg, protocol.StageUnloaded):
             self.resident.get(conn.info.device_id, set()).discard((msg.model, msg.stage))
-            self.log.info("stage.unloaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage)
+            self.log.info(
+                "stage.unloaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage
+            )
             self.feed(StageUnloaded(conn.info.device_id, msg.model, msg.stage))
         elif isinstance(msg, protocol.StageLoadFailed):
             self.log.error(
-                "stage.load_failed", device_id=conn.info.device_id, model=msg.model, stage=msg.stage,
+                "stage.load_failed",
+                device_id=conn.info.device_id,
+                model=msg.model,
+                stage=msg.stage,
                 message=msg.message,
             )
 
@@ -917,7 +1132,9 @@ class SchedulerDaemon:
         if msg.version != protocol.PROTOCOL_VERSION:
             reason = f"protocol version {msg.version} != scheduler's {protocol.PROTOCOL_VERSION}"
             self._reject(ident, reason)
-            self.log.warning("worker.rejected", worker=ident.decode(errors="replace"), reason=reason)
+            self.log.warning(
+                "worker.rejected", worker=ident.decode(errors="replace"), reason=reason
+            )
             return
         info = DeviceInfo(
             device_id=msg.device_id,
@@ -927,9 +1144,14 @@ class SchedulerDaemon:
             memory_bytes=msg.memory_bytes,
             speed=msg.speed,
         )
-        if ident != f"dev:{info.device_id}".encode() or info.device_id != f"{msg.node_id}/{msg.kind}:{msg.index}":
+        if (
+            ident != f"dev:{info.device_id}".encode()
+            or info.device_id != f"{msg.node_id}/{msg.kind}:{msg.index}"
+        ):
             self._reject(ident, "worker identity does not match its device id")
-            self.log.warning("worker.rejected", worker=ident.decode(errors="replace"), reason="identity mismatch")
+            self.log.warning(
+                "worker.rejected", worker=ident.decode(errors="replace"), reason="identity mismatch"
+            )
             return
         node = self.nodes.get(info.node_id)
         if node is None or not node.up:
@@ -944,13 +1166,23 @@ class SchedulerDaemon:
         if old is not None and old.up:
             self._worker_lost(info.device_id, "replaced by a new process")
         self.workers[info.device_id] = _WorkerConn(
-            ident=ident, info=info, peer_addr=msg.peer_addr, pid=msg.pid, last_seen=self.now(),
+            ident=ident,
+            info=info,
+            peer_addr=msg.peer_addr,
+            pid=msg.pid,
+            last_seen=self.now(),
             store_addr=msg.store_addr,
         )
         self.worker_by_ident[ident] = info.device_id
         self.resident[info.device_id] = set()  # a (re)started worker holds nothing
         self.out.append((self.nodes_sock, [ident, self._welcome_worker()]))
-        self.log.info("worker.joined", device_id=info.device_id, kind=info.kind, pid=msg.pid, peer_addr=msg.peer_addr)
+        self.log.info(
+            "worker.joined",
+            device_id=info.device_id,
+            kind=info.kind,
+            pid=msg.pid,
+            peer_addr=msg.peer_addr,
+        )
         if node.joining is not None:
             node.joining[info.device_id] = info
             self._maybe_node_joined(node, self.now())
@@ -984,9 +1216,15 @@ class SchedulerDaemon:
         if kill and node is not None and node.up:
             # A hung worker would otherwise live on, holding its device: its node kills
             # and restarts it.
-            self.out.append((self.nodes_sock, [node.ident, protocol.encode(
-                protocol.KillWorker(index=conn.info.index, reason=reason)
-            )]))
+            self.out.append(
+                (
+                    self.nodes_sock,
+                    [
+                        node.ident,
+                        protocol.encode(protocol.KillWorker(index=conn.info.index, reason=reason)),
+                    ],
+                )
+            )
         self.feed(DeviceLost(device_id, reason, new_stimulus_id("lost")))
 
     def _node_lost(self, node_id: str, reason: str) -> None:
@@ -1000,8 +1238,11 @@ class SchedulerDaemon:
             if conn.info.node_id == node_id and conn.up:
                 conn.up = False
                 self.resident.pop(conn.info.device_id, None)
-        for task_id in [t for t, c in self.task_info.items()
-                        if any(d.startswith(f"{node_id}/") for d in c.devices)]:
+        for task_id in [
+            t
+            for t, c in self.task_info.items()
+            if any(d.startswith(f"{node_id}/") for d in c.devices)
+        ]:
             del self.task_info[task_id]
         self.feed(NodeLost(node_id, reason, new_stimulus_id("node-lost")))
 
@@ -1034,7 +1275,11 @@ class SchedulerDaemon:
             elif node.up:
                 self._maybe_node_joined(node, now)
         cttl = self.cfg.client_ttl_s
-        gone = {ident for ident, c in self.client_conns.items() if c.heartbeats and now - c.last_seen > cttl}
+        gone = {
+            ident
+            for ident, c in self.client_conns.items()
+            if c.heartbeats and now - c.last_seen > cttl
+        }
         for rid, pend in list(self.pending.items()):
             if pend.heartbeat and pend.client in gone:
                 self.log.info("request.cancel", request_id=rid, reason="client gone")
@@ -1044,13 +1289,24 @@ class SchedulerDaemon:
             self.log.info("client.gone", client=ident.decode(errors="replace")[:80])
             del self.client_conns[ident]
         if len(self.client_conns) > 100_000:  # clients that never heartbeat: forget the oldest
-            for ident in sorted(self.client_conns, key=lambda i: self.client_conns[i].last_seen)[:50_000]:
+            for ident in sorted(self.client_conns, key=lambda i: self.client_conns[i].last_seen)[
+                :50_000
+            ]:
                 del self.client_conns[ident]
 
 
 _ERROR_CODES = frozenset(
-    ("unknown_model", "invalid_request", "overloaded", "stage_failed", "timeout", "cancelled",
-     "out_of_memory", "unavailable", "internal")
+    (
+        "unknown_model",
+        "invalid_request",
+        "overloaded",
+        "stage_failed",
+        "timeout",
+        "cancelled",
+        "out_of_memory",
+        "unavailable",
+        "internal",
+    )
 )
 
 
@@ -1064,31 +1320,76 @@ def _option_value(text: str) -> Any:
 
 
 def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="trident-scheduler", description="Trident's central scheduler daemon.")
+    p = argparse.ArgumentParser(
+        prog="trident-scheduler", description="Trident's central scheduler daemon."
+    )
     p.add_argument("--config", help="TOML configuration file")
-    p.add_argument("--client-addr", help="address clients connect to (default tcp://127.0.0.1:5555)")
-    p.add_argument("--node-addr", help="address nodes and workers connect to (default tcp://127.0.0.1:5556)")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                   help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model")
-    p.add_argument("--policy", help="scheduling policy (fifo; trident, b1, b4, b6, authors with the planner)")
-    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a policy setting (repeatable), e.g. diffuse_degree=2")
+    p.add_argument(
+        "--client-addr", help="address clients connect to (default tcp://127.0.0.1:5555)"
+    )
+    p.add_argument(
+        "--node-addr", help="address nodes and workers connect to (default tcp://127.0.0.1:5556)"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model",
+    )
+    p.add_argument(
+        "--policy", help="scheduling policy (fifo; trident, b1, b4, b6, authors with the planner)"
+    )
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy setting (repeatable), e.g. diffuse_degree=2",
+    )
     p.add_argument("--slo-scale", type=float)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--heartbeat-s", type=float)
     p.add_argument("--worker-ttl-s", type=float)
     p.add_argument("--time-scale", type=float, help="sim clusters: the nodes' --time-scale")
     p.add_argument("--tick-s", type=float, help="seconds between the core's ticks (default 0.05)")
-    p.add_argument("--profile", action="append", default=[], metavar="FILE",
-                   help="a `trident profile` file for the cost model (repeatable)")
-    p.add_argument("--curve-dir", help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate")
-    p.add_argument("--client-ttl-s", type=float, help="cancel the requests of a heartbeating client silent this long")
-    p.add_argument("--state-dir", help="directory of the request journal (restart without silent loss)")
+    p.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a `trident profile` file for the cost model (repeatable)",
+    )
+    p.add_argument(
+        "--curve-dir", help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate"
+    )
+    p.add_argument(
+        "--client-ttl-s",
+        type=float,
+        help="cancel the requests of a heartbeating client silent this long",
+    )
+    p.add_argument(
+        "--state-dir", help="directory of the request journal (restart without silent loss)"
+    )
     p.add_argument("--log-file")
     ns = p.parse_args(argv)
     cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
     cfg.profiles.extend(ns.profile)
-    for key in ("client_addr", "node_addr", "policy", "slo_scale", "max_queue", "heartbeat_s", "worker_ttl_s", "log_file", "time_scale", "curve_dir", "tick_s", "client_ttl_s", "state_dir"):
+    for key in (
+        "client_addr",
+        "node_addr",
+        "policy",
+        "slo_scale",
+        "max_queue",
+        "heartbeat_s",
+        "worker_ttl_s",
+        "log_file",
+        "time_scale",
+        "curve_dir",
+        "tick_s",
+        "client_ttl_s",
+        "state_dir",
+    ):
         value = getattr(ns, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -1099,7 +1400,9 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
             raise ConfigError(f"--policy-option {opt!r}: expected KEY=VALUE")
         cfg.policy_options[key.strip()] = _option_value(value.strip())
     if not cfg.models:
-        raise ConfigError("no model to serve: pass --model NAME=DIR or a config file with [[models]]")
+        raise ConfigError(
+            "no model to serve: pass --model NAME=DIR or a config file with [[models]]"
+        )
     if cfg.max_queue < 1:
         raise ConfigError("--max-queue must be at least 1")
     if not 0.001 <= cfg.tick_s <= 10:
@@ -1117,7 +1420,9 @@ def main(
         cfg, _ = _parse(argv)
         configure_logging(cfg.log_file, buffered=True)
         served = register_models(cfg.models)
-        daemon = SchedulerDaemon(cfg, served, core=core_factory(cfg, served) if core_factory else None)
+        daemon = SchedulerDaemon(
+            cfg, served, core=core_factory(cfg, served) if core_factory else None
+        )
     except (ConfigError, ModelError, ValueError) as exc:
         print(f"trident-scheduler: {exc}", file=sys.stderr)
         return 2
@@ -1144,4 +1449,3 @@ def main(
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -55,12 +55,16 @@ def pack_tensors(tensors: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list
     for name, value in tensors.items():
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)
-            meta.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "lib": "np"})
+            meta.append(
+                {"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "lib": "np"}
+            )
             frames.append(memoryview(arr).cast("B") if arr.size else b"")  # type: ignore[arg-type]
             continue
         # torch tensor (duck-typed so this module never imports torch itself)
         if not hasattr(value, "detach"):
-            raise TypeError(f"tensor {name!r}: expected a torch.Tensor or numpy array, got {type(value)}")
+            raise TypeError(
+                f"tensor {name!r}: expected a torch.Tensor or numpy array, got {type(value)}"
+            )
         t = value.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
@@ -124,7 +128,9 @@ def unpack_tensors(
             t = torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
             out[name] = t if want_torch else t.float().numpy()
             continue
-        arr = np.frombuffer(mv, dtype=np.dtype(dtype)) if mv.nbytes else np.empty(0, np.dtype(dtype))
+        arr = (
+            np.frombuffer(mv, dtype=np.dtype(dtype)) if mv.nbytes else np.empty(0, np.dtype(dtype))
+        )
         arr = arr.reshape(shape)
         if want_torch:
             import warnings

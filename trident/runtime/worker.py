@@ -162,10 +162,15 @@ class Worker:
 
             keys = daemon_keys(a.curve_dir)
             self.auth = start_authenticator(self.ctx, a.curve_dir)
-        self.ctl = make_socket(self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode(), curve=keys)
+        self.ctl = make_socket(
+            self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode(), curve=keys
+        )
         self.ctl.connect(a.scheduler)
         self.server = PeerServer(
-            self.ctx, a.host, self.outputs, on_barrier=self._on_barrier,
+            self.ctx,
+            a.host,
+            self.outputs,
+            on_barrier=self._on_barrier,
             on_error=lambda e: self.log.warning("protocol.rejected", channel="peer", error=e),
             curve=keys,
         )
@@ -175,7 +180,9 @@ class Worker:
             # Import torch before saying hello so the first task does not pay for it,
             # and host the rendezvous store degree-k instances led by us will use.
             await asyncio.get_running_loop().run_in_executor(self.pool, _warm_torch)
-            self.store_addr = await asyncio.get_running_loop().run_in_executor(self.pool, _host_store, a.host)
+            self.store_addr = await asyncio.get_running_loop().run_in_executor(
+                self.pool, _host_store, a.host
+            )
         code = await self._handshake()
         if code is not None:
             await self._close()
@@ -185,8 +192,12 @@ class Worker:
             asyncio.create_task(self._supervised("control", self._control_loop), name="control"),
             asyncio.create_task(self._supervised("peer", self.server.serve), name="peer"),
             asyncio.create_task(self._supervised("run", self._run_loop), name="run"),
-            asyncio.create_task(self._supervised("heartbeat", self._heartbeat_loop), name="heartbeat"),
-            asyncio.create_task(self._supervised("watchdog", self._parent_watchdog), name="watchdog"),
+            asyncio.create_task(
+                self._supervised("heartbeat", self._heartbeat_loop), name="heartbeat"
+            ),
+            asyncio.create_task(
+                self._supervised("watchdog", self._parent_watchdog), name="watchdog"
+            ),
         ]
         await self.stopping.wait()
         if self.running_cancel is not None:
@@ -197,31 +208,37 @@ class Worker:
         await self._close()
         return self.exit_code
 
-    async def _supervised(self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _supervised(
+        self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
         """A loop that dies takes the worker down (exit 1; its node restarts it)."""
         try:
             await loop_fn()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self.log.critical("task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20))
+            self.log.critical(
+                "task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20)
+            )
             self.exit_code = 1
             self.stopping.set()
 
     def _hello(self) -> bytes:
         a = self.args
-        return protocol.encode(protocol.WorkerHello(
-            version=protocol.PROTOCOL_VERSION,
-            device_id=a.device_id,
-            node_id=a.node_id,
-            index=a.index,
-            kind=a.kind,  # type: ignore[arg-type]
-            memory_bytes=a.memory_bytes,
-            speed=a.speed,
-            peer_addr=self.peer_addr,
-            store_addr=self.store_addr,
-            pid=os.getpid(),
-        ))
+        return protocol.encode(
+            protocol.WorkerHello(
+                version=protocol.PROTOCOL_VERSION,
+                device_id=a.device_id,
+                node_id=a.node_id,
+                index=a.index,
+                kind=a.kind,  # type: ignore[arg-type]
+                memory_bytes=a.memory_bytes,
+                speed=a.speed,
+                peer_addr=self.peer_addr,
+                store_addr=self.store_addr,
+                pid=os.getpid(),
+            )
+        )
 
     async def _handshake(self) -> int | None:
         """The first hello, before any loop runs (re-registration is the control loop's)."""
@@ -292,7 +309,9 @@ class Worker:
             if self.rejoining:
                 await self.ctl.send_multipart([self._hello()])  # until welcomed
             else:
-                await self.ctl.send_multipart([protocol.encode(protocol.Heartbeat(queued=len(self.queue)))])
+                await self.ctl.send_multipart(
+                    [protocol.encode(protocol.Heartbeat(queued=len(self.queue)))]
+                )
 
     # ------------------------------------------------------------------ control
 
@@ -351,7 +370,13 @@ class Worker:
         if old is not None:
             await asyncio.get_running_loop().run_in_executor(self.pool, old.close)
         self._welcomed(msg)
-        self.log.info("worker.joined", peer_addr=self.peer_addr, kind=self.args.kind, pid=os.getpid(), rejoined=True)
+        self.log.info(
+            "worker.joined",
+            peer_addr=self.peer_addr,
+            kind=self.args.kind,
+            pid=os.getpid(),
+            rejoined=True,
+        )
 
     async def _cancel(self, task_id: str) -> None:
         """Drop a queued task, or stop the running one at its next denoising step."""
@@ -388,9 +413,14 @@ class Worker:
 
     async def _report_cancelled(self, task_id: str) -> None:
         self.log.info("stage.cancelled", task_id=task_id, where="queued")
-        await self._send(protocol.TaskFailed(
-            task_id=task_id, error="cancelled", message="cancelled by the client", retryable=False
-        ))
+        await self._send(
+            protocol.TaskFailed(
+                task_id=task_id,
+                error="cancelled",
+                message="cancelled by the client",
+                retryable=False,
+            )
+        )
 
     def _enqueue(self, msg: protocol.RunTask) -> None:
         task = _Task(msg=msg)
@@ -428,7 +458,9 @@ class Worker:
             except FetchMissing:
                 raise InputLost(f"input {ref.key} is no longer kept on {ref.device_id}") from None
             except TimeoutError:
-                raise InputLost(f"input {ref.key} is unreachable: {ref.device_id} did not answer") from None
+                raise InputLost(
+                    f"input {ref.key} is unreachable: {ref.device_id} did not answer"
+                ) from None
             merged.update(tensors)
             total += secs
         task.transfer_seconds = total
@@ -486,15 +518,27 @@ class Worker:
                 )
                 await self._report_evictions(getattr(self.executor, "evicted", None))
                 if source != "resident":
-                    self.log.info("stage.loaded", model=msg.model, stage=msg.stage, seconds=secs, source=source)
-                await self._send(protocol.StageLoaded(model=msg.model, stage=msg.stage, seconds=secs, source=source))
+                    self.log.info(
+                        "stage.loaded",
+                        model=msg.model,
+                        stage=msg.stage,
+                        seconds=secs,
+                        source=source,
+                    )
+                await self._send(
+                    protocol.StageLoaded(
+                        model=msg.model, stage=msg.stage, seconds=secs, source=source
+                    )
+                )
             else:
                 await loop.run_in_executor(self.pool, self.executor.unload, msg.model, msg.stage)
                 self.log.info("stage.unloaded", model=msg.model, stage=msg.stage)
                 await self._send(protocol.StageUnloaded(model=msg.model, stage=msg.stage))
         except Exception as exc:
             self.log.error("stage.load_failed", model=msg.model, stage=msg.stage, error=repr(exc))
-            await self._send(protocol.StageLoadFailed(model=msg.model, stage=msg.stage, message=repr(exc)[:4000]))
+            await self._send(
+                protocol.StageLoadFailed(model=msg.model, stage=msg.stage, message=repr(exc)[:4000])
+            )
 
     async def _barrier(self, msg: protocol.RunTask) -> None:
         """Degree-k tasks start together on all their devices (as collectives would)."""
@@ -544,9 +588,13 @@ class Worker:
             options["degree"] = degree
             try:
                 if parallel is None:
-                    result = await self._call("run", msg.model, stages, inputs, dict(msg.params), options)
+                    result = await self._call(
+                        "run", msg.model, stages, inputs, dict(msg.params), options
+                    )
                 else:
-                    result = await self._call("run", msg.model, stages, inputs, dict(msg.params), options, parallel)
+                    result = await self._call(
+                        "run", msg.model, stages, inputs, dict(msg.params), options, parallel
+                    )
             finally:
                 if parallel is not None:
                     await loop.run_in_executor(self.pool, _leave_group, parallel)
@@ -566,7 +614,9 @@ class Worker:
         await self._finished(task_id, bool(msg.final), result, task.transfer_seconds)
         log.debug("stage.finished", seconds=result.stage_seconds)
 
-    async def _finished(self, task_id: str, final: bool, result: TaskResult, transfer_seconds: float) -> None:
+    async def _finished(
+        self, task_id: str, final: bool, result: TaskResult, transfer_seconds: float
+    ) -> None:
         """Report a task done: a final output goes to the scheduler (for the client),
         any other is kept here under the task id for the next stage to fetch."""
         meta, frames = pack_tensors(result.outputs)
@@ -597,7 +647,9 @@ class Worker:
         await self._report_evictions(evicted)
         for (model, stage), (secs, source) in loaded.items():
             log.info("stage.loaded", model=model, stage=stage, seconds=secs, source=source)
-            await self._send(protocol.StageLoaded(model=model, stage=stage, seconds=secs, source=source))  # type: ignore[arg-type]
+            await self._send(
+                protocol.StageLoaded(model=model, stage=stage, seconds=secs, source=source)  # type: ignore[arg-type]
+            )
 
     async def _run_batch(self, task: _Task) -> None:
         """Run a ``run_batch``: the members whose inputs arrived, as one executor call."""
@@ -615,8 +667,12 @@ class Worker:
             for member in task.members:
                 self._drop_fetch(member)
                 await self._fail(
-                    member.msg.task_id, 0, "internal", f"batches run at degree 1, not {degree}",
-                    retryable=False, log=member_log(member),
+                    member.msg.task_id,
+                    0,
+                    "internal",
+                    f"batches run at degree 1, not {degree}",
+                    retryable=False,
+                    log=member_log(member),
                 )
             return
         live: list[tuple[_Task, dict[str, Any]]] = []
@@ -625,7 +681,14 @@ class Worker:
                 inputs = await member.inputs if member.inputs is not None else {}
             except Exception as exc:
                 error, message, retryable = _failure(exc, degree)
-                await self._fail(member.msg.task_id, 0, error, message, retryable=retryable, log=member_log(member))
+                await self._fail(
+                    member.msg.task_id,
+                    0,
+                    error,
+                    message,
+                    retryable=retryable,
+                    log=member_log(member),
+                )
                 continue
             live.append((member, inputs))
         if not live:
@@ -638,23 +701,36 @@ class Worker:
         params_list: list[Any] = [dict(m.msg.params) for m, _ in live]
         blog.debug("batch.started", size=len(live))
         try:
-            results = await self._call("run_batch", msg.model, stages, inputs_list, params_list, options)
+            results = await self._call(
+                "run_batch", msg.model, stages, inputs_list, params_list, options
+            )
             if len(results) != len(live):
-                raise RuntimeError(f"executor returned {len(results)} results for {len(live)} members")
+                raise RuntimeError(
+                    f"executor returned {len(results)} results for {len(live)} members"
+                )
         except Exception as exc:
             # The call as a whole failed (e.g. the batch did not fit): every member fails.
             error, message, retryable = _failure(exc, degree)
             if not isinstance(exc, OutOfMemory | StageError | TaskCancelled):
                 blog.error("batch.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
             for member, _ in live:
-                await self._fail(member.msg.task_id, 0, error, message, retryable=retryable, log=member_log(member))
+                await self._fail(
+                    member.msg.task_id,
+                    0,
+                    error,
+                    message,
+                    retryable=retryable,
+                    log=member_log(member),
+                )
             return
         await self._report_loads([r for r in results if isinstance(r, TaskResult)], blog)
         for (member, _), res in zip(live, results, strict=True):
             task_id = member.msg.task_id
             mlog = member_log(member)
             if task_id in self.cancelled_members:
-                await self._fail(task_id, 0, "cancelled", "cancelled by the client", retryable=False, log=mlog)
+                await self._fail(
+                    task_id, 0, "cancelled", "cancelled by the client", retryable=False, log=mlog
+                )
                 continue
             if isinstance(res, TaskResult):
                 await self._finished(task_id, bool(member.msg.final), res, member.transfer_seconds)
@@ -663,7 +739,8 @@ class Worker:
             error, message, retryable = _failure(res, degree)
             if not isinstance(res, OutOfMemory | StageError):
                 mlog.error(
-                    "stage.failed", error=repr(res),
+                    "stage.failed",
+                    error=repr(res),
                     traceback="".join(traceback.format_exception(res, limit=8)),
                 )
                 mlog = None
@@ -693,18 +770,30 @@ class Worker:
 
         group = msg.group
         if group is None or group.rendezvous is None:
-            raise StageError(f"task {msg.task_id} at degree {len(msg.devices)} carries no process group")
+            raise StageError(
+                f"task {msg.task_id} at degree {len(msg.devices)} carries no process group"
+            )
         backend = "nccl" if self.args.kind == "cuda" else "gloo"
         return join_group(
-            group.rendezvous, group.key, msg.rank, len(msg.devices), backend, timeout=GROUP_TIMEOUT_S,
+            group.rendezvous,
+            group.key,
+            msg.rank,
+            len(msg.devices),
+            backend,
+            timeout=GROUP_TIMEOUT_S,
         )
 
-    async def _fail(self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any) -> None:
+    async def _fail(
+        self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any
+    ) -> None:
         if log is not None:
             log.warning("stage.failed", error=error, message=message)
         if rank == 0:
-            await self._send(protocol.TaskFailed(task_id=task_id, error=error, message=message[:60_000],
-                                                 retryable=retryable))
+            await self._send(
+                protocol.TaskFailed(
+                    task_id=task_id, error=error, message=message[:60_000], retryable=retryable
+                )
+            )
 
 
 def _warm_torch() -> None:
@@ -730,7 +819,9 @@ def _leave_group(ctx: Any) -> None:
 
 
 def _parse(argv: list[str] | None) -> WorkerArgs:
-    p = argparse.ArgumentParser(prog="trident-worker", description="A Trident stage worker (spawned by trident-node).")
+    p = argparse.ArgumentParser(
+        prog="trident-worker", description="A Trident stage worker (spawned by trident-node)."
+    )
     p.add_argument("--scheduler", required=True)
     p.add_argument("--node-id", required=True)
     p.add_argument("--kind", required=True, choices=["cpu", "sim", "cuda"])
@@ -784,4 +875,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

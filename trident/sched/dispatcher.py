@@ -6,7 +6,7 @@ and the devices (:class:`DeviceView`: plan placement, estimated free time, free 
 whether it can take a task now). It returns :class:`Assignment` s, at most one per
 request, each device used at most once per round.
 
-Model (kept small on purpose — MEASURED.md: CBC needs 30 s for 2,000 binaries):
+Model (kept small on purpose: on a 2-core machine CBC needed 30 s for a 2,000-binary assignment):
 
 - Window: the ``max_requests`` most urgent waiting requests: those that can still
   make their deadline (at the fastest degree, no queueing) earliest deadline first,

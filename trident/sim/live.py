@@ -42,11 +42,19 @@ def _trace(cfg: BenchConfig) -> list[Any]:
     if cfg.trace_file:
         return load_trace(cfg.trace_file)
     assert cfg.trace is not None
-    return make_trace(cfg.trace, rate=cfg.rate, duration_s=cfg.duration_s, seed=cfg.seed,
-                      arrival=cfg.arrival, cv=cfg.cv)  # type: ignore[arg-type]
+    return make_trace(
+        cfg.trace,
+        rate=cfg.rate,
+        duration_s=cfg.duration_s,
+        seed=cfg.seed,
+        arrival=cfg.arrival,  # type: ignore[arg-type]
+        cv=cfg.cv,
+    )
 
 
-def run_live(cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | None = None) -> dict[str, Any]:
+def run_live(
+    cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | None = None
+) -> dict[str, Any]:
     """Replay ``cfg``'s trace on real daemons with sim devices; metrics in simulated seconds."""
     from trident.client import AsyncClient
     from trident.errors import RequestError
@@ -59,8 +67,11 @@ def run_live(cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | No
     gpu = GPU_PROFILES[cfg.gpu]
     nodes = [
         NodeSpec(
-            f"sim:{cfg.gpus_per_node}", node_id=f"n{i}", time_scale=time_scale,
-            sim_memory_gb=gpu.memory_bytes / GIB, extra=["--speed", str(gpu.speed)],
+            f"sim:{cfg.gpus_per_node}",
+            node_id=f"n{i}",
+            time_scale=time_scale,
+            sim_memory_gb=gpu.memory_bytes / GIB,
+            extra=["--speed", str(gpu.speed)],
         )
         for i in range(cfg.nodes)
     ]
@@ -68,7 +79,12 @@ def run_live(cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | No
     # The core ticks as often, in simulated time, as in the simulator.
     tick = max(0.002, cfg.tick_s * time_scale)
     opts: list[str] = [
-        "--slo-scale", str(cfg.slo_scale), "--max-queue", str(max(1024, 2 * len(requests))), "--tick-s", str(tick),
+        "--slo-scale",
+        str(cfg.slo_scale),
+        "--max-queue",
+        str(max(1024, 2 * len(requests))),
+        "--tick-s",
+        str(tick),
     ]
     for key, value in cfg.policy_options:
         if "." not in key:
@@ -77,7 +93,9 @@ def run_live(cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | No
     if log_dir is None:
         tmp = tempfile.TemporaryDirectory()
         log_dir = tmp.name
-    cluster = LocalCluster(served, nodes, policy=policy, log_dir=log_dir, scheduler_args=opts, startup_timeout=120)
+    cluster = LocalCluster(
+        served, nodes, policy=policy, log_dir=log_dir, scheduler_args=opts, startup_timeout=120
+    )
     records: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     with cluster:
@@ -96,14 +114,22 @@ def run_live(cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | No
                     rec: dict[str, Any] = {"request_id": spec.request_id, "model": spec.model}
                     try:
                         res = await c.generate(
-                            model=spec.model, prompt="live bench", height=shape.height, width=shape.width,
+                            model=spec.model,
+                            prompt="live bench",
+                            height=shape.height,
+                            width=shape.width,
                             num_frames=shape.num_frames if models[spec.model].is_video else None,
                             num_inference_steps=shape.num_inference_steps,
-                            guidance_scale=5.0 if shape.cfg else None, seed=0, slo_s=budget,
+                            guidance_scale=5.0 if shape.cfg else None,
+                            seed=0,
+                            slo_s=budget,
                             timeout=max(600.0, 20 * (budget or 0)),
                         )
-                        rec.update(status="completed", latency=res.timings["total"] / time_scale,
-                                   met_slo=bool(res.met_slo))
+                        rec.update(
+                            status="completed",
+                            latency=res.timings["total"] / time_scale,
+                            met_slo=bool(res.met_slo),
+                        )
                     except RequestError as exc:
                         rec.update(status="failed", error=type(exc).__name__, met_slo=False)
                     records.append(rec)
@@ -147,22 +173,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=300.0, help="simulated seconds of trace")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arrival", default="constant", choices=["constant", "poisson", "bursty"])
-    p.add_argument("--time-scale", type=float, default=0.05, help="wall seconds per simulated second")
+    p.add_argument(
+        "--time-scale", type=float, default=0.05, help="wall seconds per simulated second"
+    )
     p.add_argument("--log-dir")
     p.add_argument("--json")
     args = p.parse_args(argv)
     cfg = BenchConfig(
-        trace=None if args.trace_file else args.trace, trace_file=args.trace_file, nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, gpu=args.gpu, policies=(args.policy,), slo_scale=args.slo_scale,
-        rate=args.rate, duration_s=args.duration, seed=args.seed, arrival=args.arrival,
+        trace=None if args.trace_file else args.trace,
+        trace_file=args.trace_file,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu=args.gpu,
+        policies=(args.policy,),
+        slo_scale=args.slo_scale,
+        rate=args.rate,
+        duration_s=args.duration,
+        seed=args.seed,
+        arrival=args.arrival,
     )
     sims, _ = run_policies(replace(cfg), log=None)
     sim = sims[args.policy].to_json()
     live = run_live(cfg, args.policy, args.time_scale, args.log_dir)
-    rows = [("slo_attainment", "SLO attainment"), ("mean_latency_s", "mean latency (s)"),
-            ("p95_latency_s", "P95 latency (s)"), ("completed", "completed"), ("failed", "failed")]
-    print(f"{args.trace_file or args.trace} on {args.nodes}x{args.gpus_per_node} {args.gpu}, policy {args.policy}, "
-          f"{live['requests']} requests, live time scale {args.time_scale} ({live['wall_s']:.0f}s wall)")
+    rows = [
+        ("slo_attainment", "SLO attainment"),
+        ("mean_latency_s", "mean latency (s)"),
+        ("p95_latency_s", "P95 latency (s)"),
+        ("completed", "completed"),
+        ("failed", "failed"),
+    ]
+    print(
+        f"{args.trace_file or args.trace} on {args.nodes}x{args.gpus_per_node} {args.gpu}, policy {args.policy}, "
+        f"{live['requests']} requests, live time scale {args.time_scale} ({live['wall_s']:.0f}s wall)"
+    )
     print(f"{'metric':<18} {'simulator':>10} {'live':>10} {'rel. diff':>10}")
     agree = {}
     for key, label in rows:
@@ -172,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         d = _rel(float(a), float(b))
         agree[key] = d
         print(f"{label:<18} {float(b):>10.3f} {float(a):>10.3f} {d:>9.1%}")
-    out = {"config": cfg.to_json() | {"time_scale": args.time_scale}, "simulator": sim, "live": live,
-           "relative_difference": agree, "command": "trident bench live " + " ".join(argv or sys.argv[3:])}
+    out = {
+        "config": cfg.to_json() | {"time_scale": args.time_scale},
+        "simulator": sim,
+        "live": live,
+        "relative_difference": agree,
+        "command": "trident bench live " + " ".join(argv or sys.argv[3:]),
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
