@@ -180,6 +180,25 @@ def test_at_boot_requests_wait_for_the_boot_grace() -> None:
     assert runs(core.handle(node(1), 29.5))  # the first node arrives in time: it runs
 
 
+def test_shedding_refuses_what_would_miss_its_deadline_and_only_with_the_setting() -> None:
+    from trident.sched.cost import load_cost_model
+
+    cost = load_cost_model(None)
+
+    def slow(rid: str, t: float, slo: float) -> RequestArrived:
+        return RequestArrived(RequestSpec(rid, "flux", Shape(1024, 1024, 1, 28), arrival=t, slo_s=slo))
+
+    for margin, refused in ((None, []), (5.0, ["late"])):
+        core = FifoPolicy(MODELS, cost, CoreConfig(preload=False, shed_late_margin_s=margin))
+        core.handle(node(1), 0.0)
+        core.handle(slow("first", 0.0, 1000.0), 0.0)  # occupies the only device ~24 s
+        out = core.handle(slow("late", 0.1, 30.0), 0.1)  # would finish ~48 s: 18 s late
+        out += core.handle(slow("fine", 0.2, 100.0), 0.2)  # ~48 s, within 100 s
+        assert [c.request_id for c in out if isinstance(c, FailRequest)] == refused
+        if refused:
+            assert "deadline" in next(c.message for c in out if isinstance(c, FailRequest))
+
+
 def test_handle_many_plans_once_for_a_burst() -> None:
     core = FifoPolicy(MODELS, config=CoreConfig(max_inflight_per_device=1, preload=False))
     core.handle(node(2), 0.0)

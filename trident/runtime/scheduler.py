@@ -98,6 +98,9 @@ __all__ = ["SchedulerDaemon", "main", "make_core"]
 CLUSTER_DRAIN_MAX = 2048
 CLIENT_DRAIN_MAX = 256
 CLIENT_HWM = 1000
+# A core round quicker than this lets the next one run on the event loop; a slower one
+# sends the next rounds to the core thread until they are quick again.
+INLINE_ROUND_S = 0.002
 # Per peer: far more than a worker ever has in flight (tasks, reports), and a bound on
 # what a misbehaving peer can make us buffer.
 CLUSTER_HWM = 2000
@@ -199,7 +202,9 @@ class SchedulerDaemon:
         self.task_info: dict[str, RunTask] = {}
         # Events for the core's next round (filled by the I/O loop, taken by the core loop).
         self.events: list[Event] = []
-        self.events_ready = asyncio.Event()
+        self._core_in_thread = False  # rounds run on the core thread now
+        self._last_round_s = 0.0  # wall seconds of the last core round
+        self._background: set[asyncio.Task[None]] = set()
         self.out: list[tuple[Any, list[Any]]] = []  # (socket, frames) to send
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
@@ -274,7 +279,6 @@ class SchedulerDaemon:
         loops = [
             asyncio.create_task(self._supervised("cluster", self._cluster_loop), name="cluster"),
             asyncio.create_task(self._supervised("clients", self._client_loop), name="clients"),
-            asyncio.create_task(self._supervised("core", self._core_loop), name="core"),
             asyncio.create_task(self._supervised("tick", self._tick_loop), name="tick"),
         ]
         await self.stopping.wait()
@@ -386,31 +390,65 @@ class SchedulerDaemon:
 
     def feed(self, event: Event) -> None:
         self.events.append(event)
-        self.events_ready.set()
 
-    async def _core_loop(self) -> None:
-        """One core round at a time, in the core thread, over every event queued since
-        the last round; then carry out its commands here, on the loop."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.events_ready.wait()
-            self.events_ready.clear()
-            if not self.events:
-                continue
+    def _pump(self) -> None:
+        """Run what was fed through the core. Quick rounds run right here, on the loop
+        (a thread hand-off would cost more than the round); once a round is slow (over
+        INLINE_ROUND_S), rounds move to the core thread, in a task of their own, until
+        they are quick again. The loop is thus held at most by one unexpectedly slow
+        round, and the I/O loops never wait for the core."""
+        while self.events and not self._core_in_thread:
+            if self._last_round_s >= INLINE_ROUND_S:
+                self._core_in_thread = True
+                task = asyncio.get_running_loop().create_task(self._thread_rounds())
+                self._background.add(task)
+                task.add_done_callback(self._round_task_done)
+                return
             batch, self.events = self.events, []
             self._tick_queued = False
-            now = self.now()
-            self.core_busy_since = now
-            cmds = await loop.run_in_executor(
-                self.core_thread, handle_events, self.core, batch, now
-            )
-            self.core_busy_since = None
+            t0 = time.perf_counter()
+            cmds = handle_events(self.core, batch, self.now())
+            self._last_round_s = time.perf_counter() - t0
             for cmd in cmds:
                 self._execute(cmd)
-            # Replies first, then their "ended" records: a crash between the two re-runs
-            # a request (its duplicate result is dropped by the client), never loses one.
-            await self._flush()
-            self._commit_journal()
+
+    async def _turn(self) -> None:
+        """The end of an I/O loop's turn: a core round for what it fed, the replies
+        out, and then (after the replies) the journal's end records."""
+        self._pump()
+        await self._flush()
+        self._commit_journal()
+
+    async def _thread_rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.events and self._last_round_s >= INLINE_ROUND_S:
+                batch, self.events = self.events, []
+                self._tick_queued = False
+                now = self.now()
+                self.core_busy_since = now
+                t0 = time.perf_counter()
+                cmds = await loop.run_in_executor(
+                    self.core_thread, handle_events, self.core, batch, now
+                )
+                self._last_round_s = time.perf_counter() - t0
+                self.core_busy_since = None
+                for cmd in cmds:
+                    self._execute(cmd)
+                await self._flush()
+                self._commit_journal()
+        finally:
+            self._core_in_thread = False
+        await self._turn()
+
+    def _round_task_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.fatal = exc
+            self.exit_code = 1
+            self.log.critical("task.crashed", task="core", error=repr(exc))
+            self.stopping.set()
 
     async def _flush(self) -> None:
         out, self.out = self.out, []
@@ -736,7 +774,7 @@ class SchedulerDaemon:
         while True:
             for frames in await self._drain(self.nodes_sock, CLUSTER_DRAIN_MAX):
                 self._on_cluster_frames(frames)
-            await self._flush()
+            await self._turn()
 
     def _on_cluster_frames(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -764,7 +802,7 @@ class SchedulerDaemon:
                     self._handler_failed("client", ident, exc)
             # Durable before any of this turn's new requests reaches the core.
             self._commit_journal()
-            await self._flush()
+            await self._turn()
             # The cluster channel goes first: serve what it has before more client intake.
             if self._cluster_pending():
                 await asyncio.sleep(0)
@@ -1256,7 +1294,7 @@ class SchedulerDaemon:
             if not self._tick_queued:
                 self._tick_queued = True
                 self.feed(Tick())
-            await self._flush()
+            await self._turn()
             flush_logs()
 
     def _check_liveness(self) -> None:

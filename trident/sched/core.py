@@ -84,6 +84,11 @@ class CoreConfig:
     # the longer boot grace applies (workers import torch and load weights first).
     unavailable_after_s: float = 10.0
     boot_grace_s: float = 60.0
+    # Shedding (off by default): refuse at arrival, as "overloaded", a request whose
+    # predicted completion (the earliest a device frees up, plus its standalone latency)
+    # misses its deadline by more than this many seconds. It would fail its SLO anyway,
+    # and would only delay the requests that can still make theirs.
+    shed_late_margin_s: float | None = None
 
 
 @dataclass
@@ -119,6 +124,7 @@ class RequestState:
         )
     )
     stage_devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    est_s: float = 0.0  # standalone seconds, counted in the backlog while admitted
 
     @property
     def request_id(self) -> str:
@@ -192,6 +198,7 @@ class SchedulerCore:
         self._no_devices_since: float | None = None
         self._ever_had_devices = False
         self.unavailable = False
+        self._backlog_s = 0.0  # sum of admitted requests' est_s (shedding)
 
     # ------------------------------------------------------------------ entry point
 
@@ -411,9 +418,45 @@ class SchedulerCore:
             )
             return
         deadline = self.deadline_for(spec, model)
+        late = self._predicted_lateness(spec, model, deadline, now)
+        if late is not None:
+            out.append(
+                FailRequest(
+                    spec.request_id,
+                    "overloaded",
+                    f"predicted to miss its deadline by {late:.1f}s (shedding margin "
+                    f"{self.config.shed_late_margin_s}s): retry later",
+                )
+            )
+            return
         req = RequestState(spec=spec, family=model.family, deadline=deadline)
+        if self.config.shed_late_margin_s is not None and self.cost is not None:
+            req.est_s = standalone_latency(
+                self.cost, model.family, spec, model.max_degree, self.config.efficiency
+            )[0]
+            self._backlog_s += req.est_s
         self.requests[spec.request_id] = req
         self.waiting[spec.request_id] = req
+
+    def _predicted_lateness(
+        self, spec: RequestSpec, model: ModelInfo, deadline: float | None, now: float
+    ) -> float | None:
+        """Seconds past its deadline the request is predicted to finish, when that is
+        more than the shedding margin (else None)."""
+        margin = self.config.shed_late_margin_s
+        if margin is None or deadline is None or self.cost is None:
+            return None
+        up = self.up_devices()
+        if not up:
+            return None  # availability is _check_available's business
+        base, _ = standalone_latency(
+            self.cost, model.family, spec, model.max_degree, self.config.efficiency
+        )
+        # A fluid estimate: the admitted work (each request's standalone seconds, kept
+        # until it ends) spread over the live devices, then this request alone.
+        start = now + self._backlog_s / len(up)
+        late = start + base - deadline
+        return late if late > margin else None
 
     def deadline_for(self, spec: RequestSpec, model: ModelInfo) -> float | None:
         if spec.slo_s is not None:
@@ -508,7 +551,11 @@ class SchedulerCore:
                 met_slo=met,
             )
         )
-        self.requests.pop(req.request_id, None)
+        self._forget(req)
+
+    def _forget(self, req: RequestState) -> None:
+        if self.requests.pop(req.request_id, None) is not None:
+            self._backlog_s = max(0.0, self._backlog_s - req.est_s)
         self.waiting.pop(req.request_id, None)
 
     def _fail(self, req: RequestState, error: ErrorCode, message: str, out: list[Command]) -> None:
@@ -517,8 +564,7 @@ class SchedulerCore:
                 out.append(ReleaseOutput(ref.device_id, ref.key))
         req.output = req.older_output = None
         out.append(FailRequest(req.request_id, error, message))
-        self.requests.pop(req.request_id, None)
-        self.waiting.pop(req.request_id, None)
+        self._forget(req)
 
     def _on_failed(self, ev: TaskFailed, now: float, out: list[Command]) -> None:
         task = self._finish_task_bookkeeping(ev.task_id)

@@ -664,6 +664,8 @@ class TridentConfig:
     # trident-static: plan once, this long after the first arrival (None: window_s)
     static_plan_after_s: float | None = None
     log_empty_rounds: bool = False
+    # refuse at arrival what is predicted to miss its deadline by more (None: never)
+    shed_late_margin_s: float | None = None
 
     def core(self) -> CoreConfig:
         return CoreConfig(
@@ -672,6 +674,7 @@ class TridentConfig:
             max_inflight_per_device=self.max_inflight_per_device,
             slo_scale=self.slo_scale,
             efficiency=self.efficiency,
+            shed_late_margin_s=self.shed_late_margin_s,
         )
 
     def trigger(self) -> TriggerConfig:
