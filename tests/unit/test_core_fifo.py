@@ -186,7 +186,9 @@ def test_shedding_refuses_what_would_miss_its_deadline_and_only_with_the_setting
     cost = load_cost_model(None)
 
     def slow(rid: str, t: float, slo: float) -> RequestArrived:
-        return RequestArrived(RequestSpec(rid, "flux", Shape(1024, 1024, 1, 28), arrival=t, slo_s=slo))
+        return RequestArrived(
+            RequestSpec(rid, "flux", Shape(1024, 1024, 1, 28), arrival=t, slo_s=slo)
+        )
 
     for margin, refused in ((None, []), (5.0, ["late"])):
         core = FifoPolicy(MODELS, cost, CoreConfig(preload=False, shed_late_margin_s=margin))

@@ -164,7 +164,8 @@ def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
         for key, value in cfg.policy_options.items():
             if not hasattr(core_cfg, key):
                 raise ConfigError(f"fifo policy has no option {key!r}")
-            setattr(core_cfg, key, type(getattr(core_cfg, key))(value))
+            current = getattr(core_cfg, key)
+            setattr(core_cfg, key, value if current is None else type(current)(value))
         return FifoPolicy(models, cost, core_cfg)
     try:
         from trident.sched.policy import make_policy
