@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from trident.errors import ConfigError
+from trident.runtime.transport import CLIENT_MAX_MESSAGE_BYTES
 
 __all__ = [
     "KNOWN_FAMILIES",
@@ -70,7 +71,7 @@ class SchedulerConfig:
     # requests cancelled: it went away, its work would be wasted.
     client_ttl_s: float = 10.0
     # Largest message a client may send (submit headers; tensors never come from clients).
-    client_max_message_bytes: int = 1 << 20
+    client_max_message_bytes: int = CLIENT_MAX_MESSAGE_BYTES
     # The request journal lives here (restart without silent loss); None: no journal.
     state_dir: str | None = None
 

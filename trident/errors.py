@@ -57,9 +57,8 @@ class ModelError(TridentError):
     """A model directory that Trident cannot serve (not diffusers, unsupported family)."""
 
 
-class ProtocolError(TridentError):
-    """A message that does not follow the wire protocol. ``request_id`` names the
-    request it concerned when the sender's id could still be read."""
+class _AboutRequest(TridentError):
+    """An error that may name the request it concerns (``request_id``)."""
 
     def __init__(self, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
@@ -68,6 +67,11 @@ class ProtocolError(TridentError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.message, self.request_id))
+
+
+class ProtocolError(_AboutRequest):
+    """A message that does not follow the wire protocol. ``request_id`` names the
+    request it concerned when the sender's id could still be read."""
 
 
 class ConnectionError(TridentError):
@@ -79,18 +83,10 @@ class AuthenticationError(ConnectionError):
     """The scheduler refused the client's CurveZMQ handshake (key not authorized)."""
 
 
-class RequestError(TridentError):
+class RequestError(_AboutRequest):
     """A request that ended without a result."""
 
     code = "internal"
-
-    def __init__(self, message: str, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.request_id = request_id
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.message, self.request_id))
 
 
 class UnknownModelError(RequestError):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tests.fault.util import worker_peer_addrs
 from tests.integration.conftest import read_log, read_log_until
 from trident import Client
+from trident.bench.chaos import worker_peer_addrs
 from trident.errors import AuthenticationError, ConnectionError
 from trident.runtime import protocol
 from trident.runtime.cluster import LocalCluster, NodeSpec
@@ -121,7 +121,7 @@ def test_a_client_key_cannot_join_the_cluster_or_read_stage_outputs(
                 )
             ]
         )
-        [peer, *_] = worker_peer_addrs(cluster.log_file)
+        [peer, *_] = worker_peer_addrs(cluster)
         fetcher = make_socket(ctx, zmq.DEALER, curve=mallory)
         fetcher.connect(peer)
         fetcher.send_multipart([protocol.encode(protocol.Fetch(key="anything", rid="1"))])

@@ -39,17 +39,27 @@ from trident.errors import OverloadedError, RequestTimeoutError, TridentError
 from trident.runtime.cluster import LocalCluster, NodeSpec
 from trident.runtime.fuzz import malformed_messages
 
-__all__ = ["chaos", "fuzz", "main", "only_node", "overload"]
+__all__ = ["chaos", "fuzz", "main", "only_node", "overload", "rss_bytes", "worker_peer_addrs"]
 
 SMALL: dict[str, Any] = {"height": 256, "width": 256, "num_inference_steps": 4}
 
 
-def _rss(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def worker_peer_addrs(cluster: LocalCluster) -> list[str]:
+    """The data-plane addresses of the workers that joined (from the scheduler's log)."""
+    return [
+        str(e["peer_addr"])
+        for e in _log(cluster)
+        if e.get("event") == "worker.joined" and e.get("component") == "scheduler"
+    ]
 
 
 def _log(cluster: LocalCluster) -> list[dict[str, Any]]:
@@ -119,10 +129,13 @@ async def _load(
 
 
 def _served_after(addr: str, n: int = 3) -> bool:
+    """``n`` requests in a row come back complete (image and SLO verdict)."""
     try:
         with Client(addr, timeout=60) as c:
             for i in range(n):
-                c.generate(model="flux", prompt=f"after {i}", **SMALL)
+                r = c.generate(model="flux", prompt=f"after {i}", **SMALL)
+                if r.array.shape[-1] != 3 or r.met_slo is None:
+                    return False
     except TridentError:
         return False
     return True
@@ -146,11 +159,11 @@ def overload(
         )
         with cluster:
             assert cluster.scheduler is not None
-            rss0 = _rss(cluster.scheduler.pid)
+            rss0 = rss_bytes(cluster.scheduler.pid)
             t0 = time.monotonic()
             outcomes, over_s = asyncio.run(_load(cluster.client_addr, rate, seconds, timeout=180))
             elapsed = time.monotonic() - t0
-            rss1 = _rss(cluster.scheduler.pid)
+            rss1 = rss_bytes(cluster.scheduler.pid)
             after = _served_after(cluster.client_addr)
             lines = _log(cluster)
     p50, p99 = _quantile(over_s, 0.5), _quantile(over_s, 0.99)
@@ -210,12 +223,8 @@ def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> 
         with cluster:
             assert cluster.scheduler is not None
             ok_before = _served_after(cluster.client_addr, 1)
-            rss0 = _rss(cluster.scheduler.pid)
-            peers = [
-                str(e["peer_addr"])
-                for e in _log(cluster)
-                if e.get("event") == "worker.joined" and e.get("component") == "scheduler"
-            ]
+            rss0 = rss_bytes(cluster.scheduler.pid)
+            peers = worker_peer_addrs(cluster)
             messages = list(malformed_messages(seed=seed, count=count))
             third = count // 3
             t0 = time.monotonic()
@@ -227,8 +236,8 @@ def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> 
             seconds = time.monotonic() - t0
             after = _served_after(cluster.client_addr, 4)
             with Client(cluster.client_addr, timeout=30) as c:
-                devices = len(c.ping()["devices"])
-            rss1 = _rss(cluster.scheduler.pid)
+                pong = c.ping()
+            rss1 = rss_bytes(cluster.scheduler.pid)
             alive = cluster.scheduler.poll() is None
             lines = _log(cluster)
     return {
@@ -244,7 +253,8 @@ def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> 
         "crashed_tasks": sum(e.get("event") == "task.crashed" for e in lines),
         "served_before": ok_before,
         "served_after": after,
-        "devices_after": devices,
+        "devices_after": len(pong["devices"]),
+        "ready_after": pong["ready"],
         "scheduler_alive": alive,
         "scheduler_rss_mb_before": round(rss0 / 2**20, 1),
         "scheduler_rss_mb_after": round(rss1 / 2**20, 1),

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
 from trident.runtime.devices import DeviceSpec, parse_devices
 from trident.runtime.protocol import SCHEDULER_TO_NODE
+from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
 __all__ = ["NodeArgs", "NodeDaemon", "main"]
@@ -147,20 +147,16 @@ class NodeDaemon:
             )
         )
 
-    async def _supervised(
+    def _supervised(
         self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]
-    ) -> None:
-        """A loop that dies stops the node (exit 1, workers stopped): its supervisor
-        restarts it rather than it living on unsupervised."""
-        try:
-            await loop_fn()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.log.critical(
-                "task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20)
-            )
-            self.exit_code = 1
+    ) -> Coroutine[Any, Any, None]:
+        # A loop that dies takes the process down (exit 1): its supervisor restarts it.
+        return supervised(
+            name, loop_fn, log=self.log, stopping=self.stopping, on_crash=self._crashed
+        )
+
+    def _crashed(self, exc: BaseException) -> None:
+        self.exit_code = 1
         self.stopping.set()
 
     async def _handshake(self) -> bool:

@@ -32,7 +32,6 @@ mismatch is answered with ``reject`` and the peer exits with a clear message.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -577,7 +576,3 @@ def decode(frames: Sequence[Any], channel: Channel) -> tuple[Any, list[Any]]:
             request_id=getattr(msg, "id", None),
         )
     return msg, rest
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

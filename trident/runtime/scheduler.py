@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 import traceback
+import typing
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from trident.runtime.protocol import (
     WorkerHello,
 )
 from trident.runtime.registry import ServedModel, build_request_shape, register_models
+from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 from trident.sched.core import CoreConfig, FifoPolicy, handle_events
 from trident.sched.types import (
@@ -68,6 +70,7 @@ from trident.sched.types import (
     DeviceInfo,
     DeviceLost,
     DeviceUp,
+    ErrorCode,
     Event,
     FailRequest,
     LoadStage,
@@ -224,7 +227,6 @@ class SchedulerDaemon:
         self.auth: Any = None
         # The core runs here, one round at a time, off the event loop.
         self.core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core")
-        self.core_busy_since: float | None = None
         self.fatal: BaseException | None = None
         self.exit_code = 0
         self._tick_queued = False
@@ -299,29 +301,18 @@ class SchedulerDaemon:
         flush_logs()
         return self.exit_code
 
-    async def _supervised(
+    def _supervised(
         self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]
-    ) -> None:
-        """Run one of the daemon's loops; if it dies, the process exits non-zero (a
-        supervisor restarts it) instead of living on without that loop."""
-        try:
-            await loop_fn()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.fatal = exc
-            self.exit_code = 1
-            self.log.critical(
-                "task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20)
-            )
-            flush_logs()
-            self.stopping.set()
-            return
-        if not self.stopping.is_set():
-            self.fatal = RuntimeError(f"loop {name} returned")
-            self.exit_code = 1
-            self.log.critical("task.crashed", task=name, error="loop returned")
-            self.stopping.set()
+    ) -> Coroutine[Any, Any, None]:
+        return supervised(
+            name, loop_fn, log=self.log, stopping=self.stopping, on_crash=self._crashed
+        )
+
+    def _crashed(self, exc: BaseException) -> None:
+        """A loop or core round died: the process exits 1 (its supervisor restarts it)."""
+        self.fatal = exc
+        self.exit_code = 1
+        self.stopping.set()
 
     @property
     def healthy(self) -> bool:
@@ -427,13 +418,11 @@ class SchedulerDaemon:
                 batch, self.events = self.events, []
                 self._tick_queued = False
                 now = self.now()
-                self.core_busy_since = now
                 t0 = time.perf_counter()
                 cmds = await loop.run_in_executor(
                     self.core_thread, handle_events, self.core, batch, now
                 )
                 self._last_round_s = time.perf_counter() - t0
-                self.core_busy_since = None
                 for cmd in cmds:
                     self._execute(cmd)
                 await self._flush()
@@ -444,12 +433,10 @@ class SchedulerDaemon:
 
     def _round_task_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.fatal = exc
-            self.exit_code = 1
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
             self.log.critical("task.crashed", task="core", error=repr(exc))
-            self.stopping.set()
+            self._crashed(exc)
 
     async def _flush(self) -> None:
         out, self.out = self.out, []
@@ -1334,19 +1321,8 @@ class SchedulerDaemon:
                 del self.client_conns[ident]
 
 
-_ERROR_CODES = frozenset(
-    (
-        "unknown_model",
-        "invalid_request",
-        "overloaded",
-        "stage_failed",
-        "timeout",
-        "cancelled",
-        "out_of_memory",
-        "unavailable",
-        "internal",
-    )
-)
+# The codes the core knows (a worker's other codes count as stage failures).
+_ERROR_CODES = frozenset(typing.get_args(ErrorCode))
 
 
 def _option_value(text: str) -> Any:

@@ -43,7 +43,7 @@ DEFAULT_LINGER_MS = 0
 MAX_MESSAGE_BYTES = 8 << 30  # per message; a larger one closes the connection
 # The scheduler's client-facing socket: requests are small (tensors travel only
 # between cluster members), so an unauthenticated-size message is cut off early.
-CLIENT_MAX_MESSAGE_BYTES = 4 << 20
+CLIENT_MAX_MESSAGE_BYTES = 1 << 20
 
 CLIENT_DOMAIN = "client"  # ZAP domain of sockets that admit users' client keys
 CLUSTER_DOMAIN = "cluster"  # ZAP domain of sockets that admit cluster members' keys

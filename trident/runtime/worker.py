@@ -56,6 +56,7 @@ from trident.runtime.devices import (
 )
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.serial import pack_tensors
+from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
 __all__ = ["Worker", "WorkerArgs", "main"]
@@ -208,20 +209,17 @@ class Worker:
         await self._close()
         return self.exit_code
 
-    async def _supervised(
+    def _supervised(
         self, name: str, loop_fn: Callable[[], Coroutine[Any, Any, None]]
-    ) -> None:
-        """A loop that dies takes the worker down (exit 1; its node restarts it)."""
-        try:
-            await loop_fn()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.log.critical(
-                "task.crashed", task=name, error=repr(exc), traceback=traceback.format_exc(limit=20)
-            )
-            self.exit_code = 1
-            self.stopping.set()
+    ) -> Coroutine[Any, Any, None]:
+        # A loop that dies takes the process down (exit 1): its supervisor restarts it.
+        return supervised(
+            name, loop_fn, log=self.log, stopping=self.stopping, on_crash=self._crashed
+        )
+
+    def _crashed(self, exc: BaseException) -> None:
+        self.exit_code = 1
+        self.stopping.set()
 
     def _hello(self) -> bytes:
         a = self.args
@@ -680,15 +678,7 @@ class Worker:
             try:
                 inputs = await member.inputs if member.inputs is not None else {}
             except Exception as exc:
-                error, message, retryable = _failure(exc, degree)
-                await self._fail(
-                    member.msg.task_id,
-                    0,
-                    error,
-                    message,
-                    retryable=retryable,
-                    log=member_log(member),
-                )
+                await self._fail_with(member.msg.task_id, exc, degree, member_log(member))
                 continue
             live.append((member, inputs))
         if not live:
@@ -710,18 +700,10 @@ class Worker:
                 )
         except Exception as exc:
             # The call as a whole failed (e.g. the batch did not fit): every member fails.
-            error, message, retryable = _failure(exc, degree)
             if not isinstance(exc, OutOfMemory | StageError | TaskCancelled):
                 blog.error("batch.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
             for member, _ in live:
-                await self._fail(
-                    member.msg.task_id,
-                    0,
-                    error,
-                    message,
-                    retryable=retryable,
-                    log=member_log(member),
-                )
+                await self._fail_with(member.msg.task_id, exc, degree, member_log(member))
             return
         await self._report_loads([r for r in results if isinstance(r, TaskResult)], blog)
         for (member, _), res in zip(live, results, strict=True):
@@ -782,6 +764,11 @@ class Worker:
             backend,
             timeout=GROUP_TIMEOUT_S,
         )
+
+    async def _fail_with(self, task_id: str, exc: BaseException, degree: int, log: Any) -> None:
+        """Report a batch member (rank 0) failed by ``exc``, as :func:`_failure` says."""
+        error, message, retryable = _failure(exc, degree)
+        await self._fail(task_id, 0, error, message, retryable=retryable, log=log)
 
     async def _fail(
         self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any
