@@ -66,27 +66,27 @@ def _bench(argv: list[str]) -> int:
     targets: dict[str, Callable[[list[str]], int]] = {}
 
     def planner(a: list[str]) -> int:
-        from trident.sched.bench_planner import main as m
+        from trident.bench.planner import main as m
 
         return int(m(a) or 0)
 
     def sim(a: list[str]) -> int:
-        from trident.sim.bench import main as m
+        from trident.bench.sim import main as m
 
         return int(m(a) or 0)
 
     def runtime(a: list[str]) -> int:
-        from trident.runtime.bench import main as m
+        from trident.bench.runtime import main as m
 
         return int(m(a) or 0)
 
     def live(a: list[str]) -> int:
-        from trident.sim.live import main as m
+        from trident.bench.live import main as m
 
         return int(m(a) or 0)
 
     def replacement(a: list[str]) -> int:
-        from trident.sim.replacement import main as m
+        from trident.bench.replacement import main as m
 
         return int(m(a) or 0)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from trident.errors import ConfigError
+from trident.families import FAMILY_NAMES
 from trident.runtime.transport import CLIENT_MAX_MESSAGE_BYTES
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "parse_model_flag",
 ]
 
-KNOWN_FAMILIES = ("flux", "sd3", "wan", "cogvideox", "hunyuanvideo")
+KNOWN_FAMILIES = FAMILY_NAMES  # the family names of trident.families
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.client import AsyncClient, GenerateResult
 from trident.errors import RequestError, TridentError
-from trident.runtime.cluster import LocalCluster, NodeSpec
 
 __all__ = ["main"]
 

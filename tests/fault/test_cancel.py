@@ -16,8 +16,8 @@ import pytest
 
 from tests.integration.conftest import read_log, read_log_until
 from trident import AsyncClient, Client
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.errors import RequestTimeoutError
-from trident.runtime.cluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,8 +14,8 @@ import pytest
 
 from tests.integration.conftest import read_log, read_log_until
 from trident import AsyncClient
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.errors import TridentError, UnavailableError
-from trident.runtime.cluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.timeout(180)
 

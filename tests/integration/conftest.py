@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from trident.runtime.cluster import LocalCluster, NodeSpec
+from trident.bench.cluster import LocalCluster, NodeSpec
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -22,10 +22,10 @@ import pytest
 import zmq
 
 from trident import AsyncClient
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.config import SchedulerConfig
 from trident.errors import StageFailedError
 from trident.runtime import protocol
-from trident.runtime.cluster import LocalCluster, NodeSpec
 from trident.runtime.registry import ServedModel
 from trident.sched.core import FifoPolicy, RequestState
 from trident.sched.types import Command, Event, LogEvent, RequestArrived, RunBatch, RunTask

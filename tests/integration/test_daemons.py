@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from trident import AsyncClient, Client
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.errors import (
     InvalidRequestError,
     OverloadedError,
@@ -22,7 +23,6 @@ from trident.errors import (
     UnknownModelError,
 )
 from trident.runtime import protocol
-from trident.runtime.cluster import LocalCluster, NodeSpec
 
 from .conftest import pid_alive, read_log, read_log_until
 

@@ -20,7 +20,7 @@ import pytest
 from tests.integration.conftest import read_log, read_log_until
 from tests.pipelines.conftest import STEPS, TEST_SHAPES, TinyModels, diffusers_reference
 from trident import AsyncClient
-from trident.runtime.cluster import LocalCluster, NodeSpec
+from trident.bench.cluster import LocalCluster, NodeSpec
 
 QUICK_TRIGGER = {
     "window_s": 3,

@@ -16,8 +16,8 @@ import pytest
 
 from tests.pipelines.conftest import STEPS, TEST_SHAPES, TinyModels, diffusers_reference
 from trident import AsyncClient
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.errors import InvalidRequestError
-from trident.runtime.cluster import LocalCluster, NodeSpec
 
 FAMILIES = ("flux", "sd3", "wan", "cogvideox", "hunyuanvideo")
 GUIDANCE = {"flux": 3.5, "sd3": 4.0, "wan": 5.0, "cogvideox": 6.0, "hunyuanvideo": 6.0}

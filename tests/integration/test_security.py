@@ -12,9 +12,9 @@ import zmq
 from tests.integration.conftest import read_log, read_log_until
 from trident import Client
 from trident.bench.chaos import worker_peer_addrs
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.errors import AuthenticationError, ConnectionError
 from trident.runtime import protocol
-from trident.runtime.cluster import LocalCluster, NodeSpec
 from trident.runtime.security import client_keys, generate_keys
 from trident.runtime.transport import make_socket
 

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from trident.sim.bench import BenchConfig, run_policies
-from trident.sim.live import run_live
+from trident.bench.live import run_live
+from trident.bench.sim import BenchConfig, run_policies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

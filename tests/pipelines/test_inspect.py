@@ -55,9 +55,9 @@ def test_importing_the_package_does_not_import_torch(tmp_path: Path) -> None:
     [
         ("flux", False, 4, 1, 8),
         ("sd3", False, 4, 1, 8),
-        ("wan", True, 4, 2, 8),
+        ("wan", True, 4, 2, 16),  # WanPipeline.check_inputs: multiples of 16
         ("cogvideox", True, 4, 4, 8),
-        ("hunyuanvideo", True, 8, 4, 8),
+        ("hunyuanvideo", True, 8, 4, 16),  # HunyuanVideoPipeline.check_inputs: 16
     ],
 )
 def test_inspect_reads_family_and_factors_from_configs(
@@ -179,9 +179,9 @@ def test_image_model_refuses_frames() -> None:
 def test_validation_uses_the_tiny_models_real_factors(
     tiny_model_dir: Callable[[str], Path],
 ) -> None:
-    meta = inspect_model(tiny_model_dir("wan"))  # spatial 4 x patch 2, temporal 2
-    validate_request(meta, height=40, width=24, num_frames=7)
-    with pytest.raises(InvalidRequestError, match="multiple of 8"):
-        validate_request(meta, height=36, width=24)
+    meta = inspect_model(tiny_model_dir("wan"))  # spatial 4 x patch 2 (pipeline: 16), temporal 2
+    validate_request(meta, height=48, width=32, num_frames=7)
+    with pytest.raises(InvalidRequestError, match=r"multiple of 16 .*\(try 32 or 48\)"):
+        validate_request(meta, height=40, width=32)
     with pytest.raises(InvalidRequestError, match=r"1 \+ k\*2"):
         validate_request(meta, height=32, width=32, num_frames=6)

@@ -361,3 +361,81 @@ def test_degree2_matches_degree1_flux_wan_context_and_sd3_cfg(
     for rank in (0, 1):
         err = res[rank]["sd3_no_cfg_error"]
         assert err is not None and "batch 1" in err, err
+
+
+# ----------------------------------------------------------------- cancel at degree 2
+
+
+def _cancel_child(
+    q: Any, rank: int, rendezvous: str, flux_dir: str, shape: dict[str, int], cancel_at: int
+) -> None:
+    """Only rank 1's flag is set (after ``cancel_at`` steps): both ranks must stop at the
+    same step, and the group must still run a full diffuse afterwards."""
+    try:
+        import threading
+
+        import torch
+
+        torch.set_num_threads(1)
+        from trident.pipelines import StageCancelled, open_pipeline
+        from trident.pipelines.parallel import join_group, leave_group
+
+        stages: Any = open_pipeline(flux_dir)
+        stages.load("diffuse")
+        scheduler = stages._pipes["diffuse"].scheduler
+        steps = {"n": 0}
+        cancel = threading.Event()
+        step = scheduler.step
+
+        def counting_step(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            steps["n"] += 1
+            if rank == 1 and steps["n"] == cancel_at:
+                cancel.set()
+            return out
+
+        scheduler.step = counting_step
+        emb = None
+        if rank == 0:
+            stages.load("encode")
+            emb = stages.run("encode", {}, {"prompt": "a red fox"})
+        params = {**shape, "num_inference_steps": 40, "seed": 3}
+        ctx = join_group(rendezvous, "cancel-0", rank, 2)
+        result: dict[str, Any] = {}
+        try:
+            try:
+                stages.run("diffuse", emb, params, parallel=ctx, cancel=cancel)
+                result["cancelled"] = None
+            except StageCancelled as exc:
+                result["cancelled"] = str(exc)
+            result["steps"] = steps["n"]
+            # The group is intact: a full (short) diffuse still runs on both ranks.
+            out = stages.run(
+                "diffuse",
+                emb,
+                {**params, "num_inference_steps": 2},
+                parallel=ctx,
+                cancel=threading.Event(),
+            )
+            result["after_shape"] = list(out["latents"].shape)
+        finally:
+            leave_group(ctx)
+        q.put((rank, result))
+    except Exception:
+        q.put((rank, traceback.format_exc()))
+
+
+def test_cancel_on_one_rank_stops_both_ranks_at_the_same_step(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
+    from tests.pipelines.conftest import TEST_SHAPES
+
+    cancel_at = 3
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    args = (str(tiny_model_dir("flux")), dict(TEST_SHAPES["flux"]), cancel_at)
+    with _children([(_cancel_child, (r, rendezvous, *args)) for r in range(2)]) as (q, _):
+        res = _collect(q, 2)
+    for rank in (0, 1):
+        assert res[rank]["cancelled"] == f"cancelled after denoising step {cancel_at}", res
+        assert res[rank]["steps"] == cancel_at, res
+        assert res[rank]["after_shape"], res

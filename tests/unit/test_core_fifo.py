@@ -173,6 +173,55 @@ def test_requests_fail_unavailable_once_the_only_node_is_gone() -> None:
     assert runs(core.handle(request("d", 8.0), 8.0))
 
 
+def test_unavailable_is_per_model_a_model_no_live_device_can_hold_fails_alone() -> None:
+    models = {
+        "flux": ModelInfo(name="flux", family="flux", stage_weight_bytes={"diffuse": 20 << 30}),
+        "big": ModelInfo(name="big", family="flux", stage_weight_bytes={"diffuse": 60 << 30}),
+    }
+    cfg = CoreConfig(preload=False, unavailable_after_s=5.0, boot_grace_s=30.0)
+    core = FifoPolicy(models, config=cfg)
+    small = DeviceInfo("n0/sim:0", "n0", "sim", 0, 24 << 30)
+    large = DeviceInfo("n1/sim:0", "n1", "sim", 0, 80 << 30)
+    core.handle(NodeJoined("n0", (small,)), 0.0)
+    core.handle(NodeJoined("n1", (large,)), 0.0)
+    core.handle(request("b1", 0.0, "big"), 0.0)
+    core.handle(DeviceLost("n1/sim:0", "node died"), 1.0)
+    core.handle(request("b2", 1.5, "big"), 1.5)
+    tick = core.handle(Tick(), 6.5)  # past the grace: only the big model's requests fail
+    assert sorted((c.request_id, c.error) for c in tick if isinstance(c, FailRequest)) == [
+        ("b1", "unavailable"),
+        ("b2", "unavailable"),
+    ]
+    assert core.unavailable == {"big"}
+    out = core.handle(request("b3", 7.0, "big"), 7.0)
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [
+        ("b3", "unavailable")
+    ]
+    # their tasks on the live (too small) device are stopped: FIFO had put them there
+    assert {c.task_id for c in tick if isinstance(c, CancelTask)} == {"b1.enc.1", "b2.enc.2"}
+    for c in tick:
+        if isinstance(c, CancelTask):
+            core.handle(TaskFailed(c.task_id, "cancelled", "cancelled"), 6.6)
+    assert runs(core.handle(request("f1", 7.0), 7.0))  # the model that fits is served
+    core.handle(NodeJoined("n1", (large,)), 8.0)  # the big device is back
+    assert not [
+        c for c in core.handle(request("b4", 8.0, "big"), 8.0) if isinstance(c, FailRequest)
+    ]
+    assert core.unavailable == set()
+
+
+def test_a_model_too_big_for_every_device_fails_after_the_boot_grace() -> None:
+    models = {"big": ModelInfo(name="big", family="flux", stage_weight_bytes={"diffuse": 1 << 40})}
+    core = FifoPolicy(models, config=CoreConfig(preload=False, boot_grace_s=30.0))
+    core.handle(node(2), 0.0)
+    core.handle(request("a", 0.0, "big"), 0.0)
+    assert not [c for c in core.handle(Tick(), 29.0) if isinstance(c, FailRequest)]
+    out = core.handle(Tick(), 31.0)
+    assert [(c.request_id, c.error) for c in out if isinstance(c, FailRequest)] == [
+        ("a", "unavailable")
+    ]
+
+
 def test_at_boot_requests_wait_for_the_boot_grace() -> None:
     core = FifoPolicy(MODELS, config=CoreConfig(preload=False, boot_grace_s=30.0))
     core.handle(request("a"), 0.0)
@@ -254,3 +303,25 @@ def test_decode_that_would_crowd_the_device_is_tiled_and_a_small_one_is_not() ->
     assert cost.stage_peak_bytes("flux", "decode", huge, 1) > 0.5 * (80 << 30)  # the premise
     big = decode_task("big", "flux", huge)
     assert big.options.get("vae_tiling") is True
+
+
+def test_a_booting_node_joins_once_all_its_devices_are_up_or_after_the_grace() -> None:
+    from trident.sched.types import DeviceUp, NodeBooting
+
+    devs = [DeviceInfo(f"n0/sim:{i}", "n0", "sim", i, 80 << 30) for i in range(3)]
+    core = FifoPolicy(MODELS, config=CoreConfig(preload=False, join_grace_s=10.0))
+    core.handle(NodeBooting("n0", 3), 0.0)
+    core.handle(DeviceUp(devs[0]), 1.0)
+    core.handle(DeviceUp(devs[1]), 2.0)
+    assert not core.up_devices()  # held back: the node is planned once, not per hello
+    core.handle(DeviceUp(devs[2]), 3.0)
+    assert len(core.up_devices()) == 3
+    # a node one of whose workers never comes up joins with the others after the grace
+    late = FifoPolicy(MODELS, config=CoreConfig(preload=False, join_grace_s=10.0))
+    late.handle(NodeBooting("n0", 3), 0.0)
+    late.handle(DeviceUp(devs[0]), 1.0)
+    assert not late.handle(Tick(), 9.0) and not late.up_devices()
+    late.handle(Tick(), 10.5)
+    assert [d.info.device_id for d in late.up_devices()] == ["n0/sim:0"]
+    late.handle(DeviceUp(devs[1]), 11.0)  # after the grace: joins alone, at once
+    assert len(late.up_devices()) == 2

@@ -23,7 +23,7 @@ from trident.sched.orchestrator import (
     served_weights,
     type_fits,
 )
-from trident.sched.types import DeviceInfo, ModelInfo, Shape, Stage
+from trident.sched.types import STAGES, DeviceInfo, ModelInfo, Shape, Stage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,7 +86,7 @@ def test_mip_matches_exhaustive(names, n_dev, mem, window, solver) -> None:  # t
         demand,
         shapes,
         config=OrchestratorConfig(
-            solver=solver, time_limit_s=5.0, objective="maxmin", bind_aux=False
+            solver=solver, max_nodes=100_000, objective="maxmin", bind_aux=False
         ),
     )
     assert res.solver == "mip"
@@ -199,9 +199,19 @@ def test_cover_respects_memory_and_leaves_what_fits_nowhere() -> None:
     models = {"flux": ModelInfo("flux", "flux"), "sd3": ModelInfo("sd3", "sd3")}
     devs = _devs(1, 40 * GB)
     res = orchestrate(COST, models, devs, {}, config=OrchestratorConfig(solver="highs"))
-    for dev, pl in res.stages().items():
-        need = sum(COST.weight_bytes(m, s) for m, st in pl.items() for s in st)
-        assert need <= 40 * GB, (dev, pl)
+    held = res.stages()
+    assert held, "nothing placed at all"
+    used = {}
+    for dev, pl in held.items():
+        used[dev] = sum(COST.weight_bytes(m, s) for m, st in pl.items() for s in st)
+        assert used[dev] <= 40 * GB, (dev, pl)
+    placed = {(m, s) for pl in held.values() for m, st in pl.items() for s in st}
+    homeless = {(m, s) for m in models for s in STAGES} - placed
+    # 49 GB of weights on 40 GB: something is left out, and what is left fits nowhere
+    # beside what was placed (the cover post-pass added everything that did).
+    assert homeless
+    for m, s in homeless:
+        assert all(used[d] + COST.weight_bytes(m, s) > 40 * GB for d in held), (m, s, used)
 
 
 # --------------------------------------------------------------------------- served objective
@@ -267,7 +277,7 @@ def test_served_objective_keeps_cheap_models_whole_after_a_shift_to_video() -> N
         win = [w for w in window if w[0] == m]
         demand[m] = demand_from_window(COST, {m: models[m]}, win, len(win) / rates[m])[m]
     shapes = {m: [s for mm, s in window if mm == m] for m in names}
-    cfg = OrchestratorConfig(solver="highs", time_limit_s=5.0)
+    cfg = OrchestratorConfig(solver="highs", max_nodes=100_000)
     served = orchestrate(COST, models, devs, demand, shapes, config=cfg, rates=rates)
     maxmin = orchestrate(
         COST,
@@ -275,7 +285,7 @@ def test_served_objective_keeps_cheap_models_whole_after_a_shift_to_video() -> N
         devs,
         demand,
         shapes,
-        config=OrchestratorConfig(solver="highs", time_limit_s=5.0, objective="maxmin"),
+        config=OrchestratorConfig(solver="highs", max_nodes=100_000, objective="maxmin"),
     )
     factors = requirement_factors(COST, models, demand, shapes)
     weights = served_weights(demand, shapes, rates)
@@ -322,7 +332,7 @@ def test_served_objective_matches_exhaustive_on_a_small_cluster() -> None:
         _devs(n_dev, mem),
         demand,
         shapes,
-        config=OrchestratorConfig(solver="highs", time_limit_s=5.0),
+        config=OrchestratorConfig(solver="highs", max_nodes=100_000),
     )
     assert res.served is not None
     got = plan_served(_plan_counts(res.plan), demand, factors, weights)[0]

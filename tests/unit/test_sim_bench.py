@@ -1,4 +1,4 @@
-"""``trident bench sim`` (trident.sim.bench.main): table, JSON, plots, errors."""
+"""``trident bench sim`` (trident.bench.sim.main): table, JSON, plots, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trident.sim.bench import main
+from trident.bench.sim import main
 from trident.sim.traces import TraceRequest, dump_trace
 
 pytestmark = pytest.mark.timeout(120)

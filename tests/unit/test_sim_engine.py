@@ -143,7 +143,7 @@ def test_hand_computed_scenario_is_reproduced_exactly() -> None:
         SimConfig(tick_s=0),
     )
     lat = {r.request_id: r.latency for r in res.records}
-    # r0.enc on d0: load encode 0.5 (node cache) + 1 -> 1.5. r0.dd on (d0, d1) waits for
+    # r0.enc on d0: load encode 0.5 (disk) + 1 -> 1.5. r0.dd on (d0, d1) waits for
     # d1 to finish r1.enc (t=1 + 0.25 peer load + 1 = 2.25); loads diffuse+decode on both
     # (1.0) -> 3.25; diffuse k=2 6 + decode 2 -> 11.25.
     assert lat["r0"] == pytest.approx(11.25)
@@ -169,7 +169,7 @@ def test_hand_computed_scenario_is_reproduced_exactly() -> None:
         if isinstance(ev, StageLoaded)
     ]
     assert (1.25, D1, "encode", "peer") in loaded
-    assert (0.5, D0, "encode", "node-cache") in loaded
+    assert (0.5, D0, "encode", "disk") in loaded  # the first load on a node reads disk
     assert res.stats["stuck_tasks"] == 0
     s = summarize(res)
     assert (s.completed, s.failed, s.oom) == (3, 0, 0)

@@ -34,10 +34,12 @@ from typing import Any
 
 import zmq
 
+from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.client import AsyncClient, Client
 from trident.errors import OverloadedError, RequestTimeoutError, TridentError
-from trident.runtime.cluster import LocalCluster, NodeSpec
 from trident.runtime.fuzz import malformed_messages
+from trident.runtime.security import client_keys, generate_keys
+from trident.runtime.transport import CurveKeys
 
 __all__ = ["chaos", "fuzz", "main", "only_node", "overload", "rss_bytes", "worker_peer_addrs"]
 
@@ -128,10 +130,10 @@ async def _load(
     return outcomes, overloaded_s
 
 
-def _served_after(addr: str, n: int = 3) -> bool:
+def _served_after(addr: str, n: int = 3, curve_dir: str | None = None) -> bool:
     """``n`` requests in a row come back complete (image and SLO verdict)."""
     try:
-        with Client(addr, timeout=60) as c:
+        with Client(addr, timeout=60, curve_dir=curve_dir) as c:
             for i in range(n):
                 r = c.generate(model="flux", prompt=f"after {i}", **SMALL)
                 if r.array.shape[-1] != 3 or r.met_slo is None:
@@ -185,7 +187,14 @@ def overload(
     }
 
 
-def _blast(addr: str, messages: list[list[bytes]], *, sockets: int = 4, read: bool = True) -> int:
+def _blast(
+    addr: str,
+    messages: list[list[bytes]],
+    *,
+    sockets: int = 4,
+    read: bool = True,
+    curve: CurveKeys | None = None,
+) -> int:
     ctx = zmq.Context()
     replies = 0
     try:
@@ -194,11 +203,18 @@ def _blast(addr: str, messages: list[list[bytes]], *, sockets: int = 4, read: bo
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 200_000)
+            if curve is not None:  # a client's key pair: admitted on the client port only
+                s.curve_secretkey = curve.secret
+                s.curve_publickey = curve.public
+                s.curve_serverkey = curve.server_public
             s.connect(addr)
             socks.append(s)
         for i, frames in enumerate(messages):
             s = socks[i % sockets]
-            s.send_multipart(frames)
+            try:  # never wait: a socket whose handshake was refused has no peer to send to
+                s.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                continue
             if read and i % sockets == 0:
                 while s.poll(0):
                     s.recv_multipart()
@@ -214,34 +230,48 @@ def _blast(addr: str, messages: list[list[bytes]], *, sockets: int = 4, read: bo
     return replies
 
 
-def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> dict[str, Any]:
-    """``count`` malformed messages split over the client, node and data ports."""
+def fuzz(
+    *, count: int = 100_000, seed: int = 7, log_dir: str | None = None, curve: bool = False
+) -> dict[str, Any]:
+    """``count`` malformed messages split over the client, node and data ports.
+
+    ``curve``: the cluster runs CurveZMQ with roles and the messages come from sockets
+    holding a *client* key: decoded (and refused) on the client port, refused at the
+    handshake on the node and data ports (``auth.denied``)."""
     with tempfile.TemporaryDirectory() as tmp:
+        keys_dir = generate_keys(Path(tmp) / "keys", ("client", "fuzzer")) if curve else None
+        fuzzer = client_keys(keys_dir / "clients" / "fuzzer", "fuzzer") if keys_dir else None
+        keys = str(keys_dir) if keys_dir else None
         cluster = LocalCluster(
-            ["flux"], [NodeSpec("sim:2", node_id="a", time_scale=0.001)], log_dir=log_dir or tmp
+            ["flux"],
+            [NodeSpec("sim:2", node_id="a", time_scale=0.001)],
+            log_dir=log_dir or tmp,
+            curve_dir=keys,
         )
         with cluster:
             assert cluster.scheduler is not None
-            ok_before = _served_after(cluster.client_addr, 1)
+            ok_before = _served_after(cluster.client_addr, 1, keys)
             rss0 = rss_bytes(cluster.scheduler.pid)
             peers = worker_peer_addrs(cluster)
             messages = list(malformed_messages(seed=seed, count=count))
             third = count // 3
             t0 = time.monotonic()
             replies = {
-                "client": _blast(cluster.client_addr, messages[:third]),
-                "node": _blast(cluster.node_addr, messages[third : 2 * third], read=False),
-                "data": _blast(peers[0], messages[2 * third :]),
+                "client": _blast(cluster.client_addr, messages[:third], curve=fuzzer),
+                "node": _blast(
+                    cluster.node_addr, messages[third : 2 * third], read=False, curve=fuzzer
+                ),
+                "data": _blast(peers[0], messages[2 * third :], curve=fuzzer),
             }
             seconds = time.monotonic() - t0
-            after = _served_after(cluster.client_addr, 4)
-            with Client(cluster.client_addr, timeout=30) as c:
+            after = _served_after(cluster.client_addr, 4, keys)
+            with Client(cluster.client_addr, timeout=30, curve_dir=keys) as c:
                 pong = c.ping()
             rss1 = rss_bytes(cluster.scheduler.pid)
             alive = cluster.scheduler.poll() is None
             lines = _log(cluster)
     return {
-        "scenario": "fuzz",
+        "scenario": "fuzz-curve" if curve else "fuzz",
         "messages": count,
         "seconds": round(seconds, 1),
         "replies_read": replies,
@@ -249,6 +279,7 @@ def fuzz(*, count: int = 100_000, seed: int = 7, log_dir: str | None = None) -> 
         "protocol_rejected_suppressed": sum(
             int(e.get("suppressed", 0)) for e in lines if e.get("event") == "protocol.rejected"
         ),
+        "auth_denied_lines": sum(e.get("event") == "auth.denied" for e in lines),
         "handler_failures": sum(e.get("event") == "handler.failed" for e in lines),
         "crashed_tasks": sum(e.get("event") == "task.crashed" for e in lines),
         "served_before": ok_before,
@@ -454,12 +485,12 @@ def only_node(*, log_dir: str | None = None) -> dict[str, Any]:
     return {"scenario": "only-node", **out}
 
 
-SCENARIOS = {"overload": overload, "fuzz": fuzz, "chaos": chaos, "only-node": only_node}
+SCENARIOS = ("overload", "fuzz", "fuzz-curve", "chaos", "only-node")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="trident bench chaos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenarios", default="overload,fuzz,chaos,only-node")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--fuzz-count", type=int, default=100_000)
     p.add_argument("--overload-rate", type=float, default=100.0)
@@ -475,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         if name == "overload":
             r = overload(rate=a.overload_rate, seconds=a.overload_seconds)
-        elif name == "fuzz":
-            r = fuzz(count=a.fuzz_count)
+        elif name in ("fuzz", "fuzz-curve"):
+            r = fuzz(count=a.fuzz_count, curve=name == "fuzz-curve")
         elif name == "chaos":
             r = chaos(seconds=a.chaos_seconds, seed=a.seed)
         else:

@@ -44,7 +44,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+# Params the members of one batch may differ in (a family fact; the scheduler uses it too).
+from trident.families import PER_MEMBER_PARAMS, Stage
 
 if TYPE_CHECKING:  # torch is heavy: simulated workers and the scheduler never import it
     import threading
@@ -60,23 +63,7 @@ __all__ = [
     "StageName",
 ]
 
-StageName = Literal["encode", "diffuse", "decode"]
-
-#: Params the members of one batch (``run_batch``) may differ in: each request's own text
-#: and noise. Every other param must be equal, and negative prompts must agree on being
-#: ``None`` or not (that decides whether encode produces negative embeddings: flux /
-#: hunyuanvideo true CFG).
-PER_MEMBER_PARAMS: frozenset[str] = frozenset(
-    {
-        "prompt",
-        "prompt_2",
-        "prompt_3",
-        "negative_prompt",
-        "negative_prompt_2",
-        "negative_prompt_3",
-        "seed",
-    }
-)
+StageName: TypeAlias = Stage  # "encode", "diffuse", "decode"
 
 
 class StageCancelled(Exception):
@@ -93,14 +80,18 @@ class ModelMeta:
     """
 
     path: str
-    family: str  # flux, sd3, wan, cogvideox, hunyuanvideo
+    family: str  # a name in trident.families.FAMILIES
     pipeline_class: str  # model_index.json "_class_name"
     is_video: bool
     vae_scale_factor_spatial: int
     vae_scale_factor_temporal: int = 1  # videos: num_frames must be 1 + k * this
-    # Height/width must be multiples of this (VAE factor x transformer patch size).
+    # Height/width must be multiples of this (VAE factor x transformer patch size, and
+    # what the pipeline's check_inputs demands: 16 for wan and hunyuanvideo).
     size_multiple: int = 16
+    # Most frames this model can make: the family's cap or what its transformer's
+    # positional table covers, whichever is lower (on the 1 + k * t rule).
     max_frames: int | None = None
+    # The pipeline's num_frames default, within max_frames.
     default_num_frames: int | None = None
     default_steps: int = 28
     default_guidance_scale: float = 3.5
@@ -109,6 +100,11 @@ class ModelMeta:
     # On-disk bytes of each stage's components (encode: text encoders, diffuse:
     # transformer, decode: vae).
     stage_weight_bytes: Mapping[str, int] = field(default_factory=dict)
+    # Largest height / width the transformer's positional table covers (None: any).
+    max_side: int | None = None
+    # Why max_frames ("num_frames") / max_side ("side") are what they are, where the model
+    # (not the family) sets them; for error messages.
+    limit_notes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 :func:`inspect_model` reads ``model_index.json`` and the component ``config.json`` files;
 :func:`validate_request` checks a request's shape against the result. Both run in the
 scheduler and in simulated workers, which must stay free of torch/diffusers (importing
-them costs ~6 s and ~370 MB per process).
+them costs ~6 s and ~370 MB per process). The family facts they apply (pipeline class,
+defaults, how the VAE factors, patch size and positional limits are read from the
+configs) live in :mod:`trident.families`.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trident.errors import InvalidRequestError, ModelError
+from trident.families import FAMILIES, STAGE_COMPONENTS, FamilySpec, Geometry, fit_frames
+from trident.families import family_of_class as _family_of_class
 from trident.pipelines.api import ModelMeta, StageName
 
 __all__ = [
@@ -36,84 +39,22 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    """Static facts about one family (its defaults are the diffusers ``__call__`` defaults)."""
-
-    family: str
-    pipeline_class: str
-    is_video: bool
-    default_steps: int
-    default_guidance_scale: float
-    uses_cfg: bool
-    context_parallel: bool  # the transformer has a diffusers ``_cp_plan``
-    default_num_frames: int | None = None
-    max_frames: int | None = None
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    spec.family: spec
-    for spec in (
-        FamilySpec("flux", "FluxPipeline", False, 28, 3.5, uses_cfg=False, context_parallel=True),
-        FamilySpec(
-            "sd3", "StableDiffusion3Pipeline", False, 28, 7.0, uses_cfg=True, context_parallel=False
-        ),
-        # Frame caps: a few times the frame counts the families were trained at; past them
-        # the diffuse activation alone outgrows any single node.
-        FamilySpec(
-            "wan", "WanPipeline", True, 50, 5.0, True, True, default_num_frames=81, max_frames=257
-        ),
-        # CogVideoX's VAE decodes latent frames in pairs: num_frames = 1 + 4k gives back
-        # 1 + 4k frames when k is even (49 -> 49) but 4(k+1) when k is odd (5 -> 8), in
-        # diffusers as here. Requests are validated as 1 + 4k; the output says what it is.
-        FamilySpec(
-            "cogvideox",
-            "CogVideoXPipeline",
-            True,
-            50,
-            6.0,
-            True,
-            False,
-            default_num_frames=49,
-            max_frames=161,
-        ),
-        # HunyuanVideo is guidance-distilled: guidance_scale is embedded, no uncond branch.
-        FamilySpec(
-            "hunyuanvideo",
-            "HunyuanVideoPipeline",
-            True,
-            50,
-            6.0,
-            False,
-            False,
-            default_num_frames=129,
-            max_frames=257,
-        ),
-    )
-}
-
-_BY_CLASS = {spec.pipeline_class: spec for spec in FAMILIES.values()}
-
-# Which model_index.json components each stage needs; every other one is loaded as None.
-_DIFFUSE = ("transformer", "transformer_2", "scheduler")
-_DECODE = ("vae",)
-
-
 def family_of_class(class_name: str) -> str | None:
-    spec = _BY_CLASS.get(class_name)
-    return spec.family if spec else None
+    spec = _family_of_class(class_name)
+    return spec.name if spec else None
 
 
 def stage_components(components: Mapping[str, Any], stage: StageName) -> list[str]:
     """Names of the ``model_index.json`` components that ``stage`` loads (present ones only)."""
-    present = [name for name, value in components.items() if _is_present(value)]
-    if stage == "encode":
-        return [n for n in present if n.startswith(("text_encoder", "tokenizer"))]
-    if stage == "diffuse":
-        return [n for n in present if n in _DIFFUSE]
-    if stage == "decode":
-        return [n for n in present if n in _DECODE]
-    raise ValueError(f"unknown stage {stage!r}")
+    try:
+        names = STAGE_COMPONENTS[stage]
+    except KeyError:
+        raise ValueError(f"unknown stage {stage!r}") from None
+    return [
+        n
+        for n, value in components.items()
+        if _is_present(value) and any(n == c or n.startswith(c + "_") for c in names)
+    ]
 
 
 def _is_present(value: Any) -> bool:
@@ -137,31 +78,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def _vae_factors(family: str, vae: Mapping[str, Any]) -> tuple[int, int]:
-    """(spatial, temporal) VAE scale factors, computed as each pipeline's ``__init__`` does."""
-    if family in ("flux", "sd3", "cogvideox"):
-        spatial = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-        temporal = int(vae.get("temporal_compression_ratio", 4)) if family == "cogvideox" else 1
-        return spatial, temporal
-    if family == "wan":
-        return int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)
-    if family == "hunyuanvideo":
-        return int(vae.get("spatial_compression_ratio", 8)), int(
-            vae.get("temporal_compression_ratio", 4)
-        )
-    raise ModelError(f"no VAE rule for family {family!r}")
-
-
-def _patch(family: str, transformer: Mapping[str, Any]) -> int:
-    """Spatial patch size of the transformer (Flux packs latents 2x2 instead)."""
-    if family == "flux":
-        return 2
-    p = transformer.get("patch_size", 2 if family != "hunyuanvideo" else 1)
-    if isinstance(p, list | tuple):  # Wan: (t, h, w)
-        p = p[-1]
-    return int(p or 1)
-
-
 def inspect_model(path: str | Path) -> ModelMeta:
     """Read a diffusers directory's metadata (no torch). Raises :class:`ModelError`."""
     root = Path(path)
@@ -174,9 +90,9 @@ def inspect_model(path: str | Path) -> ModelMeta:
     class_name = index.get("_class_name")
     if not isinstance(class_name, str):
         raise ModelError(f"{index_path} has no _class_name: not a diffusers pipeline")
-    spec = _BY_CLASS.get(class_name)
+    spec = _family_of_class(class_name)
     if spec is None:
-        supported = ", ".join(sorted(_BY_CLASS))
+        supported = ", ".join(sorted(f.pipeline_class for f in FAMILIES.values()))
         raise ModelError(
             f"{root}: pipeline class {class_name} is not supported (supported: {supported})"
         )
@@ -186,33 +102,73 @@ def inspect_model(path: str | Path) -> ModelMeta:
             raise ModelError(f"{root}: {class_name} without a {needed} cannot be served")
     vae = _read_json(root / "vae" / "config.json", "vae config")
     transformer = _read_json(root / "transformer" / "config.json", "transformer config")
-    spatial, temporal = _vae_factors(spec.family, vae)
-    weights = {
+    geometry = spec.geometry(vae, transformer)
+    weights: dict[str, int] = {
         stage: sum(_dir_bytes(root / c) for c in stage_components(components, stage))
-        for stage in ("encode", "diffuse", "decode")
+        for stage in spec.stages
     }
+    max_frames, default_frames, notes = _frame_limits(spec, geometry, transformer)
+    max_side = geometry.max_side
+    if max_side is not None:
+        notes["side"] = (
+            f"its transformer's {geometry.table} {geometry.max_patches_side} covers "
+            f"{geometry.max_patches_side} patches of {geometry.vae_spatial * geometry.patch} px "
+            "per side"
+        )
     return ModelMeta(
         path=str(root.resolve()),
-        family=spec.family,
+        family=spec.name,
         pipeline_class=class_name,
         is_video=spec.is_video,
-        vae_scale_factor_spatial=spatial,
-        vae_scale_factor_temporal=temporal,
-        size_multiple=spatial * _patch(spec.family, transformer),
-        max_frames=spec.max_frames,
-        default_num_frames=spec.default_num_frames,
+        vae_scale_factor_spatial=geometry.vae_spatial,
+        vae_scale_factor_temporal=geometry.vae_temporal,
+        size_multiple=geometry.size_multiple,
+        max_frames=max_frames,
+        default_num_frames=default_frames,
         default_steps=spec.default_steps,
         default_guidance_scale=spec.default_guidance_scale,
         uses_cfg=spec.uses_cfg,
         context_parallel=spec.context_parallel,
         stage_weight_bytes=weights,
+        max_side=max_side,
+        limit_notes=notes,
     )
+
+
+def _frame_limits(
+    spec: FamilySpec, geometry: Geometry, transformer: Mapping[str, Any]
+) -> tuple[int | None, int | None, dict[str, str]]:
+    """(most frames, default frames, why the limit) of a model: the family's cap or what
+    its transformer's positional table covers, whichever is lower; the default is the
+    pipeline's, brought within the limit and onto the 1 + k*t rule."""
+    if not spec.is_video:
+        return None, None, {}
+    t = geometry.vae_temporal
+    limit = spec.frame_limit(geometry)
+    notes: dict[str, str] = {}
+    table = geometry.max_patches_t
+    if table is not None and limit == geometry.max_frames and limit != spec.max_frames:
+        notes["num_frames"] = (
+            f"its transformer's {geometry.table} {table} covers "
+            f"{table * geometry.patch_t} latent frames = {limit} frames"
+        )
+    if limit is not None:
+        limit = fit_frames(limit, t, None)  # a limit on the 1 + k*t rule
+    default = spec.default_num_frames_for(transformer)
+    if default is not None:
+        default = fit_frames(default, t, limit)
+    return limit, default, notes
 
 
 def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
     return value
+
+
+def _why(meta: ModelMeta, limit: str) -> str:
+    note = meta.limit_notes.get(limit)
+    return f": {note}" if note else ""
 
 
 def validate_request(
@@ -237,6 +193,11 @@ def validate_request(
             raise InvalidRequestError(f"{name} must be positive, got {v}")
         if v > MAX_SIDE:
             raise InvalidRequestError(f"{name} {v} exceeds the maximum of {MAX_SIDE}")
+        if meta.max_side is not None and v > meta.max_side:
+            raise InvalidRequestError(
+                f"{name} {v} exceeds the maximum of {meta.max_side} for this {meta.family} "
+                f"model{_why(meta, 'side')}"
+            )
         if v % meta.size_multiple:
             lo = v - v % meta.size_multiple
             raise InvalidRequestError(
@@ -258,6 +219,7 @@ def validate_request(
             if meta.max_frames is not None and n > meta.max_frames:
                 raise InvalidRequestError(
                     f"num_frames {n} exceeds the maximum of {meta.max_frames} for {meta.family}"
+                    f"{_why(meta, 'num_frames')}"
                 )
             t = meta.vae_scale_factor_temporal
             if (n - 1) % t:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "AgreedCancel",
     "broadcast_inputs",
     "diffuse_context",
     "host_store",
@@ -297,6 +298,41 @@ def broadcast_inputs(
         if t.numel():
             dist.broadcast(t, src=0, group=group)
     return tensors
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+class AgreedCancel(threading.Event):
+    """A cancel flag that every rank of a degree-k group reads the same way.
+
+    A cancel reaches the ranks' workers at different moments; a rank that stopped at
+    step 3 while its partners went on to step 4 would leave them blocked in the next
+    collective. Here :meth:`is_set` is itself a collective (an all-reduce of the local
+    flags with MAX), so all ranks see "set" at the same check and stop together. Every
+    rank must therefore call :meth:`is_set` the same number of times: the diffuse stage
+    checks once before it starts and once after every denoising step, on every rank.
+    """
+
+    def __init__(self, local: threading.Event | None, parallel: ParallelContext) -> None:
+        super().__init__()
+        self._local = local
+        self._parallel = parallel
+
+    def set(self) -> None:
+        if self._local is not None:
+            self._local.set()
+
+    def is_set(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        mine = self._local is not None and self._local.is_set()
+        flag = torch.tensor(
+            [1 if mine else 0], dtype=torch.int32, device=_comm_device(self._parallel)
+        )
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._parallel.group)
+        return bool(flag.item())
 
 
 # --------------------------------------------------------------------------- diffuse

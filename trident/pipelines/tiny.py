@@ -22,9 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trident.families import FAMILY_NAMES
+
 __all__ = ["TINY_FAMILIES", "TINY_SHAPES", "main", "make_tiny_model"]
 
-TINY_FAMILIES: tuple[str, ...] = ("flux", "sd3", "wan", "cogvideox", "hunyuanvideo")
+TINY_FAMILIES: tuple[str, ...] = FAMILY_NAMES
 
 # Shapes that run each tiny model in well under a second per stage on CPU.
 TINY_SHAPES: dict[str, dict[str, int]] = {
@@ -252,7 +254,10 @@ def _wan(seed: int) -> Any:
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        # The rope table's rows per axis (frames, height, width, in patches): 64 covers
+        # the family's default 81 frames (41 latent frames at factor 2) and up to 127,
+        # and 512 px per side; longer requests are refused by validation, not the stage.
+        rope_max_seq_len=64,
     )
     return WanPipeline(
         tokenizer=_t5_tokenizer(),

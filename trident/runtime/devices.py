@@ -275,6 +275,9 @@ class SimExecutor(Executor):
         self.speed = speed
         self.payload_cap = payload_cap
         self.resident: dict[tuple[str, str], int] = {}  # (model, stage) -> weight bytes
+        # Last use of each resident stage (a counter: order is all eviction needs).
+        self.last_use: dict[tuple[str, str], float] = {}
+        self._uses = 0
         self.evicted: list[tuple[str, str]] = []  # evictions not yet reported
 
     def _family(self, model: str) -> str:
@@ -285,6 +288,7 @@ class SimExecutor(Executor):
 
     def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         if (model, stage) in self.resident:
+            self._touch((model, stage))
             return 0.0, "resident"
         family = self._family(model)
         need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
@@ -292,27 +296,33 @@ class SimExecutor(Executor):
         secs = self.cost.load_seconds(family, stage, source) * self.time_scale  # type: ignore[arg-type]
         time.sleep(secs)
         self.resident[(model, stage)] = need
+        self._touch((model, stage))
         return secs, source
 
     def unload(self, model: str, stage: str) -> None:
         self.resident.pop((model, stage), None)
+        self.last_use.pop((model, stage), None)
+
+    def _touch(self, key: tuple[str, str]) -> None:
+        self._uses += 1
+        self.last_use[key] = float(self._uses)
 
     def _make_room(
         self, need: int, keep: set[tuple[str, str]], peak: int = 0
     ) -> list[tuple[str, str]]:
-        """Evict stages the task does not need (largest first) until it fits; returns them."""
+        """Evict stages the task does not need, in the device model's order (least
+        recently used first: trident.sched.residency), until it fits; returns them."""
+        from trident.sched.residency import victims
+
+        out = victims(
+            self.resident, self.last_use, keep=keep, need=need + peak, capacity=self.memory_bytes
+        )
+        if out is not None:
+            for key in out:
+                del self.resident[key]
+                self.last_use.pop(key, None)
+            return out
         used = sum(self.resident.values())
-        if used + need + peak <= self.memory_bytes:
-            return []
-        evicted: list[tuple[str, str]] = []
-        for key, size in sorted(self.resident.items(), key=lambda kv: -kv[1]):
-            if key in keep:
-                continue
-            del self.resident[key]
-            evicted.append(key)
-            used -= size
-            if used + need + peak <= self.memory_bytes:
-                return evicted
         raise OutOfMemory(
             f"needs {(need + peak) / GiB:.1f} GiB with {used / GiB:.1f} GiB resident "
             f"of {self.memory_bytes / GiB:.1f} GiB"
@@ -354,12 +364,14 @@ class SimExecutor(Executor):
         sleeps: list[tuple[str | None, float]] = []
         for stage in stages:
             if (model, stage) in self.resident:
+                self._touch((model, stage))
                 continue
             need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
             result.evicted += self._make_room(need, keep={(model, s) for s in stages})
             source = str(sources.get(stage, "disk"))
             secs = self.cost.load_seconds(family, stage, source) * self.time_scale  # type: ignore[arg-type]
             self.resident[(model, stage)] = need
+            self._touch((model, stage))
             result.load_seconds += secs
             result.loaded.append((model, stage, secs, source))
             sleeps.append((None, secs))
@@ -592,7 +604,10 @@ class TorchExecutor(Executor):
                 # Merged stages at degree k: encode and decode run on the leader only;
                 # the other ranks join for diffuse (its inputs come from rank 0).
                 continue
-            if _cancelled(cancel):
+            # Degree k: only decode (leader alone) may stop on the local flag; encode
+            # runs to its end and diffuse checks collectively, or a partner would wait
+            # in a collective for a rank that left.
+            if _cancelled(cancel) and (parallel is None or stage == "decode"):
                 raise TaskCancelled(f"cancelled before {stage}", partial=result)
             t0 = time.perf_counter()
             try:

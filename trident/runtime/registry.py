@@ -13,22 +13,25 @@ from typing import Any
 
 from trident.config import ModelSpec
 from trident.errors import InvalidRequestError, ModelError
+from trident.families import FAMILIES, runs_cfg
 from trident.sched.types import ModelInfo, Shape
 
 __all__ = ["ServedModel", "build_request_shape", "register_models"]
 
-VIDEO_FAMILIES = {"wan", "cogvideox", "hunyuanvideo"}
 # Generic bounds for simulated models (no directory to read factors from).
 MAX_SIDE = 8192
 MAX_FRAMES = 1024
 MAX_STEPS = 1000
-# Defaults when the request leaves a size out and the model says nothing.
+# Defaults when a simulated model's request leaves a size out: the family's reference
+# checkpoint's (trident.families).
 SIM_DEFAULTS: dict[str, dict[str, int]] = {
-    "flux": {"height": 1024, "width": 1024, "num_frames": 1, "steps": 28},
-    "sd3": {"height": 1024, "width": 1024, "num_frames": 1, "steps": 28},
-    "wan": {"height": 480, "width": 832, "num_frames": 81, "steps": 50},
-    "cogvideox": {"height": 768, "width": 1360, "num_frames": 81, "steps": 50},
-    "hunyuanvideo": {"height": 720, "width": 1280, "num_frames": 129, "steps": 50},
+    name: {
+        "height": spec.default_height,
+        "width": spec.default_width,
+        "num_frames": spec.default_num_frames or 1,
+        "steps": spec.default_steps,
+    }
+    for name, spec in FAMILIES.items()
 }
 
 
@@ -67,6 +70,8 @@ def _meta_defaults(meta: Any) -> tuple[int, int]:
     if isinstance(sample, list | tuple):
         sample = sample[0]
     side = int(sample) * int(meta.vae_scale_factor_spatial)
+    if meta.max_side is not None:
+        side = min(side, int(meta.max_side))
     mult = max(1, int(meta.size_multiple))
     side = max(mult, (side // mult) * mult)
     return side, side
@@ -105,7 +110,7 @@ def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
             if d is None:
                 raise ModelError(f"model {spec.name!r}: unknown family {family!r}")
             info = ModelInfo(
-                name=spec.name, family=family, path=None, is_video=family in VIDEO_FAMILIES
+                name=spec.name, family=family, path=None, is_video=FAMILIES[family].is_video
             )
             served[spec.name] = ServedModel(
                 info=info,
@@ -191,7 +196,7 @@ def build_request_shape(model: ServedModel, params: dict[str, Any]) -> Shape:
         guidance_scale=guidance,
         seed=seed,
     )
-    cfg = guidance is not None and guidance > 1.0 and model.info.family not in ("flux",)
+    cfg = runs_cfg(model.info.family, guidance, params)
     return Shape(
         height=height, width=width, num_frames=num_frames, num_inference_steps=steps, cfg=cfg
     )

@@ -59,10 +59,11 @@ from trident.runtime.protocol import (
     WorkerExited,
     WorkerHello,
 )
+from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.registry import ServedModel, build_request_shape, register_models
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
-from trident.sched.core import CoreConfig, FifoPolicy, handle_events
+from trident.sched.core import CoreConfig, FifoPolicy, SchedulerCore, handle_events
 from trident.sched.types import (
     CancelTask,
     Command,
@@ -75,7 +76,7 @@ from trident.sched.types import (
     FailRequest,
     LoadStage,
     LogEvent,
-    NodeJoined,
+    NodeBooting,
     NodeLost,
     Policy,
     ReleaseOutput,
@@ -108,12 +109,9 @@ INLINE_ROUND_S = 0.002
 # what a misbehaving peer can make us buffer.
 CLUSTER_HWM = 2000
 DRAIN_MAX_BYTES = 4 << 20
-REJECT_LOG_WINDOW_S = 10.0
-REJECT_LOG_BURST = 20
 # A booting node's workers say hello one by one; the core sees them together (one
 # placement for the node, not one per worker and the weight loads of each) once all the
 # devices the node announced are up, or this long after its hello at the latest.
-JOIN_GRACE_S = 10.0
 
 
 @dataclass
@@ -134,10 +132,6 @@ class _NodeConn:
     last_seen: float
     devices: list[dict[str, Any]] = field(default_factory=list)
     up: bool = True
-    # While booting: the workers that said hello, held back from the core (see
-    # JOIN_GRACE_S), and when the node said hello. None once the core knows the node.
-    joining: dict[str, DeviceInfo] | None = None
-    hello_at: float = 0.0
 
 
 @dataclass
@@ -169,14 +163,16 @@ def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
                 raise ConfigError(f"fifo policy has no option {key!r}")
             current = getattr(core_cfg, key)
             setattr(core_cfg, key, value if current is None else type(current)(value))
-        return FifoPolicy(models, cost, core_cfg)
+        fifo = FifoPolicy(models, cost, core_cfg)
+        fifo.clock = time.perf_counter  # solve times in the logs; decisions never read it
+        return fifo
     try:
         from trident.sched.policy import make_policy
     except ImportError as exc:
         raise ConfigError(
             f"policy {cfg.policy!r} needs the planner (trident.sched.policy): {exc}"
         ) from exc
-    return make_policy(
+    policy = make_policy(
         cfg.policy,
         models,
         cost,
@@ -184,6 +180,9 @@ def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
         max_queue=cfg.max_queue,
         **cfg.policy_options,
     )
+    if isinstance(policy, SchedulerCore):
+        policy.clock = time.perf_counter  # solve times in the logs; decisions never read it
+    return policy
 
 
 class SchedulerDaemon:
@@ -220,18 +219,13 @@ class SchedulerDaemon:
             "overloaded": 0,
             "protocol_rejected": 0,
         }
-        # Facts for weight loading (adjust on dispatch): what each device holds now, and
-        # what each node has loaded before (its CPU copy / page cache has it).
-        self.resident: dict[str, set[tuple[str, str]]] = {}
-        self.node_loaded: set[tuple[str, str, str]] = set()
         self.auth: Any = None
         # The core runs here, one round at a time, off the event loop.
         self.core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core")
         self.fatal: BaseException | None = None
         self.exit_code = 0
         self._tick_queued = False
-        # peer -> [window start, lines logged, lines suppressed] (protocol.rejected)
-        self.rejected_log: dict[bytes, list[float]] = {}
+        self.rejections = RejectionLog(self.log, clock=self.now)
         # Accepted requests survive a crash here (``--state-dir``); None: no journal.
         self.journal: RequestJournal | None = None
 
@@ -483,11 +477,12 @@ class SchedulerDaemon:
         elif isinstance(cmd, FailRequest):
             self._reply_error(cmd.request_id, cmd.error, cmd.message)
         elif isinstance(cmd, LoadStage):
-            source = self._load_source(cmd.device_id, cmd.model, cmd.stage)
             self._to_worker(
                 cmd.device_id,
                 protocol.encode(
-                    protocol.LoadStage(model=cmd.model, stage=cmd.stage, source=source)
+                    protocol.LoadStage(
+                        model=cmd.model, stage=cmd.stage, source=cmd.source or "disk"
+                    )
                 ),
             )
         elif isinstance(cmd, UnloadStage):
@@ -497,32 +492,6 @@ class SchedulerDaemon:
             )
         elif isinstance(cmd, LogEvent):
             self.log.info(cmd.event, **dict(cmd.fields))
-
-    def _load_source(self, device_id: str, model: str, stage: str) -> str:
-        """Where a device can get a stage's weights: a same-node device holding them,
-        else the node's CPU copy (loaded there before), else disk. A fixed rule, not a
-        choice: the policy decides *whether* to place; this says *how* it loads."""
-        key = (model, stage)
-        if key in self.resident.get(device_id, ()):
-            return "resident"
-        conn = self.workers.get(device_id)
-        node = conn.info.node_id if conn else ""
-        for dev, held in self.resident.items():
-            peer = self.workers.get(dev)
-            if (
-                dev != device_id
-                and key in held
-                and peer is not None
-                and peer.up
-                and peer.info.node_id == node
-            ):
-                return "peer"
-        if (node, model, stage) in self.node_loaded:
-            return "node-cache"
-        # The first load on a node reads disk and fills the node's copy; loads issued
-        # after it share that copy.
-        self.node_loaded.add((node, model, stage))
-        return "disk"
 
     def _to_worker(self, device_id: str, header: bytes, frames: list[Any] | None = None) -> bool:
         conn = self.workers.get(device_id)
@@ -572,8 +541,9 @@ class SchedulerDaemon:
             # The leader runs every stage of the task; the others join for diffuse only.
             its_stages = cmd.stages if rank == 0 else tuple(s for s in cmd.stages if s == "diffuse")
             options = dict(cmd.options)
+            # The core said where each device loads each stage from (its device model).
             options["load_sources"] = {
-                s: self._load_source(conn.info.device_id, cmd.model, s) for s in its_stages
+                s: cmd.load_sources.get(conn.info.device_id, {}).get(s, "disk") for s in its_stages
             }
             header = protocol.encode(
                 protocol.RunTask(
@@ -645,9 +615,8 @@ class SchedulerDaemon:
         self.counters["batches"] += 1
         # Members share their options (same shape, same device: same decisions).
         options = dict(cmd.tasks[0].options)
-        options["load_sources"] = {
-            s: self._load_source(conn.info.device_id, cmd.model, s) for s in cmd.stages
-        }
+        sources = cmd.tasks[0].load_sources.get(conn.info.device_id, {})
+        options["load_sources"] = {s: sources.get(s, "disk") for s in cmd.stages}
         header = protocol.encode(
             protocol.RunBatch(
                 batch_id=cmd.batch_id,
@@ -797,30 +766,9 @@ class SchedulerDaemon:
 
     def _rejected(self, sock: Any, channel: str, ident: bytes, exc: ProtocolError) -> None:
         self.counters["protocol_rejected"] += 1
-        peer = ident.decode(errors="replace")[:80]
-        # A flood of bad messages must not become a flood of log lines: the first few
-        # per peer and window are logged, then one line with how many were suppressed.
-        now = self.now()
-        window = self.rejected_log.get(ident)
-        if window is None or now - window[0] > REJECT_LOG_WINDOW_S:
-            if window is not None and window[2]:
-                self.log.warning(
-                    "protocol.rejected", channel=channel, peer=peer, suppressed=window[2]
-                )
-            if window is None and len(self.rejected_log) > 10_000:
-                self.rejected_log.clear()
-            window = self.rejected_log[ident] = [now, 0, 0]
-        if window[1] < REJECT_LOG_BURST:
-            window[1] += 1
-            self.log.warning(
-                "protocol.rejected",
-                channel=channel,
-                peer=peer,
-                error=exc.message[:500],
-                request_id=exc.request_id,
-            )
-        else:
-            window[2] += 1
+        self.rejections.note(
+            ident, channel=channel, error=exc.message[:500], request_id=exc.request_id
+        )
         self.out.append(
             (sock, [ident, protocol.error_message("protocol", exc.message, id=exc.request_id)])
         )
@@ -1033,11 +981,11 @@ class SchedulerDaemon:
                     }
                     for d in msg.devices
                 ],
-                joining={} if booting else None,
-                hello_at=now,
             )
             self.out.append((self.nodes_sock, [ident, self._welcome_node()]))
             self.log.info("node.joined", node_id=node_id, devices=len(msg.devices))
+            if booting:  # the core takes its workers' hellos together (CoreConfig)
+                self.feed(NodeBooting(node_id, len(msg.devices), new_stimulus_id("booting")))
             return
         node_id = msg.node_id
         node = self.nodes.get(node_id)
@@ -1125,8 +1073,6 @@ class SchedulerDaemon:
             error: Any = msg.error if msg.error in _ERROR_CODES else "stage_failed"
             self.feed(TaskFailed(msg.task_id, error, msg.message, msg.retryable))
         elif isinstance(msg, protocol.StageLoaded):
-            self.resident.setdefault(conn.info.device_id, set()).add((msg.model, msg.stage))
-            self.node_loaded.add((conn.info.node_id, msg.model, msg.stage))
             if msg.source != "resident":
                 self.log.info(
                     "stage.loaded",
@@ -1140,7 +1086,6 @@ class SchedulerDaemon:
                 StageLoaded(conn.info.device_id, msg.model, msg.stage, msg.seconds, msg.source)
             )
         elif isinstance(msg, protocol.StageUnloaded):
-            self.resident.get(conn.info.device_id, set()).discard((msg.model, msg.stage))
             self.log.info(
                 "stage.unloaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage
             )
@@ -1200,7 +1145,6 @@ class SchedulerDaemon:
             store_addr=msg.store_addr,
         )
         self.worker_by_ident[ident] = info.device_id
-        self.resident[info.device_id] = set()  # a (re)started worker holds nothing
         self.out.append((self.nodes_sock, [ident, self._welcome_worker()]))
         self.log.info(
             "worker.joined",
@@ -1209,33 +1153,14 @@ class SchedulerDaemon:
             pid=msg.pid,
             peer_addr=msg.peer_addr,
         )
-        if node.joining is not None:
-            node.joining[info.device_id] = info
-            self._maybe_node_joined(node, self.now())
-            return
         self.feed(DeviceUp(info, new_stimulus_id("hello")))
-
-    def _maybe_node_joined(self, node: _NodeConn, now: float) -> None:
-        """Hand a booting node's devices to the core at once when all it announced are
-        up (or the grace period is over; later ones come as DeviceUp)."""
-        joining = node.joining
-        if joining is None or not joining:
-            return
-        if len(joining) < len(node.devices) and now - node.hello_at < JOIN_GRACE_S:
-            return
-        infos = tuple(sorted(joining.values(), key=lambda d: d.index))
-        node.joining = None
-        self.feed(NodeJoined(node.node_id, infos, new_stimulus_id("node-joined")))
 
     def _worker_lost(self, device_id: str, reason: str, *, kill: bool = False) -> None:
         conn = self.workers.get(device_id)
         if conn is None or not conn.up:
             return
         conn.up = False
-        self.resident.pop(device_id, None)
         node = self.nodes.get(conn.info.node_id)
-        if node is not None and node.joining is not None:
-            node.joining.pop(device_id, None)  # the core never heard of it
         for task_id in [t for t, c in self.task_info.items() if device_id in c.devices]:
             del self.task_info[task_id]  # it will never report
         self.log.warning("worker.lost", device_id=device_id, reason=reason)
@@ -1258,12 +1183,10 @@ class SchedulerDaemon:
         if node is None or not node.up:
             return
         node.up = False
-        node.joining = None
         self.log.warning("node.lost", node_id=node_id, reason=reason)
         for conn in self.workers.values():
             if conn.info.node_id == node_id and conn.up:
                 conn.up = False
-                self.resident.pop(conn.info.device_id, None)
         for task_id in [
             t
             for t, c in self.task_info.items()
@@ -1298,8 +1221,6 @@ class SchedulerDaemon:
         for node_id, node in list(self.nodes.items()):
             if node.up and now - node.last_seen > ttl:
                 self._node_lost(node_id, f"silent for {now - node.last_seen:.1f}s")
-            elif node.up:
-                self._maybe_node_joined(node, now)
         cttl = self.cfg.client_ttl_s
         gone = {
             ident

@@ -55,6 +55,7 @@ from trident.runtime.devices import (
     make_executor,
 )
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
+from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.serial import pack_tensors
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
@@ -167,12 +168,13 @@ class Worker:
             self.ctx, zmq.DEALER, identity=f"dev:{a.device_id}".encode(), curve=keys
         )
         self.ctl.connect(a.scheduler)
+        self.rejections = RejectionLog(self.log)
         self.server = PeerServer(
             self.ctx,
             a.host,
             self.outputs,
             on_barrier=self._on_barrier,
-            on_error=lambda e: self.log.warning("protocol.rejected", channel="peer", error=e),
+            on_error=self._peer_rejected,
             curve=keys,
         )
         self.peer_addr = self.server.address
@@ -376,6 +378,9 @@ class Worker:
             rejoined=True,
         )
 
+    def _peer_rejected(self, error: str) -> None:
+        self.rejections.note("peer", channel="peer", error=error[:500])
+
     async def _cancel(self, task_id: str) -> None:
         """Drop a queued task, or stop the running one at its next denoising step."""
         for task in list(self.queue):
@@ -397,10 +402,8 @@ class Worker:
         if running is None:
             return
         if running.task_id == task_id:
-            if len(running.msg.devices) == 1 and self.running_cancel is not None:
-                # Degree k: ranks would have to agree on the step to stop at (a
-                # collective would hang otherwise); such a task runs to its end and
-                # the scheduler drops its output.
+            # Degree k too: the ranks agree on the step to stop at (AgreedCancel).
+            if self.running_cancel is not None:
                 self.running_cancel.set()
             return
         ids = {m.task_id for m in running.members}

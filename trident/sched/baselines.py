@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from trident.sched.core import CoreConfig, DeviceState, RequestState
 from trident.sched.cost import best_degree, efficient_degrees
 from trident.sched.policy import PlacedPolicy, Placement
+from trident.sched.solver import optimize, solver_library
 from trident.sched.types import STAGES, Command, CostModel, DeviceInfo, LogEvent, ModelInfo, Stage
 
 __all__ = [
@@ -78,7 +79,8 @@ class StageSplitConfig(BaselineConfig):
 
 @dataclass
 class AuthorsConfig(BaselineConfig):
-    time_limit_s: float = 5.0  # theirs has none; we keep a generous one
+    # Theirs has no limit; a generous deterministic one (trident.sched.solver).
+    max_nodes: int = 10_000
     min_interval_s: float = 0.0  # theirs: 0.5 s between solves (needs Ticks to advance)
     solver: str = "cbc"
 
@@ -447,17 +449,12 @@ class AuthorsPolicy(_PipelineBase):
     def _solve(
         self, vars_: list[tuple[RequestState, int, str, float]], free: Mapping[tuple[str, str], int]
     ) -> list[tuple[RequestState, int, str, float]]:
-        import time as _time
-
         import mip
 
-        t0 = _time.perf_counter()
+        t0 = self.clock()
         self._last_log = LogEvent("dispatch.solved", {"solver": "mip", "ms": 0.0})
-        m = mip.Model(
-            sense=mip.MAXIMIZE, solver_name="HIGHS" if self.aconfig.solver == "highs" else "CBC"
-        )
+        m = mip.Model(sense=mip.MAXIMIZE, solver_name=solver_library(self.aconfig.solver))
         m.verbose = 0
-        m.threads = 1
         x = [m.add_var(var_type=mip.BINARY) for _ in vars_]
         slack = {key: m.add_var(lb=0.0) for key in free}
         nodes = {node for node, _ in free}
@@ -474,12 +471,12 @@ class AuthorsPolicy(_PipelineBase):
         for idx in by_req.values():
             m.add_constr(mip.xsum(x[i] for i in idx) <= 1)
         m.objective = mip.xsum(v[3] * x[i] for i, v in enumerate(vars_)) - mip.xsum(slack.values())
-        status = m.optimize(max_seconds=self.aconfig.time_limit_s)
+        status = optimize(m, self.aconfig.max_nodes)
         self._last_log = LogEvent(
             "dispatch.solved",
             {
                 "solver": "mip",
-                "ms": round((_time.perf_counter() - t0) * 1e3, 3),
+                "ms": round((self.clock() - t0) * 1e3, 3),
                 "status": status.name,
             },
         )

@@ -32,7 +32,7 @@ import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from trident.pipelines.api import PER_MEMBER_PARAMS
+from trident.families import PER_MEMBER_PARAMS
 from trident.sched.cost import batch_stage_seconds
 from trident.sched.dispatcher import QueueItem
 from trident.sched.types import STAGES, CostModel, ModelInfo, RequestSpec, Shape, Stage

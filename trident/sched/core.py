@@ -18,9 +18,11 @@ Pure: no sockets, no asyncio, no wall clock — ``now`` comes with each event.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trident.sched.cost import best_degree
+from trident.sched.residency import LoadSource, choose_load_source
+from trident.sched.solver import Clock, no_clock
 from trident.sched.types import (
     STAGES,
     CancelTask,
@@ -37,6 +39,7 @@ from trident.sched.types import (
     LoadStage,
     LogEvent,
     ModelInfo,
+    NodeBooting,
     NodeJoined,
     NodeLost,
     Policy,
@@ -79,10 +82,14 @@ class CoreConfig:
     # Decode with VAE tiling when its untiled activation peak would take more than this
     # share of the decoding device's memory (big images, long videos).
     vae_tiling_fraction: float = 0.5
-    # With no live device, requests fail "unavailable" (queued, in flight and new) once
-    # the cluster has had none for this long; at boot, before any device ever joined,
+    # A model that no live device can hold (none up, or none with the memory for its
+    # largest stage) fails its requests "unavailable" (queued, in flight and new) once
+    # it has been so for this long; before any device that could hold it ever joined,
     # the longer boot grace applies (workers import torch and load weights first).
     unavailable_after_s: float = 10.0
+    # A booting node's devices are taken together (one NodeJoined) once all it
+    # announced are up, or this long after its hello; later ones join alone.
+    join_grace_s: float = 10.0
     boot_grace_s: float = 60.0
     # Shedding (off by default): refuse at arrival, as "overloaded", a request whose
     # predicted completion (the earliest a device frees up, plus its standalone latency)
@@ -193,12 +200,20 @@ class SchedulerCore:
         # Batch id -> its members' task ids that have not ended yet.
         self.batches: dict[str, list[str]] = {}
         self._task_seq = 0
-        # When the cluster last had no live device (None: it has some), whether any
-        # device ever joined, and whether requests are being refused for it now.
-        self._no_devices_since: float | None = None
-        self._ever_had_devices = False
-        self.unavailable = False
+        # Per model: since when no live device can hold it (absent: some can), whether
+        # one ever could, and the models whose requests are refused for it now.
+        self._unservable_since: dict[str, float] = {}
+        self._ever_servable: set[str] = set()
+        self.unavailable: set[str] = set()
         self._backlog_s = 0.0  # sum of admitted requests' est_s (shedding)
+        # Times solves for the logs only, never for a decision (trident.sched.solver);
+        # the daemon and the benchmarks set ``time.perf_counter``.
+        self.clock: Clock = no_clock
+        # (node, model, stage) whose weights the node's CPU copy holds (a load there
+        # read them once): the device model's memory of each node (load_source).
+        self.node_copies: set[tuple[str, str, Stage]] = set()
+        # Booting nodes: node id -> (hello time, devices announced, devices up so far).
+        self._joining: dict[str, tuple[float, int, dict[str, DeviceInfo]]] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -211,33 +226,123 @@ class SchedulerCore:
         dispatch round, not one per arrival; the simulator feeds events one by one."""
         out: list[Command] = []
         for event in events:
-            self.apply(event, now, out)
+            if not self._held_back(event, now):
+                self.apply(event, now, out)
+        self._join_booted(now, out)
         self._check_available(now, out)
         out.extend(self.plan(now))
+        return self._with_load_sources(out)
+
+    # ------------------------------------------------------------------ booting nodes
+
+    def _held_back(self, event: Event, now: float) -> bool:
+        """Booting nodes' bookkeeping; True when ``event`` waits for its node."""
+        if isinstance(event, NodeBooting):
+            if event.expected > 0:
+                self._joining[event.node_id] = (now, event.expected, {})
+            return True
+        if isinstance(event, DeviceUp) and event.device.node_id in self._joining:
+            self._joining[event.device.node_id][2][event.device.device_id] = event.device
+            return True
+        if isinstance(event, DeviceLost):
+            for _, _, infos in self._joining.values():
+                if infos.pop(event.device_id, None) is not None:
+                    return True  # it never joined
+        if isinstance(event, NodeLost | NodeJoined):
+            self._joining.pop(event.node_id, None)
+        return False
+
+    def _join_booted(self, now: float, out: list[Command]) -> None:
+        for node_id, (since, expected, infos) in list(self._joining.items()):
+            if len(infos) >= expected or (infos and now - since >= self.config.join_grace_s):
+                del self._joining[node_id]
+                devices = tuple(sorted(infos.values(), key=lambda d: d.index))
+                self.apply(NodeJoined(node_id, devices), now, out)
+            elif now - since >= self.config.join_grace_s:
+                del self._joining[node_id]  # none came up in the grace: each joins alone
+
+    # ------------------------------------------------------------------ device model
+
+    def load_source(self, device_id: str, model: str, stage: Stage) -> LoadSource:
+        """Where ``device_id`` gets ``stage``'s weights (trident.sched.residency)."""
+        st = self.devices.get(device_id)
+        if st is None:
+            return "disk"
+        node = st.info.node_id
+        return choose_load_source(
+            resident_here=(model, stage) in st.holds,
+            held_by_same_node_peer=any(
+                o.up and o is not st and o.info.node_id == node and (model, stage) in o.holds
+                for o in self.devices.values()
+            ),
+            in_node_copy=(node, model, stage) in self.node_copies,
+        )
+
+    def _take_source(self, device_id: str, model: str, stage: Stage) -> str:
+        source = self.load_source(device_id, model, stage)
+        st = self.devices.get(device_id)
+        if source == "disk" and st is not None:
+            # The first load on a node reads disk and fills the node's copy; loads
+            # commanded after it share that copy.
+            self.node_copies.add((st.info.node_id, model, stage))
+        return source
+
+    def _run_sources(self, cmd: RunTask) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for rank, dev in enumerate(cmd.devices):
+            # The leader runs every stage of the task; the others join for diffuse only.
+            stages = cmd.stages if rank == 0 else tuple(s for s in cmd.stages if s == "diffuse")
+            out[dev] = {s: self._take_source(dev, cmd.model, s) for s in stages}
         return out
 
+    def _with_load_sources(self, cmds: list[Command]) -> list[Command]:
+        """Commands as they leave the core: every load says where it loads from."""
+        if not any(isinstance(c, RunTask | RunBatch | LoadStage) for c in cmds):
+            return cmds
+        out: list[Command] = []
+        for c in cmds:
+            if isinstance(c, RunTask) and not c.load_sources:
+                c = replace(c, load_sources=self._run_sources(c))
+            elif isinstance(c, RunBatch) and not c.tasks[0].load_sources:
+                sources = self._run_sources(c.tasks[0])
+                c = replace(c, tasks=tuple(replace(t, load_sources=sources) for t in c.tasks))
+            elif isinstance(c, LoadStage) and not c.source:
+                c = replace(c, source=self._take_source(c.device_id, c.model, c.stage))
+            out.append(c)
+        return out
+
+    def servable(self, model: ModelInfo) -> bool:
+        """Whether some live device has the memory for ``model``'s largest stage."""
+        need = max(model.stage_weight_bytes.values(), default=0)
+        return any(d.up and d.info.memory_bytes >= need for d in self.devices.values())
+
     def _check_available(self, now: float, out: list[Command]) -> None:
-        """Fail everything at once when no live device is left (after a grace), rather
-        than letting requests wait for a cluster that is gone."""
-        if any(d.up for d in self.devices.values()):
-            self._ever_had_devices = True
-            self._no_devices_since = None
-            if self.unavailable:
-                self.unavailable = False
-                out.append(LogEvent("cluster.available", {"devices": len(self.up_devices())}))
-            return
-        if self._no_devices_since is None:
-            self._no_devices_since = now
-        grace = (
-            self.config.unavailable_after_s if self._ever_had_devices else self.config.boot_grace_s
-        )
-        if now - self._no_devices_since < grace:
-            return
-        if not self.unavailable:
-            self.unavailable = True
-            out.append(LogEvent("cluster.unavailable", {"since": self._no_devices_since}))
-        for req in list(self.requests.values()):
-            self._fail(req, "unavailable", "no live device can serve this request", out)
+        """Fail a model's requests at once when no live device can hold it (after a
+        grace), rather than letting them wait for devices that are gone."""
+        for name, model in self.models.items():
+            if self.servable(model):
+                self._ever_servable.add(name)
+                self._unservable_since.pop(name, None)
+                if name in self.unavailable:
+                    self.unavailable.discard(name)
+                    out.append(LogEvent("model.available", {"model": name}))
+                continue
+            since = self._unservable_since.setdefault(name, now)
+            grace = (
+                self.config.unavailable_after_s
+                if name in self._ever_servable
+                else self.config.boot_grace_s
+            )
+            if now - since < grace:
+                continue
+            if name not in self.unavailable:
+                self.unavailable.add(name)
+                out.append(LogEvent("model.unavailable", {"model": name, "since": since}))
+            for req in [r for r in self.requests.values() if r.spec.model == name]:
+                task = self.tasks.get(req.task_id) if req.task_id is not None else None
+                if task is not None:  # on a live device too small for the rest: free it
+                    out.append(CancelTask(task.cmd.task_id, task.cmd.devices))
+                self._fail(req, "unavailable", f"no live device can serve model {name!r}", out)
 
     def apply(self, event: Event, now: float, out: list[Command]) -> None:
         """Update the state for one event (no dispatch: that is :meth:`plan`'s)."""
@@ -265,6 +370,7 @@ class SchedulerCore:
             loaded = self.devices.get(event.device_id)
             if loaded is not None:
                 loaded.holds.add((event.model, event.stage))
+                self.node_copies.add((loaded.info.node_id, event.model, event.stage))
         elif isinstance(event, StageUnloaded):
             unloaded = self.devices.get(event.device_id)
             if unloaded is not None:
@@ -403,9 +509,11 @@ class SchedulerCore:
         if spec.request_id in self.requests:
             out.append(FailRequest(spec.request_id, "invalid_request", "duplicate request id"))
             return
-        if self.unavailable:
+        if spec.model in self.unavailable:
             out.append(
-                FailRequest(spec.request_id, "unavailable", "no live device can serve this request")
+                FailRequest(
+                    spec.request_id, "unavailable", f"no live device can serve model {spec.model!r}"
+                )
             )
             return
         if len(self.requests) >= self.config.max_queue:

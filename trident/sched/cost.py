@@ -39,7 +39,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from trident.families import FAMILIES
 from trident.sched.types import STAGES, Shape, Stage
 
 __all__ = [
@@ -180,124 +182,130 @@ class FamilyEstimate:
     notes: str = ""
 
 
+def _reference(family: str, **figures: Any) -> FamilyEstimate:
+    """``family``'s estimate: the figures given here, the flags from
+    :mod:`trident.families` (video or not; whether the reference diffuse time includes a
+    CFG branch: the authors profiled each family's default call, which runs one exactly
+    when the family uses CFG; the reference checkpoint's VAE factors)."""
+    spec = FAMILIES[family]
+    return FamilyEstimate(
+        family=family,
+        is_video=spec.is_video,
+        cfg_in_reference=spec.uses_cfg,
+        vae_spatial=spec.reference.vae_spatial,
+        vae_temporal=spec.reference.vae_temporal,
+        **figures,
+    )
+
+
 REFERENCE_FAMILIES: dict[str, FamilyEstimate] = {
-    # FLUX.1-dev: transformer 11.9B -> 23.8 GB; T5-XXL encoder 4.76B (9.5 GB) + CLIP-L
-    # text 123M (0.25 GB); VAE 84M (0.17 GB). Encode: T5-XXL over 512 tokens = 2*4.76e9*512
-    # ~ 4.9 TFLOP ~ 0.08 s at 60 TFLOP/s + overhead -> 0.10 s. Decode: 1024^2 ~ 0.15 s on
-    # L20 (SD-style VAE decoder, ~1.2 MFLOP/px... scaled linearly in pixels). Diffuse
-    # activations: 4300 B/px at k=1 (2048^2 -> 18 GB: beside E+D+C weights (33.9 GB) it
-    # does not fit in 48 GB, which reproduces the authors' rule ">= 2048^2 needs k >= 2"
-    # for a whole-pipeline device). Guidance-distilled: no CFG branch in the reference.
-    "flux": FamilyEstimate(
-        family="flux",
-        is_video=False,
-        weights={"encode": 9_770_000_000, "diffuse": 23_800_000_000, "decode": 168_000_000},
-        cfg_in_reference=False,
-        encode_seconds=0.10,
-        encode_peak=1 * GB,
-        decode_base_s=0.01,
-        decode_s_per_px=1.35e-7,
-        decode_peak_base=512 * MB,
-        decode_peak_per_px=3000.0,
-        diffuse_peak_base=1 * GB,
-        diffuse_peak_per_px=4300.0,
-        text_bytes=512 * 4096 * 2 + 768 * 2,
-        latent_channels=16,
-        notes="diffuse from authors' table; everything else estimated",
-    ),
-    # SD3-medium: MMDiT 2.03B -> 4.06 GB; CLIP-L (0.25 GB) + CLIP-G 695M (1.39 GB) +
-    # T5-XXL (9.5 GB) = 11.16 GB; VAE 0.17 GB. Encode runs prompt + negative (CFG):
-    # ~ 2 x T5 over 256+77 tokens -> 0.10 s. CFG batch of 2 in the reference table.
-    "sd3": FamilyEstimate(
-        family="sd3",
-        is_video=False,
-        weights={"encode": 11_160_000_000, "diffuse": 4_060_000_000, "decode": 168_000_000},
-        cfg_in_reference=True,
-        encode_seconds=0.10,
-        encode_peak=1 * GB,
-        decode_base_s=0.01,
-        decode_s_per_px=1.35e-7,
-        decode_peak_base=512 * MB,
-        decode_peak_per_px=3000.0,
-        diffuse_peak_base=1 * GB,
-        diffuse_peak_per_px=2000.0,
-        text_bytes=2 * 333 * 4096 * 2 + 2 * 2048 * 2,
-        latent_channels=16,
-        notes="diffuse from authors' table; everything else estimated",
-    ),
-    # CogVideoX1.5-5B: transformer ~5.6B -> 11.1 GB; T5-XXL 9.5 GB; 3D VAE 215M -> 0.43 GB.
-    # Encode: T5 over 226 tokens, prompt + negative -> 0.08 s. Decode: 3D causal VAE with
-    # tiling, ~7e-7 s/px (480x720x49 ~ 12 s on L20). Decode peak with tiling: ~8 GB +
-    # output buffer. Diffuse activations 400 B/px at k=1 (768x1360x81 -> 34 GB).
-    "cogvideox": FamilyEstimate(
-        family="cogvideox",
-        is_video=True,
-        weights={"encode": 9_520_000_000, "diffuse": 11_100_000_000, "decode": 430_000_000},
-        cfg_in_reference=True,
-        encode_seconds=0.08,
-        encode_peak=1 * GB,
-        decode_base_s=0.2,
-        decode_s_per_px=7.0e-7,
-        decode_peak_base=8 * GB,
-        decode_peak_per_px=24.0,
-        diffuse_peak_base=2 * GB,
-        diffuse_peak_per_px=400.0,
-        text_bytes=2 * 226 * 4096 * 2,
-        latent_channels=16,
-        vae_temporal=4,
-        notes="diffuse from authors' table; everything else estimated",
-    ),
-    # HunyuanVideo: transformer 12.8B -> 25.6 GB; LLaVA-Llama-3-8B text tower 7.5B
-    # (15.0 GB) + CLIP-L (0.25 GB); 3D VAE 246M -> 0.49 GB. Encode: 8B LLM over 256
-    # tokens ~ 4 TFLOP -> 0.12 s. Decode ~7e-7 s/px (720x1280x129 -> ~83 s). Diffuse
-    # activations 600 B/px at k=1: 720x1280x129 -> 71 GB (k=1, 2 infeasible beside 25.6
-    # GB weights on 48 GB; k=4 fits), reproducing the authors' "long 720p needs k >= 4".
-    # Embedded guidance: no CFG branch in the reference.
-    "hunyuanvideo": FamilyEstimate(
-        family="hunyuanvideo",
-        is_video=True,
-        weights={"encode": 15_250_000_000, "diffuse": 25_600_000_000, "decode": 490_000_000},
-        cfg_in_reference=False,
-        encode_seconds=0.12,
-        encode_peak=2 * GB,
-        decode_base_s=0.2,
-        decode_s_per_px=7.0e-7,
-        decode_peak_base=8 * GB,
-        decode_peak_per_px=24.0,
-        diffuse_peak_base=2 * GB,
-        diffuse_peak_per_px=600.0,
-        text_bytes=256 * 4096 * 2 + 768 * 2,
-        latent_channels=16,
-        vae_temporal=4,
-        notes="diffuse from authors' table; everything else estimated",
-    ),
-    # Wan2.1-T2V-14B: NO published row. Same VAE compression (4x8x8) and patch (1x2x2)
-    # as HunyuanVideo, so the same token count per pixel; 14B vs 12.8B parameters
-    # (x1.09) and Wan runs CFG (guidance 5.0: x2 batch) where HunyuanVideo does not:
-    # diffuse = hunyuanvideo's table x 2.19. Weights: transformer 14B -> 28 GB; umT5-XXL
-    # encoder 5.7B -> 11.4 GB; Wan-VAE 127M (0.25 GB). Encode: umT5 over 512 tokens,
-    # prompt + negative -> 0.20 s. Wan-VAE decodes ~2.5x faster than HunyuanVideo's
-    # (Wan report) -> 3e-7 s/px. Diffuse activations as HunyuanVideo's, x2 for the CFG
-    # batch.
-    "wan": FamilyEstimate(
-        family="wan",
-        is_video=True,
-        weights={"encode": 11_400_000_000, "diffuse": 28_000_000_000, "decode": 254_000_000},
-        cfg_in_reference=True,
-        encode_seconds=0.20,
-        encode_peak=2 * GB,
-        decode_base_s=0.2,
-        decode_s_per_px=3.0e-7,
-        decode_peak_base=6 * GB,
-        decode_peak_per_px=24.0,
-        diffuse_peak_base=2 * GB,
-        diffuse_peak_per_px=1200.0,
-        text_bytes=2 * 512 * 4096 * 2,
-        latent_channels=16,
-        vae_temporal=4,
-        diffuse_from=("hunyuanvideo", (14.0 / 12.8) * 2.0),
-        notes="ALL estimated (scaled from hunyuanvideo)",
-    ),
+    est.family: est
+    for est in (
+        # FLUX.1-dev: transformer 11.9B -> 23.8 GB; T5-XXL encoder 4.76B (9.5 GB) + CLIP-L
+        # text 123M (0.25 GB); VAE 84M (0.17 GB). Encode: T5-XXL over 512 tokens = 2*4.76e9*512
+        # ~ 4.9 TFLOP ~ 0.08 s at 60 TFLOP/s + overhead -> 0.10 s. Decode: 1024^2 ~ 0.15 s on
+        # L20 (SD-style VAE decoder, ~1.2 MFLOP/px... scaled linearly in pixels). Diffuse
+        # activations: 4300 B/px at k=1 (2048^2 -> 18 GB: beside E+D+C weights (33.9 GB) it
+        # does not fit in 48 GB, which reproduces the authors' rule ">= 2048^2 needs k >= 2"
+        # for a whole-pipeline device). Guidance-distilled: no CFG branch in the reference.
+        _reference(
+            "flux",
+            weights={"encode": 9_770_000_000, "diffuse": 23_800_000_000, "decode": 168_000_000},
+            encode_seconds=0.10,
+            encode_peak=1 * GB,
+            decode_base_s=0.01,
+            decode_s_per_px=1.35e-7,
+            decode_peak_base=512 * MB,
+            decode_peak_per_px=3000.0,
+            diffuse_peak_base=1 * GB,
+            diffuse_peak_per_px=4300.0,
+            text_bytes=512 * 4096 * 2 + 768 * 2,
+            latent_channels=16,
+            notes="diffuse from authors' table; everything else estimated",
+        ),
+        # SD3-medium: MMDiT 2.03B -> 4.06 GB; CLIP-L (0.25 GB) + CLIP-G 695M (1.39 GB) +
+        # T5-XXL (9.5 GB) = 11.16 GB; VAE 0.17 GB. Encode runs prompt + negative (CFG):
+        # ~ 2 x T5 over 256+77 tokens -> 0.10 s. CFG batch of 2 in the reference table.
+        _reference(
+            "sd3",
+            weights={"encode": 11_160_000_000, "diffuse": 4_060_000_000, "decode": 168_000_000},
+            encode_seconds=0.10,
+            encode_peak=1 * GB,
+            decode_base_s=0.01,
+            decode_s_per_px=1.35e-7,
+            decode_peak_base=512 * MB,
+            decode_peak_per_px=3000.0,
+            diffuse_peak_base=1 * GB,
+            diffuse_peak_per_px=2000.0,
+            text_bytes=2 * 333 * 4096 * 2 + 2 * 2048 * 2,
+            latent_channels=16,
+            notes="diffuse from authors' table; everything else estimated",
+        ),
+        # CogVideoX1.5-5B: transformer ~5.6B -> 11.1 GB; T5-XXL 9.5 GB; 3D VAE 215M -> 0.43 GB.
+        # Encode: T5 over 226 tokens, prompt + negative -> 0.08 s. Decode: 3D causal VAE with
+        # tiling, ~7e-7 s/px (480x720x49 ~ 12 s on L20). Decode peak with tiling: ~8 GB +
+        # output buffer. Diffuse activations 400 B/px at k=1 (768x1360x81 -> 34 GB).
+        _reference(
+            "cogvideox",
+            weights={"encode": 9_520_000_000, "diffuse": 11_100_000_000, "decode": 430_000_000},
+            encode_seconds=0.08,
+            encode_peak=1 * GB,
+            decode_base_s=0.2,
+            decode_s_per_px=7.0e-7,
+            decode_peak_base=8 * GB,
+            decode_peak_per_px=24.0,
+            diffuse_peak_base=2 * GB,
+            diffuse_peak_per_px=400.0,
+            text_bytes=2 * 226 * 4096 * 2,
+            latent_channels=16,
+            notes="diffuse from authors' table; everything else estimated",
+        ),
+        # HunyuanVideo: transformer 12.8B -> 25.6 GB; LLaVA-Llama-3-8B text tower 7.5B
+        # (15.0 GB) + CLIP-L (0.25 GB); 3D VAE 246M -> 0.49 GB. Encode: 8B LLM over 256
+        # tokens ~ 4 TFLOP -> 0.12 s. Decode ~7e-7 s/px (720x1280x129 -> ~83 s). Diffuse
+        # activations 600 B/px at k=1: 720x1280x129 -> 71 GB (k=1, 2 infeasible beside 25.6
+        # GB weights on 48 GB; k=4 fits), reproducing the authors' "long 720p needs k >= 4".
+        # Embedded guidance: no CFG branch in the reference.
+        _reference(
+            "hunyuanvideo",
+            weights={"encode": 15_250_000_000, "diffuse": 25_600_000_000, "decode": 490_000_000},
+            encode_seconds=0.12,
+            encode_peak=2 * GB,
+            decode_base_s=0.2,
+            decode_s_per_px=7.0e-7,
+            decode_peak_base=8 * GB,
+            decode_peak_per_px=24.0,
+            diffuse_peak_base=2 * GB,
+            diffuse_peak_per_px=600.0,
+            text_bytes=256 * 4096 * 2 + 768 * 2,
+            latent_channels=16,
+            notes="diffuse from authors' table; everything else estimated",
+        ),
+        # Wan2.1-T2V-14B: NO published row. Same VAE compression (4x8x8) and patch (1x2x2)
+        # as HunyuanVideo, so the same token count per pixel; 14B vs 12.8B parameters
+        # (x1.09) and Wan runs CFG (guidance 5.0: x2 batch) where HunyuanVideo does not:
+        # diffuse = hunyuanvideo's table x 2.19. Weights: transformer 14B -> 28 GB; umT5-XXL
+        # encoder 5.7B -> 11.4 GB; Wan-VAE 127M (0.25 GB). Encode: umT5 over 512 tokens,
+        # prompt + negative -> 0.20 s. Wan-VAE decodes ~2.5x faster than HunyuanVideo's
+        # (Wan report) -> 3e-7 s/px. Diffuse activations as HunyuanVideo's, x2 for the CFG
+        # batch.
+        _reference(
+            "wan",
+            weights={"encode": 11_400_000_000, "diffuse": 28_000_000_000, "decode": 254_000_000},
+            encode_seconds=0.20,
+            encode_peak=2 * GB,
+            decode_base_s=0.2,
+            decode_s_per_px=3.0e-7,
+            decode_peak_base=6 * GB,
+            decode_peak_per_px=24.0,
+            diffuse_peak_base=2 * GB,
+            diffuse_peak_per_px=1200.0,
+            text_bytes=2 * 512 * 4096 * 2,
+            latent_channels=16,
+            diffuse_from=("hunyuanvideo", (14.0 / 12.8) * 2.0),
+            notes="ALL estimated (scaled from hunyuanvideo)",
+        ),
+    )
 }
 
 

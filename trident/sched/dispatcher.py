@@ -29,10 +29,11 @@ Model (kept small on purpose: on a 2-core machine CBC needed 30 s for a 2,000-bi
   degree — a per-second completion penalty instead: the fastest efficient degree). On-time-ness of each (r, g) is known before the solve (completion is a
   function of the choice), so no big-M constraints are needed.
 - Constraints: each request at most once; each device at most once.
-- Hard time limit; warm start from the greedy plan (which keeps the last round's
-  choices where still possible); greedy fallback (EDF + thriftiest on-time efficient
-  degree, else earliest completion) when the solver hits the limit without a proven
-  optimum, fails, or python-mip is missing. Rounds that are trivially optimal for
+- Deterministic budget (``max_nodes`` branch-and-bound nodes, single thread, no clock:
+  see :mod:`trident.sched.solver`); warm start from the greedy plan (which keeps the
+  last round's choices where still possible); greedy fallback (EDF + thriftiest on-time
+  efficient degree, else earliest completion) when the solver stops at the node limit
+  with nothing better than it, fails, or python-mip is missing. Rounds that are trivially optimal for
   greedy (no two candidates share a device) skip the solver.
 
 Batches: an item may stand for several same-shape requests that run as one batched
@@ -44,7 +45,6 @@ counts every member.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,7 +55,7 @@ from trident.sched.cost import (
     efficient_degrees,
     supported_degrees,
 )
-from trident.sched.solver import preload
+from trident.sched.solver import Clock, no_clock, optimize, preload, solver_library
 from trident.sched.types import CostModel, Shape, Stage
 
 __all__ = [
@@ -131,7 +131,7 @@ class Assignment:
 class DispatchResult:
     assignments: list[Assignment]
     solver: Literal["mip", "greedy"]
-    reason: str  # "optimal", "feasible", "trivial", "time_limit", "error", "no_solver", "empty"
+    reason: str  # "optimal", "feasible", "trivial", "node_limit", "error", "no_solver", "empty"
     ms: float
     variables: int = 0
     objective: float = 0.0
@@ -140,7 +140,9 @@ class DispatchResult:
 @dataclass
 class DispatchConfig:
     solver: SolverName = "cbc"
-    time_limit_s: float = 0.04
+    # Branch-and-bound nodes per solve: a deterministic budget (trident.sched.solver).
+    # Past it, the best incumbent if it beats the greedy plan, else the greedy plan.
+    max_nodes: int = 200
     max_requests: int = 24
     groups_per_degree: int = 3
     lookahead_s: float = 2.0
@@ -269,12 +271,17 @@ class Dispatcher:
     # ------------------------------------------------------------------ public
 
     def solve(
-        self, items: Sequence[QueueItem], devices: Sequence[DeviceView], now: float
+        self,
+        items: Sequence[QueueItem],
+        devices: Sequence[DeviceView],
+        now: float,
+        clock: Clock = no_clock,
     ) -> DispatchResult:
+        """One dispatch round. ``clock`` only times it for the logs (``res.ms``)."""
         cfg = self.config
         if cfg.use_mip:
-            preload(cfg.solver)  # once per process, outside the time budget
-        t0 = time.perf_counter()
+            preload(cfg.solver)  # once per process
+        t0 = clock()
         dev = {d.device_id: d for d in devices}
         queue = sorted(
             (i for i in items if i.next_stage != "decode"),
@@ -282,7 +289,7 @@ class Dispatcher:
         )
         cands = self.candidates(queue, dev, now)
         if not cands:
-            return DispatchResult([], "greedy", "empty", (time.perf_counter() - t0) * 1e3)
+            return DispatchResult([], "greedy", "empty", (clock() - t0) * 1e3)
         greedy = self.greedy(cands)
         trivial = self._trivial(cands) if cfg.use_mip else None
         if trivial is not None:
@@ -304,9 +311,9 @@ class Dispatcher:
                 sum(c.weight for c in greedy),
             )
         else:
-            res = self._mip(cands, greedy, t0)
+            res = self._mip(cands, greedy)
         self.last = {a.request_id: a.group for a in res.assignments}
-        res.ms = (time.perf_counter() - t0) * 1e3
+        res.ms = (clock() - t0) * 1e3
         return res
 
     def best_case(self, item: QueueItem, now: float) -> float:
@@ -739,9 +746,8 @@ class Dispatcher:
                 best[c.item.request_id] = c
         return [c for c in best.values() if c.weight > 0]
 
-    def _mip(self, cands: Sequence[_Cand], greedy: Sequence[_Cand], t0: float) -> DispatchResult:
-        """Solve; ``time_limit_s`` bounds the whole round since ``t0`` (candidates and
-        model build included), not the solver call alone."""
+    def _mip(self, cands: Sequence[_Cand], greedy: Sequence[_Cand]) -> DispatchResult:
+        """Solve within ``max_nodes``; warm-started from the greedy plan."""
         cfg = self.config
         try:
             import mip
@@ -750,11 +756,8 @@ class Dispatcher:
                 [c.assignment() for c in greedy], "greedy", "no_solver", 0.0, len(cands)
             )
         try:
-            m = mip.Model(
-                sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC"
-            )
+            m = mip.Model(sense=mip.MAXIMIZE, solver_name=solver_library(cfg.solver))
             m.verbose = 0
-            m.threads = 1
             x = [m.add_var(var_type=mip.BINARY, obj=c.weight) for c in cands]
             by_req: dict[str, list[int]] = {}
             by_dev: dict[str, list[int]] = {}
@@ -770,39 +773,32 @@ class Dispatcher:
                     m.add_constr(mip.xsum(x[j] for j in js) <= 1)
             index = {id(c): j for j, c in enumerate(cands)}
             m.start = [(x[index[id(c)]], 1.0) for c in greedy]
-            left = cfg.time_limit_s - (time.perf_counter() - t0)
-            if left < 0.002:  # no time left for a solve worth having: greedy
-                return DispatchResult(
-                    [c.assignment() for c in greedy],
-                    "greedy",
-                    "time_limit",
-                    0.0,
-                    len(cands),
-                    sum(c.weight for c in greedy),
-                )
-            status = m.optimize(max_seconds=left)
+            status = optimize(m, cfg.max_nodes)
         except Exception:  # solver trouble must never stop dispatch
             return DispatchResult(
                 [c.assignment() for c in greedy], "greedy", "error", 0.0, len(cands)
             )
-        if status == mip.OptimizationStatus.OPTIMAL:
+        greedy_weight = sum(c.weight for c in greedy)
+        if status in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
             chosen = [c for j, c in enumerate(cands) if (x[j].x or 0.0) > 0.5]
-            return DispatchResult(
-                [c.assignment() for c in chosen],
-                "mip",
-                "optimal",
-                0.0,
-                len(cands),
-                sum(c.weight for c in chosen),
-            )
-        # Time limit (feasible or not) or anything else: the greedy plan.
+            weight = sum(c.weight for c in chosen)
+            if status == mip.OptimizationStatus.OPTIMAL or weight >= greedy_weight:
+                return DispatchResult(
+                    [c.assignment() for c in chosen],
+                    "mip",
+                    "optimal" if status == mip.OptimizationStatus.OPTIMAL else "feasible",
+                    0.0,
+                    len(cands),
+                    weight,
+                )
+        # Node limit without a better incumbent (or anything else): the greedy plan.
         return DispatchResult(
             [c.assignment() for c in greedy],
             "greedy",
-            "time_limit",
+            "node_limit",
             0.0,
             len(cands),
-            sum(c.weight for c in greedy),
+            greedy_weight,
         )
 
 

@@ -39,13 +39,12 @@ demand), used as the fallback and as a baseline.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trident.sched.cost import best_degree, efficient_degrees, model_weight_bytes
 from trident.sched.graph import PLACEMENT_TYPES, placement_type, stages_of_type
-from trident.sched.solver import preload
+from trident.sched.solver import Clock, no_clock, optimize, preload, solver_library
 from trident.sched.types import STAGES, CostModel, DeviceInfo, ModelInfo, Shape, Stage
 
 __all__ = [
@@ -76,7 +75,9 @@ Demand = dict[str, dict[Stage, float]]  # model -> stage -> device-seconds per s
 @dataclass
 class OrchestratorConfig:
     solver: str = "cbc"
-    time_limit_s: float = 0.15  # the whole solve (model build included), not CBC/HiGHS alone
+    # Branch-and-bound nodes per solve: a deterministic budget (trident.sched.solver);
+    # past it, the best incumbent found.
+    max_nodes: int = 500
     move_penalty: float = 0.05
     comm_penalty: float = 0.01
     efficiency: float = 0.8
@@ -426,6 +427,7 @@ def orchestrate(
     config: OrchestratorConfig | None = None,
     move_seconds: Mapping[tuple[str, str], float] | None = None,
     rates: Mapping[str, float] | None = None,
+    clock: Clock = no_clock,
 ) -> PlacementResult:
     """A placement plan for ``devices``; MIP with the proportional heuristic as fallback.
 
@@ -437,8 +439,8 @@ def orchestrate(
     """
     cfg = config or OrchestratorConfig()
     if cfg.use_mip:
-        preload(cfg.solver)  # once per process, outside the time budget
-    t0 = time.perf_counter()
+        preload(cfg.solver)  # once per process
+    t0 = clock()  # for the logs only (res.ms)
     current = current or {}
     shapes = shapes or {}
     weights = served_weights({m: demand.get(m, {}) for m in models}, shapes, rates)
@@ -446,13 +448,13 @@ def orchestrate(
     res: PlacementResult | None = None
     if cfg.use_mip:
         res = _mip_plan(
-            cost, models, devices, demand, shapes, current, cfg, t0, move_seconds or {}, weights
+            cost, models, devices, demand, shapes, current, cfg, move_seconds or {}, weights
         )
     if res is None:
         res = proportional_plan(cost, models, devices, demand, shapes, current, cfg.efficiency)
         res.reason = res.reason or ("fallback" if cfg.use_mip else "configured")
     cover_models(cost, models, devices, res, shapes, cfg.efficiency, demand)
-    res.ms = (time.perf_counter() - t0) * 1e3
+    res.ms = (clock() - t0) * 1e3
     return res
 
 
@@ -582,7 +584,6 @@ def _mip_plan(
     shapes: Mapping[str, Sequence[Shape]],
     current: Mapping[str, tuple[str, str] | None],
     cfg: OrchestratorConfig,
-    t0: float,
     move_seconds: Mapping[tuple[str, str], float] | None = None,
     weights: Mapping[str, float] | None = None,
 ) -> PlacementResult | None:
@@ -611,7 +612,7 @@ def _mip_plan(
     move_seconds = move_seconds or {}
     horizon = max(cfg.move_horizon_s, 1e-9)
     try:
-        mdl = mip.Model(sense=mip.MAXIMIZE, solver_name="HIGHS" if cfg.solver == "highs" else "CBC")
+        mdl = mip.Model(sense=mip.MAXIMIZE, solver_name=solver_library(cfg.solver))
         mdl.verbose = 0
         mdl.threads = 1
         z = mdl.add_var(lb=0.0, ub=1e6)
@@ -693,10 +694,7 @@ def _mip_plan(
                     if vs:
                         mdl.add_constr(mip.xsum(vs) >= 1)
         mdl.objective = obj
-        left = cfg.time_limit_s - (time.perf_counter() - t0)
-        if left < 0.005:
-            return None
-        status = mdl.optimize(max_seconds=left)
+        status = optimize(mdl, cfg.max_nodes)
     except Exception:
         return None
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
@@ -838,7 +836,6 @@ def proportional_plan(
     among models in proportion to demand; within a replica, primary vs auxiliary devices
     split by stage work; then packed per node (each node's devices go to the models in
     proportion too, so every node can form aligned groups)."""
-    t0 = time.perf_counter()
     shapes = shapes or {}
     demand = _with_prior(demand, models)
     n = len(devices)
@@ -890,7 +887,7 @@ def proportional_plan(
         plan=plan,
         ratio=ratio,
         solver="proportional",
-        ms=(time.perf_counter() - t0) * 1e3,
+        ms=0.0,  # timed by orchestrate() when it is the fallback
         counts=counts,
     )
 

@@ -59,7 +59,6 @@ from trident.sched.types import (
     RequestSpec,
     Shape,
     Stage,
-    StageLoaded,
     TaskFinished,
     Tick,
     UnloadStage,
@@ -619,7 +618,7 @@ class TridentConfig:
     efficiency: float = 0.8
     # dispatcher
     solver: str = "cbc"
-    dispatch_time_limit_s: float = 0.04
+    dispatch_max_nodes: int = 200  # branch-and-bound nodes per dispatch solve
     dispatch_max_requests: int = 24
     groups_per_degree: int = 3
     lookahead_s: float = 2.0
@@ -632,7 +631,7 @@ class TridentConfig:
     load_cost: bool = True  # predicted completion pays load_seconds(source) for missing weights
     # orchestrator / monitor / trigger
     placement_solver: str = "highs"
-    placement_time_limit_s: float = 0.15
+    placement_max_nodes: int = 500  # branch-and-bound nodes per placement solve
     move_penalty: float = 0.05
     move_horizon_s: float = 300.0  # a plan is expected to hold this long (load penalty)
     load_weight: float = 1.0  # weight of the load-time part of the move penalty
@@ -709,7 +708,7 @@ class TridentPolicy(PlacedPolicy):
             cost,
             DispatchConfig(
                 solver="highs" if c.solver == "highs" else "cbc",
-                time_limit_s=c.dispatch_time_limit_s,
+                max_nodes=c.dispatch_max_nodes,
                 max_requests=c.dispatch_max_requests,
                 groups_per_degree=c.groups_per_degree,
                 lookahead_s=c.lookahead_s,
@@ -728,37 +727,12 @@ class TridentPolicy(PlacedPolicy):
         self.trigger = ReplanTrigger(c.trigger())
         self._last_check = -float("inf")
         self._base: dict[str, tuple[str, str] | None] = {}
-        # (node, model, stage) whose weights some device of the node has loaded: the
-        # node keeps a CPU copy, so later loads there come from "node-cache".
-        self._node_seen: set[tuple[str, str, Stage]] = set()
         self._load_s: dict[tuple[str, Stage, str], float] = {}
         self.last_snapshot: MonitorSnapshot | None = None
         self.batching = BatchConfig(max_batch=c.max_batch, min_gain=c.batch_min_gain)
         self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
 
     # ------------------------------------------------------------------ load cost
-
-    def load_source(self, device_id: str, model: str, stage: Stage) -> str:
-        """Where ``device_id`` would load a stage's weights from (the runtime's rule):
-        "resident", a same-node device holding them -> "peer", the node loaded them
-        before -> "node-cache", else "disk"."""
-        st = self.devices.get(device_id)
-        if st is None:
-            return "disk"
-        if (model, stage) in st.holds:
-            return "resident"
-        node = st.info.node_id
-        for other in self.devices.values():
-            if (
-                other.up
-                and other.device_id != device_id
-                and other.info.node_id == node
-                and (model, stage) in other.holds
-            ):
-                return "peer"
-        if (node, model, stage) in self._node_seen:
-            return "node-cache"
-        return "disk"
 
     def _load_seconds(self, model: str, stage: Stage, source: str) -> float:
         key = (model, stage, source)
@@ -779,10 +753,6 @@ class TridentPolicy(PlacedPolicy):
         views = super().device_views(now)
         if not self.tconfig.load_cost:
             return views
-        node_res: dict[str, set[tuple[str, Stage]]] = {}
-        for st in self.devices.values():
-            if st.up:
-                node_res.setdefault(st.info.node_id, set()).update(st.holds)
         for v in views:
             st = self.devices[v.device_id]
             loads: dict[tuple[str, Stage], float] = {}
@@ -792,20 +762,14 @@ class TridentPolicy(PlacedPolicy):
                 for s in stages:
                     if (m, s) in st.holds:
                         continue
-                    if (m, s) in node_res.get(v.node_id, ()):
-                        src = "peer"
-                    elif (v.node_id, m, s) in self._node_seen:
-                        src = "node-cache"
-                    else:
-                        src = "disk"
-                    loads[m, s] = self._load_seconds(m, s, src)
+                    loads[m, s] = self._load_seconds(m, s, self.load_source(v.device_id, m, s))
             v.load_s = loads
         return views
 
     def _move_seconds(self) -> dict[tuple[str, str], float]:
         """Per (model, type): seconds to load its weights on a device that lacks them —
         "node-cache" when some node has loaded the stage before, else "disk"."""
-        seen = {(m, s) for _, m, s in self._node_seen}
+        seen = {(m, s) for _, m, s in self.node_copies}
         src: dict[tuple[str, Stage], str] = {
             (m, s): "node-cache" if (m, s) in seen else "disk" for m in self.models for s in STAGES
         }
@@ -817,7 +781,7 @@ class TridentPolicy(PlacedPolicy):
         c = self.tconfig
         return OrchestratorConfig(
             solver=c.placement_solver,
-            time_limit_s=c.placement_time_limit_s,
+            max_nodes=c.placement_max_nodes,
             move_penalty=c.move_penalty,
             efficiency=c.efficiency,
             move_horizon_s=c.move_horizon_s,
@@ -869,6 +833,7 @@ class TridentPolicy(PlacedPolicy):
             self._orch_config(),
             move_seconds=self._move_seconds() if moving else None,
             rates=self.monitor.rates(now),
+            clock=self.clock,
         )
 
     def compute_placement(self, now: float) -> Placement:
@@ -969,10 +934,6 @@ class TridentPolicy(PlacedPolicy):
                     )
                     busy += float(secs)
                 self.monitor.record_busy(now, task.cmd.devices, busy)
-        elif isinstance(event, StageLoaded):
-            st = self.devices.get(event.device_id)
-            if st is not None:
-                self._node_seen.add((st.info.node_id, event.model, event.stage))
         c = self.tconfig
         if not c.dynamic_placement or not isinstance(event, (Tick, RequestArrived)):
             return
@@ -1069,7 +1030,7 @@ class TridentPolicy(PlacedPolicy):
             )
         items = self._batched(items, views, now)
         members = {i.request_id: i.members for i in items if i.members}
-        res = self.dispatcher.solve(items, views, now)
+        res = self.dispatcher.solve(items, views, now, self.clock)
         for a in res.assignments:
             reqs = [
                 r

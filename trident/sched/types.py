@@ -167,6 +167,18 @@ class NodeJoined:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeBooting:
+    """A node said hello with ``expected`` devices whose workers are still starting. The
+    core holds their ``DeviceUp`` s back and takes them as one ``NodeJoined`` once all
+    are up or ``CoreConfig.join_grace_s`` has passed (so a booting node is planned once,
+    not once per worker hello)."""
+
+    node_id: str
+    expected: int
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class NodeLost:
     node_id: str
     reason: str = ""
@@ -257,6 +269,7 @@ class Tick:
 
 Event: TypeAlias = (
     NodeJoined
+    | NodeBooting
     | NodeLost
     | DeviceUp
     | DeviceLost
@@ -293,6 +306,10 @@ class RunTask:
     final: bool = False
     params: Mapping[str, object] = field(default_factory=dict)  # request params
     options: Mapping[str, object] = field(default_factory=dict)  # e.g. {"vae_tiling": True}
+    # Where each device loads each stage's weights it lacks (device -> stage -> source:
+    # "resident", "peer", "node-cache", "disk"); filled in by the core as the command
+    # leaves it (trident.sched.residency), forwarded as is by the daemon.
+    load_sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def degree(self) -> int:
@@ -369,6 +386,7 @@ class LoadStage:
     device_id: str
     model: str
     stage: Stage
+    source: str = ""  # filled in by the core as the command leaves it (see RunTask)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,9 @@ Public API::
 
     from trident.sim import simulate, ClusterSpec, SimConfig, DeviceFault, summarize
     from trident.sim.traces import make_trace, load_trace, dump_trace, to_request_specs
-    from trident.sim.bench import main  # `trident bench sim`
+    from trident.sim.scenario import GPU_PROFILES, build_models, make_requests, make_sim_policy
+
+``trident bench sim`` (the driver) is :mod:`trident.bench.sim`.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trident.sched.cost import batch_peak_bytes, batch_stage_seconds
+from trident.sched.residency import choose_load_source, victims
 from trident.sched.types import (
     Command,
     CompleteRequest,
@@ -227,13 +228,14 @@ class _Dev:
 
 
 class _Op:
-    __slots__ = ("dev", "kind", "model", "stage")
+    __slots__ = ("dev", "kind", "model", "source", "stage")
 
-    def __init__(self, kind: str, dev: str, model: str, stage: Stage) -> None:
+    def __init__(self, kind: str, dev: str, model: str, stage: Stage, source: str = "") -> None:
         self.kind = kind  # "load" | "unload"
         self.dev = dev
         self.model = model
         self.stage = stage
+        self.source = source  # the core's choice (trident.sched.residency); "" if none
 
 
 class _Task:
@@ -298,6 +300,8 @@ class Simulator:
         self.requests = sorted(requests, key=lambda r: r.arrival)
         self.devs: dict[str, _Dev] = {}
         self.node_devs: dict[str, list[str]] = {}
+        # (node, model, stage) the node's CPU copy holds (for commands without sources).
+        self.node_copies: set[tuple[str, str, str]] = set()
         self.tasks: dict[str, _Task] = {}
         self.outputs: dict[str, _Output] = {}
         self.records: dict[str, RequestRecord] = {}
@@ -357,7 +361,7 @@ class Simulator:
             if out is not None and out.device == cmd.device_id and not out.consumers:
                 del self.outputs[cmd.key]
         elif isinstance(cmd, LoadStage):
-            self._enqueue_op(_Op("load", cmd.device_id, cmd.model, cmd.stage))
+            self._enqueue_op(_Op("load", cmd.device_id, cmd.model, cmd.stage, cmd.source))
         elif isinstance(cmd, UnloadStage):
             self._enqueue_op(_Op("unload", cmd.device_id, cmd.model, cmd.stage))
         elif isinstance(cmd, CompleteRequest):
@@ -517,7 +521,8 @@ class Simulator:
                     self.stats["load_ops_skipped_oom"] += 1
                     d.queue.popleft()
                     continue
-                secs = float(self.cost.load_seconds(family, head.stage, self._source(d, key)))
+                src = head.source or self._source(d, key)
+                secs = float(self.cost.load_seconds(family, head.stage, src))
                 self._add_resident(d, key, need)
                 d.busy = True
                 self.running += 1
@@ -538,11 +543,16 @@ class Simulator:
             return
 
     def _source(self, d: _Dev, key: _Key) -> str:
-        for other in self.node_devs.get(d.node, ()):
-            od = self.devs[other]
-            if od is not d and od.alive and key in od.resident:
-                return "peer"
-        return "node-cache"
+        src = choose_load_source(
+            resident_here=key in d.resident,
+            held_by_same_node_peer=any(
+                od is not d and od.alive and key in od.resident
+                for od in (self.devs[o] for o in self.node_devs.get(d.node, ()))
+            ),
+            in_node_copy=(d.node, *key) in self.node_copies,
+        )
+        self.node_copies.add((d.node, *key))
+        return src
 
     def _add_resident(self, d: _Dev, key: _Key, nbytes: int) -> None:
         d.resident[key] = nbytes
@@ -556,19 +566,17 @@ class Simulator:
         self._deliver_later(StageUnloaded(d.info.device_id, key[0], key[1]))
 
     def _make_room(self, d: _Dev, need: int, keep: set[_Key]) -> bool:
-        """Free memory so that ``need`` more bytes fit, evicting LRU stages not in keep."""
+        """Free memory so that ``need`` more bytes fit, evicting stages not in ``keep``
+        in the device model's order (trident.sched.residency.eviction_order)."""
         cap = d.info.memory_bytes
         if d.used_weights + need <= cap:
             return True
         if not self.config.evict_lru:
             return False
-        victims = sorted((k for k in d.resident if k not in keep), key=lambda k: d.last_use[k])
-        freeable = sum(d.resident[k] for k in victims)
-        if d.used_weights - freeable + need > cap:
+        out = victims(d.resident, d.last_use, keep=keep, need=need, capacity=cap)
+        if out is None:
             return False
-        for k in victims:
-            if d.used_weights + need <= cap:
-                break
+        for k in out:
             self._evict(d, k)
             self.stats["evictions"] += 1
         return True
@@ -592,8 +600,11 @@ class Simulator:
                 self._oom(task, d, need)
                 return
             dev_load = 0.0
+            sources = cmd.load_sources.get(dev_id, {})
             for k in missing:
-                src = self._source(d, k)
+                # The core's choice, as in the daemon (a policy outside SchedulerCore
+                # leaves it out: then the same rule on the simulated truth).
+                src = sources.get(k[1]) or self._source(d, k)
                 secs = float(self.cost.load_seconds(fam, k[1], src))
                 dev_load += secs
                 loads.append((d, k, secs, src))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, TypeAlias
 
+from trident.families import FAMILIES
 from trident.sched.types import RequestSpec, Shape
 
 __all__ = [
@@ -56,9 +57,9 @@ __all__ = [
 Arrival: TypeAlias = Literal["constant", "poisson", "bursty"]
 ARRIVALS: tuple[Arrival, ...] = ("constant", "poisson", "bursty")
 
-VIDEO_FAMILIES = frozenset({"cogvideox", "hunyuanvideo", "wan", "ltx"})
+VIDEO_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if spec.is_video)
 # Families whose default pipeline runs classifier-free guidance (a doubled batch).
-CFG_FAMILIES = frozenset({"sd3", "cogvideox", "wan"})
+CFG_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if spec.uses_cfg)
 
 
 class TraceError(ValueError):
@@ -273,8 +274,8 @@ FAMILY_SHAPES: dict[str, tuple[ShapeTuple, ...]] = {
     ),
 }
 _DEFAULT_RATE = {"flux": 1.5, "sd3": 1.5, "cogvideox": 1.5, "hunyuanvideo": 1.0}
-_IMAGE = ("flux", "sd3")
-_VIDEO = ("cogvideox", "hunyuanvideo")
+_IMAGE = tuple(fam for fam in FAMILY_SHAPES if not FAMILIES[fam].is_video)
+_VIDEO = tuple(fam for fam in FAMILY_SHAPES if FAMILIES[fam].is_video)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from trident.pipelines.api import (
     StageName,
 )
 from trident.pipelines.meta import stage_components
-from trident.pipelines.parallel import broadcast_inputs, diffuse_context
+from trident.pipelines.parallel import AgreedCancel, broadcast_inputs, diffuse_context
 
 __all__ = [
     "PER_MEMBER_PARAMS",
@@ -170,6 +170,9 @@ class FamilyStages:
         call raises :class:`StageCancelled`.
         """
         self._check_stage(stage)
+        if stage == "diffuse" and parallel is not None:
+            # Degree k: every rank reads the flag collectively, so all stop at one step.
+            cancel = AgreedCancel(cancel, parallel)
         check_cancel(cancel, f"before {stage}")
         pipe = self._pipe(stage)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from trident.sched.batching import BatchConfig, form_batches
 from trident.sched.cost import load_cost_model
 from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
 from trident.sched.orchestrator import OrchestratorConfig, demand_from_window, orchestrate
-from trident.sched.solver import loaded_ms
+from trident.sched.solver import loaded_ms, preload
 from trident.sched.types import DeviceInfo, ModelInfo, Shape
 
 __all__ = ["main"]
@@ -61,7 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=100, help="dispatcher rounds")
     ap.add_argument("--max-batch", type=int, default=4, help="batching before each round (1: off)")
     ap.add_argument("--placements", type=int, default=10, help="orchestrator solves")
-    ap.add_argument("--time-limit-ms", type=float, default=40.0, help="dispatcher limit")
+    ap.add_argument(
+        "--max-nodes", type=int, default=None, help="dispatcher branch-and-bound nodes per solve"
+    )
+    ap.add_argument(
+        "--placement-max-nodes",
+        type=int,
+        default=None,
+        help="orchestrator branch-and-bound nodes per solve",
+    )
     ap.add_argument("--free-fraction", type=float, default=0.25)
     ap.add_argument("--memory-gb", type=float, default=48.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -77,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in range(a.nodes)
         for i in range(a.gpus_per_node)
     ]
+
+    for solver in (a.placement_solver, a.solver):  # timed here, outside every solve
+        preload(solver, clock=time.perf_counter)
+    disp_cfg = DispatchConfig(solver=a.solver)
+    if a.max_nodes is not None:
+        disp_cfg.max_nodes = a.max_nodes
+    orch_cfg = OrchestratorConfig(solver=a.placement_solver)
+    if a.placement_max_nodes is not None:
+        orch_cfg.max_nodes = a.placement_max_nodes
 
     # ---------------- orchestrator
     orch_ms: list[float] = []
@@ -98,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             demand,
             shapes,
             current,
-            OrchestratorConfig(solver=a.placement_solver),
+            orch_cfg,
+            clock=time.perf_counter,
         )
         orch_ms.append(res.ms)
         orch_solver[f"{res.solver}:{res.reason}"] = (
@@ -110,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     holds = plan.stages()
 
     # ---------------- dispatcher
-    disp = Dispatcher(cost, DispatchConfig(solver=a.solver, time_limit_s=a.time_limit_ms / 1e3))
+    disp = Dispatcher(cost, disp_cfg)
     weights = {
         d.device_id: sum(
             cost.weight_bytes(m, s) for m, st in holds[d.device_id].items() for s in st
@@ -170,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         queue = form_batches(items, keys, idle, cost, batch_cfg, now)
         bms = (time.perf_counter() - t0) * 1e3
-        res2 = disp.solve(queue, views, now)
+        res2 = disp.solve(queue, views, now, clock=time.perf_counter)
         if r == 0:
             continue  # warm-up: first solver call loads the library
         batch_ms.append(bms)
@@ -178,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         disp_ms.append(res2.ms)
         variables.append(res2.variables)
         reasons[res2.reason] = reasons.get(res2.reason, 0) + 1
-    fallbacks = sum(v for k, v in reasons.items() if k in ("time_limit", "error", "no_solver"))
+    fallbacks = sum(v for k, v in reasons.items() if k in ("node_limit", "error", "no_solver"))
     out: dict[str, Any] = {
         "config": {
             "nodes": a.nodes,
@@ -186,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "queue": a.queue,
             "solver": a.solver,
             "placement_solver": a.placement_solver,
-            "time_limit_ms": a.time_limit_ms,
+            "max_nodes": disp_cfg.max_nodes,
+            "placement_max_nodes": orch_cfg.max_nodes,
             "rounds": a.rounds,
             "placements": a.placements,
             "free_fraction": a.free_fraction,

@@ -28,6 +28,12 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from trident.bench.cluster import LocalCluster, NodeSpec
+from trident.client import AsyncClient
+from trident.errors import RequestError
+from trident.runtime.dataplane import PeerClient, PeerServer
+from trident.runtime.transport import bound_address, make_socket
+
 __all__ = ["control_plane", "data_plane", "main"]
 
 MB = 1 << 20
@@ -38,8 +44,6 @@ MB = 1 << 20
 
 def _holder(sizes: list[int], conn: Any) -> None:
     """Runs in a child process: serves tensors via PeerServer and raw ROUTER."""
-    from trident.runtime.dataplane import PeerServer
-    from trident.runtime.transport import bound_address, make_socket
 
     async def run() -> None:
         ctx = zmq.asyncio.Context()
@@ -68,9 +72,6 @@ def _holder(sizes: list[int], conn: Any) -> None:
 
 
 def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
-    from trident.runtime.dataplane import PeerClient
-    from trident.runtime.transport import make_socket
-
     sizes = [m * MB for m in sizes_mb]
     mpctx = mp.get_context("spawn")
     parent, child = mpctx.Pipe()
@@ -130,10 +131,6 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
 def control_plane(
     requests: int = 3000, devices: int = 8, concurrency: int = 512, policy: str = "fifo"
 ) -> dict[str, Any]:
-    from trident.client import AsyncClient
-    from trident.errors import RequestError
-    from trident.runtime.cluster import LocalCluster, NodeSpec
-
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(
             ["flux"],

@@ -22,15 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trident.sim.bench import (
-    GPU_PROFILES,
-    BenchConfig,
-    _load_cost,
-    build_models,
-    make_requests,
-    run_policies,
-)
+from trident.bench.cluster import LocalCluster, NodeSpec
+from trident.bench.sim import BenchConfig, run_policies
+from trident.client import AsyncClient
+from trident.errors import RequestError
+from trident.sched.cost import load_cost_model
 from trident.sim.metrics import percentile
+from trident.sim.scenario import GPU_PROFILES, build_models, make_requests
 from trident.sim.traces import load_trace, make_trace
 
 __all__ = ["main", "run_live"]
@@ -56,11 +54,7 @@ def run_live(
     cfg: BenchConfig, policy: str, time_scale: float, log_dir: str | None = None
 ) -> dict[str, Any]:
     """Replay ``cfg``'s trace on real daemons with sim devices; metrics in simulated seconds."""
-    from trident.client import AsyncClient
-    from trident.errors import RequestError
-    from trident.runtime.cluster import LocalCluster, NodeSpec
-
-    cost = _load_cost(cfg.profiles)
+    cost = load_cost_model(list(cfg.profiles))
     trace = _trace(cfg)
     models = build_models(cost, [r.model for r in trace], dict(cfg.model_map))
     requests = make_requests(trace, models, cost, cfg.slo_scale, cfg.gpus_per_node)

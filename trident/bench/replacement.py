@@ -6,7 +6,7 @@ simulated cluster, run with ``trident`` (monitor + trigger + re-placement) and
 frozen). Reports SLO attainment per phase, writes a JSON file and a PNG timeline of
 placement changes (devices x time, coloured by model, shaded by placement type).
 
-    python -m trident.sim.replacement --nodes 4 --gpus-per-node 8 \\
+    python -m trident.bench.replacement --nodes 4 --gpus-per-node 8 \\
         --json bench/results/replacement_4x8.json --plot bench/results/replacement_4x8.png
 """
 
@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trident.sched.cost import load_cost_model
+from trident.sched.graph import placement_type
 from trident.sched.types import Command, Event, LogEvent, Policy
-from trident.sim.bench import GPU_PROFILES, build_models, make_requests, make_sim_policy
 from trident.sim.engine import ClusterSpec, SimConfig, SimResult, simulate
+from trident.sim.scenario import GPU_PROFILES, build_models, make_requests, make_sim_policy
 from trident.sim.traces import FAMILY_SHAPES, TraceRequest
 
 __all__ = [
@@ -111,8 +113,6 @@ class PlacementRecorder:
         return out
 
     def _plan(self) -> dict[str, dict[str, str]]:
-        from trident.sched.graph import placement_type
-
         graph = getattr(self.inner, "graph", None)
         if graph is None:
             return {}
@@ -173,8 +173,6 @@ def run_replacement(
     log: Any = print,
 ) -> dict[str, Any]:
     """Run each policy on the step trace; the document written as JSON."""
-    from trident.sched.cost import load_cost_model
-
     p1 = dict(DEFAULT_PHASE1 if phase1 is None else phase1)
     p2 = dict(DEFAULT_PHASE2 if phase2 is None else phase2)
     cost = load_cost_model([])

@@ -2,14 +2,14 @@
 
 Example (the paper's flux trace on 16 nodes x 8 simulated L20s)::
 
-    python -m trident.sim.bench --trace flux --nodes 16 --gpus-per-node 8 \\
+    python -m trident.bench.sim --trace flux --nodes 16 --gpus-per-node 8 \\
         --policies trident,b1,b4,b6,authors --slo-scale 2.5 --json out.json
 
 Each request's deadline is ``arrival + slo_s``: the trace's ``slo_s`` when given, else
 ``slo_scale`` x its standalone latency (encode + diffuse at the best efficient degree
 + decode, no queueing; :func:`trident.sched.core.standalone_latency`). The deadline is
 put in the request itself, so every policy plans against, and is judged by, the same
-deadline.
+deadline. Models, requests and policies are built by :mod:`trident.sim.scenario`.
 """
 
 from __future__ import annotations
@@ -24,51 +24,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trident.sched.types import CostModel, ModelInfo, Policy, RequestSpec
-from trident.sim.engine import GIB, ClusterSpec, DeviceFault, SimConfig, SimResult, simulate
+from trident.sched.cost import load_cost_model
+from trident.sched.types import CostModel, ModelInfo, Policy
+from trident.sim.engine import ClusterSpec, DeviceFault, SimConfig, SimResult, simulate
 from trident.sim.metrics import Summary, summarize
-from trident.sim.traces import (
-    ARRIVALS,
-    TRACES,
-    VIDEO_FAMILIES,
-    TraceError,
-    TraceRequest,
-    load_trace,
-    make_trace,
-    to_request_specs,
-)
+from trident.sim.scenario import GPU_PROFILES, build_models, make_requests, make_sim_policy
+from trident.sim.traces import ARRIVALS, TRACES, TraceError, load_trace, make_trace
 
 __all__ = [
-    "GPU_PROFILES",
     "BenchConfig",
-    "GpuProfile",
-    "build_models",
     "main",
-    "make_requests",
-    "make_sim_policy",
     "policy_options",
     "run_bench",
     "run_policies",
 ]
-
-
-@dataclass(frozen=True)
-class GpuProfile:
-    name: str
-    memory_bytes: int
-    speed: float  # relative to the cost model's reference device (L20 = 1.0)
-    note: str = ""
-
-
-# Speeds other than L20's are rough (dense bf16 throughput ratios, discounted for
-# memory-bound parts); measure with `trident profile` for real numbers.
-GPU_PROFILES: dict[str, GpuProfile] = {
-    "l20": GpuProfile("l20", 48 * GIB, 1.0, "the paper's device; the cost model's reference"),
-    "l40s": GpuProfile("l40s", 48 * GIB, 1.6, "rough"),
-    "a100": GpuProfile("a100", 80 * GIB, 1.8, "A100 80GB; rough"),
-    "h100": GpuProfile("h100", 80 * GIB, 3.0, "H100 SXM; rough"),
-    "h200": GpuProfile("h200", 141 * GIB, 3.3, "rough"),
-}
 
 DEFAULT_POLICIES = ("trident", "b1", "b4", "b6", "authors")
 
@@ -112,91 +81,7 @@ class BenchConfig:
         return d
 
 
-# --------------------------------------------------------------------------- setup
-
-
-def build_models(
-    cost: CostModel, names: Sequence[str], model_map: Mapping[str, str] | None = None
-) -> dict[str, ModelInfo]:
-    """A :class:`ModelInfo` per served model name used by the trace.
-
-    A name is its own family when the cost model knows it (``flux``); ``model_map``
-    maps other served names (``my-flux-dev``) to families; otherwise a name that
-    starts with a known family (``flux-dev``) gets that family.
-    """
-    mm = dict(model_map or {})
-    known = tuple(getattr(cost, "families", ()))
-    out: dict[str, ModelInfo] = {}
-    for name in dict.fromkeys(names):
-        family = mm.get(name)
-        if family is None:
-            if name in known or not known:
-                family = name
-            else:
-                family = next(
-                    (f for f in sorted(known, key=len, reverse=True) if name.startswith(f)), None
-                )
-        if family is None:
-            raise TraceError(
-                f"model {name!r}: unknown family (known: {', '.join(known)}); "
-                f"map it with --model {name}=FAMILY"
-            )
-        out[name] = ModelInfo(
-            name=name,
-            family=family,
-            is_video=family in VIDEO_FAMILIES,
-            stage_weight_bytes={
-                s: int(cost.weight_bytes(family, s)) for s in ("encode", "diffuse", "decode")
-            },
-            max_degree=8,
-        )
-    return out
-
-
-def make_requests(
-    trace: Sequence[TraceRequest],
-    models: Mapping[str, ModelInfo],
-    cost: CostModel,
-    slo_scale: float,
-    max_degree: int,
-) -> list[RequestSpec]:
-    """Requests with explicit ``slo_s`` = trace's, else ``slo_scale`` x standalone."""
-    from trident.sched.core import standalone_latency
-
-    def slo_for(req: TraceRequest, served: str) -> float:
-        info = models[served]
-        spec = RequestSpec("slo", served, req.shape, 0.0)
-        base, _k = standalone_latency(cost, info.family, spec, min(info.max_degree, max_degree))
-        return slo_scale * base
-
-    return to_request_specs(trace, slo_for=slo_for)
-
-
-def make_sim_policy(
-    name: str, models: Mapping[str, ModelInfo], cost: CostModel, **config: Any
-) -> Policy:
-    """The named policy from ``trident.sched.policy.make_policy``; ``fifo`` is the core's
-    stage-level FIFO (always available)."""
-    if name == "fifo":
-        from trident.sched.core import CoreConfig, FifoPolicy
-
-        known = CoreConfig.__dataclass_fields__
-        cc = CoreConfig(**{k: v for k, v in config.items() if k in known})
-        return FifoPolicy(models, cost, cc)
-    try:
-        from trident.sched.policy import make_policy  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise SystemExit(
-            f"policy {name!r} needs trident.sched.policy.make_policy, which is not available "
-            f"({exc}); use --policies fifo"
-        ) from None
-    pol: Policy = make_policy(name, models, cost, **config)
-    return pol
-
-
 def _load_cost(profiles: Sequence[str]) -> CostModel:
-    from trident.sched.cost import load_cost_model
-
     return load_cost_model(list(profiles))
 
 

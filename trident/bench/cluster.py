@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trident.client import Client
 from trident.errors import TridentError
 
 __all__ = ["LocalCluster", "NodeSpec", "free_port"]
@@ -150,8 +151,6 @@ class LocalCluster:
         return p
 
     def wait_ready(self, devices: int, timeout: float | None = None) -> dict[str, Any]:
-        from trident.client import Client
-
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         with Client(self.client_addr, curve_dir=self.curve_dir) as c:
             while time.monotonic() < deadline:
