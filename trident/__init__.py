@@ -2,7 +2,7 @@
 
 Public API::
 
-    from trident import Client, AsyncClient, GenerateResult
+    from trident import Client, AsyncClient, GenerateResult, ProgressEvent
     from trident.errors import TridentError, OverloadedError, ...
 """
 
@@ -25,7 +25,7 @@ from trident.errors import (
 )
 
 if TYPE_CHECKING:
-    from trident.client import AsyncClient, Client, GenerateResult
+    from trident.client import AsyncClient, Client, GenerateResult, ProgressEvent
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelError",
     "OverloadedError",
+    "ProgressEvent",
     "ProtocolError",
     "RequestError",
     "RequestTimeoutError",
@@ -50,7 +51,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The client pulls in zmq/numpy; keep `import trident.errors` light for workers.
-    if name in ("Client", "AsyncClient", "GenerateResult"):
+    if name in ("Client", "AsyncClient", "GenerateResult", "ProgressEvent"):
         from trident import client
 
         return getattr(client, name)

@@ -5,6 +5,9 @@
     trident demo [--devices N] [--sim] [--out DIR]     embedded local cluster, mixed requests
     trident scheduler ...                              = trident-scheduler
     trident node ...                                   = trident-node
+    trident gateway ...                                = trident-gateway (OpenAI HTTP API)
+    trident serve [--model NAME=DIR ...] [--devices cuda:all|cpu:N|sim:N]
+                                                       scheduler + node + gateway, foreground
     trident tiny-model FAMILY OUT_DIR [--seed N]       tiny random-weight diffusers pipeline
     trident profile --model DIR --device cpu|cuda ...  per-stage latency / memory profile
     trident bench planner|sim|runtime|live|replacement|chaos benchmarks (see bench/README.md)
@@ -28,6 +31,18 @@ def _scheduler(argv: list[str]) -> int:
 
 def _node(argv: list[str]) -> int:
     from trident.runtime.node import main as m
+
+    return m(argv)
+
+
+def _gateway(argv: list[str]) -> int:
+    from trident.gateway.main import main as m
+
+    return m(argv)
+
+
+def _serve(argv: list[str]) -> int:
+    from trident.serve import main as m
 
     return m(argv)
 
@@ -108,6 +123,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "scheduler": _scheduler,
     "node": _node,
+    "gateway": _gateway,
+    "serve": _serve,
     "tiny-model": _tiny,
     "profile": _profile,
     "bench": _bench,

@@ -32,6 +32,13 @@ other same-shape requests. A batched output matches the unbatched one within 1e-
 bit for bit: matmuls of another batch size round differently). Pass
 ``allow_batching=False`` to ``generate`` for outputs bit-for-bit equal to diffusers'.
 
+Progress: ``generate(..., on_progress=fn)`` calls ``fn(ProgressEvent)`` as the diffuse
+stage reports its denoising steps (at most every 0.5 s, and the last step; on
+``Client`` it is called on the client's loop thread, so it must not block), and
+``AsyncClient.generate_events(...)`` is an async iterator of the same events ending
+with the :class:`GenerateResult`. Progress is advisory: a report may be dropped under
+load, never the request.
+
 ``Client`` is a thin blocking wrapper: it runs one ``AsyncClient`` on an event loop
 in a background thread, so both behave the same; it is thread-safe.
 """
@@ -40,12 +47,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import os
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -68,7 +76,7 @@ from trident.runtime import protocol
 from trident.runtime.serial import unpack_tensors
 from trident.runtime.transport import make_socket
 
-__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "GenerateResult"]
+__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "GenerateResult", "ProgressEvent"]
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -106,6 +114,24 @@ class GenerateResult:
     @property
     def latency_s(self) -> float:
         return float(self.timings.get("total", 0.0))
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A running request's progress: ``step`` of ``total`` denoising steps of
+    ``stage`` (``"diffuse"``) done."""
+
+    request_id: str
+    stage: str
+    step: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+ProgressCallback = Callable[[ProgressEvent], Any]
 
 
 def _curve(curve_dir: str | None, name: str) -> Any:
@@ -203,6 +229,8 @@ class AsyncClient:
             self._watch = HandshakeWatch(self._sock)
         self._sock.connect(address)
         self._waiters: dict[str, asyncio.Future[tuple[Any, list[Any]]]] = {}
+        self._progress: dict[str, ProgressCallback] = {}  # request id -> on_progress
+        self._callbacks: set[asyncio.Task[Any]] = set()  # async on_progress calls
         self._sent: set[str] = set()
         self._resent: dict[str, int] = {}  # re-sent request -> the last ping nonce before it
         self._last_nonce = 0
@@ -238,6 +266,9 @@ class AsyncClient:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
                 continue
+            if isinstance(msg, protocol.Progress):
+                self._on_progress(msg)
+                continue
             rid = msg.id
             if (
                 isinstance(msg, protocol.Error)
@@ -251,6 +282,22 @@ class AsyncClient:
                 waiter.set_result((msg, rest))
             # An error with no readable id concerns none of our requests in particular
             # (the SDK only sends well-formed ones): it fails nobody.
+
+    def _on_progress(self, msg: protocol.Progress) -> None:
+        """Call the request's ``on_progress``; whatever it does (raise, return a
+        coroutine) never reaches the reader loop or the request."""
+        fn = self._progress.get(msg.id)
+        if fn is None:
+            return
+        event = ProgressEvent(request_id=msg.id, stage=msg.stage, step=msg.step, total=msg.total)
+        try:
+            out = fn(event)
+            if inspect.isawaitable(out):
+                task = asyncio.ensure_future(out)
+                self._callbacks.add(task)
+                task.add_done_callback(_callback_done(self._callbacks))
+        except Exception:
+            pass
 
     async def _heartbeat(self) -> None:
         """While requests are in flight: ping, and fail them if the scheduler is gone."""
@@ -376,12 +423,17 @@ class AsyncClient:
         slo_s: float | None = None,
         timeout: float | None = None,
         allow_batching: bool = True,
+        on_progress: ProgressCallback | None = None,
     ) -> GenerateResult:
         """Generate one image or video; raises the typed errors of :mod:`trident.errors`.
 
         ``allow_batching``: the scheduler may run this request's diffuse stage in one
         call with other same-shape requests; the output then matches an unbatched run
         within 1e-4. Pass False for outputs bit-for-bit equal to diffusers'.
+
+        ``on_progress``: called with a :class:`ProgressEvent` for each progress report
+        of the diffuse stage (on the event loop: it must not block; a coroutine it
+        returns is run as a task; whatever it raises is ignored).
         """
         if self._closed:
             raise TridentError("client is closed")
@@ -409,6 +461,8 @@ class AsyncClient:
         self._ensure_tasks()
         fut: asyncio.Future[tuple[Any, list[Any]]] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
+        if on_progress is not None:
+            self._progress[rid] = on_progress
         self._last_heard = max(self._last_heard, time.monotonic() - self._heartbeat_s)
         try:
             try:
@@ -436,11 +490,52 @@ class AsyncClient:
             raise
         finally:
             self._waiters.pop(rid, None)
+            self._progress.pop(rid, None)
             self._sent.discard(rid)
             self._resent.pop(rid, None)
         if isinstance(reply, protocol.Error):
             raise error_from_code(reply.code, reply.message, reply.id)
         return _result_from(reply, frames, model, params)
+
+    async def generate_events(
+        self, model: str, prompt: str, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[ProgressEvent | GenerateResult]:
+        """:meth:`generate` as an async iterator: a :class:`ProgressEvent` per progress
+        report, then the :class:`GenerateResult` (a failure raises its typed error).
+        Leaving the loop early (``break``, cancel) cancels the request in the scheduler.
+
+        ::
+
+            async for event in client.generate_events(model="wan", prompt="waves"):
+                if isinstance(event, ProgressEvent):
+                    print(f"{event.fraction:.0%}")
+                else:
+                    video = event.array
+        """
+        if "on_progress" in kwargs:
+            raise TypeError("generate_events reports progress itself: pass no on_progress")
+        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            self.generate(model, prompt, *args, on_progress=events.put_nowait, **kwargs)
+        )
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            elif not task.cancelled():
+                task.exception()  # seen (raised above, or dropped with the loop)
 
     async def _cancel(self, rid: str) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -469,6 +564,15 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _callback_done(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # an on_progress coroutine's failure is its own
+
+    return done
 
 
 class Client:
@@ -528,7 +632,8 @@ class Client:
         return self._call(self._async.ping(timeout))
 
     def generate(self, model: str, prompt: str, *args: Any, **kwargs: Any) -> GenerateResult:
-        """Same arguments as :meth:`AsyncClient.generate`; blocks until done."""
+        """Same arguments as :meth:`AsyncClient.generate`; blocks until done.
+        ``on_progress`` is called on the client's loop thread (keep it quick)."""
         return self._call(self._async.generate(model, prompt, *args, **kwargs))
 
     def _stop_loop(self) -> None:

@@ -1,11 +1,12 @@
 """Daemon configuration: flags and TOML files, validated into typed settings.
 
-Scheduler TOML (every key optional; flags override the file)::
+Scheduler TOML (every key optional; flags override the file; an unknown table or key
+is a :class:`~trident.errors.ConfigError` naming it and the valid ones)::
 
     [scheduler]
     client_addr = "tcp://127.0.0.1:5555"
     node_addr = "tcp://127.0.0.1:5556"
-    policy = "trident"         # trident (default), b1, b4, b6, authors, fifo
+    policy = "trident"         # trident (default), trident-static, b1, b4, b6, authors, fifo
     slo_scale = 2.5
     max_queue = 1024
     heartbeat_s = 1.0
@@ -13,6 +14,10 @@ Scheduler TOML (every key optional; flags override the file)::
     log_file = "scheduler.log"
     time_scale = 1.0           # sim devices' --time-scale (the planner scales its times)
     profiles = ["profiles/flux-h100.json"]   # `trident profile` output for the cost model
+
+    [scheduler.policy_options]  # the policy's options (docs/planner.md), e.g.
+    max_batch = 4
+    dispatch.max_nodes = 200   # a section's setting (or a [scheduler.policy_options.dispatch])
 
     [[models]]
     name = "flux"
@@ -24,9 +29,12 @@ Scheduler TOML (every key optional; flags override the file)::
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +112,43 @@ def parse_model_flag(value: str) -> ModelSpec:
     return ModelSpec(name=name, path=path)
 
 
+_TOP_TABLES = ("scheduler", "models")
+_MODEL_KEYS = ("name", "path", "family")
+
+
+def _scheduler_keys() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(SchedulerConfig) if f.name != "models")
+
+
+def _unknown_key(path: object, table: str, key: str, valid: tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return ConfigError(f"{path}: unknown key {table}{key}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether the TOML ``value`` has the type ``tp`` (an int is a float too)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return any(_type_ok(value, a) for a in args if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if typing.get_origin(tp) is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
 def load_scheduler_config(path: str | os.PathLike[str]) -> SchedulerConfig:
+    """The scheduler settings of a TOML file (tables ``[scheduler]``,
+    ``[scheduler.policy_options]`` and ``[[models]]``). An unknown table or key is a
+    ConfigError naming it and the valid ones; so is a value of the wrong type. The
+    policy options are checked by the policy's parser when the daemon builds it
+    (:func:`trident.sched.registry.parse_policy_options`: a ``--policy`` flag may name
+    another policy than the file)."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -112,27 +156,39 @@ def load_scheduler_config(path: str | os.PathLike[str]) -> SchedulerConfig:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    for key in raw:
+        if key not in _TOP_TABLES:
+            raise _unknown_key(path, "", key, _TOP_TABLES)
     cfg = SchedulerConfig()
     section = raw.get("scheduler", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [scheduler] must be a table")
+    hints = typing.get_type_hints(SchedulerConfig)
     for key, value in section.items():
+        if key not in _scheduler_keys():
+            raise _unknown_key(path, "[scheduler].", key, _scheduler_keys())
         if key == "policy_options":
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}: policy_options must be a table")
+                raise ConfigError(f"{path}: [scheduler.policy_options] must be a table")
             cfg.policy_options = dict(value)
             continue
-        if not hasattr(cfg, key) or key == "models":
-            raise ConfigError(f"{path}: unknown key [scheduler].{key}")
-        expected = type(getattr(cfg, key))
-        if getattr(cfg, key) is not None and expected is float and isinstance(value, int):
+        if not _type_ok(value, hints[key]):
+            name = str(hints[key]).replace("typing.", "")
+            if isinstance(hints[key], type):
+                name = hints[key].__name__
+            raise ConfigError(f"{path}: [scheduler].{key} must be {name}, not {value!r}")
+        if hints[key] is float:
             value = float(value)
-        if getattr(cfg, key) is not None and not isinstance(value, expected):
-            raise ConfigError(f"{path}: [scheduler].{key} must be {expected.__name__}")
         setattr(cfg, key, value)
-    for i, entry in enumerate(raw.get("models", [])):
+    entries = raw.get("models", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: models must be an array of tables ([[models]])")
+    for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{path}: [[models]] #{i + 1} needs a name")
+        for key in entry:
+            if key not in _MODEL_KEYS:
+                raise _unknown_key(path, f"[[models]] #{i + 1} ", key, _MODEL_KEYS)
         if "path" in entry:
             base = Path(path).parent
             p = Path(os.path.expanduser(str(entry["path"])))

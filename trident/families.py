@@ -243,6 +243,9 @@ class FamilySpec:
     max_frames: int | None = None
     # Transformer config key whose value the pipeline uses when num_frames is None.
     num_frames_key: str | None = None
+    # Frames per second a clip of the family plays at (the fps of the diffusers docs'
+    # export_to_video examples): what turns an HTTP request's ``seconds`` into frames.
+    default_fps: int | None = None
     stages: tuple[Stage, ...] = STAGES
 
     def geometry(self, vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> Geometry:
@@ -310,6 +313,7 @@ FAMILIES: dict[str, FamilySpec] = {
             default_width=832,
             default_num_frames=81,
             max_frames=257,
+            default_fps=16,
             read_geometry=_wan_geometry,
             reference=Geometry(
                 8, 4, 2, 1, max_patches_side=1024, max_patches_t=1024, pipeline_multiple=16
@@ -334,6 +338,7 @@ FAMILIES: dict[str, FamilySpec] = {
             default_num_frames=81,
             max_frames=161,
             num_frames_key="sample_frames",
+            default_fps=8,
             read_geometry=_cogvideox_geometry,
             reference=Geometry(8, 4, 2, 2, pipeline_multiple=8),
         ),
@@ -351,6 +356,7 @@ FAMILIES: dict[str, FamilySpec] = {
             default_width=1280,
             default_num_frames=129,
             max_frames=257,
+            default_fps=15,
             read_geometry=_hunyuanvideo_geometry,
             reference=Geometry(8, 4, 2, 1, pipeline_multiple=16),
         ),

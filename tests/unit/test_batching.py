@@ -15,7 +15,7 @@ from trident.sched.cost import (
     read_profile,
 )
 from trident.sched.dispatcher import QueueItem
-from trident.sched.policy import make_policy
+from trident.sched.registry import make_policy
 from trident.sched.types import (
     DeviceInfo,
     ModelInfo,

@@ -12,8 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _minisim import GB, MiniSim, arrive, devices, join, models
 
+from trident.errors import ConfigError
 from trident.sched.cost import load_cost_model
-from trident.sched.policy import config_keys, make_policy
+from trident.sched.registry import config_keys, make_policy
 from trident.sched.types import (
     DeviceLost,
     FailRequest,
@@ -107,9 +108,9 @@ def test_device_lost_requeues_and_config_keys() -> None:
     rerun = [c for c in out if isinstance(c, RunTask)]
     assert rerun and run.devices[0] not in rerun[0].devices
     assert "slo_scale" in config_keys("trident") and "degree" in config_keys("b1")
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="'nope'"):
         make_policy("trident", ms, COST, nope=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="unknown policy 'nope'"):
         make_policy("nope", ms, COST)
 
 

@@ -24,8 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trident.errors import ConfigError
 from trident.sched.cost import load_cost_model
+from trident.sched.registry import POLICY_NAMES, parse_policy_options
 from trident.sched.types import CostModel, ModelInfo, Policy
+from trident.sim.bound import slo_attainment_bound
 from trident.sim.engine import ClusterSpec, DeviceFault, SimConfig, SimResult, simulate
 from trident.sim.metrics import Summary, summarize
 from trident.sim.scenario import GPU_PROFILES, build_models, make_requests, make_sim_policy
@@ -33,6 +36,7 @@ from trident.sim.traces import ARRIVALS, TRACES, TraceError, load_trace, make_tr
 
 __all__ = [
     "BenchConfig",
+    "check_policy_options",
     "main",
     "policy_options",
     "run_bench",
@@ -63,6 +67,7 @@ class BenchConfig:
     model_map: tuple[tuple[str, str], ...] = ()  # served name -> family
     profiles: tuple[str, ...] = ()
     faults: tuple[DeviceFault, ...] = ()
+    bound: bool = True  # compute the LP upper bound on SLO attainment (trident.sim.bound)
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -125,9 +130,29 @@ def run_policies(
         max_time_s=cfg.max_time_s,
         faults=cfg.faults,
     )
+    if policy_factory is None:
+        check_policy_options(cfg)
     factory = policy_factory or make_sim_policy
     out: dict[str, Summary] = {}
     info: dict[str, Any] = {"requests": len(requests), "runs": {}}
+    if cfg.bound:
+        t0 = time.perf_counter()
+        bound = slo_attainment_bound(
+            requests,
+            models,
+            cost,
+            devices=cfg.nodes * cfg.gpus_per_node,
+            gpus_per_node=cfg.gpus_per_node,
+            speed=gpu.speed,
+        )
+        info["bound"] = {
+            "slo_attainment": round(bound.bound, 4),
+            "status": bound.status,
+            "intervals": bound.intervals,
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
+        if log:
+            log(f"  {'bound':<10} slo<={bound.bound:.3f} (LP, {bound.intervals} intervals)")
     for name in cfg.policies:
         t0 = time.perf_counter()
         # "LABEL=POLICY" runs POLICY under another name (ablations: nobatch=trident with
@@ -149,24 +174,48 @@ def run_policies(
             log(
                 f"  {name:<10} slo={s.slo_attainment:.3f} mean={s.mean_latency_s:.1f}s "
                 f"p95={s.p95_latency_s:.1f}s done={s.completed} failed={s.failed} "
-                f"({time.perf_counter() - t0:.1f}s wall, policy {res.policy_seconds:.1f}s)"
+                f"({time.perf_counter() - t0:.1f}s wall, policy {res.policy_seconds:.1f}s "
+                f"= {100 * s.policy_time_share:.2f}% of simulated time)"
             )
     return out, info
 
 
 def policy_options(cfg: BenchConfig, name: str) -> dict[str, Any]:
-    """Options for policy ``name``: ``KEY=V`` applies to every policy, ``NAME.KEY=V``
-    only to ``NAME`` (and wins); ``slo_scale`` defaults to the benchmark's."""
+    """Options for the policy labelled ``name``: ``KEY=V`` applies to every policy,
+    ``NAME.KEY=V`` only to ``NAME`` (and wins) where ``NAME`` is a label of the run or a
+    registered policy; any other dotted key is a section option for every policy
+    (``dispatch.max_nodes=100``). ``slo_scale`` defaults to the benchmark's. Names and
+    values are checked by the policy's parser (:func:`check_policy_options`)."""
+    scopes = _scopes(cfg)
     options: dict[str, Any] = {"slo_scale": cfg.slo_scale}
     scoped: dict[str, Any] = {}
     for key, value in cfg.policy_options:
         pol, dot, rest = key.partition(".")
-        if not dot:
+        if not dot or pol not in scopes:
             options[key] = value
         elif pol == name:
             scoped[rest] = value
     options.update(scoped)
     return options
+
+
+def _scopes(cfg: BenchConfig) -> set[str]:
+    return {p.partition("=")[0] for p in cfg.policies} | set(POLICY_NAMES)
+
+
+def check_policy_options(cfg: BenchConfig) -> None:
+    """Parse every policy's options before anything runs (one parser:
+    :func:`trident.sched.registry.parse_policy_options`), and those scoped to a
+    registered policy that this run leaves out; ConfigError on the first bad one."""
+    labels = set()
+    for entry in cfg.policies:
+        label, eq, base = entry.partition("=")
+        labels.add(label)
+        parse_policy_options(base if eq else label, policy_options(cfg, label))
+    for key, value in cfg.policy_options:
+        pol, dot, rest = key.partition(".")
+        if dot and pol in POLICY_NAMES and pol not in labels:
+            parse_policy_options(pol, {rest: value})
 
 
 def _build_policy(
@@ -209,7 +258,9 @@ def _ratios(
     }
 
 
-def format_table(summaries: Mapping[str, Summary], base: str = "b1") -> str:
+def format_table(
+    summaries: Mapping[str, Summary], base: str = "b1", bound: float | None = None
+) -> str:
     ratios = _ratios(summaries, base)
 
     def f(x: float | None, fmt: str) -> str:
@@ -217,7 +268,8 @@ def format_table(summaries: Mapping[str, Summary], base: str = "b1") -> str:
 
     head = (
         f"{'policy':<10} {'SLO':>6} {'mean s':>9} {'P95 s':>9} {'done':>6} {'failed':>6} "
-        f"{'OOM':>5}  {'SLO x' + base:>8} {'mean /':>7} {'P95 /':>7}"
+        f"{'OOM':>5}  {'SLO x' + base:>8} {'mean /':>7} {'P95 /':>7} {'/bound':>7} "
+        f"{'policy%':>8}"
     )
     lines = [head, "-" * len(head)]
     for n, s in summaries.items():
@@ -226,13 +278,25 @@ def format_table(summaries: Mapping[str, Summary], base: str = "b1") -> str:
             f"{n:<10} {f(s.slo_attainment, '.3f'):>6} {f(s.mean_latency_s, '.1f'):>9} "
             f"{f(s.p95_latency_s, '.1f'):>9} {s.completed:>6} {s.failed:>6} {s.oom:>5}  "
             f"{f(r.get('slo_attainment_x'), '.2f'):>8} {f(r.get('mean_latency_lower_x'), '.2f'):>7} "
-            f"{f(r.get('p95_latency_lower_x'), '.2f'):>7}"
+            f"{f(r.get('p95_latency_lower_x'), '.2f'):>7} "
+            f"{f(s.slo_attainment / bound if bound else None, '.2f'):>7} "
+            f"{f(100 * s.policy_time_share, '.2f'):>8}"
         )
+    if bound is not None:
+        lines.append(f"{'bound':<10} {f(bound, '.3f'):>6}  (LP upper bound on SLO attainment)")
     if base in summaries:
         lines.append(
             f"(ratios against {base}: SLO x = attainment ratio; mean / and P95 / = times lower latency)"
         )
     return "\n".join(lines)
+
+
+def _of_bound(summaries: Mapping[str, Summary], bound: float | None) -> dict[str, float | None]:
+    """Each policy's SLO attainment as a fraction of the LP upper bound."""
+    return {
+        n: round(s.slo_attainment / bound, 4) if bound and math.isfinite(s.slo_attainment) else None
+        for n, s in summaries.items()
+    }
 
 
 def _policy_json(s: Summary) -> dict[str, Any]:
@@ -259,9 +323,13 @@ def run_bench(
         out(_describe(cfg))
         summaries, info = run_policies(cfg, cost, policy_factory=policy_factory, log=out)
         out("")
-        out(format_table(summaries))
+        bound = info.get("bound", {}).get("slo_attainment")
+        out(format_table(summaries, bound=bound))
         doc["policies"] = {n: _policy_json(s) for n, s in summaries.items()}
         doc["ratios_vs_b1"] = _ratios(summaries)
+        if "bound" in info:
+            doc["bound"] = info["bound"]
+            doc["fraction_of_bound"] = _of_bound(summaries, bound)
         doc["config"]["requests"] = info["requests"]
         doc["runs"] = info["runs"]
         if plot_out:
@@ -275,16 +343,19 @@ def run_bench(
             c = replace(cfg, rate=v) if param == "rate" else replace(cfg, slo_scale=v)
             out(f"== {param} = {v}: {_describe(c)}")
             summaries, info = run_policies(c, cost, policy_factory=policy_factory, log=out)
-            out(format_table(summaries))
+            bound = info.get("bound", {}).get("slo_attainment")
+            out(format_table(summaries, bound=bound))
             out("")
-            points.append(
-                {
-                    "value": v,
-                    "requests": info["requests"],
-                    "policies": {n: _policy_json(s) for n, s in summaries.items()},
-                    "ratios_vs_b1": _ratios(summaries),
-                }
-            )
+            point = {
+                "value": v,
+                "requests": info["requests"],
+                "policies": {n: _policy_json(s) for n, s in summaries.items()},
+                "ratios_vs_b1": _ratios(summaries),
+            }
+            if "bound" in info:
+                point["bound"] = info["bound"]
+                point["fraction_of_bound"] = _of_bound(summaries, bound)
+            points.append(point)
         doc["sweep"] = {"param": param, "points": points}
         # The last point also fills the top-level "policies" for tools expecting it.
         doc["policies"] = points[-1]["policies"] if points else {}
@@ -404,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="passed to make_policy; NAME.KEY=VALUE for one policy only, e.g. b1.degree=2 "
-        "(repeatable; VALUE parsed as JSON when it can be)",
+        help="a policy option (docs/planner.md), e.g. max_batch=1 or dispatch.max_nodes=100; "
+        "NAME.KEY=VALUE for one policy only, e.g. b1.degree=2 (repeatable; VALUE parsed as "
+        "JSON when it can be); an unknown one is an error listing the valid ones",
     )
     p.add_argument(
         "--model",
@@ -429,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH",
         help="trident profile file(s) overriding the reference cost model",
+    )
+    p.add_argument(
+        "--no-bound",
+        action="store_true",
+        help="skip the LP upper bound on SLO attainment (computed by default)",
     )
     return p
 
@@ -463,10 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_map=tuple((k, str(v)) for k, v in args.model),
         profiles=tuple(args.profile),
         faults=tuple(args.fault),
+        bound=not args.no_bound,
     )
     try:
         run_bench(cfg, sweep=args.sweep, json_out=args.json_out, plot_out=args.plot_out)
-    except TraceError as exc:
+    except (TraceError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

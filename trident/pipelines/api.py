@@ -38,6 +38,10 @@ Cancellation: ``run`` and ``run_batch`` take an optional ``cancel`` flag (a
 denoising step (diffusers' ``callback_on_step_end``, which returns the step's tensors
 unchanged, so outputs are bit-exact); once it is set the call raises
 :class:`StageCancelled`. At degree k every rank checks its own flag.
+
+Progress: a flag that also has a ``report_step(step, total)`` method hears every finished
+denoising step of diffuse (from the same callback; a report that raises is ignored).
+The worker's flag throttles and forwards it (``task_progress``); nothing else changes.
 """
 
 from __future__ import annotations

@@ -323,6 +323,13 @@ class AgreedCancel(threading.Event):
         if self._local is not None:
             self._local.set()
 
+    def report_step(self, step: int, total: int) -> None:
+        """Progress goes to the local flag's reporter (only rank 0's worker has one);
+        no collective: ranks need not agree on it."""
+        report = getattr(self._local, "report_step", None)
+        if report is not None:
+            report(step, total)
+
     def is_set(self) -> bool:
         import torch
         import torch.distributed as dist

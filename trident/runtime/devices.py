@@ -15,6 +15,10 @@ and options run as one call and come back as one result *per member* — a
 cannot fail the others. An exception raised by ``run_batch`` itself (out of memory for
 the whole batch) fails every member. Batches run at degree 1 only.
 
+Progress: a ``cancel`` flag with a ``report_step(step, total)`` method
+(:class:`ProgressFlag`) hears each denoising step of diffuse as it ends, on real
+devices (the adapters' step callback) and simulated ones (per step slice).
+
 Cancellation: every ``run``/``run_batch`` takes a keyword-only ``cancel`` flag (a
 ``threading.Event``, set from any thread). It is checked before each stage and between
 denoising steps; once set, the call raises :class:`TaskCancelled` (for a batch: the
@@ -26,6 +30,7 @@ caller to report. An unset (or absent) flag changes nothing: outputs stay bit-ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -44,6 +49,7 @@ __all__ = [
     "DeviceSpec",
     "Executor",
     "OutOfMemory",
+    "ProgressFlag",
     "SimExecutor",
     "StageError",
     "TaskCancelled",
@@ -83,6 +89,29 @@ class TaskCancelled(Exception):
 # (and at least one per denoising step, where a real one checks), checking the flag
 # after each.
 SIM_SLICE_S = 0.05
+
+
+class ProgressFlag(threading.Event):
+    """A task's cancel flag that also hears its diffuse stage's progress: the adapters'
+    step callback (and a simulated diffuse, per step) calls :meth:`report_step` with
+    the denoising steps done and the total. ``on_step`` (any thread) gets them; one
+    that raises is ignored, so progress never slows or breaks a task."""
+
+    def __init__(self, on_step: Any = None) -> None:
+        super().__init__()
+        self.on_step = on_step
+
+    def report_step(self, step: int, total: int) -> None:
+        if self.on_step is None:
+            return
+        with contextlib.suppress(Exception):  # advisory only
+            self.on_step(int(step), int(total))
+
+
+def _report_step(cancel: threading.Event | None, step: int, total: int) -> None:
+    report = getattr(cancel, "report_step", None)
+    if report is not None:
+        report(step, total)
 
 
 def _cancelled(cancel: threading.Event | None) -> bool:
@@ -454,6 +483,7 @@ class SimExecutor(Executor):
                     await asyncio.sleep(secs)
             else:
                 n = max(1, steps, math.ceil(secs / SIM_SLICE_S))
+                reported = 0
                 for k in range(1, n + 1):
                     delay = t0 + secs * k / n - time.perf_counter()
                     if delay > 0:
@@ -463,6 +493,10 @@ class SimExecutor(Executor):
                         raise TaskCancelled(
                             f"cancelled after denoising step {done} of {steps}", partial=result
                         )
+                    done = k * max(1, steps) // n
+                    if done > reported:  # a step ended in this slice, as on a real device
+                        reported = done
+                        _report_step(cancel, done, max(1, steps))
             if stage is not None:
                 result.stage_seconds[stage] = time.perf_counter() - t0
 

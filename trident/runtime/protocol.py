@@ -14,11 +14,11 @@ id when one could be read) for anything else. Nothing malformed reaches a handle
 Channels (C client, S scheduler, N node, W worker), each with its own decoder::
 
     C -> S   submit, cancel, ping                              CLIENT_TO_SCHEDULER
-    S -> C   result (+frames), error, pong                     SCHEDULER_TO_CLIENT
+    S -> C   result (+frames), error, pong, progress           SCHEDULER_TO_CLIENT
     N,W -> S node_hello, node_heartbeat, worker_exited, node_bye,
-             worker_hello, heartbeat, task_started, task_finished (+frames when final),
-             task_failed, stage_loaded, stage_unloaded, stage_load_failed
-                                                               CLUSTER_TO_SCHEDULER
+             worker_hello, heartbeat, task_started, task_progress,
+             task_finished (+frames when final), task_failed, stage_loaded,
+             stage_unloaded, stage_load_failed                 CLUSTER_TO_SCHEDULER
     S -> N   node_welcome, reject, reregister, shutdown, kill_worker, error
                                                                SCHEDULER_TO_NODE
     S -> W   worker_welcome, reject, reregister, run_task, run_batch, cancel_task,
@@ -74,6 +74,7 @@ __all__ = [
     "NodeWelcome",
     "Ping",
     "Pong",
+    "Progress",
     "Reject",
     "Release",
     "Reregister",
@@ -88,6 +89,7 @@ __all__ = [
     "SubmitParams",
     "TaskFailed",
     "TaskFinished",
+    "TaskProgress",
     "TaskStarted",
     "TensorDesc",
     "UnloadStage",
@@ -124,6 +126,7 @@ DeviceKind = Literal["cpu", "sim", "cuda"]
 ErrorCode = Annotated[str, Meta(min_length=1, max_length=64)]
 StageList = Annotated[list[Stage], Meta(min_length=1, max_length=3)]
 DeviceList = Annotated[list[Id], Meta(min_length=1, max_length=1024)]
+Steps = Annotated[int, Meta(ge=0, le=100_000)]
 
 
 class _Base(Struct, tag_field="t", omit_defaults=False):
@@ -208,6 +211,17 @@ class Result(_Base, tag="result"):
     tensors: Tensors
     met_slo: bool | None = None
     slo_s: float | None = None
+
+
+class Progress(_Base, tag="progress"):
+    """A running request's progress: ``step`` of ``total`` denoising steps of its
+    ``stage`` done (forwarded from the worker's ``task_progress``). Advisory: throttled
+    at the worker and dropped, never queued, when a queue on the way is full."""
+
+    id: ClientRid
+    stage: Stage
+    step: Steps
+    total: Annotated[int, Meta(ge=1, le=100_000)]
 
 
 class Error(_Base, tag="error"):
@@ -380,6 +394,15 @@ class TaskStarted(_Base, tag="task_started"):
     task_id: Id
 
 
+class TaskProgress(_Base, tag="task_progress"):
+    """Rank 0 of a running task finished denoising step ``step`` of ``total`` (sent at
+    most every 0.5 s, and at the last step; dropped rather than waited for)."""
+
+    task_id: Id
+    step: Steps
+    total: Annotated[int, Meta(ge=1, le=100_000)]
+
+
 class TaskFinished(_Base, tag="task_finished"):
     task_id: Id
     stage_seconds: dict[str, Seconds]
@@ -458,11 +481,11 @@ class Go(_Base, tag="go"):
 
 
 Message: TypeAlias = (
-    Submit | Cancel | Ping | Pong | Result | Error
+    Submit | Cancel | Ping | Pong | Result | Error | Progress
     | NodeHello | NodeWelcome | NodeHeartbeat | WorkerExited | NodeBye | KillWorker
     | Reject | Reregister | Shutdown
     | WorkerHello | WorkerWelcome | Heartbeat | RunTask | RunBatch | CancelTask
-    | TaskStarted | TaskFinished | TaskFailed | Release | LoadStage | UnloadStage
+    | TaskStarted | TaskProgress | TaskFinished | TaskFailed | Release | LoadStage | UnloadStage
     | StageLoaded | StageUnloaded | StageLoadFailed
     | Fetch | Data | Missing | Barrier | Go
 )  # fmt: skip
@@ -490,12 +513,12 @@ def _union(types: tuple[type[_Base], ...]) -> Any:
 
 
 CLIENT_TO_SCHEDULER = Channel("client", (Submit, Cancel, Ping))
-SCHEDULER_TO_CLIENT = Channel("client-reply", (Result, Error, Pong))
+SCHEDULER_TO_CLIENT = Channel("client-reply", (Result, Error, Pong, Progress))
 CLUSTER_TO_SCHEDULER = Channel(
     "cluster",
     (
         NodeHello, NodeHeartbeat, WorkerExited, NodeBye,
-        WorkerHello, Heartbeat, TaskStarted, TaskFinished, TaskFailed,
+        WorkerHello, Heartbeat, TaskStarted, TaskProgress, TaskFinished, TaskFailed,
         StageLoaded, StageUnloaded, StageLoadFailed,
     ),
 )  # fmt: skip

@@ -46,6 +46,26 @@ class ServedModel:
     default_guidance: float | None
 
     def describe(self) -> dict[str, Any]:
+        """Defaults and limits, as the scheduler's ``ping`` advertises them (the HTTP
+        gateway turns sizes and durations into valid requests with these):
+        ``size_multiple`` / ``max_side`` for height and width, ``frame_factor`` /
+        ``max_frames`` for the frame rule ``num_frames = 1 + k * frame_factor``,
+        ``default_fps`` for clips, ``max_steps`` for ``num_inference_steps``."""
+        spec = FAMILIES.get(self.info.family)
+        if self.meta is not None:
+            from trident.pipelines import meta as limits
+
+            multiple = int(self.meta.size_multiple)
+            max_side = min(self.meta.max_side or limits.MAX_SIDE, limits.MAX_SIDE)
+            factor = int(self.meta.vae_scale_factor_temporal)
+            max_frames = self.meta.max_frames
+            max_steps = limits.MAX_STEPS
+        else:
+            multiple, max_side, max_steps = 16, MAX_SIDE, MAX_STEPS
+            factor = spec.reference.vae_temporal if spec is not None else 1
+            max_frames = (spec.max_frames if spec is not None else None) or MAX_FRAMES
+        if not self.info.is_video:
+            factor, max_frames = 1, 1
         return {
             "family": self.info.family,
             "path": self.info.path,
@@ -53,6 +73,13 @@ class ServedModel:
             "default_height": self.default_height,
             "default_width": self.default_width,
             "default_num_frames": self.default_num_frames,
+            "default_steps": self.default_steps,
+            "default_fps": spec.default_fps if spec is not None and self.info.is_video else None,
+            "size_multiple": multiple,
+            "max_side": max_side,
+            "frame_factor": factor,
+            "max_frames": max_frames,
+            "max_steps": max_steps,
         }
 
 

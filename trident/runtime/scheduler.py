@@ -63,7 +63,7 @@ from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.registry import ServedModel, build_request_shape, register_models
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
-from trident.sched.core import CoreConfig, FifoPolicy, SchedulerCore, handle_events
+from trident.sched.core import SchedulerCore, handle_events
 from trident.sched.types import (
     CancelTask,
     Command,
@@ -152,34 +152,15 @@ def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
     """The scheduling policy named by the configuration."""
     models = {name: m.info for name, m in served.items()}
     from trident.sched.cost import ScaledCostModel, load_cost_model
+    from trident.sched.registry import make_policy
 
     cost: Any = load_cost_model(cfg.profiles or None)
     if cfg.time_scale != 1.0:
         cost = ScaledCostModel(cost, cfg.time_scale)
-    core_cfg = CoreConfig(max_queue=cfg.max_queue, slo_scale=cfg.slo_scale)
-    if cfg.policy == "fifo":
-        for key, value in cfg.policy_options.items():
-            if not hasattr(core_cfg, key):
-                raise ConfigError(f"fifo policy has no option {key!r}")
-            current = getattr(core_cfg, key)
-            setattr(core_cfg, key, value if current is None else type(current)(value))
-        fifo = FifoPolicy(models, cost, core_cfg)
-        fifo.clock = time.perf_counter  # solve times in the logs; decisions never read it
-        return fifo
-    try:
-        from trident.sched.policy import make_policy
-    except ImportError as exc:
-        raise ConfigError(
-            f"policy {cfg.policy!r} needs the planner (trident.sched.policy): {exc}"
-        ) from exc
-    policy = make_policy(
-        cfg.policy,
-        models,
-        cost,
-        slo_scale=cfg.slo_scale,
-        max_queue=cfg.max_queue,
-        **cfg.policy_options,
-    )
+    # [scheduler] slo_scale / max_queue, then the policy's own options (one parser:
+    # trident.sched.registry.parse_policy_options; unknown or bad ones: ConfigError).
+    options = {"slo_scale": cfg.slo_scale, "max_queue": cfg.max_queue, **cfg.policy_options}
+    policy = make_policy(cfg.policy, models, cost, **options)
     if isinstance(policy, SchedulerCore):
         policy.clock = time.perf_counter  # solve times in the logs; decisions never read it
     return policy
@@ -832,7 +813,11 @@ class SchedulerDaemon:
 
     def _pong(self, nonce: int | None) -> protocol.Pong:
         devices = sorted(d for d, w in self.workers.items() if w.up)
-        unavailable = sorted(self.served) if not devices else []
+        # No device at all, or the models the core found no live device can hold (its
+        # ``unavailable`` set; the core thread may be editing it: frozenset copies it in
+        # one C call).
+        held = frozenset(getattr(self.core, "unavailable", ()) or ())
+        unavailable = sorted(self.served) if not devices else sorted(held & set(self.served))
         return protocol.Pong(
             models={n: m.describe() for n, m in self.served.items()},
             devices=devices,
@@ -1031,6 +1016,8 @@ class SchedulerDaemon:
                 "stage.started", task_id=msg.task_id, device_id=dev, request_id=started.request_id
             )
             self.feed(TaskStarted(msg.task_id))
+        elif isinstance(msg, protocol.TaskProgress):
+            self._forward_progress(dev, msg)
         elif isinstance(msg, protocol.TaskFinished):
             cmd = self.task_info.get(msg.task_id)
             if cmd is None or cmd.devices[0] != dev:
@@ -1098,6 +1085,24 @@ class SchedulerDaemon:
                 stage=msg.stage,
                 message=msg.message,
             )
+
+    def _forward_progress(self, dev: str | None, msg: protocol.TaskProgress) -> None:
+        """A running task's denoising step, to its request's client: mechanism only
+        (the core never sees it). Sent at once without waiting; a client whose queue
+        is full, or that is gone, loses it (``progress_dropped``), nothing else."""
+        cmd = self.task_info.get(msg.task_id)
+        if cmd is None or cmd.devices[0] != dev:
+            return  # rank 0 reports; a late one (the task ended) concerns nobody
+        pend = self.pending.get(cmd.request_id)
+        if pend is None:
+            return
+        header = protocol.encode(
+            protocol.Progress(id=pend.client_rid, stage="diffuse", step=msg.step, total=msg.total)
+        )
+        try:
+            self.clients.send_multipart([pend.client, header], flags=zmq.NOBLOCK).result()
+        except zmq.ZMQError:
+            self.counters["progress_dropped"] = self.counters.get("progress_dropped", 0) + 1
 
     def _worker_hello(self, ident: bytes, msg: WorkerHello) -> None:
         if msg.version != protocol.PROTOCOL_VERSION:
@@ -1246,15 +1251,6 @@ class SchedulerDaemon:
 _ERROR_CODES = frozenset(typing.get_args(ErrorCode))
 
 
-def _option_value(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(
         prog="trident-scheduler", description="Trident's central scheduler daemon."
@@ -1274,14 +1270,16 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
         help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model",
     )
     p.add_argument(
-        "--policy", help="scheduling policy (fifo; trident, b1, b4, b6, authors with the planner)"
+        "--policy",
+        help="scheduling policy: trident (default), trident-static, b1, b4, b6, authors, fifo",
     )
     p.add_argument(
         "--policy-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a policy setting (repeatable), e.g. diffuse_degree=2",
+        help="a policy setting (repeatable), e.g. max_batch=1 or dispatch.max_nodes=100 "
+        "(docs/planner.md); an unknown one is an error listing the valid ones",
     )
     p.add_argument("--slo-scale", type=float)
     p.add_argument("--max-queue", type=int)
@@ -1334,7 +1332,8 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
         key, sep, value = opt.partition("=")
         if not sep:
             raise ConfigError(f"--policy-option {opt!r}: expected KEY=VALUE")
-        cfg.policy_options[key.strip()] = _option_value(value.strip())
+        # A string: the policy's option parser converts it by the field's type.
+        cfg.policy_options[key.strip()] = value.strip()
     if not cfg.models:
         raise ConfigError(
             "no model to serve: pass --model NAME=DIR or a config file with [[models]]"

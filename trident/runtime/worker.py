@@ -16,7 +16,10 @@ is reported under its own task id as if it had come alone, and a member's failur
 (lost input, bad request) fails that member only.
 
 ``cancel_task`` drops a queued task, or sets the running task's flag, which the
-executor checks between denoising steps (degree 1; a degree-k task runs to its end).
+executor checks between denoising steps (degree k: the ranks agree on the step).
+The same flag hears each denoising step: rank 0 reports them (``task_progress``,
+throttled to one per 0.5 s plus the last step, sent without waiting: dropped when the
+queue to the scheduler is full).
 Every loop is supervised: one that dies exits the worker with status 1 and its node
 restarts it. Re-registration (``reregister``) happens on the control loop without
 blocking it: hello, then on welcome the old executor is closed and a new one made.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -49,6 +53,7 @@ from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
 from trident.runtime.devices import (
     Executor,
     OutOfMemory,
+    ProgressFlag,
     StageError,
     TaskCancelled,
     TaskResult,
@@ -60,12 +65,44 @@ from trident.runtime.serial import pack_tensors
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
-__all__ = ["Worker", "WorkerArgs", "main"]
+__all__ = ["StepThrottle", "Worker", "WorkerArgs", "main"]
 
 EXIT_REJECTED = 3
 EXIT_NO_SCHEDULER = 4
 # A partner that never joins (it died) must not wedge this worker for long.
 GROUP_TIMEOUT_S = 60.0
+# Progress reports (task_progress) of a running diffuse: at most one per this many
+# seconds, and the last step.
+PROGRESS_INTERVAL_S = 0.5
+
+
+class StepThrottle:
+    """Passes a denoising step on to ``send(step, total)`` at most once per ``interval``
+    seconds, and always the last step (``step == total``); repeats and steps going
+    backwards are dropped. Called from the compute thread (or the loop, on sim
+    devices): it only compares numbers and hands over."""
+
+    def __init__(
+        self,
+        send: Callable[[int, int], None],
+        interval: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.send = send
+        self.interval = interval
+        self.clock = clock
+        self.last = -float("inf")
+        self.step = 0
+
+    def __call__(self, step: int, total: int) -> None:
+        if step <= self.step:
+            return
+        now = self.clock()
+        if step < total and now - self.last < self.interval:
+            return
+        self.last = now
+        self.step = step
+        self.send(step, total)
 
 
 @dataclass
@@ -145,9 +182,11 @@ class Worker:
         self.go: dict[str, asyncio.Future[None]] = {}
         self.store_addr: str | None = None
         self.auth: Any = None
-        # The task computing now and its cancel flag (checked between denoising steps).
+        # The task computing now and its cancel flag (checked between denoising steps;
+        # it also hears the diffuse stage's steps, for progress reports).
         self.running: _Task | None = None
         self.running_cancel: threading.Event | None = None
+        self.progress_dropped = 0
         self.cancelled_members: set[str] = set()  # members of the running batch
         # Re-registration (the scheduler restarted or forgot us): hello sent, welcome
         # awaited by the control loop; the executor is replaced between tasks.
@@ -485,7 +524,7 @@ class Worker:
                 await self.queue_event.wait()
             task = self.queue.popleft()
             self.running = task
-            self.running_cancel = threading.Event()
+            self.running_cancel = ProgressFlag(self._progress_reporter(task))
             self.cancelled_members = set()
             try:
                 if isinstance(task.msg, protocol.RunTask):
@@ -497,6 +536,50 @@ class Worker:
             finally:
                 self.running = None
                 self.running_cancel = None
+
+    # ------------------------------------------------------------------ progress
+
+    def _progress_reporter(self, task: _Task) -> StepThrottle | None:
+        """What hears a task's denoising steps: rank 0 of a task (or batch) that runs
+        diffuse reports them for its task ids (a batch: every member's), throttled."""
+        msg = task.msg
+        if not isinstance(msg, protocol.RunTask | protocol.RunBatch):
+            return None
+        if msg.rank != 0 or "diffuse" not in msg.stages:
+            return None
+        ids = (
+            [msg.task_id]
+            if isinstance(msg, protocol.RunTask)
+            else [m.msg.task_id for m in task.members]
+        )
+        loop = asyncio.get_running_loop()
+
+        def soon(step: int, total: int) -> None:
+            # From the compute thread, or the loop itself (sim devices); a closing loop
+            # takes no more callbacks.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._send_progress, ids, step, total)
+
+        return StepThrottle(soon)
+
+    def _send_progress(self, task_ids: list[str], step: int, total: int) -> None:
+        """Send without waiting: a full queue to the scheduler drops the report (the
+        next one says more anyway); it never delays a task message."""
+        for task_id in task_ids:
+            if task_id in self.cancelled_members:
+                continue
+            header = protocol.encode(
+                protocol.TaskProgress(task_id=task_id, step=min(step, total), total=total)
+            )
+            try:
+                fut = self.ctl.send_multipart([header], flags=zmq.NOBLOCK)
+                if fut.done():
+                    fut.result()
+                else:
+                    fut.add_done_callback(_quiet)
+            except zmq.ZMQError:
+                self.progress_dropped += 1
+                return
 
     async def _call(self, method: str, *args: Any) -> Any:
         """Call the executor: on the loop when it runs there (``<method>_async``,
@@ -784,6 +867,12 @@ class Worker:
                     task_id=task_id, error=error, message=message[:60_000], retryable=retryable
                 )
             )
+
+
+def _quiet(fut: Any) -> None:
+    """Retrieve a dropped send's exception (nobody waits for a progress report)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _warm_torch() -> None:

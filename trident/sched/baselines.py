@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trident.sched.core import CoreConfig, DeviceState, RequestState
 from trident.sched.cost import best_degree, efficient_degrees
-from trident.sched.policy import PlacedPolicy, Placement
+from trident.sched.dispatcher import SolverName
+from trident.sched.placed import PlacedPolicy, Placement, core_aliases
 from trident.sched.solver import optimize, solver_library
 from trident.sched.types import STAGES, Command, CostModel, DeviceInfo, LogEvent, ModelInfo, Stage
 
@@ -50,39 +52,39 @@ __all__ = [
 
 @dataclass
 class BaselineConfig:
-    max_queue: int = 1024
-    max_attempts: int = 3
-    max_inflight_per_device: int = 1  # baselines do not pre-queue
-    slo_scale: float = 2.5
-    efficiency: float = 0.8
+    """A pipeline-level baseline's configuration (``b4``; the others extend it): the
+    core's settings as the ``core`` section (flat option names too: ``max_queue``),
+    and the model -> device share of the placement."""
+
+    # baselines do not pre-queue: one task per device at a time
+    core: CoreConfig = field(default_factory=lambda: CoreConfig(max_inflight_per_device=1))
     shares: Mapping[str, float] = field(default_factory=dict)  # model -> device share
 
-    def core(self) -> CoreConfig:
-        return CoreConfig(
-            max_queue=self.max_queue,
-            max_attempts=self.max_attempts,
-            max_inflight_per_device=self.max_inflight_per_device,
-            slo_scale=self.slo_scale,
-            efficiency=self.efficiency,
-        )
+    ALIASES: ClassVar[Mapping[str, tuple[str, ...]]] = core_aliases()
 
 
 @dataclass
 class StaticFifoConfig(BaselineConfig):
+    """``b1``: fixed instances of ``degree`` devices."""
+
     degree: int = 1
 
 
 @dataclass
 class StageSplitConfig(BaselineConfig):
+    """``b6``: each model block split ⟨D⟩:⟨E⟩:⟨C⟩ by ``split``."""
+
     split: tuple[int, int, int] = (6, 1, 1)  # D : E : C devices per block
 
 
 @dataclass
 class AuthorsConfig(BaselineConfig):
+    """``authors``: the SP-degree ILP's budget, pacing and solver."""
+
     # Theirs has no limit; a generous deterministic one (trident.sched.solver).
     max_nodes: int = 10_000
     min_interval_s: float = 0.0  # theirs: 0.5 s between solves (needs Ticks to advance)
-    solver: str = "cbc"
+    solver: SolverName = "cbc"
 
 
 def model_blocks(
@@ -126,7 +128,7 @@ class _PipelineBase(PlacedPolicy):
         self, models: Mapping[str, ModelInfo], cost: CostModel, config: BaselineConfig
     ) -> None:
         self.bconfig = config
-        super().__init__(models, cost, config.core())
+        super().__init__(models, cost, config.core)
         self._round_free: dict[tuple[str, int], list[tuple[str, ...]]] = {}
         self._groups_cache: dict[tuple[str, int], list[tuple[str, ...]]] = {}
         self._groups_version = -1
@@ -458,7 +460,7 @@ class AuthorsPolicy(_PipelineBase):
         x = [m.add_var(var_type=mip.BINARY) for _ in vars_]
         slack = {key: m.add_var(lb=0.0) for key in free}
         nodes = {node for node, _ in free}
-        for node in nodes:
+        for node in sorted(nodes):  # a set of str: its order changes with the hash seed
             keys = [key for key in free if key[0] == node]
             m.add_constr(
                 mip.xsum(v[1] * x[i] for i, v in enumerate(vars_) if v[2] == node)

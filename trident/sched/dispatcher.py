@@ -65,6 +65,7 @@ __all__ = [
     "DispatchResult",
     "Dispatcher",
     "QueueItem",
+    "SolverName",
     "best_group_free",
 ]
 

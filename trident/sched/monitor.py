@@ -37,6 +37,7 @@ from trident.sched.types import STAGES, CostModel, ModelInfo, Shape, Stage
 __all__ = [
     "DeviceStats",
     "Monitor",
+    "MonitorConfig",
     "MonitorSnapshot",
     "StageStats",
     "mix_of",
@@ -169,6 +170,20 @@ class MonitorSnapshot:
             "mean_wait_s": round(self.mean_wait_s, 3),
             "mean_busy": round(sum(busy) / len(busy), 4) if busy else 0.0,
         }
+
+
+@dataclass
+class MonitorConfig:
+    """The planner's monitor settings (``Monitor(**asdict(config))``: the window and the
+    per-model windows of a :class:`Monitor`). Trident's defaults turn the per-model
+    windows on; a bare ``Monitor()`` keeps one window for every model."""
+
+    window_s: float = 60.0
+    imbalance: float = 1.5  # fastest / slowest stage (or model) supply ratio
+    # a model with fewer arrivals than this in window_s: rate over its last this-many
+    # arrivals, looking back at most max_window_s (0: one window for all models)
+    min_model_arrivals: int = 8
+    max_window_s: float = 300.0
 
 
 @dataclass

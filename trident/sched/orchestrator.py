@@ -41,8 +41,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trident.sched.cost import best_degree, efficient_degrees, model_weight_bytes
+from trident.sched.dispatcher import SolverName
 from trident.sched.graph import PLACEMENT_TYPES, placement_type, stages_of_type
 from trident.sched.solver import Clock, no_clock, optimize, preload, solver_library
 from trident.sched.types import STAGES, CostModel, DeviceInfo, ModelInfo, Shape, Stage
@@ -51,6 +53,7 @@ __all__ = [
     "COMM_COST",
     "Demand",
     "OrchestratorConfig",
+    "PlacementObjective",
     "PlacementResult",
     "cover_models",
     "demand_from_window",
@@ -71,10 +74,12 @@ COMM_COST: dict[str, float] = {"EDC": 0.0, "DC": 1.0, "ED": 1.0, "D": 2.0, "E": 
 
 Demand = dict[str, dict[Stage, float]]  # model -> stage -> device-seconds per second
 
+PlacementObjective = Literal["served", "maxmin"]
+
 
 @dataclass
 class OrchestratorConfig:
-    solver: str = "cbc"
+    solver: SolverName = "cbc"
     # Branch-and-bound nodes per solve: a deterministic budget (trident.sched.solver);
     # past it, the best incumbent found.
     max_nodes: int = 500
@@ -94,7 +99,7 @@ class OrchestratorConfig:
     # model's share of arrivals), with the least capacity/requirement ratio as a small
     # secondary term (``secondary_weight``); "maxmin": the least capacity/demand ratio
     # alone (the paper's objective; the previous default).
-    objective: str = "served"
+    objective: PlacementObjective = "served"
     # Requirement of a model (served objective): its work / ``rho_max`` (a stage class
     # run above ~70% utilisation queues far past a 2.5x SLO) plus, with
     # ``degree_headroom``, the largest degree one of its windowed requests runs at (one

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trident.sched.core import CoreConfig, FifoPolicy, standalone_latency
+from trident.sched.core import standalone_latency
+from trident.sched.registry import make_policy
 from trident.sched.types import CostModel, ModelInfo, Policy, RequestSpec
 from trident.sim.engine import GIB
 from trident.sim.traces import VIDEO_FAMILIES, TraceError, TraceRequest, to_request_specs
@@ -110,18 +111,7 @@ def make_requests(
 def make_sim_policy(
     name: str, models: Mapping[str, ModelInfo], cost: CostModel, **config: Any
 ) -> Policy:
-    """The named policy from ``trident.sched.policy.make_policy``; ``fifo`` is the core's
-    stage-level FIFO (always available)."""
-    if name == "fifo":
-        known = CoreConfig.__dataclass_fields__
-        cc = CoreConfig(**{k: v for k, v in config.items() if k in known})
-        return FifoPolicy(models, cost, cc)
-    try:
-        from trident.sched.policy import make_policy  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise SystemExit(
-            f"policy {name!r} needs trident.sched.policy.make_policy, which is not available "
-            f"({exc}); use --policies fifo"
-        ) from None
-    pol: Policy = make_policy(name, models, cost, **config)
-    return pol
+    """The named policy (:func:`trident.sched.registry.make_policy`: ``trident``,
+    ``trident-static``, the baselines, ``fifo``) with options ``config``; an unknown
+    policy, option or value is a :class:`~trident.errors.ConfigError`."""
+    return make_policy(name, models, cost, **config)

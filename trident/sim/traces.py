@@ -325,6 +325,29 @@ def _shifting(n: int, rng: random.Random, p0: float, p1: float) -> list[tuple[st
     return out
 
 
+# Four pipelines sharing one cluster (issue #14's mix): images at 28 steps, 256^2-2048^2;
+# videos from the authors' shapes at few steps (distilled / fast samplers).
+_FOUR_SHARES = (("flux", 0.45), ("sd3", 0.35), ("cogvideox", 0.13), ("hunyuanvideo", 0.07))
+_FOUR_SHAPES: dict[str, tuple[ShapeTuple, ...]] = {
+    "flux": tuple((s, s, 1, 28) for s in (256, 512, 1024, 2048)),
+    "sd3": tuple((s, s, 1, 28) for s in (256, 512, 1024, 2048)),
+    "cogvideox": tuple((h, w, f, 6) for (h, w, f, _) in FAMILY_SHAPES["cogvideox"]),
+    "hunyuanvideo": tuple((h, w, f, 8) for (h, w, f, _) in FAMILY_SHAPES["hunyuanvideo"]),
+}
+
+
+def _four_pipelines(
+    n: int, rng: random.Random, p0: float, p1: float
+) -> list[tuple[str, ShapeTuple]]:
+    fams = [f for f, _ in _FOUR_SHARES]
+    weights = [w for _, w in _FOUR_SHARES]
+    out = []
+    for _ in range(n):
+        fam = rng.choices(fams, weights)[0]
+        out.append((fam, rng.choice(_FOUR_SHAPES[fam])))
+    return out
+
+
 TRACES: dict[str, TraceSpec] = {
     **{
         fam: TraceSpec(
@@ -337,6 +360,13 @@ TRACES: dict[str, TraceSpec] = {
         for fam in FAMILY_SHAPES
     },
     "mixed": TraceSpec("mixed", 1.0, "flux, sd3, cogvideox, hunyuanvideo in equal shares", _mixed),
+    "four-pipelines": TraceSpec(
+        "four-pipelines",
+        2.6,
+        "45% flux, 35% sd3 (28 steps, 256^2-2048^2), 13% cogvideox (6 steps), "
+        "7% hunyuanvideo (8 steps); 2.6 req/s",
+        _four_pipelines,
+    ),
     "small-images": TraceSpec(
         "small-images",
         6.0,

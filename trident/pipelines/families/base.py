@@ -72,16 +72,28 @@ def check_cancel(cancel: threading.Event | None, where: str) -> None:
         raise StageCancelled(f"cancelled {where}")
 
 
-def step_end_canceller(cancel: threading.Event) -> Any:
+def step_end_canceller(cancel: threading.Event, total: int | None = None) -> Any:
     """A diffusers ``callback_on_step_end`` that stops the denoising loop once ``cancel``
     is set. Otherwise it returns the step's tensors as given (the pipeline pops them back
-    unchanged), so a run with the flag unset is bit-exact with one without the callback."""
+    unchanged), so a run with the flag unset is bit-exact with one without the callback.
+
+    A flag with a ``report_step(step, total)`` method (the worker's progress flag) also
+    hears each finished step: ``step`` of ``total`` (the pipeline's own count of
+    timesteps when it has one, else ``total``). A report that raises is ignored: progress
+    never breaks a request."""
+    report = getattr(cancel, "report_step", None)
 
     def on_step_end(
         pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         if cancel.is_set():
             raise StageCancelled(f"cancelled after denoising step {step + 1}")
+        if report is not None:
+            try:
+                steps = int(getattr(pipe, "num_timesteps", 0) or total or step + 1)
+                report(step + 1, max(steps, step + 1))
+            except Exception:  # advisory only
+                pass
         return callback_kwargs
 
     return on_step_end
@@ -379,7 +391,9 @@ class FamilyStages:
         if cancel is not None and "callback_on_step_end" in call_params:
             # (Every served family's pipeline has it; one without would be cancellable
             # only between stages.)
-            kwargs["callback_on_step_end"] = step_end_canceller(cancel)
+            kwargs["callback_on_step_end"] = step_end_canceller(
+                cancel, kwargs["num_inference_steps"]
+            )
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @staticmethod

@@ -1,0 +1,535 @@
+"""Trident's own policies and their configuration.
+
+- :class:`TridentPolicy` (``trident``): MIP placement (:mod:`trident.sched.orchestrator`)
+  re-planned when the trigger fires (:mod:`trident.sched.trigger` on the
+  :mod:`trident.sched.monitor` snapshot: stage/model imbalance, mix drift; hysteresis),
+  MIP dispatch with greedy fallback (:mod:`trident.sched.dispatcher`), load-aware, with
+  batching of small same-shape image requests (:mod:`trident.sched.batching`).
+- :class:`TridentStaticPolicy` (``trident-static``): the same, with the placement
+  planned once for the first window and then frozen.
+- :class:`TridentConfig`: their configuration, one typed section per part
+  (``core``, ``dispatch``, ``placement``, ``batching``, ``trigger``, ``monitor``) plus
+  the policy's own settings; :data:`TridentConfig.ALIASES` maps the flat option names
+  of the docs (``dispatch_max_nodes``, ``max_batch``, ``shed_late_margin_s``, ...) onto
+  the sections (parsed by :mod:`trident.sched.options`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from trident.sched.batching import BatchConfig, batch_key, form_batches
+from trident.sched.core import CoreConfig
+from trident.sched.cost import model_weight_bytes
+from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
+from trident.sched.graph import placement_type
+from trident.sched.monitor import Monitor, MonitorConfig, MonitorSnapshot, mix_of
+from trident.sched.orchestrator import (
+    OrchestratorConfig,
+    PlacementResult,
+    model_capacity_ratio,
+    orchestrate,
+    requirement_factors,
+    served_weights,
+    type_load_seconds,
+)
+from trident.sched.placed import PlacedPolicy, Placement, core_aliases
+from trident.sched.trigger import ReplanTrigger, TriggerConfig
+from trident.sched.types import (
+    STAGES,
+    Command,
+    CostModel,
+    Event,
+    LogEvent,
+    ModelInfo,
+    RequestArrived,
+    Stage,
+    TaskFinished,
+    Tick,
+)
+
+__all__ = ["TridentConfig", "TridentPolicy", "TridentStaticPolicy"]
+
+
+@dataclass
+class TridentConfig:
+    """Trident's configuration: the sections are the parts' own config dataclasses
+    (with Trident's defaults), the rest is the policy's own. Options by name:
+    :func:`trident.sched.registry.parse_policy_options`."""
+
+    core: CoreConfig = field(default_factory=CoreConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    placement: OrchestratorConfig = field(
+        default_factory=lambda: OrchestratorConfig(solver="highs")
+    )
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # predicted completion pays load_seconds(source) for weights not yet loaded
+    load_cost: bool = True
+    replan_interval_s: float = 5.0  # trigger check period
+    dynamic_placement: bool = True  # False: the first plan (devices joined) is kept
+    # trident-static: plan once, this long after the first arrival (None: window_s)
+    static_plan_after_s: float | None = None
+    log_empty_rounds: bool = False  # log dispatch.solved for rounds with nothing to solve
+
+    # Flat option names (docs/planner.md; the historical flat TridentConfig) -> the
+    # section fields they set. ``section.field`` reaches every other setting.
+    ALIASES: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        **core_aliases(),
+        "efficiency": ("core.efficiency", "dispatch.efficiency", "placement.efficiency"),
+        # dispatcher
+        "solver": ("dispatch.solver",),
+        "dispatch_max_nodes": ("dispatch.max_nodes",),
+        "dispatch_max_requests": ("dispatch.max_requests",),
+        "groups_per_degree": ("dispatch.groups_per_degree",),
+        "lookahead_s": ("dispatch.lookahead_s",),
+        "use_mip": ("dispatch.use_mip",),
+        "relax_when_idle": ("dispatch.relax_when_idle",),
+        "wait_for_on_time": ("dispatch.wait_for_on_time",),
+        # batching
+        "max_batch": ("batching.max_batch",),
+        "batch_min_gain": ("batching.min_gain",),
+        # orchestrator
+        "placement_solver": ("placement.solver",),
+        "placement_max_nodes": ("placement.max_nodes",),
+        "move_penalty": ("placement.move_penalty",),
+        "move_horizon_s": ("placement.move_horizon_s",),
+        "load_weight": ("placement.load_weight",),
+        "objective": ("placement.objective",),
+        "rho_max": ("placement.rho_max",),
+        "degree_headroom": ("placement.degree_headroom",),
+        "secondary_weight": ("placement.secondary_weight",),
+        "bind_aux": ("placement.bind_aux",),
+        # monitor
+        "window_s": ("monitor.window_s",),
+        "min_model_arrivals": ("monitor.min_model_arrivals",),
+        "max_window_s": ("monitor.max_window_s",),
+        "imbalance": ("trigger.imbalance", "monitor.imbalance"),
+        # trigger
+        "drift": ("trigger.drift",),
+        "confirm_checks": ("trigger.confirm_checks",),
+        "min_replan_interval_s": ("trigger.min_interval_s",),
+        "min_gain": ("trigger.min_gain",),
+        "satisfied_ratio": ("trigger.satisfied_ratio",),
+        "min_served_gain": ("trigger.min_served_gain",),
+        "min_arrivals": ("trigger.min_arrivals",),
+    }
+
+
+class TridentPolicy(PlacedPolicy):
+    """MIP placement re-planned by the trigger (monitor snapshot: stage/model imbalance,
+    mix drift; hysteresis) + MIP dispatch with greedy fallback, load-aware."""
+
+    name = "trident"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel,
+        config: TridentConfig | None = None,
+    ) -> None:
+        # Its own copy: the caller's object (and its sections) is never written to.
+        self.tconfig = copy.deepcopy(config) if config is not None else TridentConfig()
+        c = self.tconfig
+        super().__init__(models, cost, c.core)
+        self.dispatcher = Dispatcher(cost, c.dispatch)
+        self.monitor = Monitor(**dataclasses.asdict(c.monitor))
+        self.trigger = ReplanTrigger(c.trigger)
+        self._last_check = -float("inf")
+        self._base: dict[str, tuple[str, str] | None] = {}
+        self._load_s: dict[tuple[str, Stage, str], float] = {}
+        self.last_snapshot: MonitorSnapshot | None = None
+        self.batching: BatchConfig = c.batching
+        self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
+
+    # ------------------------------------------------------------------ load cost
+
+    def _load_seconds(self, model: str, stage: Stage, source: str) -> float:
+        key = (model, stage, source)
+        got = self._load_s.get(key)
+        if got is None:
+            info = self.models[model]
+            got = float(self.cost.load_seconds(info.family, stage, source))
+            # The cost model's figure is for its family's weights; a served model with
+            # its own, smaller weights (a tiny model) loads in proportion.
+            fam_w = float(self.cost.weight_bytes(info.family, stage))
+            own_w = float(model_weight_bytes(self.cost, info, stage))
+            if 0 < own_w < fam_w:
+                got *= own_w / fam_w
+            self._load_s[key] = got
+        return got
+
+    def device_views(self, now: float) -> list[DeviceView]:
+        views = super().device_views(now)
+        if not self.tconfig.load_cost:
+            return views
+        for v in views:
+            st = self.devices[v.device_id]
+            loads: dict[tuple[str, Stage], float] = {}
+            for m, stages in v.holds.items():
+                if m not in self.models:
+                    continue
+                for s in stages:
+                    if (m, s) in st.holds:
+                        continue
+                    loads[m, s] = self._load_seconds(m, s, self.load_source(v.device_id, m, s))
+            v.load_s = loads
+        return views
+
+    def _move_seconds(self) -> dict[tuple[str, str], float]:
+        """Per (model, type): seconds to load its weights on a device that lacks them —
+        "node-cache" when some node has loaded the stage before, else "disk"."""
+        seen = {(m, s) for _, m, s in self.node_copies}
+        src: dict[tuple[str, Stage], str] = {
+            (m, s): "node-cache" if (m, s) in seen else "disk" for m in self.models for s in STAGES
+        }
+        return type_load_seconds(self.cost, self.models, src)
+
+    # ------------------------------------------------------------------ placement
+
+    def _orch_config(self) -> OrchestratorConfig:
+        return self.tconfig.placement
+
+    def _current(self) -> dict[str, tuple[str, str] | None]:
+        """Each device's (model, type) as the orchestrator sees it: the MIP's choice when
+        the device still holds that model, else the model it holds most weights of."""
+        cur: dict[str, tuple[str, str] | None] = {}
+        for info in self.graph.devices():
+            pl = self.graph.placement(info.device_id)
+            base = self._base.get(info.device_id)
+            if base is not None and base[0] in pl:
+                cur[info.device_id] = (base[0], placement_type(pl[base[0]]))
+                continue
+            best = max(
+                pl.items(),
+                key=lambda ms: (
+                    sum(model_weight_bytes(self.cost, self.models[ms[0]], s) for s in ms[1])
+                    if ms[0] in self.models
+                    else 0
+                ),
+                default=None,
+            )
+            cur[info.device_id] = (best[0], placement_type(best[1])) if best else None
+        return cur
+
+    def _orchestrate(self, now: float) -> PlacementResult:
+        devices = self.graph.devices()
+        demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
+        current = self._current()
+        # Load time is a cost of *moving*: when some device holds nothing yet (devices
+        # joined), every type must be loaded anyway and the penalty would only bias the
+        # plan toward small weights.
+        moving = bool(current) and all(v is not None for v in current.values())
+        return orchestrate(
+            self.cost,
+            self.models,
+            devices,
+            demand,
+            self.monitor.shapes(now),
+            current,
+            self._orch_config(),
+            move_seconds=self._move_seconds() if moving else None,
+            rates=self.monitor.rates(now),
+            clock=self.clock,
+        )
+
+    def compute_placement(self, now: float) -> Placement:
+        res = self._orchestrate(now)
+        self._last_placement = res
+        self._base = dict(res.plan)
+        self.trigger.planned_for(self._mix(now))
+        return res.stages()
+
+    def _mix(self, now: float) -> dict[str, float]:
+        return mix_of(self.monitor.demand(self.cost, self.models, now, self.config.efficiency))
+
+    def _ratios_of(
+        self, placement: Mapping[str, Mapping[str, frozenset[Stage]]], now: float
+    ) -> dict[str, float]:
+        """Per model with demand: the plan's capacity/demand (exact fluid LP), counting
+        every up device that holds the model fully for its type there."""
+        demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
+        counts: dict[str, dict[tuple[str, str], float]] = {}
+        for info in self.graph.devices():
+            for m, st in placement.get(info.device_id, {}).items():
+                if not st:
+                    continue
+                key = (m, placement_type(st))
+                counts.setdefault(m, {})
+                counts[m][key] = counts[m].get(key, 0.0) + info.speed
+        out: dict[str, float] = {}
+        for m, dem in demand.items():
+            if sum(dem.values()) <= 0:
+                continue
+            types = {t: c for (_, t), c in counts.get(m, {}).items()}
+            out[m] = model_capacity_ratio(types, dem, self.tconfig.placement.bind_aux)
+        return out
+
+    def _served_of(self, ratios: Mapping[str, float], now: float) -> tuple[float, float]:
+        """(served, least capacity/requirement) of a plan's per-model capacity/demand
+        ratios under the window's demand (the orchestrator's served objective)."""
+        p = self.tconfig.placement
+        demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
+        shapes = self.monitor.shapes(now)
+        factors = requirement_factors(
+            self.cost, self.models, demand, shapes, p.rho_max, p.degree_headroom, p.efficiency
+        )
+        weights = served_weights(demand, shapes, self.monitor.rates(now))
+        served = sum(
+            weights.get(m, 0.0) * min(1.0, r / factors.get(m, 1.0)) for m, r in ratios.items()
+        )
+        least = min((r / factors.get(m, 1.0) for m, r in ratios.items()), default=float("inf"))
+        return served, least
+
+    def _model_ratios(self, now: float) -> dict[str, float]:
+        return self._ratios_of(self._placement_now(), now)
+
+    def _placement_now(self) -> dict[str, dict[str, frozenset[Stage]]]:
+        return {
+            info.device_id: dict(self.graph.placement(info.device_id))
+            for info in self.graph.devices()
+        }
+
+    def snapshot(self, now: float) -> MonitorSnapshot:
+        """The monitor's snapshot of the current plan, queue and devices."""
+        placement = self._placement_now()
+        speeds = {info.device_id: info.speed for info in self.graph.devices()}
+        free = {
+            d: self.devices[d].info.memory_bytes - self.weights_on(d)
+            for d in placement
+            if d in self.devices
+        }
+        inflight = {d: len(self.devices[d].inflight) for d in placement if d in self.devices}
+        queue = [(r.spec.model, r.spec.arrival) for r in self.waiting.values()]
+        snap = self.monitor.snapshot(
+            now,
+            self.cost,
+            self.models,
+            placement,
+            speeds,
+            model_ratio=self._ratios_of(placement, now),
+            queue=queue,
+            free_memory=free,
+            inflight=inflight,
+            efficiency=self.config.efficiency,
+        )
+        self.last_snapshot = snap
+        return snap
+
+    def observe(self, event: Event, now: float, out: list[Command]) -> None:
+        if isinstance(event, RequestArrived):
+            self.monitor.record_arrival(now, event.request.model, event.request.shape)
+        elif isinstance(event, TaskFinished):
+            task = self.tasks.get(event.task_id)
+            if task is not None:
+                k = len(task.cmd.devices)
+                busy = event.load_seconds + event.transfer_seconds
+                for s, secs in event.stage_seconds.items():
+                    # Only the leader runs encode/decode; diffuse runs on all k.
+                    self.monitor.record_stage(
+                        task.cmd.model, s, float(secs), now, degree=k if s == "diffuse" else 1
+                    )
+                    busy += float(secs)
+                self.monitor.record_busy(now, task.cmd.devices, busy)
+        c = self.tconfig
+        if not c.dynamic_placement or not isinstance(event, (Tick, RequestArrived)):
+            return
+        if now - self._last_check < c.replan_interval_s or not self.graph.devices():
+            return
+        self._last_check = now
+        self.maybe_replan(now, out)
+
+    def maybe_replan(self, now: float, out: list[Command]) -> bool:
+        """One trigger check; re-plan and apply when the trigger fires and the new plan
+        is predicted to gain ``min_gain``. Returns whether the plan changed."""
+        snap = self.snapshot(now)
+        decision = self.trigger.check(snap, now)
+        if decision is None:
+            return False
+        res = self._orchestrate(now)
+        placement = res.stages()
+        before_r = snap.model_ratio
+        after_r = self._ratios_of(placement, now)
+        before = min(before_r.values(), default=float("inf"))
+        after = min(after_r.values(), default=float("inf"))
+        why: dict[str, object] = {
+            "trigger": decision.to_log(),
+            "ratio_before": round(before, 4) if before != float("inf") else None,
+            "ratio_after": round(after, 4) if after != float("inf") else None,
+        }
+        if self.tconfig.placement.objective == "served":
+            sb, lb = self._served_of(before_r, now)
+            sa, la = self._served_of(after_r, now)
+            applied = self.trigger.worth_it_served(sb, sa, lb, la)
+            why["served_before"] = round(sb, 4)
+            why["served_after"] = round(sa, 4)
+            gain = f"served {sb:.3f} -> {sa:.3f}"
+        else:
+            applied = self.trigger.worth_it(before, after)
+            gain = f"least ratio {before:.3f} -> {after:.3f}"
+        why.update(
+            {
+                "solver": res.solver,
+                "solve_ms": round(res.ms, 2),
+                "monitor": snap.summary(),
+            }
+        )
+        changed = 0
+        if applied:
+            self._last_placement = res
+            self._base = dict(res.plan)
+            changed = self.apply_placement(
+                placement,
+                now,
+                out,
+                reason=f"{decision.describe()}; {gain}",
+                why=why,
+            )
+        else:
+            out.append(
+                LogEvent(
+                    "placement.kept",
+                    {
+                        "policy": self.name,
+                        "reason": f"{decision.describe()}; predicted {gain}: not worth "
+                        "moving (below the minimum gain, or the current plan is satisfied)",
+                        **why,
+                    },
+                )
+            )
+        self.trigger.attempted(now, applied, snap.mix)
+        return changed > 0
+
+    # ------------------------------------------------------------------ dispatch
+
+    def plan(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        if not self.waiting:
+            return out
+        views = self.device_views(now)
+        if not views:
+            return out
+        items = [self.queue_item(r) for r in self.waiting.values()]
+        self.ensure_homes(items, views, now, out)
+        by_id = {v.device_id: v for v in views}
+        # Decode follows diffuse.
+        for it in sorted((i for i in items if i.next_stage == "decode"), key=lambda i: i.deadline):
+            a = self.dispatcher.follow_decode(it, views, now)
+            if a is None:
+                continue
+            out.append(
+                self.issue(self.requests[it.request_id], a.stages, a.devices, now, a.task_end)
+            )
+            v = by_id[a.devices[0]]
+            v.free_at = a.task_end
+            v.available = (
+                len(self.devices[v.device_id].inflight) < self.config.max_inflight_per_device
+            )
+        items = self._batched(items, views, now)
+        members = {i.request_id: i.members for i in items if i.members}
+        res = self.dispatcher.solve(items, views, now, self.clock)
+        for a in res.assignments:
+            reqs = [
+                r
+                for rid in members.get(a.request_id, (a.request_id,))
+                if (r := self.requests.get(rid)) is not None and r.task_id is None
+            ]
+            if len(reqs) > 1:
+                out.append(self.issue_batch(reqs, a.stages, a.devices, now, a.task_end))
+                out.append(
+                    LogEvent(
+                        "dispatch.batched",
+                        {
+                            "request_ids": [r.request_id for r in reqs],
+                            "stages": list(a.stages),
+                            "devices": list(a.devices),
+                        },
+                    )
+                )
+            elif reqs:
+                out.append(self.issue(reqs[0], a.stages, a.devices, now, a.task_end))
+        if res.variables or self.tconfig.log_empty_rounds:
+            out.append(
+                LogEvent(
+                    "dispatch.solved",
+                    {
+                        "solver": res.solver,
+                        "ms": round(res.ms, 3),
+                        "reason": res.reason,
+                        "variables": res.variables,
+                        "assigned": len(res.assignments),
+                        "queued": len(items),
+                    },
+                )
+            )
+        return out
+
+    def _batched(
+        self, items: list[QueueItem], views: list[DeviceView], now: float
+    ) -> list[QueueItem]:
+        """The queue with same-shape small image requests merged into batches where
+        requests outnumber the devices free to start them (trident.sched.batching)."""
+        if self.batching.max_batch < 2 or len(items) < 2:
+            return items
+        keys = self._batch_keys
+        if len(keys) > 2 * len(self.requests) + 256:  # forget ended requests
+            for rid in [r for r in keys if r not in self.requests]:
+                del keys[rid]
+        for it in items:
+            if it.request_id not in keys:
+                req = self.requests[it.request_id]
+                keys[it.request_id] = batch_key(req.spec, self.models.get(req.spec.model))
+        idle: dict[str, int] = {}
+        free_at: dict[str, float] = {}
+        for v in views:
+            if not v.available:
+                continue
+            for m, st in v.holds.items():
+                if "diffuse" in st:
+                    free_at[m] = min(free_at.get(m, v.free_at), v.free_at)
+                    if v.free_at <= now:
+                        idle[m] = idle.get(m, 0) + 1
+        return form_batches(items, keys, idle, self.cost, self.batching, now, free_at)
+
+
+class TridentStaticPolicy(TridentPolicy):
+    """``trident-static``: Trident's dispatcher (load-aware) and adjust-on-dispatch for
+    a stage with no device at all, but the placement is planned once — for the trace's
+    first window (``static_plan_after_s`` after the first arrival, default ``window_s``)
+    — and then frozen: no trigger, no re-planning."""
+
+    name = "trident-static"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel,
+        config: TridentConfig | None = None,
+    ) -> None:
+        # A copy with dynamic placement off; the caller's config is left as it was.
+        cfg = config if config is not None else TridentConfig()
+        super().__init__(models, cost, dataclasses.replace(cfg, dynamic_placement=False))
+        self.frozen = False
+
+    def observe(self, event: Event, now: float, out: list[Command]) -> None:
+        super().observe(event, now, out)
+        first = self.monitor.first_arrival
+        if self.frozen or first is None or not self.graph.devices():
+            return
+        after = self.tconfig.static_plan_after_s
+        if now < first + (self.tconfig.monitor.window_s if after is None else after):
+            return
+        self.frozen = True
+        snap = self.snapshot(now)
+        self.apply_placement(
+            self.compute_placement(now),
+            now,
+            out,
+            reason="static: the plan for the first window, frozen",
+            why={"monitor": snap.summary()},
+        )
