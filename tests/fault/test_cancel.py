@@ -25,6 +25,9 @@ SCALE = 0.25
 # 1024^2 x 50 steps of flux: ~42 s of diffuse at scale 1, ~10.5 s here; one step ~0.21 s.
 LONG = {"height": 1024, "width": 1024, "num_inference_steps": 50}
 STEP_S = 42.0 / 50 * SCALE
+# Scheduling noise on a loaded 2-core machine (seen: 0.8 s once in a full-suite run).
+# Uncancelled, the long request would hold the device ~8 s more: far above this.
+SLACK_S = 1.0
 SHORT = {"height": 256, "width": 256, "num_inference_steps": 2}
 
 
@@ -82,7 +85,7 @@ def test_client_cancel_frees_the_device(one_device: LocalCluster) -> None:
             return time.perf_counter() - t0
 
     after = asyncio.run(run())
-    assert after <= unloaded + STEP_S + 0.5, (after, unloaded)
+    assert after <= unloaded + STEP_S + SLACK_S, (after, unloaded)
     lines = read_log_until(
         one_device.log_file, lambda ls: any(e.get("event") == "stage.cancelled" for e in ls[since:])
     )
@@ -96,7 +99,7 @@ def test_client_timeout_cancels_the_running_stage(one_device: LocalCluster) -> N
     with Client(one_device.client_addr, timeout=2.0) as c, pytest.raises(RequestTimeoutError):
         c.generate(model="flux", prompt="long with a timeout", **LONG)
     after = _short_latency(one_device.client_addr)
-    assert after <= unloaded + STEP_S + 0.5, (after, unloaded)
+    assert after <= unloaded + STEP_S + SLACK_S, (after, unloaded)
 
 
 def test_a_killed_client_process_has_its_work_cancelled(one_device: LocalCluster) -> None:
@@ -127,4 +130,4 @@ def test_a_killed_client_process_has_its_work_cancelled(one_device: LocalCluster
         for e in lines[since:]
     )
     after = _short_latency(one_device.client_addr)
-    assert after <= unloaded + STEP_S + 0.5, (after, unloaded)
+    assert after <= unloaded + STEP_S + SLACK_S, (after, unloaded)

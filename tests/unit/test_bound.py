@@ -56,7 +56,7 @@ def test_requests_without_a_deadline_count_against_the_bound() -> None:
     assert b.bound == pytest.approx(0.5) and b.with_deadline == 1
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_no_policy_beats_the_bound_on_random_small_traces(seed: int) -> None:
     rng = random.Random(seed)
     reqs = []
