@@ -56,6 +56,7 @@ __all__ = [
     "TaskResult",
     "TorchExecutor",
     "make_executor",
+    "mark_stage",
     "parse_devices",
 ]
 
@@ -83,6 +84,17 @@ class TaskCancelled(Exception):
     def __init__(self, message: str = "cancelled", partial: TaskResult | None = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+def mark_stage(exc: BaseException, stage: str) -> BaseException:
+    """Remember on ``exc`` which stage of a (merged) task raised it, as
+    ``exc.failed_stage``; the worker's failure report carries it to the scheduler, so
+    "encode failed" is never said of a diffuse traceback. Returns ``exc``."""
+    if getattr(exc, "failed_stage", None) is None:
+        # An exception type with __slots__ cannot carry it: then it stays unnamed.
+        with contextlib.suppress(AttributeError):
+            exc.failed_stage = stage  # type: ignore[attr-defined]
+    return exc
 
 
 # A simulated diffuse with a cancel flag sleeps in slices of at most this many seconds
@@ -657,7 +669,10 @@ class TorchExecutor(Executor):
             except StageCancelled as exc:  # the flag, seen between two denoising steps
                 raise TaskCancelled(str(exc), partial=result) from exc
             except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-                raise OutOfMemory(str(exc)) from exc
+                raise mark_stage(OutOfMemory(str(exc)), stage) from exc
+            except Exception as exc:
+                mark_stage(exc, stage)
+                raise
             result.stage_seconds[stage] = time.perf_counter() - t0
         result.outputs = {} if follower else dict(current or {})
         return result

@@ -417,6 +417,7 @@ class TaskFailed(_Base, tag="task_failed"):
     error: ErrorCode
     message: Text
     retryable: bool
+    stage: Stage | None = None  # which of a merged task's stages raised, when known
 
 
 class Release(_Base, tag="release"):

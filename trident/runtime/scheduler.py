@@ -1056,9 +1056,10 @@ class SchedulerDaemon:
                 device_id=dev,
                 error=msg.error,
                 message=msg.message,
+                stage=msg.stage,
             )
             error: Any = msg.error if msg.error in _ERROR_CODES else "stage_failed"
-            self.feed(TaskFailed(msg.task_id, error, msg.message, msg.retryable))
+            self.feed(TaskFailed(msg.task_id, error, msg.message, msg.retryable, stage=msg.stage))
         elif isinstance(msg, protocol.StageLoaded):
             if msg.source != "resident":
                 self.log.info(

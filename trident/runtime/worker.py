@@ -690,7 +690,15 @@ class Worker:
             elif not isinstance(exc, OutOfMemory | StageError):
                 log.error("stage.failed", error=repr(exc), traceback=traceback.format_exc(limit=8))
                 log = None  # logged with its traceback already
-            await self._fail(task_id, rank, error, message, retryable=retryable, log=log)
+            await self._fail(
+                task_id,
+                rank,
+                error,
+                message,
+                retryable=retryable,
+                log=log,
+                stage=getattr(exc, "failed_stage", None),
+            )
             return
         await self._report_loads([result], log)
         if rank != 0:
@@ -857,16 +865,39 @@ class Worker:
         await self._fail(task_id, 0, error, message, retryable=retryable, log=log)
 
     async def _fail(
-        self, task_id: str, rank: int, error: str, message: str, *, retryable: bool, log: Any
+        self,
+        task_id: str,
+        rank: int,
+        error: str,
+        message: str,
+        *,
+        retryable: bool,
+        log: Any,
+        stage: str | None = None,
     ) -> None:
         if log is not None:
-            log.warning("stage.failed", error=error, message=message)
+            log.warning("stage.failed", error=error, message=message, stage=stage)
         if rank == 0:
             await self._send(
                 protocol.TaskFailed(
-                    task_id=task_id, error=error, message=message[:60_000], retryable=retryable
+                    task_id=task_id,
+                    error=error,
+                    message=message[:60_000],
+                    retryable=retryable,
+                    stage=_as_stage(stage),
                 )
             )
+
+
+_STAGE_NAMES: dict[str, protocol.Stage] = {
+    "encode": "encode",
+    "diffuse": "diffuse",
+    "decode": "decode",
+}
+
+
+def _as_stage(stage: str | None) -> protocol.Stage | None:
+    return _STAGE_NAMES.get(stage) if stage else None
 
 
 def _quiet(fut: Any) -> None:

@@ -695,7 +695,7 @@ class SchedulerCore:
             )
             self.waiting[req.request_id] = req
             return
-        stage = task.cmd.stages[0]
+        stage = ev.stage if ev.stage in task.cmd.stages else task.cmd.stages[0]
         self._fail(req, ev.error, f"{stage} failed on {task.cmd.devices[0]}: {ev.message}", out)
 
     def _on_device_up(self, info: DeviceInfo, now: float, out: list[Command]) -> None:

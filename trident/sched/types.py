@@ -240,6 +240,8 @@ class TaskFailed:
     # True when the failure is the device's, not the request's (a re-run may succeed).
     retryable: bool = False
     stimulus_id: str = ""
+    # The stage that raised, when the task ran several merged (None: unknown).
+    stage: Stage | None = None
 
 
 @dataclass(frozen=True, slots=True)
