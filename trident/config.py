@@ -22,6 +22,8 @@ is a :class:`~trident.errors.ConfigError` naming it and the valid ones)::
     [[models]]
     name = "flux"
     path = "/models/FLUX.1-dev"    # a local diffusers directory
+    dtype = "bfloat16"             # float32, bfloat16, float16; default "auto": bfloat16
+                                   # on cuda, float32 on cpu (the worker decides)
     [[models]]
     name = "wan-sim"
     family = "wan"                 # no path: a simulated model (sim devices only)
@@ -34,23 +36,31 @@ import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from trident.errors import ConfigError
 from trident.families import FAMILY_NAMES
 from trident.runtime.transport import CLIENT_MAX_MESSAGE_BYTES
+from trident.sched.types import DTYPE_BYTES
 
 __all__ = [
+    "DTYPES",
     "KNOWN_FAMILIES",
     "ModelSpec",
     "SchedulerConfig",
+    "apply_dtype_flags",
     "load_scheduler_config",
+    "parse_dtype",
     "parse_model_flag",
 ]
 
 KNOWN_FAMILIES = FAMILY_NAMES  # the family names of trident.families
+
+# The dtypes a model can be served in. "auto" (the default): bfloat16 on cuda devices,
+# float32 on cpu devices, decided by the worker (trident.runtime.devices.TorchExecutor).
+DTYPES: tuple[str, ...] = tuple(DTYPE_BYTES)  # float32, bfloat16, float16
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,34 @@ class ModelSpec:
     name: str
     path: str | None = None
     family: str | None = None  # required when path is None
+    dtype: str = "auto"  # one of DTYPES, or "auto"
+
+
+def parse_dtype(value: object, where: str) -> str:
+    """``value`` as a dtype name of :data:`DTYPES` (or ``"auto"``); a ConfigError naming
+    the valid values otherwise."""
+    if isinstance(value, str) and (value == "auto" or value in DTYPES):
+        return value
+    raise ConfigError(f"{where}: dtype {value!r} is not one of {', '.join(DTYPES)} (or auto)")
+
+
+def apply_dtype_flags(models: list[ModelSpec], flags: list[str]) -> list[ModelSpec]:
+    """``models`` with each ``--dtype NAME=DTYPE`` applied (the last flag for a name
+    wins); a flag naming no configured model is a ConfigError."""
+    by_name = {m.name: i for i, m in enumerate(models)}
+    out = list(models)
+    for flag in flags:
+        name, sep, value = flag.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"--dtype {flag!r}: expected NAME=DTYPE ({', '.join(DTYPES)})")
+        if name not in by_name:
+            raise ConfigError(
+                f"--dtype {flag!r}: no model named {name!r}; models: {', '.join(by_name) or 'none'}"
+            )
+        i = by_name[name]
+        out[i] = replace(out[i], dtype=parse_dtype(value.strip(), f"--dtype {flag!r}"))
+    return out
 
 
 @dataclass
@@ -113,7 +151,7 @@ def parse_model_flag(value: str) -> ModelSpec:
 
 
 _TOP_TABLES = ("scheduler", "models")
-_MODEL_KEYS = ("name", "path", "family")
+_MODEL_KEYS = ("name", "path", "family", "dtype")
 
 
 def _scheduler_keys() -> tuple[str, ...]:
@@ -189,18 +227,21 @@ def load_scheduler_config(path: str | os.PathLike[str]) -> SchedulerConfig:
         for key in entry:
             if key not in _MODEL_KEYS:
                 raise _unknown_key(path, f"[[models]] #{i + 1} ", key, _MODEL_KEYS)
+        dtype = parse_dtype(entry.get("dtype", "auto"), f"{path}: model {entry['name']!r}")
         if "path" in entry:
             base = Path(path).parent
             p = Path(os.path.expanduser(str(entry["path"])))
             p = p if p.is_absolute() else base / p
             if not p.is_dir():
                 raise ConfigError(f"{path}: model {entry['name']!r}: {p} is not a directory")
-            cfg.models.append(ModelSpec(name=str(entry["name"]), path=str(p.resolve())))
+            cfg.models.append(
+                ModelSpec(name=str(entry["name"]), path=str(p.resolve()), dtype=dtype)
+            )
         elif "family" in entry:
             fam = str(entry["family"])
             if fam not in KNOWN_FAMILIES:
                 raise ConfigError(f"{path}: model {entry['name']!r}: unknown family {fam!r}")
-            cfg.models.append(ModelSpec(name=str(entry["name"]), family=fam))
+            cfg.models.append(ModelSpec(name=str(entry["name"]), family=fam, dtype=dtype))
         else:
             raise ConfigError(f"{path}: model {entry['name']!r} needs a path or a family")
     return cfg

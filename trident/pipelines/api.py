@@ -104,6 +104,11 @@ class ModelMeta:
     # On-disk bytes of each stage's components (encode: text encoders, diffuse:
     # transformer, decode: vae).
     stage_weight_bytes: Mapping[str, int] = field(default_factory=dict)
+    # Of those, the floating-point tensors of each stage's ``*.safetensors`` files (read
+    # from their headers): elements and stored bytes. Loading in another dtype changes
+    # these bytes only (:func:`trident.pipelines.meta.stage_weight_bytes_as`).
+    stage_float_elements: Mapping[str, int] = field(default_factory=dict)
+    stage_float_bytes: Mapping[str, int] = field(default_factory=dict)
     # Largest height / width the transformer's positional table covers (None: any).
     max_side: int | None = None
     # Why max_frames ("num_frames") / max_side ("side") are what they are, where the model

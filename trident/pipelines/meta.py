@@ -30,6 +30,7 @@ __all__ = [
     "family_of_class",
     "inspect_model",
     "stage_components",
+    "stage_weight_bytes_as",
     "validate_request",
 ]
 
@@ -78,6 +79,51 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
+# safetensors dtype codes of floating-point tensors -> bytes per element
+_SAFETENSORS_FLOAT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _float_tensors(path: Path) -> tuple[int, int]:
+    """(elements, stored bytes) of the floating-point tensors in the ``*.safetensors``
+    files under ``path``, from their JSON headers (no tensor data is read). Other weight
+    files (``.bin``) are not parsed: their bytes count as they are stored."""
+    elements = nbytes = 0
+    if not path.is_dir():
+        return 0, 0
+    for f in path.rglob("*.safetensors"):
+        try:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 0 < n < 100_000_000 else {}
+        except (OSError, ValueError):
+            continue
+        for key, t in header.items():
+            if key == "__metadata__" or not isinstance(t, dict):
+                continue
+            size = _SAFETENSORS_FLOAT.get(str(t.get("dtype")))
+            shape = t.get("shape")
+            if size is None or not isinstance(shape, list):
+                continue
+            count = math.prod(int(d) for d in shape)
+            elements += count
+            nbytes += count * size
+    return elements, nbytes
+
+
+def stage_weight_bytes_as(meta: ModelMeta, bytes_per_element: int) -> dict[str, int]:
+    """Each stage's weight bytes once loaded with floating-point tensors of
+    ``bytes_per_element`` bytes (4: float32, 2: bfloat16/float16): the on-disk bytes
+    with the floating-point tensors' stored bytes replaced by elements x that size.
+    (diffusers keeps a few modules in float32 whatever the dtype, e.g. T5's ``wo``
+    layers; this ignores them.)"""
+    out: dict[str, int] = {}
+    for stage, stored in meta.stage_weight_bytes.items():
+        elements = int(meta.stage_float_elements.get(stage, 0))
+        floats = int(meta.stage_float_bytes.get(stage, 0))
+        out[stage] = max(0, int(stored) - floats + elements * bytes_per_element)
+    return out
+
+
 def inspect_model(path: str | Path) -> ModelMeta:
     """Read a diffusers directory's metadata (no torch). Raises :class:`ModelError`."""
     root = Path(path)
@@ -107,6 +153,10 @@ def inspect_model(path: str | Path) -> ModelMeta:
         stage: sum(_dir_bytes(root / c) for c in stage_components(components, stage))
         for stage in spec.stages
     }
+    floats: dict[str, tuple[int, int]] = {}
+    for stage in spec.stages:
+        parts = [_float_tensors(root / c) for c in stage_components(components, stage)]
+        floats[stage] = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     max_frames, default_frames, notes = _frame_limits(spec, geometry, transformer)
     max_side = geometry.max_side
     if max_side is not None:
@@ -130,6 +180,8 @@ def inspect_model(path: str | Path) -> ModelMeta:
         uses_cfg=spec.uses_cfg,
         context_parallel=spec.context_parallel,
         stage_weight_bytes=weights,
+        stage_float_elements={k: v[0] for k, v in floats.items()},
+        stage_float_bytes={k: v[1] for k, v in floats.items()},
         max_side=max_side,
         limit_notes=notes,
     )

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from trident.errors import ConfigError
-from trident.sched.types import Shape
+from trident.sched.types import DTYPE_BYTES, Shape
 
 __all__ = [
     "DeviceSpec",
@@ -327,12 +327,19 @@ class SimExecutor(Executor):
             raise StageError(f"unknown model {model!r}")
         return str(info["family"])
 
+    def _weight_bytes(self, model: str, family: str, stage: str) -> int:
+        """The cost model's (bfloat16) weights of ``stage``, at the model's dtype
+        ("auto" on a simulated GPU: bfloat16), as the planner sizes them."""
+        name = str((self.models.get(model) or {}).get("dtype") or "auto")
+        per = DTYPE_BYTES.get(name, 2)
+        return int(self.cost.weight_bytes(family, stage)) * per // 2  # type: ignore[arg-type]
+
     def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         if (model, stage) in self.resident:
             self._touch((model, stage))
             return 0.0, "resident"
         family = self._family(model)
-        need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
+        need = self._weight_bytes(model, family, stage)
         self.evicted.extend(self._make_room(need, keep={(model, stage)}))
         secs = self.cost.load_seconds(family, stage, source) * self.time_scale  # type: ignore[arg-type]
         time.sleep(secs)
@@ -407,7 +414,7 @@ class SimExecutor(Executor):
             if (model, stage) in self.resident:
                 self._touch((model, stage))
                 continue
-            need = self.cost.weight_bytes(family, stage)  # type: ignore[arg-type]
+            need = self._weight_bytes(model, family, stage)
             result.evicted += self._make_room(need, keep={(model, s) for s in stages})
             source = str(sources.get(stage, "disk"))
             secs = self.cost.load_seconds(family, stage, source) * self.time_scale  # type: ignore[arg-type]
@@ -600,9 +607,21 @@ class TorchExecutor(Executor):
                 raise StageError(f"model {model!r} has no weights directory on this node")
             from trident.pipelines import open_pipeline
 
-            pipe = open_pipeline(str(info["path"]), device=self.device)
+            pipe = open_pipeline(str(info["path"]), device=self.device, dtype=self.dtype(model))
             self.pipes[model] = pipe
         return pipe
+
+    def dtype(self, model: str) -> Any:
+        """The torch dtype ``model`` runs in here: its configured one, or for ``"auto"``
+        bfloat16 on cuda and float32 on cpu."""
+        import torch
+
+        name = str((self.models.get(model) or {}).get("dtype") or "auto")
+        if name == "auto":
+            name = "bfloat16" if self.kind == "cuda" else "float32"
+        if name not in DTYPE_BYTES:
+            raise StageError(f"model {model!r}: unknown dtype {name!r}")
+        return getattr(torch, name)
 
     def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         pipe = self._pipe(model)

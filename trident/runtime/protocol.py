@@ -254,6 +254,7 @@ class NodeHello(_Base, tag="node_hello"):
 class ModelRef(Struct):
     family: Name
     path: Addr | None = None
+    dtype: Name = "auto"  # float32, bfloat16, float16; auto: bfloat16 on cuda, float32 on cpu
 
 
 class NodeWelcome(_Base, tag="node_welcome"):

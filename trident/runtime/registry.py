@@ -14,7 +14,7 @@ from typing import Any
 from trident.config import ModelSpec
 from trident.errors import InvalidRequestError, ModelError
 from trident.families import FAMILIES, runs_cfg
-from trident.sched.types import ModelInfo, Shape
+from trident.sched.types import DTYPE_BYTES, ModelInfo, Shape
 
 __all__ = ["ServedModel", "build_request_shape", "register_models"]
 
@@ -44,6 +44,9 @@ class ServedModel:
     default_num_frames: int
     default_steps: int
     default_guidance: float | None
+    # The configured dtype (trident.config.DTYPES, or "auto": the worker picks bfloat16
+    # on cuda, float32 on cpu); ``info.dtype`` is the one the planner sizes with.
+    dtype: str = "auto"
 
     def describe(self) -> dict[str, Any]:
         """Defaults and limits, as the scheduler's ``ping`` advertises them (the HTTP
@@ -70,6 +73,7 @@ class ServedModel:
             "family": self.info.family,
             "path": self.info.path,
             "is_video": self.info.is_video,
+            "dtype": self.dtype,
             "default_height": self.default_height,
             "default_width": self.default_width,
             "default_num_frames": self.default_num_frames,
@@ -105,13 +109,22 @@ def _meta_defaults(meta: Any) -> tuple[int, int]:
 
 
 def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
-    """Resolve every configured model; raises ModelError for a bad one."""
+    """Resolve every configured model; raises ModelError for a bad one.
+
+    Weight sizes follow the model's dtype: a directory's stage weights are its files'
+    bytes with the floating-point tensors at the serving dtype
+    (:func:`trident.pipelines.meta.stage_weight_bytes_as`); ``"auto"`` is sized as
+    bfloat16, what cuda (and sim) devices run it in."""
     served: dict[str, ServedModel] = {}
     for spec in specs:
         if spec.name in served:
             raise ModelError(f"model name {spec.name!r} registered twice")
+        sizing = "bfloat16" if spec.dtype == "auto" else spec.dtype
+        if sizing not in DTYPE_BYTES:
+            raise ModelError(f"model {spec.name!r}: unknown dtype {spec.dtype!r}")
         if spec.path is not None:
             from trident.pipelines import inspect_model
+            from trident.pipelines.meta import stage_weight_bytes_as
 
             meta = inspect_model(spec.path)
             h, w = _meta_defaults(meta)
@@ -120,7 +133,8 @@ def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
                 family=meta.family,
                 path=spec.path,
                 is_video=meta.is_video,
-                stage_weight_bytes=dict(meta.stage_weight_bytes),
+                stage_weight_bytes=stage_weight_bytes_as(meta, DTYPE_BYTES[sizing]),
+                dtype=sizing,
             )
             served[spec.name] = ServedModel(
                 info=info,
@@ -130,6 +144,7 @@ def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
                 default_num_frames=int(meta.default_num_frames or 1) if meta.is_video else 1,
                 default_steps=int(meta.default_steps),
                 default_guidance=float(meta.default_guidance_scale),
+                dtype=spec.dtype,
             )
         else:
             family = spec.family or spec.name
@@ -137,7 +152,11 @@ def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
             if d is None:
                 raise ModelError(f"model {spec.name!r}: unknown family {family!r}")
             info = ModelInfo(
-                name=spec.name, family=family, path=None, is_video=FAMILIES[family].is_video
+                name=spec.name,
+                family=family,
+                path=None,
+                is_video=FAMILIES[family].is_video,
+                dtype=sizing,
             )
             served[spec.name] = ServedModel(
                 info=info,
@@ -147,6 +166,7 @@ def register_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
                 default_num_frames=d["num_frames"],
                 default_steps=d["steps"],
                 default_guidance=None,
+                dtype=spec.dtype,
             )
     return served
 

@@ -40,7 +40,13 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from trident.config import SchedulerConfig, load_scheduler_config, parse_model_flag
+from trident.config import (
+    DTYPES,
+    SchedulerConfig,
+    apply_dtype_flags,
+    load_scheduler_config,
+    parse_model_flag,
+)
 from trident.errors import ConfigError, InvalidRequestError, ModelError, ProtocolError, TridentError
 from trident.log import configure_logging, flush_logs, get_logger
 from trident.runtime import protocol
@@ -910,7 +916,10 @@ class SchedulerDaemon:
     # ------------------------------------------------------------------ nodes and workers
 
     def _models_for_workers(self) -> dict[str, ModelRef]:
-        return {n: ModelRef(family=m.info.family, path=m.info.path) for n, m in self.served.items()}
+        return {
+            n: ModelRef(family=m.info.family, path=m.info.path, dtype=m.dtype)
+            for n, m in self.served.items()
+        }
 
     def _welcome_node(self) -> bytes:
         return protocol.encode(
@@ -1271,6 +1280,14 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
         help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model",
     )
     p.add_argument(
+        "--dtype",
+        action="append",
+        default=[],
+        metavar="NAME=DTYPE",
+        help=f"serve model NAME in DTYPE ({', '.join(DTYPES)}; repeatable); default: "
+        "bfloat16 on cuda devices, float32 on cpu devices",
+    )
+    p.add_argument(
         "--policy",
         help="scheduling policy: trident (default), trident-static, b1, b4, b6, authors, fifo",
     )
@@ -1329,6 +1346,7 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
         if value is not None:
             setattr(cfg, key, value)
     cfg.models.extend(parse_model_flag(m) for m in ns.model)
+    cfg.models = apply_dtype_flags(cfg.models, ns.dtype)
     for opt in ns.policy_option:
         key, sep, value = opt.partition("=")
         if not sep:

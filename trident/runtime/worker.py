@@ -306,7 +306,9 @@ class Worker:
 
     def _welcomed(self, msg: protocol.WorkerWelcome) -> None:
         a = self.args
-        self.models = {n: {"family": m.family, "path": m.path} for n, m in msg.models.items()}
+        self.models = {
+            n: {"family": m.family, "path": m.path, "dtype": m.dtype} for n, m in msg.models.items()
+        }
         self.args.heartbeat_s = float(msg.heartbeat_s)
         self.executor = make_executor(
             a.kind,

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from trident.families import FAMILIES
-from trident.sched.types import STAGES, Shape, Stage
+from trident.sched.types import DTYPE_BYTES, STAGES, Shape, Stage
 
 __all__ = [
     "DEFAULT_EFFICIENCY",
@@ -699,12 +699,15 @@ def supported_degrees(
 def model_weight_bytes(cost: object, info: object, stage: Stage) -> int:
     """Weights of ``stage`` of a served model on a device: the model's own figure
     (``ModelInfo.stage_weight_bytes``, read from the model directory) when it has one,
-    else the cost model's figure for its family. Works with any CostModel."""
+    else the cost model's figure for its family (bfloat16) scaled to the model's
+    ``dtype``. Works with any CostModel."""
     own = getattr(info, "stage_weight_bytes", None) or {}
     nbytes = int(own.get(stage, 0) or 0)
     if nbytes > 0:
         return nbytes
-    return int(cost.weight_bytes(info.family, stage))  # type: ignore[attr-defined]
+    # The family's figures are bfloat16 (2 bytes per weight): scale to the model's dtype.
+    per = DTYPE_BYTES.get(str(getattr(info, "dtype", "bfloat16")), 2)
+    return int(cost.weight_bytes(info.family, stage)) * per // 2  # type: ignore[attr-defined]
 
 
 def best_degree(

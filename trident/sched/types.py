@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
 __all__ = [
+    "DTYPE_BYTES",
     "STAGES",
     "CancelTask",
     "Command",
@@ -60,6 +61,10 @@ __all__ = [
 
 Stage: TypeAlias = Literal["encode", "diffuse", "decode"]
 STAGES: tuple[Stage, ...] = ("encode", "diffuse", "decode")
+
+# The dtypes a model can be served in, and bytes per element of each (weights and
+# activations). The cost model's built-in figures are for bfloat16.
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 DeviceKind: TypeAlias = Literal["cpu", "sim", "cuda"]
 
 # Error codes carried by FailRequest / TaskFailed; the client maps them onto the
@@ -130,10 +135,14 @@ class ModelInfo:
     family: str  # flux, sd3, wan, cogvideox, hunyuanvideo
     path: str | None = None  # local diffusers directory; None for simulated-only models
     is_video: bool = False
-    # Weight bytes per stage on the device (bf16 on GPU); used for placement.
+    # Weight bytes per stage on the device, at ``dtype`` (for a model directory: its
+    # files' bytes with the floating-point tensors at ``dtype``); used for placement.
     stage_weight_bytes: Mapping[str, int] = field(default_factory=dict)
     # Families whose diffuse stage can run at degree > 1 (context parallel or CFG).
     max_degree: int = 8
+    # The dtype the planner sizes this model's weights with (a key of DTYPE_BYTES):
+    # the configured one, or bfloat16 for "auto" (what cuda and sim devices run).
+    dtype: str = "bfloat16"
 
 
 @dataclass(frozen=True, slots=True)
