@@ -39,6 +39,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from trident.errors import ProtocolError
+from trident.families import Stage
 
 __all__ = [
     "CLIENT_TO_SCHEDULER",
@@ -121,7 +122,6 @@ Count = Annotated[int, Meta(ge=0, le=1 << 53)]
 Index = Annotated[int, Meta(ge=0, le=65_535)]
 # Durations and sizes: finite, non-negative (NaN fails every bound).
 Seconds = Annotated[float, Meta(ge=0.0, le=1e9)]
-Stage = Literal["encode", "diffuse", "decode"]
 DeviceKind = Literal["cpu", "sim", "cuda"]
 ErrorCode = Annotated[str, Meta(min_length=1, max_length=64)]
 StageList = Annotated[list[Stage], Meta(min_length=1, max_length=3)]

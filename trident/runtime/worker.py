@@ -47,6 +47,7 @@ import zmq
 import zmq.asyncio
 
 from trident.errors import ProtocolError
+from trident.families import STAGES
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
 from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
@@ -891,11 +892,7 @@ class Worker:
             )
 
 
-_STAGE_NAMES: dict[str, protocol.Stage] = {
-    "encode": "encode",
-    "diffuse": "diffuse",
-    "decode": "decode",
-}
+_STAGE_NAMES: dict[str, protocol.Stage] = {s: s for s in STAGES}
 
 
 def _as_stage(stage: str | None) -> protocol.Stage | None:

@@ -20,6 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
+# The stage names are a family fact; re-exported here as the core's vocabulary.
+from trident.families import STAGES, Stage
+
 __all__ = [
     "DTYPE_BYTES",
     "STAGES",
@@ -59,8 +62,6 @@ __all__ = [
     "new_stimulus_id",
 ]
 
-Stage: TypeAlias = Literal["encode", "diffuse", "decode"]
-STAGES: tuple[Stage, ...] = ("encode", "diffuse", "decode")
 
 # The dtypes a model can be served in, and bytes per element of each (weights and
 # activations). The cost model's built-in figures are for bfloat16.

@@ -9,8 +9,9 @@ the same trace and cluster is at most the bound:
 - no memory limit, no weight loads, no encode, decode or transfers (dropping work only
   loosens the bound);
 - only diffuse time counts, from the cost model (``stage_seconds(..., "diffuse",
-  shape, k)``) on the cluster's device speed; degrees 1, 2, 4, 8 up to the model's
-  ``max_degree`` and the node size.
+  shape, k)``) on the cluster's device speed; every degree the cost model supports
+  (``supported_degrees``: powers of two) up to the model's ``max_degree`` and the node
+  size.
 
 LP: for request r and degree k, ``x[r,k]`` is the fraction of r's steps run at degree
 k; ``y_r = Σ_k x[r,k] <= 1`` is its on-time share.
@@ -37,12 +38,11 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from trident.sched.cost import supported_degrees
 from trident.sched.solver import solver_library
 from trident.sched.types import CostModel, ModelInfo, RequestSpec
 
 __all__ = ["AttainmentBound", "slo_attainment_bound"]
-
-DEGREES = (1, 2, 4, 8)
 
 
 @dataclass
@@ -53,11 +53,6 @@ class AttainmentBound:
     intervals: int
     status: str  # "optimal", or why the bound is the trivial 1.0
     per_request: dict[str, float] = field(default_factory=dict)  # y_r
-
-
-def _degrees(info: ModelInfo, gpus_per_node: int) -> list[int]:
-    cap = min(info.max_degree, gpus_per_node)
-    return [k for k in DEGREES if k <= cap] or [1]
 
 
 def slo_attainment_bound(
@@ -91,7 +86,8 @@ def slo_attainment_bound(
         xs = []
         time_expr = mip.LinExpr()
         work_expr = mip.LinExpr()
-        for k in _degrees(info, gpus_per_node):
+        cap = max(1, min(info.max_degree, gpus_per_node))
+        for k in supported_degrees(cost, info.family, r.shape, cap):
             t = float(cost.stage_seconds(info.family, "diffuse", r.shape, k)) / speed
             x = m.add_var(lb=0.0, ub=1.0)
             xs.append(x)
