@@ -151,17 +151,47 @@ class LocalCluster:
         return p
 
     def wait_ready(self, devices: int, timeout: float | None = None) -> dict[str, Any]:
-        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        limit = timeout or self.startup_timeout
+        deadline = time.monotonic() + limit
+        pong: dict[str, Any] | None = None
         with Client(self.client_addr, curve_dir=self.curve_dir) as c:
             while time.monotonic() < deadline:
                 if self.scheduler is not None and self.scheduler.poll() is not None:
-                    raise TridentError(f"scheduler exited with {self.scheduler.returncode}")
+                    raise TridentError(
+                        f"scheduler exited with {self.scheduler.returncode}{self._diagnosis()}"
+                    )
                 with contextlib.suppress(TridentError):
                     pong = c.ping(timeout=1.0)
                     if len(pong.get("devices", [])) >= devices:
                         return pong
                 time.sleep(0.1)
-        raise TridentError(f"cluster not ready: fewer than {devices} devices after startup timeout")
+        seen = (
+            "the scheduler never answered"
+            if pong is None
+            else f"nodes {pong.get('nodes')}, devices {pong.get('devices')}"
+        )
+        raise TridentError(
+            f"cluster not ready: fewer than {devices} devices after {limit:.0f} s ({seen})"
+            f"{self._diagnosis()}"
+        )
+
+    def _diagnosis(self, lines: int = 40) -> str:
+        """What a failed start leaves to read: daemon exit codes and the logs' last
+        lines, so a startup failure in CI says why without its temp dir."""
+        out = []
+        for p in self.node_procs:
+            if p.poll() is not None:
+                out.append(f"node pid {p.pid} exited with {p.returncode}")
+        if self.log_dir is not None:
+            err = self.log_dir / "stderr.log"
+            if err.exists():
+                tail = err.read_text(errors="replace").splitlines()[-lines:]
+                out += ["stderr.log:", *tail]
+            log = self.log_dir / "trident.log"
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                out += ["trident.log:", *(ln[:400] for ln in tail)]
+        return ("\n" + "\n".join(out)) if out else ""
 
     def stop(self, grace: float = 10.0) -> None:
         # Nodes first (they stop their workers), then the scheduler.
