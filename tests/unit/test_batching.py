@@ -17,6 +17,7 @@ from trident.sched.cost import (
 from trident.sched.dispatcher import QueueItem
 from trident.sched.registry import make_policy
 from trident.sched.types import (
+    STAGES,
     DeviceInfo,
     ModelInfo,
     NodeJoined,
@@ -200,7 +201,9 @@ def test_a_burst_of_small_images_is_served_in_batches_and_sooner() -> None:
     assert not none and all(r.status == "completed" for r in alone.records)
     last = max(r.finish for r in res.records if r.finish is not None)
     last_alone = max(r.finish for r in alone.records if r.finish is not None)
-    assert last < 0.8 * last_alone
+    # Both devices serve flux (the idle cogvideox one is re-homed), so batching's gain
+    # on the burst's end is ~13% here (~22% with one flux device).
+    assert last < 0.9 * last_alone
     mean = sum(r.finish - r.arrival for r in res.records) / len(reqs)  # type: ignore[operator]
     mean_alone = sum(r.finish - r.arrival for r in alone.records) / len(reqs)  # type: ignore[operator]
     assert mean < mean_alone
@@ -252,3 +255,22 @@ def test_core_counts_a_batch_as_one_call_on_its_device() -> None:
     assert isinstance(single, RunTask)
     with pytest.raises(ValueError):
         core.start_batch([core.requests["r1"], core.requests["r2"]], ("diffuse",), ("a", "b"), 0.5)
+
+
+def test_a_batch_is_never_bigger_than_the_free_memory_of_its_model_fits() -> None:
+    """A batch no device has room for would wait forever: form_batches caps the size by
+    the most free memory of a device holding the model's diffuse stage."""
+    items = [item(f"r{i}") for i in range(8)]
+    keys = {i.request_id: "k" for i in items}
+    cfg = BatchConfig(max_batch=4)
+    free = form_batches(items, keys, {"flux": 0}, COST, cfg, 0.0)
+    assert max(i.size for i in free) == 4
+
+    def peak(b: int) -> int:
+        return max(batch_peak_bytes(COST, "flux", s, SMALL, 1, b) for s in STAGES)
+
+    room = {"flux": (peak(2) + peak(3)) // 2}  # a pair fits, three do not
+    tight = form_batches(items, keys, {"flux": 0}, COST, cfg, 0.0, room_bytes=room)
+    assert max(i.size for i in tight) == 2 and ids(tight) == ids(items)
+    none = form_batches(items, keys, {"flux": 0}, COST, cfg, 0.0, room_bytes={"flux": 0})
+    assert all(i.size == 1 for i in none) and ids(none) == ids(items)

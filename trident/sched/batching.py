@@ -33,7 +33,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from trident.families import PER_MEMBER_PARAMS
-from trident.sched.cost import batch_stage_seconds
+from trident.sched.cost import batch_peak_bytes, batch_stage_seconds
 from trident.sched.dispatcher import QueueItem
 from trident.sched.types import STAGES, CostModel, ModelInfo, RequestSpec, Shape, Stage
 
@@ -105,6 +105,7 @@ def form_batches(
     config: BatchConfig,
     now: float,
     free_at: Mapping[str, float] | None = None,
+    room_bytes: Mapping[str, int] | None = None,
 ) -> list[QueueItem]:
     """The queue with some same-key requests merged into batch items.
 
@@ -112,6 +113,9 @@ def form_batches(
     ``idle``: model -> devices holding its diffuse stage that could start a task now.
     ``free_at``: model -> when the first of those devices frees up (default ``now``):
     when a batch would start.
+    ``room_bytes``: model -> the most free memory of a device holding its diffuse
+    stage; a batch is never bigger than its peak activation fits there (a batch no
+    device can run would wait forever).
     Returns singles unchanged and one item per batch (``members`` set, ``max_degree``
     1, deadline and arrival the earliest member's), in the input's order.
     """
@@ -134,6 +138,8 @@ def form_batches(
     for group in order:
         head = group[0]
         b_max = best_batch_size(cost, head.family, head.shape, config.max_batch, config.min_gain)
+        if room_bytes is not None and head.model in room_bytes:
+            b_max = _fitting_size(cost, head, b_max, room_bytes[head.model])
         n = len(group)
         room = free.get(head.model, 0)
         if b_max < 2 or n <= room:
@@ -176,6 +182,17 @@ def form_batches(
         elif it.request_id not in absorbed:
             out.append(it)
     return out
+
+
+def _fitting_size(cost: CostModel, head: QueueItem, b_max: int, room: int) -> int:
+    """The largest batch size up to ``b_max`` whose stages' peak activation fits ``room``
+    bytes (1 when even a pair does not)."""
+    stages: tuple[Stage, ...] = STAGES if head.next_stage == "encode" else STAGES[1:]
+    for b in range(b_max, 1, -1):
+        peak = max(batch_peak_bytes(cost, head.family, s, head.shape, 1, b) for s in stages)
+        if peak <= room:
+            return b
+    return 1
 
 
 def _slack_size(standalone: _Standalone, urgent: QueueItem, start: float, cap: int) -> int:

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from trident.sched.batching import BatchConfig, batch_key, form_batches
 from trident.sched.core import CoreConfig
-from trident.sched.cost import model_weight_bytes
+from trident.sched.cost import model_weight_bytes, supported_degrees
 from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
 from trident.sched.graph import placement_type
 from trident.sched.monitor import Monitor, MonitorConfig, MonitorSnapshot, mix_of
@@ -50,6 +50,7 @@ from trident.sched.types import (
     Stage,
     TaskFinished,
     Tick,
+    UnloadStage,
 )
 
 __all__ = ["TridentConfig", "TridentPolicy", "TridentStaticPolicy"]
@@ -76,6 +77,11 @@ class TridentConfig:
     # trident-static: plan once, this long after the first arrival (None: window_s)
     static_plan_after_s: float | None = None
     log_empty_rounds: bool = False  # log dispatch.solved for rounds with nothing to solve
+    # Work conservation: an idle device holding nothing any waiting request can use is
+    # re-homed to a waiting request's model when that request would otherwise wait
+    # longer than this (and than twice the load) for a device of its own.
+    rehome_idle: bool = True
+    rehome_min_wait_s: float = 5.0
 
     # Flat option names (docs/planner.md; the historical flat TridentConfig) -> the
     # section fields they set. ``section.field`` reaches every other setting.
@@ -416,6 +422,8 @@ class TridentPolicy(PlacedPolicy):
             return out
         items = [self.queue_item(r) for r in self.waiting.values()]
         self.ensure_homes(items, views, now, out)
+        if self.tconfig.rehome_idle and self._rehome_idle(items, views, now, out):
+            views = self.device_views(now)
         by_id = {v.device_id: v for v in views}
         # Decode follows diffuse.
         for it in sorted((i for i in items if i.next_stage == "decode"), key=lambda i: i.deadline):
@@ -469,6 +477,175 @@ class TridentPolicy(PlacedPolicy):
             )
         return out
 
+    def _rehome_idle(
+        self, items: list[QueueItem], views: list[DeviceView], now: float, out: list[Command]
+    ) -> bool:
+        """Work conservation. The placement plan follows the monitor's windowed demand,
+        which lags a shift (a burst of video after a run of images): a device can sit
+        idle holding what nobody waits for, or holding a waiting model's diffuse but not
+        its encode, while that model's requests queue for their few full homes. For
+        the most urgent waiting requests that would otherwise wait longer than
+        ``rehome_min_wait_s`` (and twice the load) for their next stage, an idle device
+        is given the stages they need: one that already holds the model's diffuse
+        first (the least to load), else one holding nothing waiting requests need.
+        Only stages nobody waits for are unloaded. Returns whether the plan changed."""
+        cost = self.cost
+        waiting = [
+            it
+            for it in items
+            if it.next_stage in ("encode", "diffuse")
+            and (r := self.requests.get(it.request_id)) is not None
+            and r.task_id is None
+        ]
+        if not waiting:
+            return False
+        # What waiting requests need a device for: a model's diffuse (and its encode
+        # first, where not done yet), or its decode.
+        needs_diffuse = {it.model for it in waiting}
+        needs_decode = {it.model for it in items if it.next_stage == "decode"}
+        busy_models = needs_diffuse | needs_decode
+
+        def keeps(m: str, s: Stage) -> bool:
+            """A stage some waiting request needs from this device."""
+            return (s == "diffuse" and m in needs_diffuse) or (s == "decode" and m in needs_decode)
+
+        idle: list[DeviceView] = []
+        for v in sorted(views, key=lambda v: v.device_id):
+            st = self.devices.get(v.device_id)
+            if v.available and v.free_at <= now and st is not None and not st.inflight:
+                idle.append(v)
+        if not idle:
+            return False
+        # Each (model, stage)'s homes by when they free up; a waiting request's turn is
+        # its place in its model's deadline order.
+        homes: dict[tuple[str, Stage], list[float]] = {}
+        for v in views:
+            for m, held in v.holds.items():
+                for s in held:
+                    homes.setdefault((m, s), []).append(v.free_at)
+        for fs in homes.values():
+            fs.sort()
+
+        def start_of(key: tuple[str, Stage], p: int, service: float) -> float:
+            fs = homes.get(key)
+            if not fs:
+                return float("inf")
+            return fs[p % len(fs)] + (p // len(fs)) * service
+
+        turn: dict[str, int] = {}
+        changed = False
+        for it in sorted(waiting, key=lambda i: (i.deadline, i.arrival, i.request_id)):
+            if not idle:
+                break
+            info = self.models.get(it.model)
+            if info is None or not homes.get((it.model, "diffuse")):
+                continue  # no home at all: ensure_homes' job
+            p = turn.get(it.model, 0)
+            turn[it.model] = p + 1
+            need: list[Stage] = [s for s in STAGES if s != "encode" or it.next_stage == "encode"]
+            service = sum(cost.stage_seconds(info.family, s, it.shape, 1) for s in need)
+            wait = max(start_of((it.model, s), p, service) for s in need if s != "decode") - now
+            if wait <= self.tconfig.rehome_min_wait_s:
+                continue
+            if 1 not in supported_degrees(cost, info.family, it.shape, info.max_degree):
+                continue  # a shape that needs a group: the orchestrator's job
+            peak = max(cost.stage_peak_bytes(info.family, s, it.shape, 1) for s in need)
+            # Devices that hold this model's diffuse first, then those holding nothing
+            # waiting requests need; never a device another waiting model needs.
+            order = sorted(
+                (
+                    v
+                    for v in idle
+                    if not any(
+                        keeps(m, s) for m, held in v.holds.items() if m != it.model for s in held
+                    )
+                ),
+                key=lambda v: ("diffuse" not in v.holds.get(it.model, frozenset()), v.device_id),
+            )
+            for v in order:
+                plan = self._rehome_plan(v, it.model, need, peak, busy_models)
+                if plan is None:
+                    continue
+                stages, evict = plan
+                added = [s for s in stages if s not in v.holds.get(it.model, frozenset())]
+                if not added and not evict:
+                    continue  # holds it all, with room: idle for the dispatcher's reasons
+                load = sum(
+                    self._load_seconds(it.model, s, self.load_source(v.device_id, it.model, s))
+                    for s in added
+                )
+                if wait <= 2.0 * load:
+                    continue
+                evicted = [f"{v.device_id}:{m}:{s}" for m, s in evict]
+                for m, s in evict:
+                    out.append(UnloadStage(v.device_id, m, s))
+                    left = self.graph.placement(v.device_id).get(m, frozenset()) - {s}
+                    self.graph.set_placement(v.device_id, m, left)
+                self.graph.set_placement(v.device_id, it.model, stages)
+                self._base[v.device_id] = (it.model, placement_type(stages))
+                out.append(
+                    LogEvent(
+                        "placement.rehomed",
+                        {
+                            "policy": self.name,
+                            "model": it.model,
+                            "stages": sorted(stages),
+                            "device": v.device_id,
+                            "evicted": evicted,
+                            "request_id": it.request_id,
+                            "predicted_wait_s": round(wait, 2),
+                            "load_s": round(load, 2),
+                            "reason": "an idle device while a request waits for its stages",
+                        },
+                    )
+                )
+                idle.remove(v)
+                # Later requests of this model see the new home (free once loaded).
+                for s in stages:
+                    homes.setdefault((it.model, s), []).append(now + load)
+                    homes[it.model, s].sort()
+                changed = True
+                break
+        return changed
+
+    def _rehome_plan(
+        self,
+        v: DeviceView,
+        model: str,
+        need: list[Stage],
+        peak: int,
+        busy_models: set[str],
+    ) -> tuple[frozenset[Stage], list[tuple[str, Stage]]] | None:
+        """The stages ``v`` would hold for ``model`` (the whole pipeline when it fits
+        beside the peak activation, else diffuse alone) and the other models' stages to
+        unload for room: models nobody waits for first, biggest first. None: no fit."""
+        cost = self.cost
+        info = self.models[model]
+        mem = self.graph.info(v.device_id).memory_bytes
+        held = frozenset(v.holds.get(model, frozenset()))
+        others: list[tuple[str, Stage]] = [
+            (m, s)
+            for m, st in sorted(v.holds.items())
+            if m != model and m in self.models
+            for s in sorted(st)
+        ]
+        size = {ms: model_weight_bytes(cost, self.models[ms[0]], ms[1]) for ms in others}
+        others.sort(key=lambda ms: (ms[0] in busy_models, -size[ms], ms))
+        whole: frozenset[Stage] = frozenset([*need, *held])
+        alone: frozenset[Stage] = frozenset(["diffuse", *held])
+        for want in (whole, alone):
+            free = mem - sum(model_weight_bytes(cost, info, s) for s in want)
+            free -= sum(size.values())
+            evict: list[tuple[str, Stage]] = []
+            for ms in others:
+                if free >= peak:
+                    break
+                evict.append(ms)
+                free += size[ms]
+            if free >= peak:
+                return want, evict
+        return None
+
     def _batched(
         self, items: list[QueueItem], views: list[DeviceView], now: float
     ) -> list[QueueItem]:
@@ -486,7 +663,11 @@ class TridentPolicy(PlacedPolicy):
                 keys[it.request_id] = batch_key(req.spec, self.models.get(req.spec.model))
         idle: dict[str, int] = {}
         free_at: dict[str, float] = {}
+        room: dict[str, int] = {}
         for v in views:
+            for m, st in v.holds.items():
+                if "diffuse" in st:
+                    room[m] = max(room.get(m, 0), v.free_memory)
             if not v.available:
                 continue
             for m, st in v.holds.items():
@@ -494,7 +675,7 @@ class TridentPolicy(PlacedPolicy):
                     free_at[m] = min(free_at.get(m, v.free_at), v.free_at)
                     if v.free_at <= now:
                         idle[m] = idle.get(m, 0) + 1
-        return form_batches(items, keys, idle, self.cost, self.batching, now, free_at)
+        return form_batches(items, keys, idle, self.cost, self.batching, now, free_at, room)
 
 
 class TridentStaticPolicy(TridentPolicy):
