@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import ConfigError, ProtocolError
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
@@ -38,6 +39,7 @@ __all__ = ["NodeArgs", "NodeDaemon", "main"]
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its backoff reset
+WAITING_WARN_S = 15.0  # how often a node still waiting for its scheduler says so
 GRACE_S = 5.0
 
 
@@ -55,7 +57,9 @@ class NodeArgs:
     log_file: str | None = None
     curve_dir: str | None = None
     heartbeat_s: float = 1.0
-    handshake_timeout_s: float = 30.0
+    # 0: wait for the scheduler as long as it takes (a node started before its
+    # scheduler, or across a scheduler's slow start, joins when it answers).
+    handshake_timeout_s: float = 0.0
 
 
 @dataclass
@@ -161,10 +165,19 @@ class NodeDaemon:
 
     async def _handshake(self) -> bool:
         hello = self._hello()
-        deadline = time.monotonic() + self.args.handshake_timeout_s
+        start = time.monotonic()
+        limit = self.args.handshake_timeout_s
+        deadline = start + limit if limit > 0 else float("inf")
+        warn_at = start + WAITING_WARN_S
         while time.monotonic() < deadline and not self.stopping.is_set():
             await self.sock.send_multipart([hello])
             if not await self.sock.poll(1000):
+                if time.monotonic() >= warn_at:
+                    warn_at += WAITING_WARN_S
+                    waited = round(time.monotonic() - start)
+                    self.log.warning(
+                        "node.waiting_for_scheduler", scheduler=self.args.scheduler, waited_s=waited
+                    )
                 continue
             try:
                 msg, _ = protocol.decode(await self.sock.recv_multipart(), SCHEDULER_TO_NODE)
@@ -364,14 +377,21 @@ class NodeDaemon:
         task.add_done_callback(self._background.discard)
 
 
-def _parse(argv: list[str] | None) -> NodeArgs:
+def build_parser() -> argparse.ArgumentParser:
+    """The node's command line (``trident node --help``)."""
     p = argparse.ArgumentParser(
-        prog="trident-node", description="Trident node daemon: one per machine."
+        prog="trident-node",
+        description="Trident node daemon: one per machine.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--scheduler", default="tcp://127.0.0.1:5556", help="the scheduler's node address"
     )
-    p.add_argument("--devices", required=True, help="cpu:N, sim:N or cuda:0,1,...")
+    p.add_argument(
+        "--devices",
+        required=True,
+        help="the devices to serve: cpu:N, sim:N or cuda:0,1,... (required)",
+    )
     p.add_argument("--node-id", default=None, help="unique node name (default: HOSTNAME-PID)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address workers bind their data-plane sockets on"
@@ -392,13 +412,31 @@ def _parse(argv: list[str] | None) -> NodeArgs:
         "--speed", type=float, default=1.0, help="relative device speed reported to the planner"
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="cpu devices: torch threads per worker"
+        "--threads",
+        type=int,
+        default=None,
+        help="cpu devices: torch threads per worker (default: torch's own, one per core)",
     )
-    p.add_argument("--log-file", default=None)
     p.add_argument(
-        "--curve-dir", default=None, help="CurveZMQ key directory (same as the scheduler's)"
+        "--log-file", default=None, help="append the JSON-lines log to this file (default: stderr)"
     )
-    ns = p.parse_args(argv)
+    p.add_argument(
+        "--curve-dir",
+        default=None,
+        help="CurveZMQ key directory, the scheduler's (default: none, plain TCP)",
+    )
+    p.add_argument(
+        "--handshake-timeout-s",
+        type=float,
+        default=0.0,
+        help="give up (exit 3) when the scheduler has not answered this long; 0 waits "
+        "for it as long as it takes, warning every 15 s",
+    )
+    return p
+
+
+def _parse(argv: list[str] | None) -> NodeArgs:
+    ns = build_parser().parse_args(argv)
     node_id = ns.node_id or f"{socket.gethostname()}-{os.getpid()}"
     if "/" in node_id or ":" in node_id:
         raise ConfigError("--node-id must not contain '/' or ':'")
@@ -414,6 +452,7 @@ def _parse(argv: list[str] | None) -> NodeArgs:
         threads=ns.threads,
         log_file=ns.log_file,
         curve_dir=ns.curve_dir,
+        handshake_timeout_s=ns.handshake_timeout_s,
     )
 
 
