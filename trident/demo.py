@@ -19,9 +19,10 @@ import numpy as np
 
 from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.client import AsyncClient, GenerateResult
+from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import RequestError, TridentError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 PROMPTS = [
     "a lighthouse on a cliff at dusk",
@@ -102,26 +103,40 @@ async def _send_all(
         return list(await asyncio.gather(*(one(r) for r in reqs)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trident demo", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--devices", type=int, default=2, help="devices on the embedded node (default 2)"
+def build_parser() -> argparse.ArgumentParser:
+    """``trident demo``'s command line."""
+    p = argparse.ArgumentParser(
+        prog="trident demo",
+        description="An embedded local cluster serving tiny pipelines, end to end: mixed "
+        "requests, their outputs in --out, a per-request table and the SLO attainment.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--devices", type=int, default=2, help="devices on the embedded node")
+    p.add_argument("--requests", type=int, default=8, help="requests to send, of mixed shapes")
     p.add_argument(
         "--sim",
         action="store_true",
         help="simulated GPUs (sleep for the cost model's time) instead of CPU",
     )
-    p.add_argument("--out", default="trident-out")
+    p.add_argument(
+        "--out", default="trident-out", help="directory for the outputs, tiny models and logs"
+    )
     p.add_argument(
         "--slo-s",
         type=float,
         default=None,
         help="latency budget per request (default: 60 s on CPU; the cost model's SLO on sim)",
     )
-    p.add_argument("--policy", default="trident")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--policy",
+        default="trident",
+        help="scheduling policy: trident, trident-static, b1, b4, b6, authors, fifo",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 

@@ -31,7 +31,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+from trident.cliformat import DefaultsHelpFormatter
+
+__all__ = ["build_parser", "main"]
 
 GRACE_S = {"gateway": 10.0, "node": 12.0, "scheduler": 8.0}
 TINY_FAMILIES = ("flux", "wan")
@@ -41,10 +43,12 @@ def _default_devices() -> str:
     return "cuda:all" if shutil.which("nvidia-smi") or Path("/dev/nvidiactl").exists() else "cpu:1"
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """``trident serve``'s command line."""
     p = argparse.ArgumentParser(
         prog="trident serve",
         description="Run a scheduler, one node and the HTTP gateway on this machine.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -63,23 +67,39 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--http-addr", default="127.0.0.1:8000", help="the gateway's HOST:PORT")
     p.add_argument("--client-addr", default="tcp://127.0.0.1:5555", help="the SDK's address")
-    p.add_argument("--node-addr", default="tcp://127.0.0.1:5556")
+    p.add_argument(
+        "--node-addr", default="tcp://127.0.0.1:5556", help="the address the node connects to"
+    )
     p.add_argument(
         "--state-dir",
         default="trident-serve",
         help="job store, tiny models and logs (default ./trident-serve)",
     )
-    p.add_argument("--policy", default="trident")
+    p.add_argument(
+        "--policy",
+        default="trident",
+        help="scheduling policy: trident, trident-static, b1, b4, b6, authors, fifo",
+    )
     p.add_argument("--time-scale", type=float, default=1.0, help="sim devices: time scale")
-    p.add_argument("--startup-timeout-s", type=float, default=180.0)
+    p.add_argument(
+        "--startup-timeout-s",
+        type=float,
+        default=180.0,
+        help="seconds to wait for the cluster to be up before giving up",
+    )
     p.add_argument(
         "--gateway-arg",
         action="append",
         default=[],
         metavar="ARG",
-        help="passed on to trident-gateway (repeatable), e.g. --gateway-arg=--retention-s=600",
+        help="passed on to trident-gateway (repeatable), e.g. --gateway-arg=--retention-s=600 "
+        "(default: none)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 class _Supervisor:

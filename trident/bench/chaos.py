@@ -36,12 +36,22 @@ import zmq
 
 from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.client import AsyncClient, Client
+from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import OverloadedError, RequestTimeoutError, TridentError
 from trident.runtime.fuzz import malformed_messages
 from trident.runtime.security import client_keys, generate_keys
 from trident.runtime.transport import CurveKeys
 
-__all__ = ["chaos", "fuzz", "main", "only_node", "overload", "rss_bytes", "worker_peer_addrs"]
+__all__ = [
+    "build_parser",
+    "chaos",
+    "fuzz",
+    "main",
+    "only_node",
+    "overload",
+    "rss_bytes",
+    "worker_peer_addrs",
+]
 
 SMALL: dict[str, Any] = {"height": 256, "width": 256, "num_inference_steps": 4}
 
@@ -488,15 +498,37 @@ def only_node(*, log_dir: str | None = None) -> dict[str, Any]:
 SCENARIOS = ("overload", "fuzz", "fuzz-curve", "chaos", "only-node")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``trident bench chaos``'s command line."""
+    p = argparse.ArgumentParser(
+        prog="trident bench chaos",
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated scenarios to run"
+    )
+    p.add_argument("--json", help="write the figures to this file (default: none, stdout only)")
+    p.add_argument(
+        "--fuzz-count", type=int, default=100_000, help="fuzz: malformed messages to send"
+    )
+    p.add_argument(
+        "--overload-rate", type=float, default=100.0, help="overload: requests per second"
+    )
+    p.add_argument(
+        "--overload-seconds", type=float, default=30.0, help="overload: seconds of overload"
+    )
+    p.add_argument(
+        "--chaos-seconds", type=float, default=40.0, help="chaos: seconds of load under faults"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="chaos: seed of the fault schedule and the requests"
+    )
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trident bench chaos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--json", help="write the figures here")
-    p.add_argument("--fuzz-count", type=int, default=100_000)
-    p.add_argument("--overload-rate", type=float, default=100.0)
-    p.add_argument("--overload-seconds", type=float, default=30.0)
-    p.add_argument("--chaos-seconds", type=float, default=40.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = build_parser()
     a = p.parse_args(argv)
     results = []
     for name in a.scenarios.split(","):

@@ -25,13 +25,14 @@ from typing import Any
 from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.bench.sim import BenchConfig, run_policies
 from trident.client import AsyncClient
+from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import RequestError
 from trident.sched.cost import load_cost_model
 from trident.sim.metrics import percentile
 from trident.sim.scenario import GPU_PROFILES, build_models, make_requests
 from trident.sim.traces import load_trace, make_trace
 
-__all__ = ["main", "run_live"]
+__all__ = ["build_parser", "main", "run_live"]
 
 GIB = 1 << 30
 
@@ -154,25 +155,47 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else math.inf
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trident bench live", description=__doc__.splitlines()[0])
-    p.add_argument("--trace", default="flux")
-    p.add_argument("--trace-file")
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES))
-    p.add_argument("--policy", default="trident")
-    p.add_argument("--slo-scale", type=float, default=2.5)
-    p.add_argument("--rate", type=float)
+def build_parser() -> argparse.ArgumentParser:
+    """``trident bench live``'s command line."""
+    p = argparse.ArgumentParser(
+        prog="trident bench live",
+        description="One trace through the simulator and the real daemons (sim devices), "
+        "their SLO attainment and latency side by side.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--trace", default="flux", help="built-in trace (trident bench sim's)")
+    p.add_argument("--trace-file", help="JSON Lines trace file instead of --trace (default: none)")
+    p.add_argument("--nodes", type=int, default=2, help="trident-node processes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="sim devices per node")
+    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES), help="simulated GPU model")
+    p.add_argument("--policy", default="trident", help="scheduling policy")
+    p.add_argument(
+        "--slo-scale",
+        type=float,
+        default=2.5,
+        help="deadline = this x a request's standalone latency",
+    )
+    p.add_argument("--rate", type=float, help="requests per second (default: the trace's)")
     p.add_argument("--duration", type=float, default=300.0, help="simulated seconds of trace")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arrival", default="constant", choices=["constant", "poisson", "bursty"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace's arrivals and shapes")
+    p.add_argument(
+        "--arrival",
+        default="constant",
+        choices=["constant", "poisson", "bursty"],
+        help="arrival process",
+    )
     p.add_argument(
         "--time-scale", type=float, default=0.05, help="wall seconds per simulated second"
     )
-    p.add_argument("--log-dir")
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    p.add_argument("--log-dir", help="keep the daemons' logs here (default: a temporary directory)")
+    p.add_argument(
+        "--json", help="write the results to this file as JSON (default: none, stdout only)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = BenchConfig(
         trace=None if args.trace_file else args.trace,
         trace_file=args.trace_file,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.sched.batching import BatchConfig, form_batches
 from trident.sched.cost import load_cost_model
 from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
@@ -25,7 +26,7 @@ from trident.sched.orchestrator import OrchestratorConfig, demand_from_window, o
 from trident.sched.solver import loaded_ms, preload
 from trident.sched.types import DeviceInfo, ModelInfo, Shape
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 MODELS = ("flux", "sd3", "cogvideox", "hunyuanvideo")
 
@@ -51,30 +52,53 @@ def _pct(xs: Sequence[float], p: float) -> float:
     return s[i]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trident bench planner", description=__doc__)
-    ap.add_argument("--nodes", type=int, default=16)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--queue", type=int, default=256)
+def build_parser() -> argparse.ArgumentParser:
+    """``trident bench planner``'s command line."""
+    ap = argparse.ArgumentParser(
+        prog="trident bench planner",
+        description="Solve time of the orchestrator and the dispatcher at scale, on "
+        "synthetic but realistic cluster states (4 pipelines, a placement from the "
+        "orchestrator, busy devices, --queue waiting requests).",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    ap.add_argument("--nodes", type=int, default=16, help="nodes in the synthetic cluster")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="devices per node")
+    ap.add_argument("--queue", type=int, default=256, help="waiting requests per dispatch round")
     ap.add_argument("--solver", choices=["cbc", "highs"], default="cbc", help="dispatcher solver")
-    ap.add_argument("--placement-solver", choices=["cbc", "highs"], default="highs")
+    ap.add_argument(
+        "--placement-solver", choices=["cbc", "highs"], default="highs", help="orchestrator solver"
+    )
     ap.add_argument("--rounds", type=int, default=100, help="dispatcher rounds")
     ap.add_argument("--max-batch", type=int, default=4, help="batching before each round (1: off)")
     ap.add_argument("--placements", type=int, default=10, help="orchestrator solves")
     ap.add_argument(
-        "--max-nodes", type=int, default=None, help="dispatcher branch-and-bound nodes per solve"
+        "--max-nodes",
+        type=int,
+        default=None,
+        help="dispatcher branch-and-bound nodes per solve (default: DispatchConfig's, 200)",
     )
     ap.add_argument(
         "--placement-max-nodes",
         type=int,
         default=None,
-        help="orchestrator branch-and-bound nodes per solve",
+        help="orchestrator branch-and-bound nodes per solve (default: OrchestratorConfig's, 500)",
     )
-    ap.add_argument("--free-fraction", type=float, default=0.25)
-    ap.add_argument("--memory-gb", type=float, default=48.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", dest="json_out", default=None)
-    a = ap.parse_args(argv)
+    ap.add_argument(
+        "--free-fraction", type=float, default=0.25, help="fraction of devices free now"
+    )
+    ap.add_argument("--memory-gb", type=float, default=48.0, help="memory per device, GB")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic states")
+    ap.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        help="write the results to this file (default: none)",
+    )
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
 
     rng = random.Random(a.seed)
     cost = load_cost_model([])

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.sched.cost import load_cost_model
 from trident.sched.graph import placement_type
 from trident.sched.types import Command, Event, LogEvent, Policy
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_PHASE1",
     "DEFAULT_PHASE2",
     "PlacementRecorder",
+    "build_parser",
     "main",
     "phase_stats",
     "plot_timeline",
@@ -341,22 +343,60 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trident bench replacement",
         description="Dynamic re-placement (trident) vs a frozen plan (trident-static) on a "
         "step trace: image-heavy, then video-heavy.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES))
+    p.add_argument("--nodes", type=int, default=4, help="nodes in the simulated cluster")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="simulated devices per node")
+    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES), help="simulated GPU model")
     p.add_argument("--phase", type=float, default=600.0, help="seconds per phase")
-    p.add_argument("--phase1", type=_rates, default=None, metavar="FAM=RATE,...")
-    p.add_argument("--phase2", type=_rates, default=None, metavar="FAM=RATE,...")
-    p.add_argument("--policies", default="trident,trident-static")
-    p.add_argument("--slo-scale", type=float, default=2.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=0.0)
     p.add_argument(
-        "--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="to make_policy"
+        "--phase1",
+        type=_rates,
+        default=None,
+        metavar="FAM=RATE,...",
+        help="phase 1 arrival rates, req/s per family "
+        f"(default: {','.join(f'{k}={v:g}' for k, v in DEFAULT_PHASE1.items())})",
     )
-    p.add_argument("--json", dest="json_out", default=None)
-    p.add_argument("--plot", dest="plot_out", default=None)
+    p.add_argument(
+        "--phase2",
+        type=_rates,
+        default=None,
+        metavar="FAM=RATE,...",
+        help="phase 2 arrival rates, req/s per family "
+        f"(default: {','.join(f'{k}={v:g}' for k, v in DEFAULT_PHASE2.items())})",
+    )
+    p.add_argument(
+        "--policies", default="trident,trident-static", help="comma-separated policies to run"
+    )
+    p.add_argument(
+        "--slo-scale",
+        type=float,
+        default=2.5,
+        help="deadline = this x a request's standalone latency",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace")
+    p.add_argument(
+        "--noise", type=float, default=0.0, help="log-normal sigma on simulated stage times"
+    )
+    p.add_argument(
+        "--policy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy option passed to make_policy (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        help="write the results to this file (default: none)",
+    )
+    p.add_argument(
+        "--plot",
+        dest="plot_out",
+        default=None,
+        help="draw the placement timeline to this PNG (default: none)",
+    )
     return p
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import ConfigError
 from trident.sched.cost import load_cost_model
 from trident.sched.registry import POLICY_NAMES, parse_policy_options
@@ -36,6 +37,7 @@ from trident.sim.traces import ARRIVALS, TRACES, TraceError, load_trace, make_tr
 
 __all__ = [
     "BenchConfig",
+    "build_parser",
     "check_policy_options",
     "main",
     "policy_options",
@@ -442,33 +444,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trident bench sim",
         description="Run scheduling policies on a simulated cluster against the same trace.",
+        formatter_class=DefaultsHelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--trace", default=None, help=f"built-in trace: {', '.join(TRACES)} (default flux)"
     )
-    src.add_argument("--trace-file", default=None, help="JSON Lines trace file (see bench/sim.md)")
-    p.add_argument("--nodes", type=int, default=16)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES))
+    src.add_argument(
+        "--trace-file",
+        default=None,
+        help="JSON Lines trace file instead of --trace (see bench/sim.md; default: none)",
+    )
+    p.add_argument("--nodes", type=int, default=16, help="nodes in the simulated cluster")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="simulated devices per node")
+    p.add_argument("--gpu", default="l20", choices=sorted(GPU_PROFILES), help="simulated GPU model")
     p.add_argument(
         "--policies",
         default=",".join(DEFAULT_POLICIES),
         help="comma-separated: trident,b1,b4,b6,authors (and fifo); LABEL=POLICY runs a "
         "policy under another name, e.g. nobatch=trident --policy-opt nobatch.max_batch=1",
     )
-    p.add_argument("--slo-scale", type=float, default=2.5)
+    p.add_argument(
+        "--slo-scale",
+        type=float,
+        default=2.5,
+        help="deadline = this x a request's standalone latency",
+    )
     p.add_argument("--rate", type=float, default=None, help="req/s (default: the trace's)")
     p.add_argument("--duration", type=float, default=1800.0, help="seconds of arrivals")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arrival", default="constant", choices=ARRIVALS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace and the noise")
+    p.add_argument("--arrival", default="constant", choices=ARRIVALS, help="arrival process")
     p.add_argument("--cv", type=float, default=3.0, help="gap coefficient of variation (bursty)")
     p.add_argument("--noise", type=float, default=0.0, help="log-normal sigma on stage times")
     p.add_argument("--tick", type=float, default=0.1, help="Tick period, virtual seconds")
-    p.add_argument("--max-time", type=float, default=None, help="stop at this virtual time")
-    p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
-    p.add_argument("--plot", dest="plot_out", default=None, metavar="OUT.png")
-    p.add_argument("--sweep", type=_parse_sweep, default=None, metavar="rate=..|slo_scale=..")
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="stop at this virtual time (default: when every request has ended)",
+    )
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the results to this file (default: none)",
+    )
+    p.add_argument(
+        "--plot",
+        dest="plot_out",
+        default=None,
+        metavar="OUT.png",
+        help="draw the results to this PNG (default: none)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=_parse_sweep,
+        default=None,
+        metavar="rate=..|slo_scale=..",
+        help="run once per value, e.g. rate=1,2,4 or slo_scale=1.5,2.5 (default: one run)",
+    )
     p.add_argument(
         "--policy-opt",
         type=_parse_kv,
@@ -477,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a policy option (docs/planner.md), e.g. max_batch=1 or dispatch.max_nodes=100; "
         "NAME.KEY=VALUE for one policy only, e.g. b1.degree=2 (repeatable; VALUE parsed as "
-        "JSON when it can be); an unknown one is an error listing the valid ones",
+        "JSON when it can be); an unknown one is an error listing the valid ones "
+        "(default: none)",
     )
     p.add_argument(
         "--model",
@@ -485,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=FAMILY",
-        help="served model name in the trace -> family (repeatable)",
+        help="served model name in the trace -> family (repeatable; default: a name is its "
+        "family, or the known family it starts with)",
     )
     p.add_argument(
         "--fault",
@@ -493,19 +530,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="T,TARGET[,RESTART]",
-        help="lose a device (n0/sim:3) or a node (n0) at virtual time T; back after RESTART s",
+        help="lose a device (n0/sim:3) or a node (n0) at virtual time T; back after RESTART s "
+        "(repeatable; default: no faults)",
     )
     p.add_argument(
         "--profile",
         action="append",
         default=[],
         metavar="PATH",
-        help="trident profile file(s) overriding the reference cost model",
+        help="trident profile file(s) overriding the reference cost model (repeatable; "
+        "default: none)",
     )
     p.add_argument(
         "--no-bound",
         action="store_true",
-        help="skip the LP upper bound on SLO attainment (computed by default)",
+        help="skip the LP upper bound on SLO attainment (default: off, the bound is computed)",
     )
     return p
 

@@ -61,10 +61,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.pipelines.api import ModelMeta
 
 __all__ = [
     "PROFILE_FORMAT",
+    "build_parser",
     "main",
     "parse_shape",
     "parse_shapes",
@@ -576,27 +578,41 @@ def validate_profile(doc: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``trident profile --model DIR --device cpu|cuda --shapes ... --out FILE``."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """``trident profile``'s command line."""
     parser = argparse.ArgumentParser(
         prog="trident profile",
         description="Measure per-stage latency and peak memory of a diffusers pipeline.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="local diffusers directory")
+    parser.add_argument("--model", required=True, help="local diffusers directory (required)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--shapes", required=True, help="comma-separated HxW or HxWxF")
+    parser.add_argument("--shapes", required=True, help="comma-separated HxW or HxWxF (required)")
     parser.add_argument("--degrees", default="1", help="diffuse degrees, e.g. 1,2,4")
     parser.add_argument(
         "--batch-sizes",
         default="1",
         help="diffuse batch sizes, e.g. 1,2,4 (image families, degree 1)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the model's)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--out", required=True, help="output JSON file")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights and activations dtype",
+    )
+    parser.add_argument("--out", required=True, help="output JSON file (required)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``trident profile --model DIR --device cpu|cuda --shapes ... --out FILE``."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(args_list)
     try:
         shapes = parse_shapes(args.shapes)

@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.families import FAMILY_NAMES
 
-__all__ = ["TINY_FAMILIES", "TINY_SHAPES", "main", "make_tiny_model"]
+__all__ = ["TINY_FAMILIES", "TINY_SHAPES", "build_parser", "main", "make_tiny_model"]
 
 TINY_FAMILIES: tuple[str, ...] = FAMILY_NAMES
 
@@ -416,15 +417,24 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``trident tiny-model``'s command line."""
+    parser = argparse.ArgumentParser(
+        prog="trident tiny-model",
+        description="Write a tiny random-weight diffusers pipeline.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "family", choices=TINY_FAMILIES, help=f"pipeline family: {', '.join(TINY_FAMILIES)}"
+    )
+    parser.add_argument("out_dir", help="directory to write the pipeline to (save_pretrained)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``trident tiny-model FAMILY OUT_DIR [--seed N]``."""
-    parser = argparse.ArgumentParser(
-        prog="trident tiny-model", description="Write a tiny random-weight diffusers pipeline."
-    )
-    parser.add_argument("family", choices=TINY_FAMILIES)
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     path = make_tiny_model(args.family, args.out_dir, seed=args.seed)
     print(path)
     return 0

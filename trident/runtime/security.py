@@ -30,6 +30,7 @@ the clear (loopback, tests).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import itertools
@@ -45,6 +46,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import ConfigError
 from trident.log import get_logger
 from trident.runtime.transport import CLIENT_DOMAIN, CLUSTER_DOMAIN, CurveKeys
@@ -53,6 +55,7 @@ __all__ = [
     "CLIENT_DOMAIN",
     "CLUSTER_DOMAIN",
     "HandshakeWatch",
+    "build_parser",
     "client_keys",
     "daemon_keys",
     "generate_keys",
@@ -582,17 +585,28 @@ class HandshakeWatch:
         self.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
+    """``trident keys``'s command line."""
     p = argparse.ArgumentParser(
-        prog="trident keys", description="Make CurveZMQ keys for a cluster."
+        prog="trident keys",
+        description="Make CurveZMQ keys for a cluster (or complete an existing key directory).",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("directory")
     p.add_argument(
-        "--client", action="append", default=[], help="client key names (default: client)"
+        "directory", help="the key directory to make or complete (each daemon's --curve-dir)"
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a client key to make and admit (repeatable; default: one named client)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         d = generate_keys(args.directory, tuple(args.client) or ("client",))
     except ConfigError as exc:
