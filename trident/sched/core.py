@@ -17,7 +17,7 @@ Pure: no sockets, no asyncio, no wall clock — ``now`` comes with each event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from trident.sched.cost import best_degree
@@ -277,6 +277,32 @@ class SchedulerCore:
             ),
             in_node_copy=(node, model, stage) in self.node_copies,
         )
+
+    def load_sources(self) -> Callable[[str, str, Stage], LoadSource]:
+        """:meth:`load_source` for many lookups against one snapshot of the devices
+        (a dispatch round): the same answers, with each node's resident stages indexed
+        once instead of scanning every device per lookup."""
+        on_node: dict[tuple[str, str, Stage], int] = {}
+        for o in self.devices.values():
+            if o.up:
+                for m, s in o.holds:
+                    key = (o.info.node_id, m, s)
+                    on_node[key] = on_node.get(key, 0) + 1
+
+        def source(device_id: str, model: str, stage: Stage) -> LoadSource:
+            st = self.devices.get(device_id)
+            if st is None:
+                return "disk"
+            node = st.info.node_id
+            here = (model, stage) in st.holds
+            peers = on_node.get((node, model, stage), 0) - (1 if here and st.up else 0)
+            return choose_load_source(
+                resident_here=here,
+                held_by_same_node_peer=peers > 0,
+                in_node_copy=(node, model, stage) in self.node_copies,
+            )
+
+        return source
 
     def _take_source(self, device_id: str, model: str, stage: Stage) -> str:
         source = self.load_source(device_id, model, stage)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -54,6 +54,10 @@ from trident.sched.types import (
 )
 
 __all__ = ["TridentConfig", "TridentPolicy", "TridentStaticPolicy"]
+
+# An idle device a waiting request could be re-homed to: (device, the stages it would
+# hold for the model, the stages it unloads, seconds to load what it lacks).
+_RehomeOption = tuple[DeviceView, frozenset[Stage], list[tuple[str, Stage]], float]
 
 
 @dataclass
@@ -174,6 +178,7 @@ class TridentPolicy(PlacedPolicy):
         views = super().device_views(now)
         if not self.tconfig.load_cost:
             return views
+        source = self.load_sources()
         for v in views:
             st = self.devices[v.device_id]
             loads: dict[tuple[str, Stage], float] = {}
@@ -183,7 +188,7 @@ class TridentPolicy(PlacedPolicy):
                 for s in stages:
                     if (m, s) in st.holds:
                         continue
-                    loads[m, s] = self._load_seconds(m, s, self.load_source(v.device_id, m, s))
+                    loads[m, s] = self._load_seconds(m, s, source(v.device_id, m, s))
             v.load_s = loads
         return views
 
@@ -532,10 +537,19 @@ class TridentPolicy(PlacedPolicy):
                 return float("inf")
             return fs[p % len(fs)] + (p // len(fs)) * service
 
+        # Per idle device, the models whose stages there some waiting request needs:
+        # a device is offered only to a model no other waiting model competes with.
+        kept = {
+            v.device_id: {m for m, held in v.holds.items() for s in held if keeps(m, s)}
+            for v in idle
+        }
+        idle_ids = {v.device_id for v in idle}
+        source = self.load_sources()
+        options: dict[tuple[str, tuple[Stage, ...], int], list[_RehomeOption]] = {}
         turn: dict[str, int] = {}
         changed = False
         for it in sorted(waiting, key=lambda i: (i.deadline, i.arrival, i.request_id)):
-            if not idle:
+            if not idle_ids:
                 break
             info = self.models.get(it.model)
             if info is None or not homes.get((it.model, "diffuse")):
@@ -550,32 +564,17 @@ class TridentPolicy(PlacedPolicy):
             if 1 not in supported_degrees(cost, info.family, it.shape, info.max_degree):
                 continue  # a shape that needs a group: the orchestrator's job
             peak = max(cost.stage_peak_bytes(info.family, s, it.shape, 1) for s in need)
-            # Devices that hold this model's diffuse first, then those holding nothing
-            # waiting requests need; never a device another waiting model needs.
-            order = sorted(
-                (
-                    v
-                    for v in idle
-                    if not any(
-                        keeps(m, s) for m, held in v.holds.items() if m != it.model for s in held
-                    )
-                ),
-                key=lambda v: ("diffuse" not in v.holds.get(it.model, frozenset()), v.device_id),
-            )
-            for v in order:
-                plan = self._rehome_plan(v, it.model, need, peak, busy_models)
-                if plan is None:
-                    continue
-                stages, evict = plan
-                added = [s for s in stages if s not in v.holds.get(it.model, frozenset())]
-                if not added and not evict:
-                    continue  # holds it all, with room: idle for the dispatcher's reasons
-                load = sum(
-                    self._load_seconds(it.model, s, self.load_source(v.device_id, it.model, s))
-                    for s in added
+            key = (it.model, tuple(need), peak)
+            if key not in options:
+                options[key] = self._rehome_options(
+                    idle, it.model, need, peak, busy_models, kept, source
                 )
-                if wait <= 2.0 * load:
-                    continue
+            pick = next(
+                (o for o in options[key] if o[0].device_id in idle_ids and wait > 2.0 * o[3]),
+                None,
+            )
+            if pick is not None:
+                v, stages, evict, load = pick
                 evicted = [f"{v.device_id}:{m}:{s}" for m, s in evict]
                 for m, s in evict:
                     out.append(UnloadStage(v.device_id, m, s))
@@ -599,14 +598,45 @@ class TridentPolicy(PlacedPolicy):
                         },
                     )
                 )
-                idle.remove(v)
+                idle_ids.discard(v.device_id)
                 # Later requests of this model see the new home (free once loaded).
                 for s in stages:
                     homes.setdefault((it.model, s), []).append(now + load)
                     homes[it.model, s].sort()
                 changed = True
-                break
         return changed
+
+    def _rehome_options(
+        self,
+        idle: list[DeviceView],
+        model: str,
+        need: list[Stage],
+        peak: int,
+        busy_models: set[str],
+        kept: Mapping[str, set[str]],
+        source: Callable[[str, str, Stage], str],
+    ) -> list[_RehomeOption]:
+        """The idle devices that could take ``need`` of ``model`` (with room for
+        ``peak``), in order of preference: holding its diffuse already first, then by
+        id; each with the stages it would hold, what it unloads and the load time."""
+        out: list[_RehomeOption] = []
+        for v in sorted(
+            (v for v in idle if kept[v.device_id] <= {model}),
+            key=lambda v: ("diffuse" not in v.holds.get(model, frozenset()), v.device_id),
+        ):
+            held = v.holds.get(model, frozenset())
+            if v.free_memory >= peak and all(s in held for s in need):
+                continue  # holds it all, with room: idle for the dispatcher's reasons
+            plan = self._rehome_plan(v, model, need, peak, busy_models)
+            if plan is None:
+                continue
+            stages, evict = plan
+            added = [s for s in stages if s not in held]
+            if not added and not evict:
+                continue
+            load = sum(self._load_seconds(model, s, source(v.device_id, model, s)) for s in added)
+            out.append((v, stages, evict, load))
+        return out
 
     def _rehome_plan(
         self,
