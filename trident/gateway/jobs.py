@@ -36,7 +36,7 @@ from trident.errors import (
     TridentError,
     UnavailableError,
 )
-from trident.gateway.encode import encode_mp4
+from trident.gateway.encode import encode_mp4, write_atomic
 from trident.gateway.store import Job, JobStore
 
 __all__ = ["MAX_ATTEMPTS", "JobRunner"]
@@ -154,9 +154,11 @@ class JobRunner:
         def on_progress(event: ProgressEvent) -> None:
             self.progress[job.id] = max(0, min(99, int(100 * event.step / max(1, event.total))))
 
+        fps = int(job.info.get("fps") or 16)
         try:
+            # The decode worker encodes the MP4: no float32 frames cross the network.
             result = await self.client.generate(
-                **job.request, timeout=left, on_progress=on_progress
+                **job.request, timeout=left, on_progress=on_progress, output_type="mp4", fps=fps
             )
         except asyncio.CancelledError:
             return  # DELETE (the row says cancelled) or shutdown (released back)
@@ -182,14 +184,17 @@ class JobRunner:
     async def _complete(self, job: Job, result: GenerateResult) -> None:
         name = f"{job.id}.mp4"
         path = self.store.outputs / name
-        fps = float(job.info.get("fps") or 16)
-        await asyncio.to_thread(encode_mp4, result.array, path, fps)
+        if result.format == "mp4":
+            await asyncio.to_thread(write_atomic, result.data, path)
+        else:
+            fps = float(job.info.get("fps") or 16)
+            await asyncio.to_thread(encode_mp4, result.array, path, fps)
         info = dict(job.info)
         info.update(
             timings=result.timings,
             devices=result.devices,
             met_slo=result.met_slo,
-            frames=int(result.array.shape[0]) if result.is_video else 1,
+            frames=int(result.shape[0]) if result.is_video else 1,
         )
         if await db(self.store.complete, self.owner, job.id, name, info, time.time()):
             self.log.info("job.completed", job_id=job.id, seconds=result.latency_s)

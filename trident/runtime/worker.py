@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -60,6 +61,7 @@ from trident.runtime.devices import (
     TaskResult,
     make_executor,
 )
+from trident.runtime.encode import DEFAULT_FPS, OUTPUT_TYPES, encode_output
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.serial import pack_tensors
@@ -673,14 +675,13 @@ class Worker:
                 log.debug("stage.started")
             options = dict(msg.options)
             options["degree"] = degree
+            params, output = _take_output(msg.params)
             try:
                 if parallel is None:
-                    result = await self._call(
-                        "run", msg.model, stages, inputs, dict(msg.params), options
-                    )
+                    result = await self._call("run", msg.model, stages, inputs, params, options)
                 else:
                     result = await self._call(
-                        "run", msg.model, stages, inputs, dict(msg.params), options, parallel
+                        "run", msg.model, stages, inputs, params, options, parallel
                     )
             finally:
                 if parallel is not None:
@@ -706,15 +707,36 @@ class Worker:
         await self._report_loads([result], log)
         if rank != 0:
             return
-        await self._finished(task_id, bool(msg.final), result, task.transfer_seconds)
-        log.debug("stage.finished", seconds=result.stage_seconds)
+        if await self._finished(task_id, bool(msg.final), result, task.transfer_seconds, output):
+            log.debug("stage.finished", seconds=result.stage_seconds)
 
     async def _finished(
-        self, task_id: str, final: bool, result: TaskResult, transfer_seconds: float
-    ) -> None:
+        self,
+        task_id: str,
+        final: bool,
+        result: TaskResult,
+        transfer_seconds: float,
+        output: tuple[str, int] | None = None,
+    ) -> bool:
         """Report a task done: a final output goes to the scheduler (for the client),
-        any other is kept here under the task id for the next stage to fetch."""
-        meta, frames = pack_tensors(result.outputs)
+        encoded as the request's ``output`` (type, fps) asks, any other is kept here under
+        the task id for the next stage to fetch. False when encoding failed (reported)."""
+        outputs, info = result.outputs, None
+        if final and output is not None:
+            try:
+                outputs, info = await asyncio.to_thread(_encode_output, outputs, *output)
+            except Exception as exc:
+                await self._fail(
+                    task_id,
+                    0,
+                    "stage_failed",
+                    f"could not encode the output as {output[0]}: {exc!r}",
+                    retryable=False,
+                    log=self.log.bind(task_id=task_id),
+                    stage="decode",
+                )
+                return False
+        meta, frames = pack_tensors(outputs)
         nbytes = sum(memoryview(f).nbytes for f in frames)
         report = protocol.TaskFinished(
             task_id=task_id,
@@ -723,12 +745,14 @@ class Worker:
             load_seconds=result.load_seconds,
             output_bytes=nbytes,
             tensors=[protocol.TensorDesc(**m) for m in meta] if final else None,
+            output=info,
         )
         if final:
             await self._send(report, frames)
         else:
             self.outputs[task_id] = result.outputs
             await self._send(report)
+        return True
 
     async def _report_loads(self, results: list[TaskResult], log: Any) -> None:
         """Stage loads and evictions of a call, each once however many results carry it
@@ -785,7 +809,8 @@ class Worker:
         options = dict(msg.options)
         options["degree"] = degree
         inputs_list: list[Any] = [inp for _, inp in live]
-        params_list: list[Any] = [dict(m.msg.params) for m, _ in live]
+        taken = [_take_output(m.msg.params) for m, _ in live]
+        params_list: list[Any] = [p for p, _ in taken]
         blog.debug("batch.started", size=len(live))
         try:
             results = await self._call(
@@ -803,7 +828,7 @@ class Worker:
                 await self._fail_with(member.msg.task_id, exc, degree, member_log(member))
             return
         await self._report_loads([r for r in results if isinstance(r, TaskResult)], blog)
-        for (member, _), res in zip(live, results, strict=True):
+        for (member, _), (_, output), res in zip(live, taken, results, strict=True):
             task_id = member.msg.task_id
             mlog = member_log(member)
             if task_id in self.cancelled_members:
@@ -812,8 +837,9 @@ class Worker:
                 )
                 continue
             if isinstance(res, TaskResult):
-                await self._finished(task_id, bool(member.msg.final), res, member.transfer_seconds)
-                mlog.debug("stage.finished", seconds=res.stage_seconds)
+                final = bool(member.msg.final)
+                if await self._finished(task_id, final, res, member.transfer_seconds, output):
+                    mlog.debug("stage.finished", seconds=res.stage_seconds)
                 continue
             error, message, retryable = _failure(res, degree)
             if not isinstance(res, OutOfMemory | StageError):
@@ -897,6 +923,36 @@ _STAGE_NAMES: dict[str, protocol.Stage] = {s: s for s in STAGES}
 
 def _as_stage(stage: str | None) -> protocol.Stage | None:
     return _STAGE_NAMES.get(stage) if stage else None
+
+
+def _take_output(params: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, int] | None]:
+    """A task's params without the request's output type, and that type with its fps
+    (None for ``np``): the stages never see them; the final output is encoded with them."""
+    params = dict(params)
+    kind = params.pop(protocol.OUTPUT_TYPE_PARAM, None)
+    fps = params.pop(protocol.OUTPUT_FPS_PARAM, None)
+    if kind is None or kind == "np":
+        return params, None
+    return params, (str(kind), int(fps or DEFAULT_FPS))
+
+
+def _encode_output(
+    outputs: dict[str, Any], kind: str, fps: int
+) -> tuple[dict[str, Any], protocol.OutputInfo]:
+    """Decode's outputs with ``output`` encoded as ``kind`` (in a thread: an MP4 takes
+    seconds); an encoded file travels as a 1-D uint8 tensor of its bytes."""
+    if kind not in OUTPUT_TYPES or "output" not in outputs:
+        raise ValueError(f"no output to encode as {kind!r} (outputs: {sorted(outputs)})")
+    start = time.perf_counter()
+    value, shape = encode_output(outputs["output"], kind, fps=fps)
+    if isinstance(value, bytes):
+        value = np.frombuffer(value, dtype=np.uint8)
+    info = protocol.OutputInfo(
+        type=kind,  # type: ignore[arg-type]
+        shape=list(shape),
+        seconds=time.perf_counter() - start,
+    )
+    return {**outputs, "output": value}, info
 
 
 def _quiet(fut: Any) -> None:
