@@ -8,6 +8,8 @@
                        num_inference_steps=4, seed=0)
         r.array      # numpy float32, exactly diffusers' output_type="np" for this request
         r.images     # PIL images (image models)
+        r = c.generate(model="wan", prompt="waves", output_type="mp4")
+        r.data       # the MP4 file's bytes, encoded on the decode worker ("png" for images)
         r.timings    # {"queue", "encode", "diffuse", "decode", "transfer", "load", "total"}
         r.devices    # {"encode": [...], "diffuse": [...], "decode": [...]}
 
@@ -88,28 +90,81 @@ T = TypeVar("T")
 
 @dataclass
 class GenerateResult:
+    """One request's result, in the form ``generate(output_type=...)`` asked for:
+
+    - ``output``: what came over the wire: the float32 array (``"np"``), the uint8 array
+      (``"uint8"``), or the encoded file's bytes (``"png"``, ``"mp4"``);
+    - ``output_type`` names which; ``shape`` is the decoded array's shape, ``(H, W, 3)``
+      or ``(F, H, W, 3)``, whatever the type;
+    - ``array``: the pixels as an array: ``output`` itself for ``"np"`` (float32 in
+      [0, 1]) and ``"uint8"``, decoded (uint8) from a png (exact) or an mp4 (lossy);
+    - ``data``: the file's bytes for ``"png"`` / ``"mp4"`` (``format`` says which).
+    """
+
     request_id: str
     model: str
-    array: np.ndarray
+    output: np.ndarray | bytes
     timings: dict[str, float]
     devices: dict[str, list[str]]
     met_slo: bool | None = None
     slo_s: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    output_type: str = "np"
+    shape: tuple[int, ...] = ()
+    _decoded: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.shape and isinstance(self.output, np.ndarray):
+            self.shape = tuple(int(d) for d in self.output.shape)
+
+    @property
+    def format(self) -> str | None:
+        """``"png"`` or ``"mp4"`` when ``output`` is an encoded file, else None."""
+        return self.output_type if isinstance(self.output, bytes) else None
+
+    @property
+    def data(self) -> bytes:
+        """The encoded file (``output_type`` ``"png"`` or ``"mp4"``); ValueError for an
+        array output."""
+        if not isinstance(self.output, bytes):
+            raise ValueError(
+                f"output_type={self.output_type!r} gives an array (.array), not a file: "
+                "ask for 'png' or 'mp4'"
+            )
+        return self.output
+
+    @property
+    def array(self) -> np.ndarray:
+        """The pixels: float32 in [0, 1] for ``"np"`` (exactly diffusers'
+        ``output_type="np"``), uint8 otherwise (a png or mp4 decoded on first use, with
+        Pillow or PyAV)."""
+        if isinstance(self.output, np.ndarray):
+            return self.output
+        if self._decoded is None:
+            from trident.runtime.encode import decode_mp4, decode_png
+
+            if self.output_type == "png":
+                self._decoded = decode_png(self.output)
+            else:
+                self._decoded = decode_mp4(self.output, self.shape or None)
+            if len(self.shape) == 3 and self._decoded.ndim == 4:
+                self._decoded = self._decoded[0]
+        return self._decoded
 
     @property
     def is_video(self) -> bool:
-        return self.array.ndim == 4
+        return len(self.shape) == 4
 
     @property
     def images(self) -> list[Any]:
         """PIL images: the one image, or every frame of a video."""
         from PIL import Image
 
-        frames = self.array if self.is_video else self.array[None]
-        return [
-            Image.fromarray((np.clip(f, 0.0, 1.0) * 255).round().astype(np.uint8)) for f in frames
-        ]
+        from trident.runtime.encode import to_uint8
+
+        pixels = to_uint8(self.array)
+        frames = pixels if pixels.ndim == 4 else pixels[None]
+        return [Image.fromarray(f) for f in frames]
 
     @property
     def latency_s(self) -> float:
@@ -143,7 +198,13 @@ def _curve(curve_dir: str | None, name: str) -> Any:
 
 
 def _submit_message(
-    rid: str, model: str, params: dict[str, Any], slo_s: float | None, allow_batching: bool
+    rid: str,
+    model: str,
+    params: dict[str, Any],
+    slo_s: float | None,
+    allow_batching: bool,
+    output_type: str = "np",
+    fps: int | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """The submit header, validated here with the wire's own bounds, so a bad value
     is an InvalidRequestError naming the parameter before anything is sent."""
@@ -159,6 +220,8 @@ def _submit_message(
                 "params": params,
                 "slo_s": slo_s,
                 "batch": bool(allow_batching),
+                "output_type": output_type,
+                "fps": fps,
             },
             protocol.Submit,
             strict=False,
@@ -178,10 +241,20 @@ def _result_from(
     out = tensors.get("output")
     if out is None:
         raise ProtocolError("result carries no 'output' tensor", msg.id)
+    info = msg.output
+    output: np.ndarray | bytes
+    if info is None or info.type == "np":
+        output = np.array(out, dtype=np.float32, copy=True)  # own the memory, writable
+    elif info.type == "uint8":
+        output = np.array(out, dtype=np.uint8, copy=True)
+    else:
+        output = np.asarray(out, dtype=np.uint8).tobytes()  # the file
     return GenerateResult(
         request_id=msg.id,
         model=model,
-        array=np.array(out, dtype=np.float32, copy=True),  # own the memory, writable
+        output=output,
+        output_type=info.type if info is not None else "np",
+        shape=tuple(info.shape) if info is not None else (),
         timings={str(k): float(v) for k, v in msg.timings.items()},
         devices={str(k): list(v) for k, v in msg.devices.items()},
         met_slo=msg.met_slo,
@@ -235,6 +308,7 @@ class AsyncClient:
         self._resent: dict[str, int] = {}  # re-sent request -> the last ping nonce before it
         self._last_nonce = 0
         self._pings: dict[int, asyncio.Future[protocol.Pong]] = {}
+        self._status_waiters: dict[int, asyncio.Future[protocol.ClusterStatus]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
         self._seq = itertools.count()
@@ -268,6 +342,11 @@ class AsyncClient:
                 continue
             if isinstance(msg, protocol.Progress):
                 self._on_progress(msg)
+                continue
+            if isinstance(msg, protocol.ClusterStatus):
+                status_fut = self._status_waiters.pop(msg.nonce or 0, None)
+                if status_fut is not None and not status_fut.done():
+                    status_fut.set_result(msg)
                 continue
             rid = msg.id
             if (
@@ -408,6 +487,21 @@ class AsyncClient:
             raise ConnectionError(f"no answer from {self.address} within {timeout}s") from None
         return msgspec.structs.asdict(pong)
 
+    async def status(self, timeout: float = 5.0) -> protocol.ClusterStatus:
+        """The live cluster as the scheduler sees it: nodes, devices (what each holds
+        and runs), each model's queue and recent SLO attainment (``trident status``)."""
+        self._ensure_tasks()
+        nonce = next(self._nonces)
+        fut: asyncio.Future[protocol.ClusterStatus] = asyncio.get_running_loop().create_future()
+        self._status_waiters[nonce] = fut
+        try:
+            await self._send([protocol.encode(protocol.StatusQuery(nonce=nonce))], timeout)
+            return await self._await_watching(fut, timeout)
+        except TimeoutError:
+            raise ConnectionError(f"no status from {self.address} within {timeout}s") from None
+        finally:
+            self._status_waiters.pop(nonce, None)
+
     async def generate(
         self,
         model: str,
@@ -424,8 +518,17 @@ class AsyncClient:
         timeout: float | None = None,
         allow_batching: bool = True,
         on_progress: ProgressCallback | None = None,
+        output_type: protocol.OutputType = "np",
+        fps: int | None = None,
     ) -> GenerateResult:
         """Generate one image or video; raises the typed errors of :mod:`trident.errors`.
+
+        ``output_type``: the result's form, made on the decode worker so that less
+        crosses the network: ``"np"`` (float32 array, exact; the default), ``"uint8"``
+        (``(x * 255).round()`` pixels, 4x smaller), ``"png"`` (image models) or ``"mp4"``
+        (video models; H.264 at ``fps``, default the family's). Anything else, or a type
+        the model cannot give, raises :class:`~trident.errors.InvalidRequestError`. See
+        :class:`GenerateResult` for where the output is.
 
         ``allow_batching``: the scheduler may run this request's diffuse stage in one
         call with other same-shape requests; the output then matches an unbatched run
@@ -453,6 +556,8 @@ class AsyncClient:
             },
             slo_s,
             allow_batching,
+            output_type,
+            fps,
         )
         limit = timeout if timeout is not None else self.timeout
         if limit is not None and not limit > 0:
@@ -630,6 +735,10 @@ class Client:
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return self._call(self._async.ping(timeout))
+
+    def status(self, timeout: float = 5.0) -> protocol.ClusterStatus:
+        """See :meth:`AsyncClient.status`."""
+        return self._call(self._async.status(timeout))
 
     def generate(self, model: str, prompt: str, *args: Any, **kwargs: Any) -> GenerateResult:
         """Same arguments as :meth:`AsyncClient.generate`; blocks until done.

@@ -12,6 +12,7 @@ Routes::
     GET    /v1/models[/{id}]          served models
     GET    /health                    the process is alive
     GET    /ready                     scheduler reachable, every model has a device
+    GET    /metrics                   Prometheus: HTTP requests by route and status
 
 The gateway keeps no state but its job store: every request goes to the scheduler
 through one :class:`~trident.client.AsyncClient`, so HTTP trouble (slow clients, bad
@@ -55,6 +56,7 @@ from trident.gateway.schemas import (
 )
 from trident.gateway.store import ACTIVE, Job, JobStore
 from trident.log import get_logger
+from trident.runtime.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, HttpMetricsMiddleware
 
 __all__ = ["GatewaySettings", "create_app"]
 
@@ -267,6 +269,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="Trident gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    metrics = GatewayMetrics()
+    # Outermost: it sees every answer, the body limit's 413s included.
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -323,6 +328,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body = await asyncio.to_thread(metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -386,6 +396,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "guidance_scale": req.guidance_scale,
             "slo_s": req.slo_s,
             "timeout": settings.request_timeout_s,
+            # PNG is made on the decode worker; jpeg / webp here from its uint8 pixels
+            # (a quarter of the float32 bytes).
+            "output_type": "png" if fmt == "png" else "uint8",
         }
         seeds = [(seed + i) % 2**63 for i in range(req.n)]
 
@@ -394,7 +407,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
         results = await trident_call(lambda: _while_connected(request, run()), {})
         encoded = [
-            await asyncio.to_thread(encode_image, r.array, fmt, req.output_compression)
+            r.data
+            if r.format == fmt
+            else await asyncio.to_thread(encode_image, r.array, fmt, req.output_compression)
             for r in results
         ]
         now = time.time()

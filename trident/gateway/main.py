@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.gateway.app import GatewaySettings, create_app
 from trident.log import configure_logging
 
-__all__ = ["default_state_dir", "main", "parse_args", "split_addr"]
+__all__ = ["build_parser", "default_state_dir", "main", "parse_args", "split_addr"]
 
 
 def default_state_dir() -> str:
@@ -38,10 +39,12 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def parse_args(argv: list[str] | None) -> tuple[GatewaySettings, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
+    """The gateway's command line (``trident gateway --help``)."""
     p = argparse.ArgumentParser(
         prog="trident-gateway",
         description="OpenAI-compatible HTTP API (images, videos) over a Trident scheduler.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--scheduler", default="tcp://127.0.0.1:5555", help="the scheduler's client address"
@@ -50,30 +53,35 @@ def parse_args(argv: list[str] | None) -> tuple[GatewaySettings, argparse.Namesp
     p.add_argument(
         "--state-dir",
         default=None,
-        help=f"job store (SQLite) and outputs; default {default_state_dir()}",
+        help=f"job store (SQLite) and outputs (default: {default_state_dir()})",
     )
     p.add_argument(
         "--curve-dir",
         help="a client's CurveZMQ key directory (`trident keys DIR --client NAME` makes "
-        "DIR/clients/NAME)",
+        "DIR/clients/NAME; default: none, plain TCP)",
     )
     p.add_argument("--curve-name", help="the key's name (default: the directory's name)")
     p.add_argument(
         "--retention-s",
         type=float,
         default=86_400.0,
-        help="keep finished jobs and their outputs this long (default 1 day)",
+        help="seconds to keep finished jobs and their outputs (default: 86400, 1 day)",
     )
     p.add_argument(
-        "--request-timeout-s", type=float, default=600.0, help="an image request's time limit"
+        "--request-timeout-s",
+        type=float,
+        default=600.0,
+        help="an image request's time limit, seconds",
     )
     p.add_argument(
         "--job-timeout-s",
         type=float,
         default=3600.0,
-        help="a video job's time limit (from creation)",
+        help="a video job's time limit in seconds, from its creation",
     )
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted, bytes"
+    )
     p.add_argument(
         "--max-running-jobs", type=int, default=64, help="video jobs this gateway runs at once"
     )
@@ -84,7 +92,8 @@ def parse_args(argv: list[str] | None) -> tuple[GatewaySettings, argparse.Namesp
         "--lease-s",
         type=float,
         default=15.0,
-        help="a running job's lease: another gateway takes it up this long after its gateway died",
+        help="a running job's lease, seconds: another gateway takes it up this long after its "
+        "gateway died",
     )
     p.add_argument(
         "--public-url", help="base of the links in url responses (default: the request's)"
@@ -93,9 +102,14 @@ def parse_args(argv: list[str] | None) -> tuple[GatewaySettings, argparse.Namesp
         "--connect-timeout-s",
         type=float,
         default=5.0,
-        help="how long a request waits for an unreachable scheduler before a 503",
+        help="seconds a request waits for an unreachable scheduler before a 503",
     )
-    p.add_argument("--log-file")
+    p.add_argument("--log-file", help="append the JSON-lines log to this file (default: stderr)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[GatewaySettings, argparse.Namespace]:
+    p = build_parser()
     ns = p.parse_args(argv)
     curve_dir = ns.curve_dir
     settings = GatewaySettings(

@@ -13,8 +13,9 @@ id when one could be read) for anything else. Nothing malformed reaches a handle
 
 Channels (C client, S scheduler, N node, W worker), each with its own decoder::
 
-    C -> S   submit, cancel, ping                              CLIENT_TO_SCHEDULER
-    S -> C   result (+frames), error, pong, progress           SCHEDULER_TO_CLIENT
+    C -> S   submit, cancel, ping, status_query                CLIENT_TO_SCHEDULER
+    S -> C   result (+frames), error, pong, progress, cluster_status
+                                                               SCHEDULER_TO_CLIENT
     N,W -> S node_hello, node_heartbeat, worker_exited, node_bye,
              worker_hello, heartbeat, task_started, task_progress,
              task_finished (+frames when final), task_failed, stage_loaded,
@@ -45,6 +46,9 @@ __all__ = [
     "CLIENT_TO_SCHEDULER",
     "CLUSTER_TO_SCHEDULER",
     "MAX_HEADER_BYTES",
+    "OUTPUT_FPS_PARAM",
+    "OUTPUT_TYPES",
+    "OUTPUT_TYPE_PARAM",
     "PEER_REPLY",
     "PEER_REQUEST",
     "PROTOCOL_VERSION",
@@ -56,7 +60,9 @@ __all__ = [
     "Cancel",
     "CancelTask",
     "Channel",
+    "ClusterStatus",
     "Data",
+    "DeviceStatus",
     "Error",
     "Fetch",
     "Go",
@@ -68,24 +74,31 @@ __all__ = [
     "Message",
     "Missing",
     "ModelRef",
+    "ModelStatus",
     "NodeBye",
     "NodeDevice",
     "NodeHeartbeat",
     "NodeHello",
+    "NodeStatus",
     "NodeWelcome",
+    "OutputInfo",
+    "OutputType",
     "Ping",
     "Pong",
     "Progress",
     "Reject",
     "Release",
     "Reregister",
+    "ResidentStage",
     "Result",
     "RunBatch",
     "RunTask",
+    "RunningTask",
     "Shutdown",
     "StageLoadFailed",
     "StageLoaded",
     "StageUnloaded",
+    "StatusQuery",
     "Submit",
     "SubmitParams",
     "TaskFailed",
@@ -105,7 +118,7 @@ __all__ = [
 ]
 
 # 3: typed structs (msgspec), cancel_task, kill_worker, stage_load_failed, ping nonce.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: output types (Submit.output_type, OutputInfo), status query
 
 # Headers are small maps; anything bigger is malformed or hostile.
 MAX_HEADER_BYTES = 1 << 20
@@ -127,6 +140,16 @@ ErrorCode = Annotated[str, Meta(min_length=1, max_length=64)]
 StageList = Annotated[list[Stage], Meta(min_length=1, max_length=3)]
 DeviceList = Annotated[list[Id], Meta(min_length=1, max_length=1024)]
 Steps = Annotated[int, Meta(ge=0, le=100_000)]
+# How a request's final output travels (trident/runtime/encode.py): the float32 array
+# (np, the default), uint8 pixels, or an encoded file (png for images, mp4 for videos).
+OutputType = Literal["np", "uint8", "png", "mp4"]
+OUTPUT_TYPES: tuple[OutputType, ...] = ("np", "uint8", "png", "mp4")
+# The run_task / batch member params that carry it to the decode worker (set by the
+# scheduler at admission for anything but np; the worker takes them out before the stages
+# see the params).
+OUTPUT_TYPE_PARAM = "output_type"
+OUTPUT_FPS_PARAM = "output_fps"
+Fps = Annotated[int, Meta(ge=1, le=240)]
 
 
 class _Base(Struct, tag_field="t", omit_defaults=False):
@@ -177,6 +200,10 @@ class Submit(_Base, tag="submit"):
     params: SubmitParams
     slo_s: Annotated[float, Meta(gt=0.0, le=1e7)] | None = None
     batch: bool = True
+    # The result's form (encoded on the decode worker); fps: mp4's frame rate (default:
+    # the family's). A model that cannot give it is refused at admission.
+    output_type: OutputType = "np"
+    fps: Fps | None = None
 
 
 class Cancel(_Base, tag="cancel"):
@@ -204,6 +231,16 @@ class Pong(_Base, tag="pong"):
     unavailable: list[str] = []
 
 
+class OutputInfo(Struct):
+    """What a final ``output`` tensor holds when it is not the float32 array: ``type``
+    uint8 (the pixels) or png / mp4 (the file's bytes as a 1-D uint8 tensor); ``shape``
+    the decoded array's shape, ``seconds`` the encoding's time on the worker."""
+
+    type: OutputType
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(max_length=16)]
+    seconds: Seconds = 0.0
+
+
 class Result(_Base, tag="result"):
     id: ClientRid
     timings: dict[str, float]
@@ -211,6 +248,7 @@ class Result(_Base, tag="result"):
     tensors: Tensors
     met_slo: bool | None = None
     slo_s: float | None = None
+    output: OutputInfo | None = None  # None: ``output`` is decode's float32 array (np)
 
 
 class Progress(_Base, tag="progress"):
@@ -232,6 +270,72 @@ class Error(_Base, tag="error"):
     message: Text
     id: str | None = None
     nonce: int | None = None  # the ping this answers (``unknown_request`` replies)
+
+
+class StatusQuery(_Base, tag="status_query"):
+    """Ask for a :class:`ClusterStatus` (``trident status``); ``nonce`` is echoed."""
+
+    nonce: Count | None = None
+
+
+class ResidentStage(Struct):
+    model: Name
+    stage: Stage
+
+
+class RunningTask(Struct):
+    """A task the scheduler sent to a device and that has not ended; ``started`` once
+    the worker said so (before that it waits in the worker's queue)."""
+
+    task_id: Id
+    request_id: Id
+    model: Name
+    stages: StageList
+    started: bool = False
+
+
+class DeviceStatus(Struct):
+    device_id: Id
+    node_id: Name
+    kind: DeviceKind
+    up: bool
+    memory_bytes: Count
+    resident: Annotated[list[ResidentStage], Meta(max_length=1024)] = []
+    resident_bytes: Count = 0  # weight bytes of the resident stages (the planner's sizes)
+    running: Annotated[list[RunningTask], Meta(max_length=4096)] = []
+    busy_s: Seconds = 0.0  # seconds of stage work done since the scheduler started
+
+
+class NodeStatus(Struct):
+    node_id: Name
+    up: bool
+    devices: Annotated[list[Id], Meta(max_length=4096)] = []
+
+
+class ModelStatus(Struct):
+    """One served model: requests waiting for a stage (``queued``) and with a stage on
+    a device (``running``); SLO outcomes of its requests finished in the last
+    ``ClusterStatus.slo_window_s`` seconds."""
+
+    name: Name
+    queued: Count = 0
+    running: Count = 0
+    available: bool = True
+    recent_finished: Count = 0
+    recent_on_time: Count = 0
+
+
+class ClusterStatus(_Base, tag="cluster_status"):
+    """The live cluster as the scheduler sees it (a snapshot, at most a moment old)."""
+
+    nodes: Annotated[list[NodeStatus], Meta(max_length=4096)]
+    devices: Annotated[list[DeviceStatus], Meta(max_length=65_536)]
+    models: Annotated[list[ModelStatus], Meta(max_length=4096)]
+    policy: Annotated[str, Meta(max_length=256)] = ""
+    uptime_s: Seconds = 0.0
+    ready: bool = False
+    slo_window_s: Seconds = 0.0
+    nonce: int | None = None
 
 
 # ---------------------------------------------------------------- node <-> scheduler
@@ -411,6 +515,7 @@ class TaskFinished(_Base, tag="task_finished"):
     load_seconds: Seconds = 0.0
     output_bytes: Count = 0
     tensors: Tensors | None = None  # the final output (the request's result)
+    output: OutputInfo | None = None  # how a final output is encoded (None: np)
 
 
 class TaskFailed(_Base, tag="task_failed"):
@@ -483,7 +588,7 @@ class Go(_Base, tag="go"):
 
 
 Message: TypeAlias = (
-    Submit | Cancel | Ping | Pong | Result | Error | Progress
+    Submit | Cancel | Ping | Pong | Result | Error | Progress | StatusQuery | ClusterStatus
     | NodeHello | NodeWelcome | NodeHeartbeat | WorkerExited | NodeBye | KillWorker
     | Reject | Reregister | Shutdown
     | WorkerHello | WorkerWelcome | Heartbeat | RunTask | RunBatch | CancelTask
@@ -514,8 +619,8 @@ def _union(types: tuple[type[_Base], ...]) -> Any:
     return reduce(or_, types)
 
 
-CLIENT_TO_SCHEDULER = Channel("client", (Submit, Cancel, Ping))
-SCHEDULER_TO_CLIENT = Channel("client-reply", (Result, Error, Pong, Progress))
+CLIENT_TO_SCHEDULER = Channel("client", (Submit, Cancel, Ping, StatusQuery))
+SCHEDULER_TO_CLIENT = Channel("client-reply", (Result, Error, Pong, Progress, ClusterStatus))
 CLUSTER_TO_SCHEDULER = Channel(
     "cluster",
     (

@@ -37,9 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
+from trident.cliformat import DefaultsHelpFormatter
 from trident.config import (
     DTYPES,
     SchedulerConfig,
@@ -51,6 +53,12 @@ from trident.errors import ConfigError, InvalidRequestError, ModelError, Protoco
 from trident.log import configure_logging, flush_logs, get_logger
 from trident.runtime import protocol
 from trident.runtime.journal import AcceptedRecord, RequestJournal
+from trident.runtime.metrics import (
+    MetricsServer,
+    SchedulerMetrics,
+    parse_metrics_addr,
+    serve_metrics,
+)
 from trident.runtime.protocol import (
     CLIENT_TO_SCHEDULER,
     CLUSTER_TO_SCHEDULER,
@@ -70,7 +78,9 @@ from trident.runtime.registry import ServedModel, build_request_shape, register_
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 from trident.sched.core import SchedulerCore, handle_events
+from trident.sched.cost import model_weight_bytes
 from trident.sched.types import (
+    STAGES,
     CancelTask,
     Command,
     CompleteRequest,
@@ -114,6 +124,8 @@ INLINE_ROUND_S = 0.002
 # Per peer: far more than a worker ever has in flight (tasks, reports), and a bound on
 # what a misbehaving peer can make us buffer.
 CLUSTER_HWM = 2000
+# A status snapshot (``trident status``, the metric gauges) is rebuilt at most this often.
+STATUS_MAX_AGE_S = 0.25
 DRAIN_MAX_BYTES = 4 << 20
 # A booting node's workers say hello one by one; the core sees them together (one
 # placement for the node, not one per worker and the weight loads of each) once all the
@@ -129,6 +141,7 @@ class _WorkerConn:
     last_seen: float
     up: bool = True
     store_addr: str | None = None  # torch rendezvous store (cpu/cuda workers)
+    resident: set[tuple[str, str]] = field(default_factory=set)  # (model, stage) it reported
 
 
 @dataclass
@@ -146,12 +159,37 @@ class _Pending:
     client_rid: str
     arrival: float
     heartbeat: bool = False  # its client heartbeats: silence means it went away
+    model: str = ""
+    dispatched: bool = False  # a stage of it was sent to a device (else: refused at admission)
 
 
 @dataclass
 class _ClientConn:
     last_seen: float
     heartbeats: bool = False
+
+
+def output_params(served: ServedModel, output_type: str, fps: int | None) -> dict[str, Any]:
+    """The params that carry a request's ``output_type`` to its decode worker (none for
+    ``np``: such a request is exactly as before). Raises InvalidRequestError when the
+    model cannot give that type (png is for images, mp4 for videos)."""
+    from trident.families import FAMILIES
+    from trident.runtime.encode import DEFAULT_FPS, check_output_type
+
+    try:
+        check_output_type(output_type, is_video=served.info.is_video, model=served.info.name)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    if fps is not None and output_type != "mp4":
+        raise InvalidRequestError(f"fps={fps} applies to output_type='mp4' only")
+    if output_type == "np":
+        return {}
+    out: dict[str, Any] = {protocol.OUTPUT_TYPE_PARAM: output_type}
+    if output_type == "mp4":
+        spec = FAMILIES.get(served.info.family)
+        default = spec.default_fps if spec is not None else None
+        out[protocol.OUTPUT_FPS_PARAM] = fps or default or DEFAULT_FPS
+    return out
 
 
 def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
@@ -174,7 +212,12 @@ def make_core(cfg: SchedulerConfig, served: dict[str, ServedModel]) -> Policy:
 
 class SchedulerDaemon:
     def __init__(
-        self, cfg: SchedulerConfig, served: dict[str, ServedModel], core: Policy | None = None
+        self,
+        cfg: SchedulerConfig,
+        served: dict[str, ServedModel],
+        core: Policy | None = None,
+        *,
+        metrics_addr: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.served = served
@@ -188,7 +231,8 @@ class SchedulerDaemon:
         self.nodes: dict[str, _NodeConn] = {}
         self.pending: dict[str, _Pending] = {}  # request id -> who asked
         self.client_conns: dict[bytes, _ClientConn] = {}
-        self.results: dict[str, tuple[list[Any], list[Any]]] = {}  # request id -> (meta, frames)
+        # request id -> (meta, frames, how the output is encoded: None for np)
+        self.results: dict[str, tuple[list[Any], list[Any], protocol.OutputInfo | None]] = {}
         self.task_info: dict[str, RunTask] = {}
         # Events for the core's next round (filled by the I/O loop, taken by the core loop).
         self.events: list[Event] = []
@@ -215,6 +259,24 @@ class SchedulerDaemon:
         self.rejections = RejectionLog(self.log, clock=self.now)
         # Accepted requests survive a crash here (``--state-dir``); None: no journal.
         self.journal: RequestJournal | None = None
+        # Always counted (a few adds per event); served over HTTP with --metrics-addr.
+        self.metrics = SchedulerMetrics(served)
+        self.metrics_addr = metrics_addr
+        self.metrics_server: MetricsServer | None = None
+        self._started_tasks: set[str] = set()  # task ids whose worker said task_started
+        self._status: protocol.ClusterStatus | None = None  # the last snapshot, and when
+        self._status_at = -1.0
+        # Weight bytes per (model, stage), as the planner sizes them (resident weights).
+        cost = getattr(self.core, "cost", None)
+        self._weight_bytes: dict[tuple[str, str], int] = {
+            (name, stage): (
+                model_weight_bytes(cost, m.info, stage)
+                if cost is not None
+                else int(m.info.stage_weight_bytes.get(stage, 0))
+            )
+            for name, m in served.items()
+            for stage in STAGES
+        }
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -250,6 +312,8 @@ class SchedulerDaemon:
             hwm=CLUSTER_HWM,
         )
         self.nodes_sock.bind(self.cfg.node_addr)
+        if self.metrics_addr:
+            self.metrics_server = serve_metrics(self.metrics_addr, self.metrics.registry)
         if self.cfg.state_dir:
             self.journal = RequestJournal(self.cfg.state_dir)
             self._recover(self.journal.replay())
@@ -259,6 +323,11 @@ class SchedulerDaemon:
             node_addr=self.cfg.node_addr,
             policy=getattr(self.core, "name", type(self.core).__name__),
             models={n: m.describe() for n, m in self.served.items()},
+            metrics_addr=(
+                f"{self.metrics_server.host}:{self.metrics_server.port}"
+                if self.metrics_server is not None
+                else None
+            ),
         )
         loops = [
             asyncio.create_task(self._supervised("cluster", self._cluster_loop), name="cluster"),
@@ -273,6 +342,8 @@ class SchedulerDaemon:
         self.core_thread.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             self.journal.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
         self.clients.close(0)
         self.nodes_sock.close(0)
         if self.auth is not None:
@@ -328,7 +399,11 @@ class SchedulerDaemon:
                 continue
             arrival = now - max(0.0, wall - rec.arrival_wall)
             self.pending[rec.request_id] = _Pending(
-                client=rec.client, client_rid=rec.client_rid, arrival=arrival, heartbeat=True
+                client=rec.client,
+                client_rid=rec.client_rid,
+                arrival=arrival,
+                heartbeat=True,
+                model=rec.model,
             )
             # A client that never comes back has its recovered requests cancelled.
             self.client_conns.setdefault(rec.client, _ClientConn(last_seen=now, heartbeats=True))
@@ -479,6 +554,9 @@ class SchedulerDaemon:
             )
         elif isinstance(cmd, LogEvent):
             self.log.info(cmd.event, **dict(cmd.fields))
+            rid = cmd.fields.get("request_id")
+            pend = self.pending.get(rid) if isinstance(rid, str) else None
+            self.metrics.core_event(cmd.event, cmd.fields, pend.model if pend else None)
 
     def _to_worker(self, device_id: str, header: bytes, frames: list[Any] | None = None) -> bool:
         conn = self.workers.get(device_id)
@@ -514,6 +592,7 @@ class SchedulerDaemon:
         leader = conns[0]
         assert leader is not None
         self.task_info[cmd.task_id] = cmd
+        self._mark_dispatched(cmd.request_id)
         self.counters["dispatched"] += 1
         group = None
         if cmd.degree > 1:
@@ -598,6 +677,7 @@ class SchedulerDaemon:
             return
         for t, _ in live:
             self.task_info[t.task_id] = t
+            self._mark_dispatched(t.request_id)
         self.counters["dispatched"] += len(live)
         self.counters["batches"] += 1
         # Members share their options (same shape, same device: same decisions).
@@ -651,8 +731,10 @@ class SchedulerDaemon:
         pend = self.pending.pop(cmd.request_id, None)
         if self.journal is not None:
             self.journal.end(cmd.request_id, "completed")
-        meta, frames = self.results.pop(cmd.request_id, ([], []))
+        meta, frames, output = self.results.pop(cmd.request_id, ([], [], None))
         self.counters["finished"] += 1
+        if pend is not None:
+            self.metrics.request_finished(pend.model, cmd.timings, cmd.met_slo, self.now())
         self.log.info(
             "request.finished",
             request_id=cmd.request_id,
@@ -663,14 +745,18 @@ class SchedulerDaemon:
         )
         if pend is None:
             return
+        timings = dict(cmd.timings)
+        if output is not None:
+            timings["output_encode"] = output.seconds  # on the decode worker, within decode's
         header = protocol.encode(
             protocol.Result(
                 id=pend.client_rid,
-                timings=dict(cmd.timings),
+                timings=timings,
                 devices={k: list(v) for k, v in cmd.devices.items()},
                 tensors=meta,
                 met_slo=cmd.met_slo,
                 slo_s=None if cmd.deadline is None else cmd.deadline - pend.arrival,
+                output=output,
             )
         )
         self.out.append((self.clients, [pend.client, header, *frames]))
@@ -684,6 +770,11 @@ class SchedulerDaemon:
         self.log.info("request.failed", request_id=request_id, error=code, message=message)
         if pend is None:
             return
+        self.metrics.request_failed(
+            pend.model,
+            code,
+            admission=not pend.dispatched and code in ("overloaded", "unavailable"),
+        )
         self.out.append(
             (self.clients, [pend.client, protocol.error_message(code, message, id=pend.client_rid)])
         )
@@ -811,6 +902,9 @@ class SchedulerDaemon:
                 )
         elif isinstance(msg, Submit):
             self._on_submit(ident, msg)
+        elif isinstance(msg, protocol.StatusQuery):
+            status = msgspec.structs.replace(self._cluster_status(), nonce=msg.nonce)
+            self.out.append((self.clients, [ident, protocol.encode(status)]))
         elif isinstance(msg, Cancel):
             rid = self._request_id(ident, msg.id)
             if rid in self.pending:
@@ -834,6 +928,87 @@ class SchedulerDaemon:
             unavailable=unavailable,
         )
 
+    def _mark_dispatched(self, request_id: str) -> None:
+        pend = self.pending.get(request_id)
+        if pend is not None:
+            pend.dispatched = True
+
+    def _cluster_status(self) -> protocol.ClusterStatus:
+        """What ``trident status`` and the metric gauges show, from the daemon's own
+        records (never the core's state, which the core thread may be editing). Built
+        at most every STATUS_MAX_AGE_S: a flood of status queries costs one build."""
+        now = self.now()
+        if self._status is not None and now - self._status_at < STATUS_MAX_AGE_S:
+            return self._status
+        self._started_tasks &= self.task_info.keys()
+        running: dict[str, list[protocol.RunningTask]] = {}
+        busy_requests: dict[str, set[str]] = {}  # model -> requests with a stage out
+        for task_id, cmd in self.task_info.items():
+            task = protocol.RunningTask(
+                task_id=task_id,
+                request_id=cmd.request_id,
+                model=cmd.model,
+                stages=list(cmd.stages),
+                started=task_id in self._started_tasks,
+            )
+            for dev in cmd.devices:
+                running.setdefault(dev, []).append(task)
+            busy_requests.setdefault(cmd.model, set()).add(cmd.request_id)
+        devices = []
+        for dev, conn in sorted(self.workers.items()):
+            devices.append(
+                protocol.DeviceStatus(
+                    device_id=dev,
+                    node_id=conn.info.node_id,
+                    kind=conn.info.kind,
+                    up=conn.up,
+                    memory_bytes=conn.info.memory_bytes,
+                    resident=[
+                        protocol.ResidentStage(model=m, stage=st)  # type: ignore[arg-type]
+                        for m, st in sorted(conn.resident)
+                    ],
+                    resident_bytes=sum(self._weight_bytes.get(ms, 0) for ms in conn.resident),
+                    running=running.get(dev, [])[:4096] if conn.up else [],
+                    busy_s=self.metrics.busy_seconds.get(dev, 0.0),
+                )
+            )
+        pending_by_model: dict[str, int] = {}
+        for pend in self.pending.values():
+            pending_by_model[pend.model] = pending_by_model.get(pend.model, 0) + 1
+        pong = self._pong(None)
+        models = []
+        for name in sorted(self.served):
+            active = len(busy_requests.get(name, ()))
+            finished, on_time = self.metrics.recent.counts(name, now)
+            models.append(
+                protocol.ModelStatus(
+                    name=name,
+                    queued=max(0, pending_by_model.get(name, 0) - active),
+                    running=active,
+                    available=name not in pong.unavailable,
+                    recent_finished=finished,
+                    recent_on_time=on_time,
+                )
+            )
+        self._status = protocol.ClusterStatus(
+            nodes=[
+                protocol.NodeStatus(
+                    node_id=node_id,
+                    up=node.up,
+                    devices=sorted(d for d, w in self.workers.items() if w.info.node_id == node_id),
+                )
+                for node_id, node in sorted(self.nodes.items())
+            ],
+            devices=devices,
+            models=models,
+            policy=str(getattr(self.core, "name", type(self.core).__name__))[:256],
+            uptime_s=now,
+            ready=pong.ready,
+            slo_window_s=self.metrics.recent.window_s,
+        )
+        self._status_at = now
+        return self._status
+
     def _request_id(self, ident: bytes, client_rid: str) -> str:
         # Scoped by client identity so two clients cannot collide or cancel each other.
         return f"{ident.hex()[:12]}-{client_rid}"
@@ -844,7 +1019,10 @@ class SchedulerDaemon:
 
         def refuse(code: str, message: str) -> None:
             self.counters["failed"] += 1
-            self.log.info("request.failed", request_id=rid, error=code, message=message)
+            self.metrics.request_failed(msg.model, code, admission=True)
+            self.log.info(
+                "request.failed", request_id=rid, error=code, message=message, admission=True
+            )
             self.out.append(
                 (self.clients, [ident, protocol.error_message(code, message, id=client_rid)])
             )
@@ -869,6 +1047,7 @@ class SchedulerDaemon:
         params = msg.params.to_dict()
         try:
             shape = build_request_shape(served, params)
+            params.update(output_params(served, msg.output_type, msg.fps))
         except InvalidRequestError as exc:
             refuse("invalid_request", exc.message)
             return
@@ -878,6 +1057,7 @@ class SchedulerDaemon:
             client_rid=client_rid,
             arrival=now,
             heartbeat=self.client_conns[ident].heartbeats,
+            model=msg.model,
         )
         if self.journal is not None:
             self.journal.accept(
@@ -901,6 +1081,7 @@ class SchedulerDaemon:
             num_frames=shape.num_frames,
             steps=shape.num_inference_steps,
             batchable=msg.batch,
+            output_type=msg.output_type,
         )
         spec = RequestSpec(
             request_id=rid,
@@ -994,6 +1175,8 @@ class SchedulerDaemon:
             self.log.warning(
                 "worker.died", device_id=dev, exitcode=msg.exitcode, restarts=msg.restarts
             )
+            if dev in self.workers:  # a device id the cluster announced (bounded labels)
+                self.metrics.worker_restarted(dev)
             conn = self.workers.get(dev)
             if conn is not None and conn.up and conn.info.node_id == node_id:
                 self._worker_lost(dev, f"process exited with {msg.exitcode}")
@@ -1024,6 +1207,9 @@ class SchedulerDaemon:
             self.log.info(
                 "stage.started", task_id=msg.task_id, device_id=dev, request_id=started.request_id
             )
+            self._started_tasks.add(msg.task_id)
+            if len(self._started_tasks) > 2 * len(self.task_info) + 1024:  # ended ones
+                self._started_tasks &= self.task_info.keys()
             self.feed(TaskStarted(msg.task_id))
         elif isinstance(msg, protocol.TaskProgress):
             self._forward_progress(dev, msg)
@@ -1035,7 +1221,7 @@ class SchedulerDaemon:
             if cmd.final and cmd.request_id in self.pending:
                 # Held only until the core completes the request (a request already
                 # failed or cancelled would never claim it: don't keep it).
-                self.results[cmd.request_id] = (list(msg.tensors or []), frames)
+                self.results[cmd.request_id] = (list(msg.tensors or []), frames, msg.output)
             self.feed(
                 TaskFinished(
                     msg.task_id,
@@ -1052,6 +1238,13 @@ class SchedulerDaemon:
                 device_id=dev,
                 seconds=dict(msg.stage_seconds),
                 transfer_s=msg.transfer_seconds,
+                load_s=msg.load_seconds,
+            )
+            # The leader ran every stage; a degree-k group's other members the diffuse.
+            work = sum(msg.stage_seconds.values())
+            diffuse = msg.stage_seconds.get("diffuse", 0.0)
+            self.metrics.stage_finished(
+                {d: work if i == 0 else diffuse for i, d in enumerate(cmd.devices)}
             )
         elif isinstance(msg, protocol.TaskFailed):
             cmd = self.task_info.get(msg.task_id)
@@ -1079,6 +1272,7 @@ class SchedulerDaemon:
                     seconds=msg.seconds,
                     source=msg.source,
                 )
+            conn.resident.add((msg.model, msg.stage))
             self.feed(
                 StageLoaded(conn.info.device_id, msg.model, msg.stage, msg.seconds, msg.source)
             )
@@ -1086,6 +1280,7 @@ class SchedulerDaemon:
             self.log.info(
                 "stage.unloaded", device_id=conn.info.device_id, model=msg.model, stage=msg.stage
             )
+            conn.resident.discard((msg.model, msg.stage))
             self.feed(StageUnloaded(conn.info.device_id, msg.model, msg.stage))
         elif isinstance(msg, protocol.StageLoadFailed):
             self.log.error(
@@ -1221,6 +1416,8 @@ class SchedulerDaemon:
                 self._tick_queued = True
                 self.feed(Tick())
             await self._turn()
+            if self.metrics_server is not None:
+                self.metrics.set_cluster(self._cluster_status())
             flush_logs()
 
     def _check_liveness(self) -> None:
@@ -1261,23 +1458,27 @@ class SchedulerDaemon:
 _ERROR_CODES = frozenset(typing.get_args(ErrorCode))
 
 
-def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
+    """The scheduler's command line (``trident scheduler --help``)."""
+    d = SchedulerConfig()  # the defaults; a --config file's values replace them
     p = argparse.ArgumentParser(
-        prog="trident-scheduler", description="Trident's central scheduler daemon."
+        prog="trident-scheduler",
+        description="Trident's central scheduler daemon. An option not given takes the "
+        "--config file's value, else the default shown.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--config", help="TOML configuration file (default: none, built-in settings)")
+    p.add_argument("--client-addr", help=f"address clients connect to (default: {d.client_addr})")
     p.add_argument(
-        "--client-addr", help="address clients connect to (default tcp://127.0.0.1:5555)"
-    )
-    p.add_argument(
-        "--node-addr", help="address nodes and workers connect to (default tcp://127.0.0.1:5556)"
+        "--node-addr", help=f"address nodes and workers connect to (default: {d.node_addr})"
     )
     p.add_argument(
         "--model",
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a simulated model",
+        help="serve the diffusers pipeline in DIR as NAME (repeatable); NAME=sim:FAMILY for a "
+        "simulated model (default: the --config file's [[models]]; one is required)",
     )
     p.add_argument(
         "--dtype",
@@ -1289,7 +1490,8 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
     )
     p.add_argument(
         "--policy",
-        help="scheduling policy: trident (default), trident-static, b1, b4, b6, authors, fifo",
+        help="scheduling policy: trident, trident-static, b1, b4, b6, authors, fifo "
+        f"(default: {d.policy})",
     )
     p.add_argument(
         "--policy-option",
@@ -1297,34 +1499,74 @@ def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]
         default=[],
         metavar="KEY=VALUE",
         help="a policy setting (repeatable), e.g. max_batch=1 or dispatch.max_nodes=100 "
-        "(docs/planner.md); an unknown one is an error listing the valid ones",
+        "(docs/planner.md); an unknown one is an error listing the valid ones "
+        "(default: none, the policy's defaults)",
     )
-    p.add_argument("--slo-scale", type=float)
-    p.add_argument("--max-queue", type=int)
-    p.add_argument("--heartbeat-s", type=float)
-    p.add_argument("--worker-ttl-s", type=float)
-    p.add_argument("--time-scale", type=float, help="sim clusters: the nodes' --time-scale")
-    p.add_argument("--tick-s", type=float, help="seconds between the core's ticks (default 0.05)")
+    p.add_argument(
+        "--slo-scale",
+        type=float,
+        help="a request's deadline without slo_s: this times its standalone latency "
+        f"(default: {d.slo_scale})",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        help=f"requests in flight before new ones are refused as overloaded (default: {d.max_queue})",
+    )
+    p.add_argument(
+        "--heartbeat-s",
+        type=float,
+        help="seconds between the heartbeats nodes, workers and clients are told to send "
+        f"(default: {d.heartbeat_s})",
+    )
+    p.add_argument(
+        "--worker-ttl-s",
+        type=float,
+        help=f"a worker silent this long is lost (default: {d.worker_ttl_s})",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        help=f"sim clusters: the nodes' --time-scale (default: {d.time_scale})",
+    )
+    p.add_argument(
+        "--tick-s", type=float, help=f"seconds between the core's ticks (default: {d.tick_s})"
+    )
     p.add_argument(
         "--profile",
         action="append",
         default=[],
         metavar="FILE",
-        help="a `trident profile` file for the cost model (repeatable)",
+        help="a `trident profile` file for the cost model (repeatable; default: none, the "
+        "reference cost model)",
     )
     p.add_argument(
-        "--curve-dir", help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate"
+        "--curve-dir",
+        help="CurveZMQ key directory (`trident keys DIR`): encrypt and authenticate "
+        "(default: none, plain TCP)",
     )
     p.add_argument(
         "--client-ttl-s",
         type=float,
-        help="cancel the requests of a heartbeating client silent this long",
+        help="cancel the requests of a heartbeating client silent this long "
+        f"(default: {d.client_ttl_s})",
     )
     p.add_argument(
-        "--state-dir", help="directory of the request journal (restart without silent loss)"
+        "--state-dir",
+        help="directory of the request journal (restart without silent loss; default: none, "
+        "no journal)",
     )
-    p.add_argument("--log-file")
-    ns = p.parse_args(argv)
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; docs/metrics.md)",
+    )
+    p.add_argument("--log-file", help="append the JSON-lines log to this file (default: stderr)")
+    return p
+
+
+def _parse(argv: list[str] | None) -> tuple[SchedulerConfig, argparse.Namespace]:
+    ns = build_parser().parse_args(argv)
     cfg = load_scheduler_config(ns.config) if ns.config else SchedulerConfig()
     cfg.profiles.extend(ns.profile)
     for key in (
@@ -1371,11 +1613,16 @@ def main(
     """Run the daemon. ``core_factory`` replaces :func:`make_core` (tests run the real
     daemon around a policy of their own this way)."""
     try:
-        cfg, _ = _parse(argv)
+        cfg, ns = _parse(argv)
+        if ns.metrics_addr:
+            parse_metrics_addr(ns.metrics_addr)  # a bad address is a usage error (exit 2)
         configure_logging(cfg.log_file, buffered=True)
         served = register_models(cfg.models)
         daemon = SchedulerDaemon(
-            cfg, served, core=core_factory(cfg, served) if core_factory else None
+            cfg,
+            served,
+            core=core_factory(cfg, served) if core_factory else None,
+            metrics_addr=ns.metrics_addr,
         )
     except (ConfigError, ModelError, ValueError) as exc:
         print(f"trident-scheduler: {exc}", file=sys.stderr)
@@ -1396,7 +1643,7 @@ def main(
 
     try:
         return asyncio.run(_main())
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, OSError) as exc:  # OSError: --metrics-addr could not be bound
         print(f"trident-scheduler: {exc}", file=sys.stderr)
         return 1
 
