@@ -86,6 +86,9 @@ class TridentConfig:
     # longer than this (and than twice the load) for a device of its own.
     rehome_idle: bool = True
     rehome_min_wait_s: float = 5.0
+    # ... and only a device idle this long (a device between two bursts of its own
+    # model's work is not idle in that sense).
+    rehome_idle_s: float = 5.0
 
     # Flat option names (docs/planner.md; the historical flat TridentConfig) -> the
     # section fields they set. ``section.field`` reaches every other setting.
@@ -156,6 +159,7 @@ class TridentPolicy(PlacedPolicy):
         self.last_snapshot: MonitorSnapshot | None = None
         self.batching: BatchConfig = c.batching
         self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
+        self._idle_since: dict[str, float] = {}  # device id -> first seen idle (re-homing)
 
     # ------------------------------------------------------------------ load cost
 
@@ -515,10 +519,14 @@ class TridentPolicy(PlacedPolicy):
             return (s == "diffuse" and m in needs_diffuse) or (s == "decode" and m in needs_decode)
 
         idle: list[DeviceView] = []
+        since = self._idle_since
         for v in sorted(views, key=lambda v: v.device_id):
             st = self.devices.get(v.device_id)
             if v.available and v.free_at <= now and st is not None and not st.inflight:
-                idle.append(v)
+                if now - since.setdefault(v.device_id, now) >= self.tconfig.rehome_idle_s:
+                    idle.append(v)
+            else:
+                since.pop(v.device_id, None)
         if not idle:
             return False
         # Each (model, stage)'s homes by when they free up; a waiting request's turn is
@@ -668,7 +676,10 @@ class TridentPolicy(PlacedPolicy):
             free -= sum(size.values())
             evict: list[tuple[str, Stage]] = []
             for ms in others:
-                if free >= peak:
+                # The device moves to ``model``: what nobody waits for goes (a second
+                # model left beside it would cramp both, e.g. their batches' room);
+                # waiting models' stages only for room.
+                if free >= peak and ms[0] in busy_models:
                     break
                 evict.append(ms)
                 free += size[ms]
