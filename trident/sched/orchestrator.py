@@ -218,6 +218,14 @@ class _NodeClass:
     node_current: dict[str, dict[tuple[str, str], int]]  # node -> (model, type) -> devices
 
 
+def _ordered(ptype: str) -> tuple[Stage, ...]:
+    """A placement type's stages in pipeline order. Iterating ``stages_of_type``'s
+    frozenset follows the string hash (PYTHONHASHSEED): the MIP's variable order, and
+    so its choice among equal plans, would change from run to run."""
+    st = stages_of_type(ptype)
+    return tuple(s for s in STAGES if s in st)
+
+
 def _classes(
     devices: Sequence[DeviceInfo], current: Mapping[str, tuple[str, str] | None]
 ) -> list[_NodeClass]:
@@ -408,7 +416,7 @@ def plan_capacity_ratio(
             g = nx.DiGraph()
             for t, c in types.items():
                 g.add_edge("src", t, capacity=c * speed)
-                for s in stages_of_type(t):
+                for s in _ordered(t):
                     if s in dem:
                         g.add_edge(t, s, capacity=math.inf)
             for s, v in dem.items():
@@ -547,7 +555,7 @@ def type_load_seconds(
     for m, info in models.items():
         per = {s: cost.load_seconds(info.family, s, source.get((m, s), "disk")) for s in STAGES}
         for t in PLACEMENT_TYPES:
-            out[m, t] = sum(per[s] for s in stages_of_type(t))
+            out[m, t] = sum(per[s] for s in _ordered(t))
     return out
 
 
@@ -671,7 +679,7 @@ def _mip_plan(
             f: dict[tuple[str, Stage], mip.Var] = {}
             bind = cfg.bind_aux and st.get("diffuse", 0.0) > 0
             for t in sorted(allowed_any[m]):
-                ss = [s for s in stages_of_type(t) if s in st]
+                ss = [s for s in _ordered(t) if s in st]
                 fs = []
                 for s in ss:
                     f[t, s] = mdl.add_var(lb=0.0)
@@ -864,7 +872,7 @@ def proportional_plan(
         else:
             w = {}
             for t in rep:
-                w[t] = sum(dem[s] for s in stages_of_type(t))
+                w[t] = sum(dem[s] for s in _ordered(t))
             tw = sum(w.values()) or 1.0
             split = {t: w[t] / tw * shares[m] for t in rep}
         cnt = _largest_remainder(split, shares[m], minimum=1 if shares[m] >= len(rep) else 0)
