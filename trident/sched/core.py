@@ -265,23 +265,12 @@ class SchedulerCore:
 
     def load_source(self, device_id: str, model: str, stage: Stage) -> LoadSource:
         """Where ``device_id`` gets ``stage``'s weights (trident.sched.residency)."""
-        st = self.devices.get(device_id)
-        if st is None:
-            return "disk"
-        node = st.info.node_id
-        return choose_load_source(
-            resident_here=(model, stage) in st.holds,
-            held_by_same_node_peer=any(
-                o.up and o is not st and o.info.node_id == node and (model, stage) in o.holds
-                for o in self.devices.values()
-            ),
-            in_node_copy=(node, model, stage) in self.node_copies,
-        )
+        return self.load_sources()(device_id, model, stage)
 
     def load_sources(self) -> Callable[[str, str, Stage], LoadSource]:
-        """:meth:`load_source` for many lookups against one snapshot of the devices
-        (a dispatch round): the same answers, with each node's resident stages indexed
-        once instead of scanning every device per lookup."""
+        """Where a device gets a stage's weights (trident.sched.residency), for many
+        lookups against one snapshot of the devices (a dispatch round): each node's
+        resident stages are indexed once instead of scanned per lookup."""
         on_node: dict[tuple[str, str, Stage], int] = {}
         for o in self.devices.values():
             if o.up:

@@ -550,11 +550,7 @@ class TridentPolicy(PlacedPolicy):
         # A model's last diffuse home is kept too: the plan reserved it (a rare, long
         # model's only group), and taking it makes the next request of that model wait
         # for a load somewhere else (the step trace's phase 1 lost 1.3-2.9 points).
-        dif_homes: dict[str, int] = {}
-        for v in views:
-            for m, held in v.holds.items():
-                if "diffuse" in held:
-                    dif_homes[m] = dif_homes.get(m, 0) + 1
+        dif_homes = {m: len(fs) for (m, s), fs in homes.items() if s == "diffuse"}
         kept = {
             v.device_id: {
                 m
