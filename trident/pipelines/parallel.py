@@ -310,8 +310,9 @@ class AgreedCancel(threading.Event):
     step 3 while its partners went on to step 4 would leave them blocked in the next
     collective. Here :meth:`is_set` is itself a collective (an all-reduce of the local
     flags with MAX), so all ranks see "set" at the same check and stop together. Every
-    rank must therefore call :meth:`is_set` the same number of times: the diffuse stage
-    checks once before it starts and once after every denoising step, on every rank.
+    rank must therefore call :meth:`is_set` / :meth:`poll` the same number of times: the
+    diffuse stage checks once before it starts and polls once after every denoising
+    step, on every rank.
     """
 
     def __init__(self, local: threading.Event | None, parallel: ParallelContext) -> None:
@@ -331,15 +332,27 @@ class AgreedCancel(threading.Event):
             report(step, total)
 
     def is_set(self) -> bool:
+        return self._agree(self._local is not None and self._local.is_set(), False)[0]
+
+    def poll(self) -> tuple[bool, bool]:
+        """(cancel, yield), agreed in one collective: a yield that reaches one rank's
+        worker stops every rank after the same step (the step-end check)."""
+        local = self._local
+        if local is None:
+            return self._agree(False, False)
+        poll = getattr(local, "poll", None)
+        cancel, yield_now = poll() if poll is not None else (local.is_set(), False)
+        return self._agree(bool(cancel), bool(yield_now))
+
+    def _agree(self, cancel: bool, yield_now: bool) -> tuple[bool, bool]:
         import torch
         import torch.distributed as dist
 
-        mine = self._local is not None and self._local.is_set()
-        flag = torch.tensor(
-            [1 if mine else 0], dtype=torch.int32, device=_comm_device(self._parallel)
+        flags = torch.tensor(
+            [int(cancel), int(yield_now)], dtype=torch.int32, device=_comm_device(self._parallel)
         )
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._parallel.group)
-        return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._parallel.group)
+        return bool(flags[0].item()), bool(flags[1].item())
 
 
 # --------------------------------------------------------------------------- diffuse

@@ -39,6 +39,7 @@ from trident.pipelines.api import (
     StageCancelled,
     StageName,
 )
+from trident.pipelines.chunks import DiffuseChunk, chunk_interrupt, chunk_steps
 from trident.pipelines.meta import stage_components
 from trident.pipelines.parallel import AgreedCancel, broadcast_inputs, diffuse_context
 
@@ -49,6 +50,7 @@ __all__ = [
     "StageCancelled",
     "check_cancel",
     "drop_none",
+    "poll_flag",
     "step_end_canceller",
     "to_numpy_output",
 ]
@@ -72,7 +74,22 @@ def check_cancel(cancel: threading.Event | None, where: str) -> None:
         raise StageCancelled(f"cancelled {where}")
 
 
-def step_end_canceller(cancel: threading.Event, total: int | None = None) -> Any:
+def poll_flag(cancel: threading.Event | None) -> tuple[bool, bool]:
+    """(cancel, yield) as a task's flag says them now. A flag with ``poll()`` answers both
+    (the worker's progress flag; a degree-k group's agreed flag, as one collective);
+    a plain event can only cancel."""
+    if cancel is None:
+        return False, False
+    poll = getattr(cancel, "poll", None)
+    if poll is not None:
+        cancelled, yield_now = poll()
+        return bool(cancelled), bool(yield_now)
+    return cancel.is_set(), False
+
+
+def step_end_canceller(
+    cancel: threading.Event | None, total: int | None = None, chunk: DiffuseChunk | None = None
+) -> Any:
     """A diffusers ``callback_on_step_end`` that stops the denoising loop once ``cancel``
     is set. Otherwise it returns the step's tensors as given (the pipeline pops them back
     unchanged), so a run with the flag unset is bit-exact with one without the callback.
@@ -80,13 +97,18 @@ def step_end_canceller(cancel: threading.Event, total: int | None = None) -> Any
     A flag with a ``report_step(step, total)`` method (the worker's progress flag) also
     hears each finished step: ``step`` of ``total`` (the pipeline's own count of
     timesteps when it has one, else ``total``). A report that raises is ignored: progress
-    never breaks a request."""
+    never breaks a request.
+
+    ``chunk``: the call runs steps ``[start, stop)`` of a resumable diffuse
+    (:mod:`trident.pipelines.chunks`); the callback ends it after its last step, or after
+    the current one when the flag asks for a yield."""
     report = getattr(cancel, "report_step", None)
 
     def on_step_end(
         pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        if cancel.is_set():
+        cancelled, yield_now = poll_flag(cancel)
+        if cancelled:
             raise StageCancelled(f"cancelled after denoising step {step + 1}")
         if report is not None:
             try:
@@ -94,6 +116,8 @@ def step_end_canceller(cancel: threading.Event, total: int | None = None) -> Any
                 report(step + 1, max(steps, step + 1))
             except Exception:  # advisory only
                 pass
+        if chunk is not None:
+            chunk.step_done(pipe, step, yield_now)
         return callback_kwargs
 
     return on_step_end
@@ -118,6 +142,8 @@ class FamilyStages:
             }
         self._pipes: dict[StageName, Any] = {}
         self._lock = threading.Lock()  # load/unload may come from a loader thread
+        # The diffuse call now running (one per thread): its chunk of the steps.
+        self._running = threading.local()
 
     # ------------------------------------------------------------------ loading
     def _pipeline_class(self) -> Any:
@@ -179,7 +205,12 @@ class FamilyStages:
         """Run one stage for one request (see :mod:`trident.pipelines.api`).
 
         ``cancel``: checked before the stage and after every denoising step; once set the
-        call raises :class:`StageCancelled`.
+        call raises :class:`StageCancelled`. A flag whose ``poll()`` asks for a yield ends
+        a diffuse after the current step with its state (:mod:`trident.pipelines.chunks`).
+
+        ``options["diffuse_steps"] = [start, stop]``: run only those denoising steps; from
+        a ``start`` > 0 the inputs are the previous chunk's state. A chunk that ends
+        before the last step returns state for the next one, not finished latents.
         """
         self._check_stage(stage)
         if stage == "diffuse" and parallel is not None:
@@ -194,8 +225,10 @@ class FamilyStages:
                 # Degree k: rank 0 holds the inputs, the others receive them here.
                 tensors = broadcast_inputs(inputs, parallel)
                 tensors = {k: v.to(self.device) for k, v in tensors.items()}
-                with diffuse_context(pipe, self.meta, parallel):
-                    return self._diffuse(pipe, tensors, params, cancel=cancel)
+                chunk = DiffuseChunk.begin(
+                    tensors, chunk_steps(options) or (0, None), self.num_steps(params)
+                )
+                return self._run_chunk(pipe, chunk, tensors, params, parallel, cancel=cancel)
             if inputs is None:
                 raise InvalidRequestError("decode needs the diffuse stage's output")
             tensors = {k: v.to(self.device) for k, v in inputs.items()}
@@ -241,8 +274,9 @@ class FamilyStages:
         with torch.no_grad():
             tensors = {k: torch.cat([m[k].to(self.device) for m in members]) for k in members[0]}
             seeds = [self.seed(p) for p in params]
-            with diffuse_context(pipe, self.meta, parallel):
-                out = self._diffuse(pipe, tensors, params[0], seeds=seeds, cancel=cancel)
+            # A batch runs all its steps in one call (no chunks, no yield).
+            chunk = DiffuseChunk(0, None, self.num_steps(params[0]), can_yield=False)
+            out = self._run_chunk(pipe, chunk, tensors, params[0], parallel, seeds, cancel)
         n = len(params)
         split: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
         for name, value in out.items():
@@ -256,6 +290,39 @@ class FamilyStages:
             for i, piece in enumerate(value.split(1)):
                 split[i][name] = piece.clone()
         return split
+
+    def _run_chunk(
+        self,
+        pipe: Any,
+        chunk: DiffuseChunk,
+        tensors: dict[str, torch.Tensor],
+        params: Mapping[str, Any],
+        parallel: ParallelContext | None,
+        seeds: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The family's diffuse over ``chunk``'s steps (the whole loop for a plain one)."""
+        self._running.chunk = chunk
+        try:
+            with diffuse_context(pipe, self.meta, parallel), chunk_interrupt(pipe, chunk):
+                out = self._diffuse(pipe, tensors, params, seeds=seeds, cancel=cancel)
+            chunk.check_ran()
+            return out
+        finally:
+            self._running.chunk = None
+
+    def num_steps(self, params: Mapping[str, Any]) -> int:
+        """The request's denoising steps (the model's default when not given)."""
+        return int(params.get("num_inference_steps") or self.meta.default_steps)
+
+    def paused(self, pipe: Any, latents: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Families call this on ``__call__``'s latents before their own post-processing:
+        the chunk's state when the call stopped before the last step (a chunk end or a
+        yield), else None (finish as usual)."""
+        chunk: DiffuseChunk | None = getattr(self._running, "chunk", None)
+        if chunk is None or not chunk.partial:
+            return None
+        return chunk.output(pipe, latents)
 
     @staticmethod
     def _check_batch(
@@ -372,12 +439,14 @@ class FamilyStages:
             if seeds is not None
             else self.generator(params)
         )
+        chunk: DiffuseChunk | None = getattr(self._running, "chunk", None)
+        if chunk is not None:
+            # A resumed chunk continues the random streams where the last one stopped.
+            chunk.seed_generators(generator if isinstance(generator, list) else [generator])
         kwargs: dict[str, Any] = {
             "height": params.get("height"),
             "width": params.get("width"),
-            "num_inference_steps": int(
-                params.get("num_inference_steps") or self.meta.default_steps
-            ),
+            "num_inference_steps": self.num_steps(params),
             "guidance_scale": self.guidance(params),
             "generator": generator,
             "output_type": "latent",
@@ -388,12 +457,15 @@ class FamilyStages:
         call_params = inspect.signature(type(pipe).__call__).parameters
         if "max_sequence_length" in call_params:
             kwargs["max_sequence_length"] = self.max_sequence_length(pipe, params)
-        if cancel is not None and "callback_on_step_end" in call_params:
+        needs_callback = cancel is not None or (chunk is not None and not chunk.whole)
+        if needs_callback and "callback_on_step_end" in call_params:
             # (Every served family's pipeline has it; one without would be cancellable
-            # only between stages.)
+            # only between stages, and could not run in chunks.)
             kwargs["callback_on_step_end"] = step_end_canceller(
-                cancel, kwargs["num_inference_steps"]
+                cancel, kwargs["num_inference_steps"], chunk
             )
+        elif chunk is not None and not chunk.whole:
+            raise InvalidRequestError(f"{self.meta.family} cannot run its diffuse in chunks")
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @staticmethod

@@ -48,6 +48,8 @@ class CogVideoXStages(FamilyStages):
         if params.get("use_dynamic_cfg") is not None:
             kwargs["use_dynamic_cfg"] = bool(params["use_dynamic_cfg"])
         (latents,) = pipe(**inputs, **kwargs)
+        if (state := self.paused(pipe, latents)) is not None:
+            return state  # padded frames and all: the next chunk passes them back
         # CogVideoX 1.5 pads latent frames to a multiple of patch_size_t; drop them here as
         # CogVideoXPipeline.__call__ does before decoding.
         num_frames = kwargs.get("num_frames") or pipe.transformer.config.sample_frames

@@ -63,6 +63,8 @@ class FluxStages(FamilyStages):
         (latents,) = pipe(
             **inputs, true_cfg_scale=float(params.get("true_cfg_scale") or 1.0), **kwargs
         )
+        if (state := self.paused(pipe, latents)) is not None:
+            return state  # packed latents: the next chunk passes them back as they are
         # Unpack here so decode needs no height/width: Flux's own _unpack_latents.
         height = kwargs.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
         width = kwargs.get("width") or pipe.default_sample_size * pipe.vae_scale_factor

@@ -70,7 +70,7 @@ class HunyuanVideoStages(FamilyStages):
             true_cfg_scale=float(params.get("true_cfg_scale") or 1.0),
             **self.diffuse_kwargs(pipe, params, seeds, cancel),
         )
-        return {"latents": latents}
+        return self.paused(pipe, latents) or {"latents": latents}
 
     def _decode(
         self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]

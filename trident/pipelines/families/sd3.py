@@ -62,7 +62,7 @@ class SD3Stages(FamilyStages):
         if self.guidance(params) > 1:
             self.require(inputs, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
         (latents,) = pipe(**inputs, **self.diffuse_kwargs(pipe, params, seeds, cancel))
-        return {"latents": latents}
+        return self.paused(pipe, latents) or {"latents": latents}
 
     def _decode(
         self, pipe: Any, inputs: dict[str, torch.Tensor], params: Mapping[str, Any]
