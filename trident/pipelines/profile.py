@@ -411,6 +411,8 @@ def run_profile(
     command: str = "",
     log: Callable[[str], None] | None = None,
     batch_sizes: Iterable[int] = (1,),
+    decode_options: Mapping[str, Any] | None = None,
+    stages: Any = None,
 ) -> dict[str, Any]:
     """Profile ``model_dir`` on ``device``; returns the document and writes it to ``out``.
 
@@ -419,7 +421,11 @@ def run_profile(
     context-parallel plan and no CFG; CFG-parallel at k != 2) are skipped with a note to
     ``log``. ``steps`` defaults to the model's default step count. ``batch_sizes`` > 1
     add batched diffuse calls at degree 1 (image families; video ones are skipped with a
-    note: the stage contract batches images only).
+    note: the stage contract batches images only). ``decode_options`` go to every decode
+    call (e.g. ``{"vae_tiling": True}``) and into the document. ``stages``: an already
+    opened :func:`~trident.pipelines.open_pipeline` of ``model_dir`` at ``device`` and
+    ``dtype`` to reuse (its stages are loaded if they are not), e.g. to profile shape by
+    shape without reloading the weights.
     """
     import torch
 
@@ -441,7 +447,8 @@ def run_profile(
     torch_dtype = getattr(torch, dtype)
     run_device = "cuda:0" if device == "cuda" else device
 
-    stages = open_pipeline(model_dir, device=run_device, dtype=torch_dtype)
+    if stages is None:
+        stages = open_pipeline(model_dir, device=run_device, dtype=torch_dtype)
     for stage in STAGES:
         stages.load(stage)  # type: ignore[arg-type]
     weights = {stage: _stage_weight_bytes(stages, stage) for stage in STAGES}
@@ -489,7 +496,11 @@ def run_profile(
             entries.append(_entry("diffuse", params, 1, sec, peak, repeats, batch=b))
             say(f"{label} diffuse batch={b}: {sec:.4f} s, peak {peak / 2**20:.1f} MiB")
         sec, peak, _ = _measure(
-            partial(stages.run, "decode", lat, params), run_device, repeats, warmup, no_barrier
+            partial(stages.run, "decode", lat, params, dict(decode_options or {})),
+            run_device,
+            repeats,
+            warmup,
+            no_barrier,
         )
         entries.append(_entry("decode", params, 1, sec, peak, repeats))
         say(f"{label} decode: {sec:.4f} s, peak {peak / 2**20:.1f} MiB")
@@ -520,6 +531,8 @@ def run_profile(
         "weights_bytes": weights,
         "entries": entries,
     }
+    if decode_options:
+        doc["decode_options"] = dict(decode_options)
     validate_profile(doc)
     if out is not None:
         out_path = Path(out)
@@ -605,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "bfloat16", "float16"),
         help="weights and activations dtype",
     )
+    parser.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode with VAE tiling (large videos; recorded as decode_options)",
+    )
     parser.add_argument("--out", required=True, help="output JSON file (required)")
     return parser
 
@@ -632,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         command=shlex.join(["trident", "profile", *args_list]),
         batch_sizes=batch_sizes,
+        decode_options={"vae_tiling": True} if args.vae_tiling else None,
     )
     print(args.out)
     return 0
