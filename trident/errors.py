@@ -14,7 +14,8 @@
         ├── OverloadedError      admission control refused it: retry later
         ├── UnavailableError     no live device can serve its model, or the scheduler
         │                        that held it is gone
-        ├── StageFailedError     a stage raised (out-of-memory included) and retries ran out
+        ├── StageFailedError     a stage raised and retries ran out
+        │   └── OutOfMemoryError a stage did not fit in its device's memory
         ├── RequestTimeoutError  no result within the client's timeout
         ├── CancelledError       cancelled by the client
         └── RequestProtocolError the scheduler could not read this request's message
@@ -32,6 +33,7 @@ __all__ = [
     "ConnectionError",
     "InvalidRequestError",
     "ModelError",
+    "OutOfMemoryError",
     "OverloadedError",
     "ProtocolError",
     "RequestError",
@@ -113,6 +115,14 @@ class StageFailedError(RequestError):
     code = "stage_failed"
 
 
+class OutOfMemoryError(StageFailedError):
+    """A stage ran out of its device's memory (a CUDA out-of-memory error, or a request
+    that fits no device). A :class:`StageFailedError`, so code catching that still
+    catches it; the device keeps serving."""
+
+    code = "out_of_memory"
+
+
 class RequestTimeoutError(RequestError):
     code = "timeout"
 
@@ -126,7 +136,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
     "invalid_request": InvalidRequestError,
     "overloaded": OverloadedError,
     "stage_failed": StageFailedError,
-    "out_of_memory": StageFailedError,
+    "out_of_memory": OutOfMemoryError,
     "timeout": RequestTimeoutError,
     "cancelled": CancelledError,
     "unavailable": UnavailableError,

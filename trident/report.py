@@ -121,6 +121,11 @@ class LogSummary:
     bars: list[Bar] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
     event_counts: Counter[str] = field(default_factory=Counter)  # marker kind -> count
+    # "model:stage" -> (measured, planned) activation peak bytes of each task.memory
+    # (docs/runtime.md "Memory truth"); either may be None.
+    memory: dict[str, list[tuple[int | None, int | None]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
 
     @property
     def requests(self) -> int:
@@ -157,7 +162,24 @@ class LogSummary:
             "p99_latency_s": self.percentile(99),
             "mean_stage_s": {k: v / n for k, v in self.stage_totals.items()},
             "timeline_events": dict(self.event_counts),
+            "memory": self.memory_summary(),
         }
+
+    def memory_summary(self) -> dict[str, dict[str, Any]]:
+        """Per model:stage, from ``task.memory``: tasks, and the largest measured and
+        planned activation peaks (bytes) with their ratio."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, pairs in sorted(self.memory.items()):
+            measured = [m for m, _ in pairs if m is not None]
+            planned = [p for _, p in pairs if p is not None]
+            mx, px = max(measured, default=None), max(planned, default=None)
+            out[key] = {
+                "tasks": len(pairs),
+                "max_measured_peak_bytes": mx,
+                "max_planned_peak_bytes": px,
+                "measured_over_planned": round(mx / px, 4) if mx is not None and px else None,
+            }
+        return out
 
 
 def _read(path: Path) -> Iterator[dict[str, Any]]:
@@ -380,6 +402,13 @@ def summarize(path: str | Path) -> LogSummary:
                 mark(ts, nd, "node_lost", f"node {node} lost")
                 if nd is not None:
                     close_tasks_on(nd, ts)
+        elif ev == "task.memory":
+            measured = e.get("measured_stage_peak_bytes") or {}
+            for stage, planned in (e.get("planned_stage_peak_bytes") or {}).items():
+                got = measured.get(stage)
+                s.memory[f"{e.get('model', '?')}:{stage}"].append(
+                    (int(got) if got is not None else None, int(planned))
+                )
         elif ev == "placement.changed":
             mark(ts, None, "placement", "placement changed")
         elif ev in ("placement.adjusted", "placement.rehomed"):
@@ -515,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.2f} GiB"
+
+
 def _codes(c: Counter[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in c.most_common())
 
@@ -554,6 +587,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         for model, lat in sorted(s.by_model.items()):
             print(f"  {model}: {len(lat)} done, mean {sum(lat) / len(lat):.3f}s")
+    for key, m in d["memory"].items():
+        ratio = m["measured_over_planned"]
+        print(
+            f"memory {key}: {m['tasks']} tasks, peak measured "
+            f"{_gib(m['max_measured_peak_bytes'])} / planned {_gib(m['max_planned_peak_bytes'])}"
+            + (f" ({ratio:.2f}x)" if ratio is not None else "")
+        )
     if s.event_counts:
         print(
             "events: "

@@ -8,6 +8,10 @@ keeps a stage output (``PeerServer``), the other fetches it the way the next sta
 worker does (``PeerClient``: request, zero-copy multipart reply, tensor rebuilt over the
 frame). Beside it, in the same run and the same two processes, a raw pyzmq DEALER/ROUTER
 round trip of the same buffer (``copy=False``) — the ratio is the figure that matters.
+And the same-node hand-off (issue #12): the same fetch with ``shm=True`` (the holder
+copies the output into a fresh shared-memory segment, the fetcher maps it; a new key
+each time, so nothing is reused), beside a plain memcpy of the same bytes in the
+fetcher's process (into a fresh buffer, and into a reused one).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from trident.client import AsyncClient
 from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import RequestError
 from trident.runtime.dataplane import PeerClient, PeerServer
+from trident.runtime.shm import ShmStore, segment_prefix
 from trident.runtime.transport import bound_address, make_socket
 
 __all__ = ["build_parser", "control_plane", "data_plane", "main"]
@@ -48,8 +53,9 @@ def _holder(sizes: list[int], conn: Any) -> None:
 
     async def run() -> None:
         ctx = zmq.asyncio.Context()
-        store = {f"t{s}": {"x": np.ones(s // 4, dtype=np.float32)} for s in sizes}
-        server = PeerServer(ctx, "127.0.0.1", store)
+        store = _AnyRepeat({f"t{s}": {"x": np.ones(s // 4, dtype=np.float32)} for s in sizes})
+        shm = ShmStore(segment_prefix("bench", 0, os.getpid()))
+        server = PeerServer(ctx, "127.0.0.1", store, shm=shm)
         raw = make_socket(ctx, zmq.ROUTER)
         raw.bind("tcp://127.0.0.1:*")
         buffers = {str(s).encode(): store[f"t{s}"]["x"] for s in sizes}
@@ -65,11 +71,19 @@ def _holder(sizes: list[int], conn: Any) -> None:
         serve = asyncio.create_task(server.serve())
         await raw_loop()
         serve.cancel()
+        shm.close()
         server.close()
         raw.close(0)
         ctx.term()
 
     asyncio.run(run())
+
+
+class _AnyRepeat(dict):  # type: ignore[type-arg]
+    """``t<size>`` and ``t<size>/<n>`` are the same output (a fresh key per shm fetch)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.split("/", 1)[0], default)
 
 
 def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
@@ -92,8 +106,25 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
             await client.fetch(peer_addr, f"t{size}")
             await raw.send_multipart([str(size).encode()])
             await raw.recv_multipart(copy=False)
-            t_runtime, t_raw = [], []
-            for _ in range(n):
+            await client.fetch_via(peer_addr, f"t{size}/warm", shm=True)
+            src = np.ones(size // 4, dtype=np.float32)
+            reused = np.empty_like(src)
+            t_runtime, t_raw, t_shm, t_fresh, t_warm = [], [], [], [], []
+            for i in range(n):
+                t0 = time.perf_counter()
+                tensors, _, via = await client.fetch_via(peer_addr, f"t{size}/{i}", shm=True)
+                assert via == "shm" and tensors["x"].nbytes == size
+                float(tensors["x"][-1])
+                t_shm.append(time.perf_counter() - t0)
+                del tensors
+                t0 = time.perf_counter()
+                dst = np.empty_like(src)
+                np.copyto(dst, src)
+                t_fresh.append(time.perf_counter() - t0)
+                del dst
+                t0 = time.perf_counter()
+                np.copyto(reused, src)
+                t_warm.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 tensors, _ = await client.fetch(peer_addr, f"t{size}")
                 assert tensors["x"].nbytes == size
@@ -104,7 +135,15 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
                 assert len(frames[0].buffer) == size
                 t_raw.append(time.perf_counter() - t0)
             rt, rw = statistics.median(t_runtime), statistics.median(t_raw)
+            ts, tf, tw = (statistics.median(t) for t in (t_shm, t_fresh, t_warm))
             results[f"{size // MB}MB"] = {
+                "shm_GBps": size / ts / 1e9,
+                "shm_p50_ms": ts * 1e3,
+                "memcpy_fresh_p50_ms": tf * 1e3,
+                "memcpy_reused_p50_ms": tw * 1e3,
+                "tcp_time_over_shm": rt / ts,
+                "shm_time_over_memcpy_fresh": ts / tf,
+                "shm_time_over_memcpy_reused": ts / tw,
                 "runtime_GBps": size / rt / 1e9,
                 "raw_pyzmq_GBps": size / rw / 1e9,
                 "runtime_p50_ms": rt * 1e3,
@@ -239,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {size:>5}: runtime {r['runtime_GBps']:.2f} GB/s ({r['runtime_p50_ms']:.1f} ms)  "
                 f"raw {r['raw_pyzmq_GBps']:.2f} GB/s ({r['raw_p50_ms']:.1f} ms)  "
                 f"runtime/raw time ratio {r['runtime_time_over_raw']:.2f}"
+            )
+        print("same-node hand-off (shared memory vs the tcp fetch above vs memcpy):")
+        for size, r in dp.items():
+            print(
+                f"  {size:>5}: shm {r['shm_GBps']:.2f} GB/s ({r['shm_p50_ms']:.1f} ms)  "
+                f"tcp/shm {r['tcp_time_over_shm']:.2f}x  memcpy fresh "
+                f"{r['memcpy_fresh_p50_ms']:.1f} ms (shm/memcpy "
+                f"{r['shm_time_over_memcpy_fresh']:.2f}x)  reused "
+                f"{r['memcpy_reused_p50_ms']:.1f} ms ({r['shm_time_over_memcpy_reused']:.2f}x)"
             )
     if not args.skip_control:
         cp = control_plane(args.requests, args.devices, policy=args.policy)

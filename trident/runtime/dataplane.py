@@ -5,6 +5,11 @@ zero-copy tensor frames; a :class:`PeerClient` keeps one DEALER per peer address
 matches replies to requests by id. Degree-k barriers (``barrier`` -> ``go``) ride the
 same sockets. Nothing here decides anything: what to keep and release is the
 scheduler's call.
+
+Same node: a fetcher on the holder's node asks ``fetch(shm=True)``; the holder copies
+the output once into a shared-memory segment (:mod:`trident.runtime.shm`) and answers
+with its name instead of frames, and the fetcher maps it. Either side falls back to the
+frames when the segment cannot be made or mapped.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import zmq.asyncio
 from trident.errors import ProtocolError
 from trident.runtime import protocol
 from trident.runtime.serial import pack_tensors, unpack_tensors
+from trident.runtime.shm import ShmError, ShmSegment, ShmStore, attach
 from trident.runtime.transport import CurveKeys, bound_address, make_socket
 
 __all__ = ["FetchMissing", "PeerClient", "PeerServer"]
@@ -46,6 +52,7 @@ class PeerServer:
         on_barrier: Callable[[str, int, bytes], None] | None = None,
         on_error: Callable[[str], None] | None = None,
         curve: CurveKeys | None = None,
+        shm: ShmStore | None = None,
     ) -> None:
         # Only cluster members may fetch stage outputs (never a client key).
         self.sock = make_socket(
@@ -60,6 +67,9 @@ class PeerServer:
         self.store = store
         self.on_barrier = on_barrier
         self.on_error = on_error
+        self.shm = shm
+        self.shm_failures = 0
+        self._exports: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         while True:
@@ -78,6 +88,11 @@ class PeerServer:
                     await self._send(
                         [ident, protocol.encode(protocol.Missing(key=msg.key, rid=msg.rid))]
                     )
+                elif msg.shm and self.shm is not None:
+                    # The copy runs in a thread; barriers and other fetches go on.
+                    task = asyncio.create_task(self._send_shm(ident, msg, kept))
+                    self._exports.add(task)
+                    task.add_done_callback(self._exports.discard)
                 else:
                     meta, tensor_frames = pack_tensors(kept)
                     head = protocol.encode(
@@ -91,6 +106,38 @@ class PeerServer:
             elif isinstance(msg, protocol.Barrier) and self.on_barrier is not None:
                 self.on_barrier(msg.task_id, msg.rank, ident)
 
+    async def _send_shm(self, ident: bytes, msg: protocol.Fetch, kept: Mapping[str, Any]) -> None:
+        """Answer a same-node fetch with the output's segment (made on first use)."""
+        assert self.shm is not None
+        seg = self.shm.get(msg.key)
+        if seg is None:
+            try:
+                made: ShmSegment = await asyncio.to_thread(self.shm.create, kept)
+            except ShmError as exc:
+                self.shm_failures += 1
+                if self.on_error and self.shm_failures == 1:
+                    self.on_error(f"shared memory unavailable, using tcp: {exc}")
+                meta, frames = pack_tensors(kept)
+                head = protocol.Data(
+                    key=msg.key, rid=msg.rid, tensors=[protocol.TensorDesc(**m) for m in meta]
+                )
+                await self._send([ident, protocol.encode(head), *frames])
+                return
+            if self.store.get(msg.key) is None:  # released while we copied
+                self.shm.discard(made)
+                await self._send(
+                    [ident, protocol.encode(protocol.Missing(key=msg.key, rid=msg.rid))]
+                )
+                return
+            seg = self.shm.adopt(msg.key, made)
+        head = protocol.Data(
+            key=msg.key,
+            rid=msg.rid,
+            tensors=[protocol.TensorDesc(**m) for m in seg.meta],
+            shm=protocol.ShmRef(name=seg.name, size=seg.size, offsets=list(seg.offsets)),
+        )
+        await self._send([ident, protocol.encode(head)])
+
     async def send_go(self, ident: bytes, task_id: str) -> None:
         await self._send([ident, protocol.encode(protocol.Go(task_id=task_id))])
 
@@ -101,6 +148,8 @@ class PeerServer:
             self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False).result()
 
     def close(self) -> None:
+        for task in self._exports:
+            task.cancel()
         self.sock.close(0)
 
 
@@ -154,22 +203,48 @@ class PeerClient:
                 waiter.set_result((msg, rest))
 
     async def fetch(
-        self, addr: str, key: str, *, timeout: float = FETCH_TIMEOUT_S
+        self, addr: str, key: str, *, timeout: float = FETCH_TIMEOUT_S, shm: bool = False
     ) -> tuple[dict[str, Any], float]:
-        """(tensors, seconds): the output ``key`` kept at ``addr``. Raises FetchMissing."""
+        """(tensors, seconds): the output ``key`` kept at ``addr``. Raises FetchMissing.
+        ``shm``: the holder is on this node; take shared memory if it offers it."""
+        tensors, secs, _ = await self.fetch_via(addr, key, timeout=timeout, shm=shm)
+        return tensors, secs
+
+    async def fetch_via(
+        self, addr: str, key: str, *, timeout: float = FETCH_TIMEOUT_S, shm: bool = False
+    ) -> tuple[dict[str, Any], float, str]:
+        """:meth:`fetch`, and how the tensors came: ``"shm"`` or ``"tcp"``."""
+        t0 = time.perf_counter()
+        msg, frames = await self._request(addr, key, timeout, shm)
+        if isinstance(msg, protocol.Missing):
+            raise FetchMissing(key)
+        if msg.shm is None:
+            return unpack_tensors(msg.tensors, frames), time.perf_counter() - t0, "tcp"
+        ref = msg.shm
+        try:
+            tensors = attach(ref.name, ref.size, msg.tensors, ref.offsets)
+        except ShmError:
+            # Unlinked under us (its holder died) or unreadable: the bytes over tcp.
+            msg, frames = await self._request(addr, key, timeout, False)
+            if isinstance(msg, protocol.Missing):
+                raise FetchMissing(key) from None
+            return unpack_tensors(msg.tensors, frames), time.perf_counter() - t0, "tcp"
+        return tensors, time.perf_counter() - t0, "shm"
+
+    async def _request(
+        self, addr: str, key: str, timeout: float, shm: bool
+    ) -> tuple[Any, list[Any]]:
         conn = self._conn(addr)
         rid = str(next(self._ids))
         fut: asyncio.Future[tuple[Any, list[Any]]] = asyncio.get_running_loop().create_future()
         conn.waiting[rid] = fut
-        t0 = time.perf_counter()
         try:
-            await conn.sock.send_multipart([protocol.encode(protocol.Fetch(key=key, rid=rid))])
-            msg, frames = await asyncio.wait_for(fut, timeout)
+            await conn.sock.send_multipart(
+                [protocol.encode(protocol.Fetch(key=key, rid=rid, shm=shm))]
+            )
+            return await asyncio.wait_for(fut, timeout)
         finally:
             conn.waiting.pop(rid, None)
-        if isinstance(msg, protocol.Missing):
-            raise FetchMissing(key)
-        return unpack_tensors(msg.tensors, frames), time.perf_counter() - t0
 
     async def barrier(self, addr: str, task_id: str, rank: int) -> None:
         await self._conn(addr).sock.send_multipart(

@@ -46,15 +46,19 @@ from trident.errors import ConfigError
 from trident.sched.types import DTYPE_BYTES, Shape
 
 __all__ = [
+    "CudaMeter",
     "DeviceSpec",
     "Executor",
+    "MemoryMeter",
     "OutOfMemory",
     "ProgressFlag",
+    "RssMeter",
     "SimExecutor",
     "StageError",
     "TaskCancelled",
     "TaskResult",
     "TorchExecutor",
+    "cuda_memory",
     "make_executor",
     "mark_stage",
     "parse_devices",
@@ -200,6 +204,12 @@ class TaskResult:
     # (model, stage, seconds, source) of each load the task did
     loaded: list[tuple[str, str, float, str]] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)  # (model, stage) dropped for room
+    # Measured memory (cpu/cuda; None: not measured, as on sim), see MemoryMeter: the
+    # peak while the stages ran (weights included), what stays in use after, and per
+    # stage its peak above what was in use when it started (its activations).
+    peak_bytes: int | None = None
+    resident_bytes: int | None = None
+    stage_peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def _partial(
@@ -288,6 +298,11 @@ class Executor:
 
     def unload(self, model: str, stage: str) -> None:
         return None
+
+    def free_memory(self) -> dict[str, int]:
+        """Give memory a failed call held back (after an out-of-memory failure, in the
+        compute thread); returns figures for the log. Nothing to do here."""
+        return {}
 
     def close(self) -> None:
         return None
@@ -584,6 +599,127 @@ class SimExecutor(Executor):
         return [r if r is not None else StageError("batch member was not run") for r in out]
 
 
+class MemoryMeter:
+    """Measures a device's memory around a task's stages (called in the compute thread).
+
+    ``reset`` starts a peak window and returns the bytes in use now; ``peak`` is the
+    most in use since; ``current`` what is in use now. None: cannot measure. This base
+    measures nothing (``source`` "none").
+    """
+
+    source = "none"
+
+    def reset(self) -> int | None:
+        return None
+
+    def peak(self) -> int | None:
+        return None
+
+    def current(self) -> int | None:
+        return None
+
+
+class CudaMeter(MemoryMeter):
+    """The CUDA caching allocator's figures of one device: bytes allocated to tensors
+    (``memory_allocated``) and their peak (``max_memory_allocated``, its window reset by
+    ``reset_peak_memory_stats``). Host-side bookkeeping: no synchronisation needed.
+    ``cuda`` is ``torch.cuda`` (a fake one in tests)."""
+
+    source = "cuda"
+
+    def __init__(self, cuda: Any, device: Any) -> None:
+        self.cuda = cuda
+        self.device = device
+
+    def reset(self) -> int | None:
+        self.cuda.reset_peak_memory_stats(self.device)
+        return int(self.cuda.memory_allocated(self.device))
+
+    def peak(self) -> int | None:
+        return int(self.cuda.max_memory_allocated(self.device))
+
+    def current(self) -> int | None:
+        return int(self.cuda.memory_allocated(self.device))
+
+
+class RssMeter(MemoryMeter):
+    """The worker process's resident set (Linux): ``VmRSS`` now and its high-water mark
+    ``VmHWM``, reset by writing ``5`` to ``/proc/self/clear_refs`` (Linux 4.0+). It
+    counts everything the process holds — interpreter, libraries, touched pages of
+    memory-mapped weights, memory the C allocator keeps after a free — so it is an upper
+    bound of what a task needs, not the tensors alone. None where it cannot be read or
+    reset."""
+
+    source = "rss"
+
+    def __init__(self, proc: str = "/proc/self") -> None:
+        self.proc = proc
+        self.ok = True
+
+    def _status(self, key: str) -> int | None:
+        try:
+            with open(f"{self.proc}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024  # kB
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def reset(self) -> int | None:
+        if self.ok:
+            try:
+                with open(f"{self.proc}/clear_refs", "w", encoding="ascii") as f:
+                    f.write("5")
+            except OSError:
+                self.ok = False  # no peak window here: peaks are not reported
+        return self.current() if self.ok else None
+
+    def peak(self) -> int | None:
+        return self._status("VmHWM") if self.ok else None
+
+    def current(self) -> int | None:
+        return self._status("VmRSS") if self.ok else None
+
+
+def cuda_memory(cuda: Any, ordinal: int, configured: int) -> dict[str, int]:
+    """The memory a CUDA worker reports to the planner, from the device itself.
+
+    ``total_bytes``: the device's (``get_device_properties``); ``free_bytes``: what
+    ``mem_get_info`` says is free once this process's CUDA context exists (net of the
+    context and of other processes on the GPU); ``memory_bytes``, the figure reported:
+    the free bytes, or the node's ``configured`` figure where that is lower (a
+    ``--device-memory-gb`` headroom). ``cuda`` is ``torch.cuda`` (a fake in tests)."""
+    free, total = cuda.mem_get_info(ordinal)
+    props_total = int(cuda.get_device_properties(ordinal).total_memory)
+    return {
+        "total_bytes": props_total or int(total),
+        "free_bytes": int(free),
+        "configured_bytes": int(configured),
+        "memory_bytes": max(0, min(int(configured), int(free))),
+    }
+
+
+def _oom_types(torch: Any) -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory error(s): ``torch.OutOfMemoryError`` (torch >= 2.5; also
+    ``torch.cuda.OutOfMemoryError``), and the older spelling."""
+    found = (
+        getattr(torch, "OutOfMemoryError", None),
+        getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+    )
+    return tuple(dict.fromkeys(t for t in found if isinstance(t, type)))
+
+
+def _stamp_memory(meter: MemoryMeter, results: list[TaskResult | Exception]) -> list[Any]:
+    """A batched call's memory, on each member's result (every member reports the
+    call's peak, as it reports the call's stage seconds)."""
+    peak, now = meter.peak(), meter.current()
+    for r in results:
+        if isinstance(r, TaskResult):
+            r.peak_bytes, r.resident_bytes = peak, now
+    return results
+
+
 class TorchExecutor(Executor):
     """Runs the real diffusers stages of ``trident.pipelines`` on a CPU or CUDA device."""
 
@@ -598,6 +734,9 @@ class TorchExecutor(Executor):
         self.device = device
         self.models = dict(models)
         self.pipes: dict[str, Any] = {}
+        self.meter: MemoryMeter = (
+            CudaMeter(torch.cuda, torch.device(device)) if self.kind == "cuda" else RssMeter()
+        )
 
     def _pipe(self, model: str) -> Any:
         pipe = self.pipes.get(model)
@@ -639,6 +778,38 @@ class TorchExecutor(Executor):
         if pipe is not None:
             pipe.unload(stage)
 
+    def free_memory(self) -> dict[str, int]:
+        """After an out-of-memory failure: collect the failed call's garbage, then hand
+        the CUDA allocator's cached blocks back (``empty_cache``), so the next task
+        starts from the weights alone."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.kind != "cuda":
+            return {}
+        dev = torch.device(self.device)
+        before = int(torch.cuda.memory_reserved(dev))
+        torch.cuda.empty_cache()
+        return {
+            "reserved_before": before,
+            "reserved_after": int(torch.cuda.memory_reserved(dev)),
+            "allocated": int(torch.cuda.memory_allocated(dev)),
+        }
+
+    def _load_for_task(self, model: str, stage: str, source: str) -> tuple[float, str]:
+        """:meth:`load`, a torch out-of-memory error becoming :class:`OutOfMemory`
+        (raised after the torch error's frames are gone, so their memory can be freed)."""
+        import torch
+
+        oom = None
+        try:
+            return self.load(model, stage, source)
+        except _oom_types(torch) as exc:
+            oom = str(exc)
+        raise mark_stage(OutOfMemory(f"loading {stage}: {oom}"), stage)
+
     def run(
         self,
         model: str,
@@ -657,13 +828,14 @@ class TorchExecutor(Executor):
         result = TaskResult(outputs={}, stage_seconds={})
         sources = dict(options.get("load_sources") or {})
         for stage in stages:
-            secs, source = self.load(model, stage, str(sources.get(stage, "disk")))
+            secs, source = self._load_for_task(model, stage, str(sources.get(stage, "disk")))
             if source != "resident":
                 result.load_seconds += secs
                 result.loaded.append((model, stage, secs, source))
         pipe = self._pipe(model)
         current: Mapping[str, Any] | None = inputs
         follower = parallel is not None and parallel.rank != 0
+        meter = self.meter
         for stage in stages:
             if follower and stage != "diffuse":
                 # Merged stages at degree k: encode and decode run on the leader only;
@@ -674,7 +846,9 @@ class TorchExecutor(Executor):
             # in a collective for a rank that left.
             if _cancelled(cancel) and (parallel is None or stage == "decode"):
                 raise TaskCancelled(f"cancelled before {stage}", partial=result)
+            start = meter.reset()
             t0 = time.perf_counter()
+            oom = None
             try:
                 with torch.inference_mode():
                     current = pipe.run(
@@ -687,12 +861,22 @@ class TorchExecutor(Executor):
                     )
             except StageCancelled as exc:  # the flag, seen between two denoising steps
                 raise TaskCancelled(str(exc), partial=result) from exc
-            except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-                raise mark_stage(OutOfMemory(str(exc)), stage) from exc
+            except _oom_types(torch) as exc:
+                oom = str(exc)
             except Exception as exc:
                 mark_stage(exc, stage)
                 raise
+            if oom is not None:
+                # Raised here, not in the handler, and not chained: the torch error's
+                # traceback (the stage's frames and their tensors) is gone, so the
+                # worker's gc + empty_cache gives that memory back.
+                raise mark_stage(OutOfMemory(oom), stage)
             result.stage_seconds[stage] = time.perf_counter() - t0
+            peak = meter.peak()
+            if peak is not None and start is not None:
+                result.stage_peak_bytes[stage] = max(0, peak - start)
+                result.peak_bytes = max(result.peak_bytes or 0, peak)
+        result.resident_bytes = meter.current()
         result.outputs = {} if follower else dict(current or {})
         return result
 
@@ -722,7 +906,7 @@ class TorchExecutor(Executor):
         load_seconds = 0.0
         sources = dict(options.get("load_sources") or {})
         for stage in stages:
-            secs, source = self.load(model, stage, str(sources.get(stage, "disk")))
+            secs, source = self._load_for_task(model, stage, str(sources.get(stage, "disk")))
             if source != "resident":
                 load_seconds += secs
                 loaded.append((model, stage, secs, source))
@@ -730,18 +914,22 @@ class TorchExecutor(Executor):
         batched = getattr(pipe, "run_batch", None)  # adapters without it: one by one
         current: list[Mapping[str, Any] | None] = list(inputs)
         stage_seconds: dict[str, float] = {}
+        self.meter.reset()  # the call's peak, on every member (_stamp_memory)
         for si, stage in enumerate(stages):
             if batched is None:
-                return self._finish_singly(
-                    pipe,
-                    stages[si:],
-                    current,
-                    params,
-                    options,
-                    stage_seconds,
-                    load_seconds,
-                    loaded,
-                    cancel,
+                return _stamp_memory(
+                    self.meter,
+                    self._finish_singly(
+                        pipe,
+                        stages[si:],
+                        current,
+                        params,
+                        options,
+                        stage_seconds,
+                        load_seconds,
+                        loaded,
+                        cancel,
+                    ),
                 )
             if _cancelled(cancel):
                 raise TaskCancelled(
@@ -749,6 +937,7 @@ class TorchExecutor(Executor):
                     partial=_partial(stage_seconds, load_seconds, loaded),
                 )
             t0 = time.perf_counter()
+            failed = False
             try:
                 with torch.inference_mode():
                     outs = batched(stage, current, params, options, **_cancel_kw(cancel))
@@ -763,33 +952,42 @@ class TorchExecutor(Executor):
                     str(exc), partial=_partial(stage_seconds, load_seconds, loaded)
                 ) from exc
             except Exception:
+                failed = True
+            if failed:
                 # Which member is at fault is unknown, or the batch did not fit (its
                 # peak is an estimate) where each member alone may: free what the call
-                # held and go on one by one.
+                # held (outside the handler: its traceback's tensors are gone now) and
+                # go on one by one.
                 if self.kind == "cuda":
                     torch.cuda.empty_cache()
-                return self._finish_singly(
-                    pipe,
-                    stages[si:],
-                    current,
-                    params,
-                    options,
-                    stage_seconds,
-                    load_seconds,
-                    loaded,
-                    cancel,
+                return _stamp_memory(
+                    self.meter,
+                    self._finish_singly(
+                        pipe,
+                        stages[si:],
+                        current,
+                        params,
+                        options,
+                        stage_seconds,
+                        load_seconds,
+                        loaded,
+                        cancel,
+                    ),
                 )
             stage_seconds[stage] = time.perf_counter() - t0
             current = list(outs)
-        return [
-            TaskResult(
-                outputs=dict(out or {}),
-                stage_seconds=dict(stage_seconds),
-                load_seconds=load_seconds,
-                loaded=list(loaded),
-            )
-            for out in current
-        ]
+        return _stamp_memory(
+            self.meter,
+            [
+                TaskResult(
+                    outputs=dict(out or {}),
+                    stage_seconds=dict(stage_seconds),
+                    load_seconds=load_seconds,
+                    loaded=list(loaded),
+                )
+                for out in current
+            ],
+        )
 
     def _finish_singly(
         self,
@@ -826,6 +1024,7 @@ class TorchExecutor(Executor):
                             partial=_partial(done_seconds, load_seconds, loaded),
                         )
                     t0 = time.perf_counter()
+                    oom = None
                     try:
                         with torch.inference_mode():
                             current = pipe.run(
@@ -835,8 +1034,10 @@ class TorchExecutor(Executor):
                         raise TaskCancelled(
                             str(exc), partial=_partial(done_seconds, load_seconds, loaded)
                         ) from exc
-                    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-                        raise OutOfMemory(str(exc)) from exc
+                    except _oom_types(torch) as exc:
+                        oom = str(exc)
+                    if oom is not None:  # not chained: the torch error's frames are gone
+                        raise mark_stage(OutOfMemory(oom), stage)
                     result.stage_seconds[stage] = time.perf_counter() - t0
             except TaskCancelled:
                 raise  # the whole call stops, not this member alone

@@ -31,6 +31,7 @@ from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
 from trident.runtime.devices import DeviceSpec, parse_devices
 from trident.runtime.protocol import SCHEDULER_TO_NODE
+from trident.runtime.shm import segment_prefix, sweep_dead, unlink_segments
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
@@ -112,6 +113,10 @@ class NodeDaemon:
         try:
             if not await self._handshake():
                 return 3
+            # Shared-memory segments a crashed node's dead workers left behind.
+            stale = sweep_dead(self.args.node_id)
+            if stale:
+                self.log.warning("shm.swept", segments=len(stale))
             for slot in self.slots:
                 self._spawn(slot)
             loops = [
@@ -255,6 +260,7 @@ class NodeDaemon:
                 if proc is not None and proc.poll() is not None:
                     code = proc.returncode
                     slot.proc = None
+                    self._unlink_segments(slot, proc.pid)
                     if now - slot.started > STABLE_AFTER_S:
                         slot.backoff = BACKOFF_START_S
                     slot.restart_at = now + slot.backoff
@@ -307,7 +313,22 @@ class NodeDaemon:
                     p.kill()
                 p.wait()
         for s in self.slots:
+            if s.proc is not None:
+                self._unlink_segments(s, s.proc.pid)
             s.proc = None
+
+    def _unlink_segments(self, slot: _Slot, pid: int) -> None:
+        """A worker that is gone frees nothing itself: unlink its shared-memory
+        segments (named by its pid, trident/runtime/shm.py)."""
+        try:
+            gone = unlink_segments(segment_prefix(self.args.node_id, slot.spec.index, pid))
+        except OSError as exc:
+            self.log.warning("shm.unlink_failed", device_id=self.device_id(slot), error=repr(exc))
+            return
+        if gone:
+            self.log.info(
+                "shm.unlinked", device_id=self.device_id(slot), pid=pid, segments=len(gone)
+            )
 
     # ------------------------------------------------------------------ scheduler
 

@@ -94,6 +94,7 @@ __all__ = [
     "RunBatch",
     "RunTask",
     "RunningTask",
+    "ShmRef",
     "Shutdown",
     "StageLoadFailed",
     "StageLoaded",
@@ -516,6 +517,12 @@ class TaskFinished(_Base, tag="task_finished"):
     output_bytes: Count = 0
     tensors: Tensors | None = None  # the final output (the request's result)
     output: OutputInfo | None = None  # how a final output is encoded (None: np)
+    # Measured memory of the leader's device (docs/runtime.md "Memory truth"; None: not
+    # measured, as on sim): peak in use while the stages ran (weights included), in use
+    # after, and each stage's peak above what was in use when it started.
+    peak_bytes: Count | None = None
+    resident_bytes: Count | None = None
+    stage_peak_bytes: dict[str, Count] | None = None
 
 
 class TaskFailed(_Base, tag="task_failed"):
@@ -565,12 +572,24 @@ class StageLoadFailed(_Base, tag="stage_load_failed"):
 class Fetch(_Base, tag="fetch"):
     key: Id
     rid: Id
+    # The fetcher runs on the holder's node: a shared-memory reply is welcome.
+    shm: bool = False
+
+
+class ShmRef(Struct):
+    """A kept output in a same-node shared-memory segment (trident/runtime/shm.py)."""
+
+    name: Annotated[str, Meta(pattern=r"^trident-[A-Za-z0-9_.-]{1,200}$")]
+    size: Annotated[int, Meta(ge=1, le=1 << 40)]
+    offsets: Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(max_length=256)]
 
 
 class Data(_Base, tag="data"):
     key: Id
     rid: Id
     tensors: Tensors
+    # Set: the tensors lie in this segment at these offsets, and no frames follow.
+    shm: ShmRef | None = None
 
 
 class Missing(_Base, tag="missing"):
@@ -693,6 +712,8 @@ def decode(frames: Sequence[Any], channel: Channel) -> tuple[Any, list[Any]]:
         raise ProtocolError(f"{channel.name}: undecodable header ({type(exc).__name__})") from None
     rest = list(frames[1:])
     described = getattr(msg, "tensors", None)
+    if getattr(msg, "shm", None) is not None:  # a data reply pointing at shared memory
+        described = []
     if described is not None:
         if len(described) != len(rest):
             raise ProtocolError(

@@ -53,6 +53,7 @@ from trident.errors import ConfigError, InvalidRequestError, ModelError, Protoco
 from trident.log import configure_logging, flush_logs, get_logger
 from trident.runtime import protocol
 from trident.runtime.journal import AcceptedRecord, RequestJournal
+from trident.runtime.memtruth import task_memory_fields
 from trident.runtime.metrics import (
     MetricsServer,
     SchedulerMetrics,
@@ -264,6 +265,7 @@ class SchedulerDaemon:
         self.metrics_addr = metrics_addr
         self.metrics_server: MetricsServer | None = None
         self._started_tasks: set[str] = set()  # task ids whose worker said task_started
+        self._batch_size: dict[str, int] = {}  # batch member task id -> members sent
         self._status: protocol.ClusterStatus | None = None  # the last snapshot, and when
         self._status_at = -1.0
         # Weight bytes per (model, stage), as the planner sizes them (resident weights).
@@ -678,6 +680,9 @@ class SchedulerDaemon:
         for t, _ in live:
             self.task_info[t.task_id] = t
             self._mark_dispatched(t.request_id)
+            self._batch_size[t.task_id] = len(live)  # for task.memory's planned peak
+        if len(self._batch_size) > 2 * len(self.task_info) + 1024:  # ended ones
+            self._batch_size = {t: n for t, n in self._batch_size.items() if t in self.task_info}
         self.counters["dispatched"] += len(live)
         self.counters["batches"] += 1
         # Members share their options (same shape, same device: same decisions).
@@ -1246,11 +1251,15 @@ class SchedulerDaemon:
             self.metrics.stage_finished(
                 {d: work if i == 0 else diffuse for i, d in enumerate(cmd.devices)}
             )
+            batch = self._batch_size.pop(msg.task_id, 1)
+            if msg.peak_bytes is not None or msg.resident_bytes is not None:
+                self._log_task_memory(conn, cmd, msg, batch)
         elif isinstance(msg, protocol.TaskFailed):
             cmd = self.task_info.get(msg.task_id)
             if cmd is None or cmd.devices[0] != dev:
                 return
             del self.task_info[msg.task_id]
+            self._batch_size.pop(msg.task_id, None)
             self.log.warning(
                 "stage.failed",
                 task_id=msg.task_id,
@@ -1290,6 +1299,35 @@ class SchedulerDaemon:
                 stage=msg.stage,
                 message=msg.message,
             )
+
+    def _log_task_memory(
+        self, conn: _WorkerConn, cmd: RunTask, msg: protocol.TaskFinished, batch: int
+    ) -> None:
+        """``task.memory``: the planner's memory figures for this task beside the ones
+        its device measured (docs/runtime.md "Memory truth")."""
+        served = self.served.get(cmd.model)
+        self.log.info(
+            "task.memory",
+            task_id=msg.task_id,
+            request_id=cmd.request_id,
+            device_id=conn.info.device_id,
+            **task_memory_fields(
+                cost=getattr(self.core, "cost", None),
+                family=served.info.family if served is not None else "",
+                model=cmd.model,
+                stages=cmd.stages,
+                params=cmd.params,
+                degree=cmd.degree,
+                batch=batch,
+                weight_bytes=self._weight_bytes,
+                resident=conn.resident,
+                device_kind=conn.info.kind,
+                device_memory_bytes=conn.info.memory_bytes,
+                peak_bytes=msg.peak_bytes,
+                resident_bytes=msg.resident_bytes,
+                stage_peak_bytes=msg.stage_peak_bytes,
+            ),
+        )
 
     def _forward_progress(self, dev: str | None, msg: protocol.TaskProgress) -> None:
         """A running task's denoising step, to its request's client: mechanism only

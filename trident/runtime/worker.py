@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,7 @@ from trident.runtime.encode import DEFAULT_FPS, OUTPUT_TYPES, encode_output
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.serial import pack_tensors
+from trident.runtime.shm import ShmStore, segment_prefix, shm_enabled
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
@@ -153,7 +155,7 @@ def _failure(exc: BaseException, degree: int) -> tuple[str, str, bool]:
     """(error code, message, retryable) reported for a task that raised ``exc``."""
     if isinstance(exc, TaskCancelled):
         return "cancelled", "cancelled by the client", False
-    if isinstance(exc, OutOfMemory):
+    if isinstance(exc, OutOfMemory) or _is_torch_oom(exc):
         return "out_of_memory", str(exc), False
     if isinstance(exc, InputLost):
         return "stage_failed", str(exc), True
@@ -162,6 +164,13 @@ def _failure(exc: BaseException, degree: int) -> tuple[str, str, bool]:
     # At degree k a failure is usually a partner's (a collective broke): another
     # instance may well succeed. At degree 1 it is the request's own.
     return "stage_failed", f"{type(exc).__name__}: {exc}", degree > 1
+
+
+def _is_torch_oom(exc: BaseException) -> bool:
+    """A torch out-of-memory error the executor did not turn into OutOfMemory."""
+    torch = sys.modules.get("torch")  # never imported for it (sim workers have none)
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return isinstance(oom, type) and isinstance(exc, oom)
 
 
 class Worker:
@@ -174,6 +183,9 @@ class Worker:
         self.peers: PeerClient | None = None
         self.peer_addr = ""
         self.outputs: dict[str, dict[str, Any]] = {}  # kept stage outputs by task id
+        # Their same-node shared-memory copies (made on a same-node fetch, unlinked
+        # with the output; trident/runtime/shm.py); None: TRIDENT_SHM=0.
+        self.shm: ShmStore | None = None
         self.queue: deque[_Task] = deque()
         self.queue_event = asyncio.Event()
         self.models: dict[str, dict[str, Any]] = {}
@@ -191,6 +203,9 @@ class Worker:
         self.running_cancel: threading.Event | None = None
         self.progress_dropped = 0
         self.cancelled_members: set[str] = set()  # members of the running batch
+        # The queue entry whose out-of-memory failure freed memory last (weak: the
+        # entry's inputs are not kept for it).
+        self._freed_after: weakref.ref[_Task] | None = None
         # Re-registration (the scheduler restarted or forgot us): hello sent, welcome
         # awaited by the control loop; the executor is replaced between tasks.
         self.rejoining = False
@@ -211,6 +226,8 @@ class Worker:
         )
         self.ctl.connect(a.scheduler)
         self.rejections = RejectionLog(self.log)
+        if shm_enabled():
+            self.shm = ShmStore(segment_prefix(a.node_id, a.index, os.getpid()))
         self.server = PeerServer(
             self.ctx,
             a.host,
@@ -218,6 +235,7 @@ class Worker:
             on_barrier=self._on_barrier,
             on_error=self._peer_rejected,
             curve=keys,
+            shm=self.shm,
         )
         self.peer_addr = self.server.address
         self.peers = PeerClient(self.ctx, on_go=self._on_go, curve=keys)
@@ -228,6 +246,17 @@ class Worker:
             self.store_addr = await asyncio.get_running_loop().run_in_executor(
                 self.pool, _host_store, a.host
             )
+        if a.kind == "cuda":
+            # The planner gets the device's own word for its memory, not the node's
+            # configured figure (docs/runtime.md "Memory truth").
+            try:
+                mem = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, _cuda_memory, a.ordinal, a.memory_bytes
+                )
+                a.memory_bytes = mem["memory_bytes"]
+                self.log.info("worker.memory", ordinal=a.ordinal, **mem)
+            except Exception as exc:
+                self.log.warning("worker.memory_unknown", error=repr(exc), bytes=a.memory_bytes)
         code = await self._handshake()
         if code is not None:
             await self._close()
@@ -328,6 +357,8 @@ class Worker:
             self.peers.close()
         if self.server is not None:
             self.server.close()
+        if self.shm is not None:
+            self.shm.close()  # a clean exit unlinks our segments (the node: a dead one's)
         if self.executor is not None:
             self.executor.close()
         self.ctl.close(0)
@@ -378,6 +409,8 @@ class Worker:
                 await self._cancel(msg.task_id)
             elif isinstance(msg, protocol.Release):
                 self.outputs.pop(msg.key, None)
+                if self.shm is not None:
+                    self.shm.release(msg.key)
             elif isinstance(msg, protocol.LoadStage | protocol.UnloadStage):
                 self.queue.append(_Task(msg=msg))
                 self.queue_event.set()
@@ -406,6 +439,8 @@ class Worker:
         self.rejoining = False
         self.queue.clear()
         self.outputs.clear()
+        if self.shm is not None:
+            self.shm.clear()
         if self.running_cancel is not None:
             self.running_cancel.set()
         while self.running is not None:
@@ -499,7 +534,12 @@ class Worker:
                 merged.update(local)
                 continue
             try:
-                tensors, secs = await self.peers.fetch(ref.addr, ref.key)
+                # A holder on our node (device ids are "<node>/<kind>:<i>") may answer
+                # with shared memory instead of frames.
+                same_node = ref.device_id.split("/", 1)[0] == self.args.node_id
+                tensors, secs, via = await self.peers.fetch_via(
+                    ref.addr, ref.key, shm=same_node and self.shm is not None
+                )
             except FetchMissing:
                 raise InputLost(f"input {ref.key} is no longer kept on {ref.device_id}") from None
             except TimeoutError:
@@ -508,6 +548,14 @@ class Worker:
                 ) from None
             merged.update(tensors)
             total += secs
+            self.log.info(
+                "input.fetched",
+                task_id=task.task_id,
+                key=ref.key,
+                holder=ref.device_id,
+                via=via,
+                seconds=round(secs, 6),
+            )
         task.transfer_seconds = total
         return merged
 
@@ -746,6 +794,9 @@ class Worker:
             output_bytes=nbytes,
             tensors=[protocol.TensorDesc(**m) for m in meta] if final else None,
             output=info,
+            peak_bytes=result.peak_bytes,
+            resident_bytes=result.resident_bytes,
+            stage_peak_bytes=dict(result.stage_peak_bytes) or None,
         )
         if final:
             await self._send(report, frames)
@@ -916,6 +967,25 @@ class Worker:
                     stage=_as_stage(stage),
                 )
             )
+        if error == "out_of_memory":
+            await self._free_memory()
+
+    async def _free_memory(self) -> None:
+        """After an out-of-memory failure, before the next task: gc, then the CUDA
+        cache back to the driver (the executor's ``free_memory``, in the compute
+        thread). Once per queue entry however many batch members failed."""
+        done = self._freed_after() if self._freed_after is not None else None
+        if self.executor is None or (done is not None and done is self.running):
+            return
+        self._freed_after = weakref.ref(self.running) if self.running is not None else None
+        try:
+            freed = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.executor.free_memory
+            )
+        except Exception as exc:  # the next task may still fit: keep serving
+            self.log.warning("device.memory_free_failed", error=repr(exc))
+            return
+        self.log.info("device.memory_freed", **freed)
 
 
 _STAGE_NAMES: dict[str, protocol.Stage] = {s: s for s in STAGES}
@@ -969,6 +1039,14 @@ def _warm_torch() -> None:
     import transformers  # noqa: F401
 
     import trident.pipelines.families  # noqa: F401
+
+
+def _cuda_memory(ordinal: int, configured: int) -> dict[str, int]:
+    import torch
+
+    from trident.runtime.devices import cuda_memory
+
+    return cuda_memory(torch.cuda, ordinal, configured)
 
 
 def _host_store(host: str) -> str:

@@ -1,0 +1,124 @@
+"""Same-node hand-off through shared memory, with the real daemons (issue #12 item 3).
+
+``b6`` on three devices puts encode, diffuse and decode on three different workers
+of one node, so every request hands its outputs over twice on the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.pipelines.conftest import TinyModels
+from trident import AsyncClient
+from trident.bench.cluster import LocalCluster, NodeSpec
+from trident.runtime.shm import SHM_DIR, list_segments, node_prefix
+
+from .conftest import read_log
+
+pytestmark = pytest.mark.timeout(400)
+
+REQUEST = dict(prompt="a tiny flux test", height=32, width=32, num_inference_steps=2, seed=5)
+
+
+def _wait_no_segments(node_id: str, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = list_segments(node_prefix(node_id))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _run_tiny(tiny: Path, log_dir: Path, node_id: str) -> tuple[np.ndarray, dict]:
+    cluster = LocalCluster(
+        [f"tiny-flux={tiny}"],
+        [NodeSpec("cpu:3", node_id=node_id, threads=1)],
+        policy="b6",
+        log_dir=log_dir,
+        startup_timeout=180,
+    )
+    with cluster:
+
+        async def run() -> tuple[np.ndarray, dict]:
+            async with AsyncClient(cluster.client_addr, timeout=240) as c:
+                res = await c.generate(model="tiny-flux", **REQUEST)
+                return res.array, dict(res.devices)
+
+        array, devices = asyncio.run(run())
+        # The request is over: its kept outputs are released, their segments unlinked.
+        left = _wait_no_segments(node_id)
+    assert left == [], left
+    return array, devices
+
+
+def test_tiny_flux_over_shared_memory_is_bit_identical_to_tcp_and_frees_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = TinyModels(tmp_path / "tiny")("flux")
+    node = f"shm{os.getpid()}"
+    shm_out, devices = _run_tiny(tiny, tmp_path / "shm", node)
+    assert len({d for group in devices.values() for d in group}) == 3, devices
+    fetched = [
+        e for e in read_log(tmp_path / "shm" / "trident.log") if e.get("event") == "input.fetched"
+    ]
+    assert {e["via"] for e in fetched} == {"shm"} and len(fetched) == 2, fetched
+
+    monkeypatch.setenv("TRIDENT_SHM", "0")
+    tcp_out, _ = _run_tiny(tiny, tmp_path / "tcp", node + "t")
+    fetched = [
+        e for e in read_log(tmp_path / "tcp" / "trident.log") if e.get("event") == "input.fetched"
+    ]
+    assert {e["via"] for e in fetched} == {"tcp"}, fetched
+    assert shm_out.dtype == tcp_out.dtype and shm_out.shape == tcp_out.shape
+    assert shm_out.tobytes() == tcp_out.tobytes()  # bit for bit
+
+
+def test_a_sigkilled_workers_segments_are_unlinked_by_its_node(tmp_path: Path) -> None:
+    node = f"kill{os.getpid()}"
+    cluster = LocalCluster(
+        ["flux"],
+        [NodeSpec("sim:3", node_id=node, time_scale=0.5)],
+        policy="b6",
+        log_dir=tmp_path,
+    )
+    with cluster:
+
+        async def run() -> None:
+            async with AsyncClient(cluster.client_addr, timeout=120) as c:
+                job = asyncio.ensure_future(
+                    c.generate(
+                        model="flux",
+                        prompt="p",
+                        height=1024,
+                        width=1024,
+                        num_inference_steps=28,
+                        seed=1,
+                    )
+                )
+                # encode's output, kept on its worker and mapped by diffuse's, lies in
+                # a segment until diffuse finishes.
+                deadline = time.monotonic() + 60
+                segs: list[str] = []
+                while not segs and time.monotonic() < deadline:
+                    segs = list_segments(node_prefix(node))
+                    await asyncio.sleep(0.02)
+                assert segs, "no segment appeared"
+                pid = int(segs[0].rsplit("-", 3)[2])
+                os.kill(pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                while any((SHM_DIR / s).exists() for s in segs) and time.monotonic() - t0 < 10:
+                    await asyncio.sleep(0.02)
+                assert not any((SHM_DIR / s).exists() for s in segs), segs
+                job.cancel()
+
+        asyncio.run(run())
+    log = read_log(tmp_path / "trident.log")
+    assert any(e.get("event") == "shm.unlinked" for e in log)
+    assert _wait_no_segments(node) == []
