@@ -121,7 +121,16 @@ def test_baseline_defaults_unchanged() -> None:
 
 def test_every_registered_name_builds_its_policy_once() -> None:
     assert len(POLICY_NAMES) == len(set(POLICY_NAMES))
-    assert set(POLICY_NAMES) == {"trident", "trident-static", "b1", "b4", "b6", "authors", "fifo"}
+    assert set(POLICY_NAMES) == {
+        "trident",
+        "trident-np",
+        "trident-static",
+        "b1",
+        "b4",
+        "b6",
+        "authors",
+        "fifo",
+    }
     ms = models("flux", "sd3")
     for name in POLICY_NAMES:
         pol = make_policy(name, ms, COST)

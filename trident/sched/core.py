@@ -56,6 +56,7 @@ from trident.sched.types import (
     TaskFinished,
     TaskStarted,
     Tick,
+    YieldTask,
 )
 
 __all__ = [
@@ -132,6 +133,23 @@ class RequestState:
     )
     stage_devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
     est_s: float = 0.0  # standalone seconds, counted in the backlog while admitted
+    # A paused diffuse (docs/planner.md "Preemption"): denoising steps done so far
+    # (the kept ``output`` is then the chunk state), and how often it was paused.
+    steps_done: int = 0
+    preemptions: int = 0
+    # (next_stage, steps_done) the ``older_output`` stands for: what a lost ``output``
+    # rolls back to.
+    older_progress: tuple[int, int] = (0, 0)
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec.shape.num_inference_steps
+
+    @property
+    def remaining_diffuse_fraction(self) -> float:
+        """Share of the diffuse still to run (1.0 unless a paused diffuse resumes)."""
+        n = self.total_steps
+        return 1.0 if n <= 0 else max(0.0, (n - self.steps_done) / n)
 
     @property
     def request_id(self) -> str:
@@ -148,6 +166,7 @@ class TaskState:
     sent_at: float
     started_at: float | None = None
     unit: str = ""  # the batch id when the task rides in a batch, else its own id
+    yielding: bool = False  # a YieldTask was sent: it ends at its next step boundary
 
 
 def standalone_latency(
@@ -448,6 +467,24 @@ class SchedulerCore:
         self._occupy(devices, batch_id, now, est_seconds)
         return RunBatch(batch_id, tasks)
 
+    def yield_task(self, task_id: str) -> YieldTask | None:
+        """Ask a running diffuse to pause at its next step boundary (None when the task
+        is not a single running diffuse task, or already pausing)."""
+        task = self.tasks.get(task_id)
+        if (
+            task is None
+            or task.yielding
+            or task.started_at is None
+            or "diffuse" not in task.cmd.stages
+            or task.unit != task_id  # a batch member: batches never pause
+        ):
+            return None
+        task.yielding = True
+        req = self.requests.get(task.cmd.request_id)
+        if req is not None:
+            req.preemptions += 1
+        return YieldTask(task_id, task.cmd.devices)
+
     def _make_task(
         self,
         req: RequestState,
@@ -471,6 +508,10 @@ class SchedulerCore:
             and self._decode_needs_tiling(req, devices[0])
         ):
             options["vae_tiling"] = True
+        if req.steps_done > 0:
+            if stages[0] != "diffuse":  # pragma: no cover - next_stage says diffuse
+                raise ValueError(f"{req.request_id}: a paused diffuse resumes with diffuse")
+            options["diffuse_steps"] = [req.steps_done, None]
         params = dict(spec.params)
         params.update(
             height=spec.shape.height,
@@ -634,17 +675,49 @@ class SchedulerCore:
                 req.timings[stage] += float(secs)
         req.timings["transfer"] += ev.transfer_seconds
         req.timings["load"] += ev.load_seconds
-        for s in cmd.stages:
+        paused = (
+            ev.steps_done is not None
+            and "diffuse" in cmd.stages
+            and 0 < ev.steps_done < req.total_steps
+        )
+        ran = cmd.stages[: cmd.stages.index("diffuse") + 1] if paused else cmd.stages
+        for s in ran:
             req.stage_devices[s] = cmd.devices
             leader = self.devices.get(cmd.devices[0])
             if leader is not None:
                 leader.holds.add((cmd.model, s))
-        req.next_stage += len(cmd.stages)
         # The output that fed this task can go once this task is done; the one before
         # it certainly can.
         if req.older_output is not None:
             out.append(ReleaseOutput(req.older_output.device_id, req.older_output.key))
         req.older_output = req.output
+        req.older_progress = (req.next_stage, req.steps_done)
+        if paused:
+            assert ev.steps_done is not None
+            # Stages before the diffuse ran; the diffuse stopped at a step boundary and
+            # its state is the kept output (the stages after it did not run).
+            req.next_stage = STAGES.index("diffuse")
+            req.steps_done = ev.steps_done
+            req.output = InputRef(cmd.task_id, cmd.devices[0])
+            out.append(
+                LogEvent(
+                    "stage.paused",
+                    {
+                        "request_id": req.request_id,
+                        "task_id": cmd.task_id,
+                        "steps_done": ev.steps_done,
+                        "preemptions": req.preemptions,
+                    },
+                )
+            )
+            if req.cancelled:
+                self._fail(req, "cancelled", "cancelled by the client", out)
+                return
+            self.waiting[req.request_id] = req
+            return
+        req.next_stage += len(cmd.stages)
+        if "diffuse" in cmd.stages:
+            req.steps_done = 0
         if cmd.final:
             if req.older_output is not None:
                 out.append(ReleaseOutput(req.older_output.device_id, req.older_output.key))
@@ -767,12 +840,14 @@ class SchedulerCore:
             and req.older_output.device_id in self.devices
             and self.devices[req.older_output.device_id].up
         ):
+            # (A paused diffuse's chunk state, or the stage output before it.)
             req.output = req.older_output
             req.older_output = None
-            req.next_stage -= 1
+            req.next_stage, req.steps_done = req.older_progress
         else:
             req.output = req.older_output = None
             req.next_stage = 0
+            req.steps_done = 0
             for k in ("encode", "diffuse", "decode", "transfer", "load"):
                 req.timings[k] = 0.0
 

@@ -88,6 +88,9 @@ class QueueItem:
     # A batch: every member's request id (this item's ``request_id`` first); the item's
     # deadline is the earliest member's. Empty for a single request.
     members: tuple[str, ...] = ()
+    # Share of the diffuse still to run: below 1 for a paused diffuse that resumes
+    # (docs/planner.md "Preemption"); its diffuse times are scaled by it.
+    diffuse_fraction: float = 1.0
 
     @property
     def size(self) -> int:
@@ -232,12 +235,17 @@ class Dispatcher:
     config: DispatchConfig = field(default_factory=DispatchConfig)
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)
     relaxed: bool = False  # whether the last round was relaxed (see candidates)
-    _shapes: dict[tuple[str, Shape, int, int], _ShapeInfo] = field(default_factory=dict, repr=False)
+    _shapes: dict[tuple[str, Shape, int, int, float], _ShapeInfo] = field(
+        default_factory=dict, repr=False
+    )
 
-    def _shape_info(self, family: str, shape: Shape, max_degree: int, batch: int = 1) -> _ShapeInfo:
+    def _shape_info(
+        self, family: str, shape: Shape, max_degree: int, batch: int = 1, fraction: float = 1.0
+    ) -> _ShapeInfo:
         """Figures of one call for ``batch`` requests of ``shape`` (batches: degree 1;
-        output bytes are every member's together)."""
-        key = (family, shape, max_degree, batch)
+        output bytes are every member's together); ``fraction``: share of the diffuse
+        steps still to run (a resumed chunk)."""
+        key = (family, shape, max_degree, batch, fraction)
         got = self._shapes.get(key)
         if got is not None:
             return got
@@ -252,7 +260,7 @@ class Dispatcher:
             supported=sup,
             diffuse={
                 k: (
-                    batch_stage_seconds(cost, family, "diffuse", shape, k, batch),
+                    fraction * batch_stage_seconds(cost, family, "diffuse", shape, k, batch),
                     batch_peak_bytes(cost, family, "diffuse", shape, k, batch),
                 )
                 for k in ks
@@ -320,7 +328,9 @@ class Dispatcher:
     def best_case(self, item: QueueItem, now: float) -> float:
         """Seconds the request still needs with no queueing at its fastest supported
         degree (a lower bound on its remaining time)."""
-        info = self._shape_info(item.family, item.shape, item.max_degree, item.size)
+        info = self._shape_info(
+            item.family, item.shape, item.max_degree, item.size, item.diffuse_fraction
+        )
         dif = min((t for t, _ in info.diffuse.values()), default=0.0)
         return (info.enc_t if item.next_stage == "encode" else 0.0) + dif + info.dec_t
 
@@ -470,7 +480,7 @@ class Dispatcher:
                 continue
             before = len(out)
             fam, shape, model = item.family, item.shape, item.model
-            info = self._shape_info(fam, shape, item.max_degree, item.size)
+            info = self._shape_info(fam, shape, item.max_degree, item.size, item.diffuse_fraction)
 
             def room_of(k: int, m: str = model) -> int:
                 return _cached_group_free(gfree, dev.values(), m, k)

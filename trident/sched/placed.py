@@ -545,6 +545,7 @@ class PlacedPolicy(SchedulerCore):
             next_stage=req.pending_stages[0],
             input_device=req.output.device_id if req.output is not None else None,
             max_degree=info.max_degree,
+            diffuse_fraction=req.remaining_diffuse_fraction,
         )
 
     def issue(

@@ -1,6 +1,7 @@
 """The policies by name — each registered once, here — and building one from options.
 
 - ``trident``: :class:`~trident.sched.tridentpolicy.TridentPolicy` (``TridentConfig``)
+- ``trident-np``: :class:`~trident.sched.tridentpolicy.TridentNoPreemptPolicy`
 - ``trident-static``: :class:`~trident.sched.tridentpolicy.TridentStaticPolicy`
   (``TridentConfig``)
 - ``b1``: :class:`~trident.sched.baselines.StaticFifoPolicy` (``StaticFifoConfig``)
@@ -38,7 +39,12 @@ from trident.sched.baselines import (
 )
 from trident.sched.core import CoreConfig, FifoPolicy
 from trident.sched.options import apply_options, option_names
-from trident.sched.tridentpolicy import TridentConfig, TridentPolicy, TridentStaticPolicy
+from trident.sched.tridentpolicy import (
+    TridentConfig,
+    TridentNoPreemptPolicy,
+    TridentPolicy,
+    TridentStaticPolicy,
+)
 from trident.sched.types import CostModel, ModelInfo, Policy
 
 __all__ = [
@@ -81,6 +87,12 @@ POLICIES: Mapping[str, PolicySpec] = _register(
         TridentPolicy,
         TridentConfig,
         "MIP placement re-planned on triggers + MIP dispatch",
+    ),
+    PolicySpec(
+        "trident-np",
+        TridentNoPreemptPolicy,
+        TridentConfig,
+        "trident without step-level preemption",
     ),
     PolicySpec(
         "trident-static",

@@ -38,6 +38,7 @@ from trident.sched.orchestrator import (
     type_load_seconds,
 )
 from trident.sched.placed import PlacedPolicy, Placement, core_aliases
+from trident.sched.preempt import PreemptConfig, plan_preemptions
 from trident.sched.trigger import ReplanTrigger, TriggerConfig
 from trident.sched.types import (
     STAGES,
@@ -89,6 +90,8 @@ class TridentConfig:
     # ... and only a device idle this long (a device between two bursts of its own
     # model's work is not idle in that sense).
     rehome_idle_s: float = 10.0
+    # Step-level preemption (trident.sched.preempt; docs/planner.md "Preemption").
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     # Flat option names (docs/planner.md; the historical flat TridentConfig) -> the
     # section fields they set. ``section.field`` reaches every other setting.
@@ -131,6 +134,9 @@ class TridentConfig:
         "satisfied_ratio": ("trigger.satisfied_ratio",),
         "min_served_gain": ("trigger.min_served_gain",),
         "min_arrivals": ("trigger.min_arrivals",),
+        # preemption
+        "preempt": ("preempt.enabled",),
+        "max_preemptions": ("preempt.max_preemptions",),
     }
 
 
@@ -470,6 +476,7 @@ class TridentPolicy(PlacedPolicy):
                 )
             elif reqs:
                 out.append(self.issue(reqs[0], a.stages, a.devices, now, a.task_end))
+        out.extend(plan_preemptions(self, now, self.tconfig.preempt))
         if res.variables or self.tconfig.log_empty_rounds:
             out.append(
                 LogEvent(
@@ -733,7 +740,27 @@ class TridentPolicy(PlacedPolicy):
                     free_at[m] = min(free_at.get(m, v.free_at), v.free_at)
                     if v.free_at <= now:
                         idle[m] = idle.get(m, 0) + 1
+        if any(it.diffuse_fraction < 1.0 for it in items):
+            # A paused diffuse resumes alone (its input is chunk state).
+            keys = {**keys, **{it.request_id: None for it in items if it.diffuse_fraction < 1}}
         return form_batches(items, keys, idle, self.cost, self.batching, now, free_at, room)
+
+
+class TridentNoPreemptPolicy(TridentPolicy):
+    """``trident-np``: Trident without step-level preemption (a running diffuse always
+    runs to its end), beside ``trident`` in the benchmarks so the gain is visible."""
+
+    name = "trident-np"
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo],
+        cost: CostModel,
+        config: TridentConfig | None = None,
+    ) -> None:
+        cfg = config if config is not None else TridentConfig()
+        off = dataclasses.replace(cfg.preempt, enabled=False)
+        super().__init__(models, cost, dataclasses.replace(cfg, preempt=off))
 
 
 class TridentStaticPolicy(TridentPolicy):

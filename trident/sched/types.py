@@ -59,6 +59,7 @@ __all__ = [
     "TaskStarted",
     "Tick",
     "UnloadStage",
+    "YieldTask",
     "new_stimulus_id",
 ]
 
@@ -240,6 +241,10 @@ class TaskFinished:
     load_seconds: float = 0.0  # loading stage weights on demand
     output_bytes: int = 0
     stimulus_id: str = ""
+    # A diffuse that stopped before its last step (a yield, or a chunk that ends
+    # early): the steps of the request done so far; its output is the chunk state
+    # (trident.pipelines.chunks). None: every stage of the task ran to the end.
+    steps_done: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +389,18 @@ class CancelTask:
 
 
 @dataclass(frozen=True, slots=True)
+class YieldTask:
+    """Pause a running diffuse at its next step boundary: the leader keeps the state
+    (latents, scheduler and RNG) under the task id and reports ``TaskFinished`` with
+    ``steps_done``; the core resumes it later with ``options["diffuse_steps"]``, on the
+    same or other devices, possibly at another degree. A task no longer in its diffuse
+    (or finished) ignores it and finishes as usual."""
+
+    task_id: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseOutput:
     """The kept output ``key`` on ``device_id`` is no longer needed."""
 
@@ -438,6 +455,7 @@ Command: TypeAlias = (
     RunTask
     | RunBatch
     | CancelTask
+    | YieldTask
     | ReleaseOutput
     | LoadStage
     | UnloadStage

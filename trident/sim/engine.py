@@ -74,6 +74,7 @@ from trident.sched.types import (
     TaskStarted,
     Tick,
     UnloadStage,
+    YieldTask,
 )
 
 __all__ = [
@@ -151,6 +152,11 @@ class SimConfig:
     # keep ticking this long (virtual) for the policy to act, then stop.
     stall_s: float = 120.0
     record_events: bool = False  # keep a log of (time, event) delivered to the policy
+    # Seconds a resumed diffuse chunk costs before its first step (the pipeline's setup
+    # again: latents, embeddings, scheduler state); the state's transfer is separate,
+    # over the links. See docs/planner.md "Preemption" for the CPU figure and the GPU
+    # estimate.
+    chunk_overhead_s: float = 0.05
 
 
 @dataclass(slots=True)
@@ -241,6 +247,7 @@ class _Op:
 class _Task:
     __slots__ = (
         "begin",
+        "chunk",
         "cmd",
         "family",
         "heads",
@@ -248,7 +255,9 @@ class _Task:
         "load_s",
         "members",
         "pending_inputs",
+        "run_start",
         "shape",
+        "stage_secs",
         "state",
         "transfer_s",
     )
@@ -267,6 +276,17 @@ class _Task:
         self.begin = 0.0
         self.input_wait: list[str] = []  # source device ids of pending inputs
         self.state = "queued"  # queued | loading | running | done | failed
+        self.run_start = 0.0  # when computing began (after loads)
+        self.stage_secs: dict[str, float] = {}
+        # The diffuse steps [start, stop) this task runs (trident.pipelines.chunks).
+        total = shape.num_inference_steps
+        steps = cmd.options.get("diffuse_steps") if "diffuse" in cmd.stages else None
+        if isinstance(steps, list | tuple) and len(steps) == 2:
+            start = int(steps[0])
+            stop = total if steps[1] is None else min(total, int(steps[1]))
+            self.chunk = (start, stop)
+        else:
+            self.chunk = (0, total)
 
 
 class _Output:
@@ -356,6 +376,8 @@ class Simulator:
             self._on_run((cmd,))
         elif isinstance(cmd, RunBatch):
             self._on_run(cmd.tasks)
+        elif isinstance(cmd, YieldTask):
+            self._on_yield(cmd)
         elif isinstance(cmd, ReleaseOutput):
             out = self.outputs.get(cmd.key)
             if out is not None and out.device == cmd.device_id and not out.consumers:
@@ -673,12 +695,20 @@ class Simulator:
         if sigma > 0:
             noise = math.exp(self.rng.gauss(-0.5 * sigma * sigma, sigma))
         b = len(task.members)
-        return {
+        secs: dict[str, float] = {
             s: float(batch_stage_seconds(self.cost, task.family, s, task.shape, deg, b))
             / speed
             * noise
             for s in task.cmd.stages
         }
+        start, stop = task.chunk
+        total = task.shape.num_inference_steps
+        if "diffuse" in secs and (start, stop) != (0, total) and total > 0:
+            # A chunk: its share of the steps, plus the resume's setup.
+            secs["diffuse"] *= (stop - start) / total
+            if start > 0:
+                secs["diffuse"] += self.config.chunk_overhead_s
+        return secs
 
     # ------------------------------------------------------------------ timed events
 
@@ -692,20 +722,50 @@ class Simulator:
                 )
         task.state = "running"
         stage_secs = self._compute_seconds(task)
+        task.run_start = self.now
+        task.stage_secs = stage_secs
         for m in task.members:
             self._deliver_later(TaskStarted(m.task_id))
         self._push(self.now + sum(stage_secs.values()), _DONE, (task, stage_secs))
 
-    def _on_done(self, task: _Task, secs: dict[str, float]) -> None:
+    def _on_yield(self, cmd: YieldTask) -> None:
+        """Pause a running diffuse at its next step boundary (as a worker's flag would):
+        it finishes then with its state as the output and ``steps_done``."""
+        task = self.tasks.get(cmd.task_id)
+        if task is None or task.state != "running" or len(task.members) > 1:
+            return
+        stages = task.cmd.stages
+        if "diffuse" not in stages:
+            return
+        before = stages[: stages.index("diffuse")]
+        diffuse_start = task.run_start + sum(task.stage_secs[s] for s in before)
+        start, stop = task.chunk
+        steps = stop - start
+        overhead = self.config.chunk_overhead_s if start > 0 else 0.0
+        step_s = max(0.0, task.stage_secs["diffuse"] - overhead) / max(1, steps)
+        if self.now < diffuse_start + overhead or step_s <= 0:
+            done = 1  # it stops after its first step
+        else:
+            done = int((self.now - diffuse_start - overhead) / step_s) + 1
+        if done >= steps:
+            return  # past its last step boundary: it finishes as usual
+        secs = {s: task.stage_secs[s] for s in before}
+        secs["diffuse"] = overhead + done * step_s
+        self.stats["yields"] = self.stats.get("yields", 0) + 1
+        # The earlier _DONE still in the heap finds the task done and is ignored.
+        self._push(diffuse_start + secs["diffuse"], _DONE, (task, secs, start + done))
+
+    def _on_done(self, task: _Task, secs: dict[str, float], steps_done: int | None = None) -> None:
         if task.state != "running":
             return
         self.running -= 1
         task.state = "done"
         cmd = task.cmd
         fam = task.family
-        nbytes = int(self.cost.output_bytes(fam, cmd.stages[-1], task.shape))
+        last = "diffuse" if steps_done is not None else cmd.stages[-1]
+        nbytes = int(self.cost.output_bytes(fam, last, task.shape))
         for m in task.members:
-            if m.final:
+            if m.final and steps_done is None:
                 continue
             out = self.outputs.get(m.task_id)
             if out is None:
@@ -726,6 +786,7 @@ class Simulator:
                     transfer_seconds=task.transfer_s,
                     load_seconds=task.load_s,
                     output_bytes=nbytes,
+                    steps_done=steps_done,
                 )
             )
 

@@ -1,0 +1,244 @@
+"""Step-level preemption: pause a long running diffuse so an urgent request is on time.
+
+After each dispatch round, a waiting request R whose next stages are encode and/or
+diffuse and that would miss its deadline waiting for a device may take the devices of a
+running diffuse V, when that is a gain for the objective the dispatcher maximises
+(requests on time):
+
+- R meets its deadline on V's devices: V pauses at its next step boundary (one of V's
+  steps), R's stages load what they lack, then run at R's best efficient degree that
+  fits inside V's aligned group;
+- V does not become late for it: V's predicted end after the pause (R's run, a
+  per-chunk resume overhead, V's remaining steps) is still within V's deadline — or V
+  was going to miss it anyway;
+- V has more work left than R needs (never pause a nearly finished diffuse), it has
+  been paused fewer than ``max_preemptions`` times (nothing starves), and nothing else
+  is queued on its devices (R runs right after V's pause, as workers run FIFO).
+
+The pause is a :class:`~trident.sched.types.YieldTask`; R's task is issued on the same
+devices in the same round, so it runs as soon as V's state is handed over. V then waits
+like any request whose next stage is diffuse, with its remaining share of the steps
+(``QueueItem.diffuse_fraction``): the dispatcher resumes it on whichever devices and at
+whichever degree serve the objective best. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from trident.sched.cost import (
+    batch_peak_bytes,
+    best_degree,
+    model_weight_bytes,
+    supported_degrees,
+)
+from trident.sched.types import Command, LogEvent, Stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trident.sched.core import RequestState, TaskState
+    from trident.sched.tridentpolicy import TridentPolicy
+
+__all__ = ["PreemptConfig", "plan_preemptions"]
+
+
+@dataclass
+class PreemptConfig:
+    enabled: bool = True  # False: trident-np (the same planner, never pauses)
+    max_preemptions: int = 2  # per request
+    # Only a diffuse with at least this many seconds left is paused.
+    min_remaining_s: float = 5.0
+    # Seconds a resumed chunk pays before its first step (the simulator's
+    # ``chunk_overhead_s`` is the truth; this is the planner's estimate of it).
+    chunk_overhead_s: float = 0.05
+    max_per_round: int = 4  # pauses issued per dispatch round
+
+
+@dataclass
+class _Victim:
+    task: TaskState
+    req: RequestState
+    end: float  # predicted end of its task if left alone
+    step_s: float  # seconds of one of its diffuse steps (the wait for its boundary)
+    rest_s: float  # its remaining stage seconds after a pause (resume included)
+
+
+def _stage_seconds(policy: TridentPolicy, req: RequestState, stage: Stage, k: int) -> float:
+    secs = float(policy.cost.stage_seconds(req.family, stage, req.spec.shape, k))
+    return secs * req.remaining_diffuse_fraction if stage == "diffuse" else secs
+
+
+def _victims(policy: TridentPolicy, cfg: PreemptConfig, now: float) -> list[_Victim]:
+    out: list[_Victim] = []
+    for task_id, task in policy.tasks.items():
+        cmd = task.cmd
+        if (
+            task.started_at is None
+            or task.yielding
+            or task.unit != task_id
+            or "diffuse" not in cmd.stages
+        ):
+            continue
+        req = policy.requests.get(cmd.request_id)
+        if req is None or req.preemptions >= cfg.max_preemptions or req.cancelled:
+            continue
+        if any(policy.devices[d].inflight != [task_id] for d in cmd.devices):
+            continue  # something is queued behind it: R would not run next
+        k = len(cmd.devices)
+        secs = {s: _stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in cmd.stages}
+        end = task.started_at + sum(secs.values())
+        diffuse_end = end - sum(secs[s] for s in cmd.stages[cmd.stages.index("diffuse") + 1 :])
+        left = diffuse_end - now
+        if left < cfg.min_remaining_s:
+            continue
+        steps = max(1, req.total_steps - req.steps_done)
+        step_s = secs["diffuse"] / steps
+        after = sum(secs[s] for s in cmd.stages[cmd.stages.index("diffuse") + 1 :])
+        out.append(_Victim(task, req, end, step_s, left + cfg.chunk_overhead_s + after))
+    return out
+
+
+def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> list[Command]:
+    """Pauses (and the urgent requests' tasks on the paused devices) for this round."""
+    if not cfg.enabled or not policy.waiting:
+        return []
+    urgent = sorted(
+        (
+            r
+            for r in policy.waiting.values()
+            if r.task_id is None
+            and r.deadline is not None
+            and not r.cancelled
+            and r.pending_stages
+            and r.pending_stages[0] in ("encode", "diffuse")
+        ),
+        key=lambda r: r.deadline or 0.0,
+    )
+    if not urgent:
+        return []
+    victims = _victims(policy, cfg, now)
+    if not victims:
+        return []
+    up = [d.device_id for d in policy.devices.values() if d.up]
+    out: list[Command] = []
+    for req in urgent:
+        if len(out) >= 2 * cfg.max_per_round or not victims:
+            break
+        choice = _best_swap(policy, req, victims, up, now, cfg)
+        if choice is None:
+            continue
+        victim, devices, stages, end = choice
+        pause = policy.yield_task(victim.task.cmd.task_id)
+        if pause is None:
+            continue
+        victims.remove(victim)
+        out.append(pause)
+        out.append(policy.issue(req, stages, devices, now, end))
+        out.append(
+            LogEvent(
+                "dispatch.preempted",
+                {
+                    "request_id": req.request_id,
+                    "paused_request_id": victim.req.request_id,
+                    "paused_task_id": victim.task.cmd.task_id,
+                    "devices": list(devices),
+                    "stages": list(stages),
+                    "predicted_end": round(end, 3),
+                    "paused_predicted_end": round(end + victim.rest_s, 3),
+                },
+            )
+        )
+    return out
+
+
+def _best_swap(
+    policy: TridentPolicy,
+    req: RequestState,
+    victims: Sequence[_Victim],
+    up: Sequence[str],
+    now: float,
+    cfg: PreemptConfig,
+) -> tuple[_Victim, tuple[str, ...], tuple[Stage, ...], float] | None:
+    info = policy.models[req.spec.model]
+    shape = req.spec.shape
+    deadline = req.deadline if req.deadline is not None else float("inf")
+    pending = req.pending_stages
+    stages: tuple[Stage, ...] = tuple(pending[: pending.index("diffuse") + 1])
+    decode_s = _stage_seconds(policy, req, "decode", 1)
+    # Without a pause: the earliest any device frees up, then the request alone.
+    free = min((policy.devices[d].busy_until for d in up), default=now)
+    k_best = best_degree(policy.cost, req.family, shape, info.max_degree, policy.config.efficiency)
+    supported = supported_degrees(policy.cost, req.family, shape, info.max_degree) or [1]
+    alone = sum(_stage_seconds(policy, req, s, k_best if s == "diffuse" else 1) for s in stages)
+    if max(now, free) + alone + decode_s <= deadline:
+        return None  # it is on time without taking anyone's devices
+    best: tuple[float, _Victim, tuple[str, ...], tuple[Stage, ...], float] | None = None
+    for v in victims:
+        group = sorted(v.task.cmd.devices, key=lambda d: policy.devices[d].info.index)
+        # R takes the victim's whole group where its shape supports that degree: the
+        # paused devices would idle otherwise, R ends (and the victim resumes) sooner,
+        # and the group frees as one, so the victim can resume at its own degree.
+        ks = [k for k in supported if k <= len(group) and len(group) % k == 0]
+        k = max(ks, default=1)
+        devices = tuple(group[:k])
+        if not _fits(policy, req, stages, devices, k):
+            continue
+        load = max(_load_s(policy, req, stages, d) for d in devices)
+        start = now + v.step_s + load
+        run = sum(_stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in stages)
+        end = start + run
+        if end + decode_s > deadline:
+            continue  # no gain: it would be late even so
+        if v.rest_s <= run:
+            continue  # the victim has less left than the urgent request needs
+        v_deadline = v.req.deadline if v.req.deadline is not None else float("inf")
+        if v.end <= v_deadline < end + v.rest_s:
+            continue  # the pause would make the victim late
+        slack = v_deadline - (end + v.rest_s)
+        if best is None or slack > best[0]:
+            best = (slack, v, devices, stages, end)
+    return None if best is None else best[1:]
+
+
+def _load_s(policy: TridentPolicy, req: RequestState, stages: Sequence[Stage], dev: str) -> float:
+    """Seconds ``dev`` spends loading the weights of ``stages`` it lacks."""
+    st = policy.devices[dev]
+    source = policy.load_sources()
+    return sum(
+        policy._load_seconds(req.spec.model, s, source(dev, req.spec.model, s))
+        for s in stages
+        if (req.spec.model, s) not in st.holds
+    )
+
+
+def _fits(
+    policy: TridentPolicy,
+    req: RequestState,
+    stages: Sequence[Stage],
+    devices: Sequence[str],
+    k: int,
+) -> bool:
+    """R's missing weights and its peak fit beside what each device must keep (weights
+    of other models' stages may be evicted by the device model except the paused
+    victim's diffuse, which it resumes with)."""
+    info = policy.models[req.spec.model]
+    for rank, dev in enumerate(devices):
+        st = policy.devices[dev]
+        mine = stages if rank == 0 else tuple(s for s in stages if s == "diffuse")
+        need = sum(
+            model_weight_bytes(policy.cost, info, s)
+            for s in mine
+            if (req.spec.model, s) not in st.holds
+        )
+        peak = max(
+            int(batch_peak_bytes(policy.cost, req.family, s, req.spec.shape, k, 1)) for s in mine
+        )
+        keep = sum(
+            model_weight_bytes(policy.cost, policy.models[m], s)
+            for m, s in st.holds
+            if m in policy.models and s == "diffuse"
+        )
+        if need + peak + keep > st.info.memory_bytes:
+            return False
+    return True
