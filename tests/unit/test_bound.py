@@ -74,7 +74,7 @@ def test_no_policy_beats_the_bound_on_random_small_traces(seed: int) -> None:
     cluster = ClusterSpec(1, 4)
     b = slo_attainment_bound(reqs, MODELS, COST, devices=4, gpus_per_node=4)
     assert b.status == "optimal"
-    for name in ("fifo", "b1", "b4", "trident"):
+    for name in ("fifo", "b1", "b4", "trident", "trident-np"):
         res = simulate(
             make_sim_policy(name, MODELS, COST), COST, MODELS, cluster, reqs, SimConfig()
         )

@@ -45,7 +45,7 @@ __all__ = [
     "run_policies",
 ]
 
-DEFAULT_POLICIES = ("trident", "b1", "b4", "b6", "authors")
+DEFAULT_POLICIES = ("trident", "trident-np", "b1", "b4", "b6", "authors")
 
 
 @dataclass(frozen=True)
