@@ -32,7 +32,7 @@ def free_port() -> int:
 
 @dataclass
 class NodeSpec:
-    devices: str  # cpu:N | sim:N
+    devices: str  # cpu:N | sim:N | cuda:0,1,... (a list of ordinals; not "all")
     node_id: str | None = None
     time_scale: float = 1.0
     sim_memory_gb: float = 80.0
@@ -41,7 +41,12 @@ class NodeSpec:
 
     @property
     def count(self) -> int:
-        return int(self.devices.split(":")[1])
+        """Devices this node brings up: N for cpu:N / sim:N, one per listed cuda ordinal
+        (``cuda:0`` is one device, not zero)."""
+        kind, _, rest = self.devices.partition(":")
+        if kind == "cuda":
+            return len([x for x in rest.split(",") if x])
+        return int(rest)
 
 
 class LocalCluster:

@@ -25,6 +25,14 @@ denoising steps; once set, the call raises :class:`TaskCancelled` (for a batch: 
 whole call). Weights loaded for the task stay resident, as after a finished task; the
 exception's ``partial`` holds the loads and evictions done before the stop, for the
 caller to report. An unset (or absent) flag changes nothing: outputs stay bit-exact.
+
+Yield (step-level preemption): a :class:`ProgressFlag` whose :meth:`ProgressFlag.request_yield`
+was called asks a running diffuse to pause at its next step boundary. The call then
+returns normally, without running the task's stages after diffuse: its output is the
+chunk state (:mod:`trident.pipelines.chunks`; a stand-in on ``sim``) and
+:attr:`TaskResult.steps_done` the request's steps done so far. ``options["diffuse_steps"]
+= [start, stop]`` runs only those steps (``stop`` None: to the end); a chunk that ends
+before the last step is paused the same way. Batches never yield.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ __all__ = [
     "TaskResult",
     "TorchExecutor",
     "cuda_memory",
+    "diffuse_span",
     "make_executor",
     "mark_stage",
     "parse_devices",
@@ -111,11 +120,24 @@ class ProgressFlag(threading.Event):
     """A task's cancel flag that also hears its diffuse stage's progress: the adapters'
     step callback (and a simulated diffuse, per step) calls :meth:`report_step` with
     the denoising steps done and the total. ``on_step`` (any thread) gets them; one
-    that raises is ignored, so progress never slows or breaks a task."""
+    that raises is ignored, so progress never slows or breaks a task.
+
+    It also carries a yield order (:meth:`request_yield`, from any thread): the
+    pipelines read both through :meth:`poll` after every denoising step."""
 
     def __init__(self, on_step: Any = None) -> None:
         super().__init__()
         self.on_step = on_step
+        self.yield_requested = False
+
+    def request_yield(self) -> None:
+        """Pause the diffuse at its next step boundary (a plain bool: one writer, the
+        worker's loop; readers see it at their next poll)."""
+        self.yield_requested = True
+
+    def poll(self) -> tuple[bool, bool]:
+        """(cancel, yield) now."""
+        return self.is_set(), self.yield_requested
 
     def report_step(self, step: int, total: int) -> None:
         if self.on_step is None:
@@ -132,6 +154,27 @@ def _report_step(cancel: threading.Event | None, step: int, total: int) -> None:
 
 def _cancelled(cancel: threading.Event | None) -> bool:
     return cancel is not None and cancel.is_set()
+
+
+def _yield_requested(cancel: threading.Event | None) -> bool:
+    return bool(getattr(cancel, "yield_requested", False))
+
+
+def diffuse_span(options: Mapping[str, Any], total: int) -> tuple[int, int]:
+    """``options["diffuse_steps"]`` as the steps ``[start, stop)`` of ``total`` to run
+    (the whole loop when absent); a range outside the loop is a :class:`StageError`."""
+    value = options.get("diffuse_steps")
+    if value is None:
+        return 0, total
+    try:
+        start, stop = value
+        start = int(start)
+        stop = total if stop is None else min(int(stop), total)
+    except (TypeError, ValueError):
+        raise StageError(f"diffuse_steps must be [start, stop], got {value!r}") from None
+    if not 0 <= start < stop:
+        raise StageError(f"diffuse_steps {value!r} is not a range of the {total} steps")
+    return start, stop
 
 
 def _cancel_kw(cancel: threading.Event | None) -> dict[str, Any]:
@@ -210,6 +253,10 @@ class TaskResult:
     peak_bytes: int | None = None
     resident_bytes: int | None = None
     stage_peak_bytes: dict[str, int] = field(default_factory=dict)
+    # Set: the diffuse paused after this many of the request's steps (a yield, or a
+    # chunk that ends early); ``outputs`` is its chunk state and the task's stages after
+    # diffuse did not run. None: every stage ran to its end.
+    steps_done: int | None = None
 
 
 def _partial(
@@ -486,9 +533,18 @@ class SimExecutor(Executor):
         *,
         cancel: threading.Event | None = None,
     ) -> TaskResult:
-        """As :meth:`run`, on the event loop: a simulated stage needs no thread."""
+        """As :meth:`run`, on the event loop: a simulated stage needs no thread.
+
+        ``options["diffuse_steps"]``: diffuse sleeps only for those steps' share of its
+        time. A yield (or a chunk ending early) stops it at a step boundary: the stages
+        after diffuse are skipped, the output is a stand-in for the chunk state and
+        ``steps_done`` says how far the request got."""
         result, sleeps, shape, family = self._prepare(model, stages, params, options)
-        await self._sleep_through(result, sleeps, shape.num_inference_steps, cancel)
+        span = diffuse_span(options, shape.num_inference_steps) if "diffuse" in stages else None
+        done = await self._sleep_through(result, sleeps, shape.num_inference_steps, cancel, span)
+        if done is not None:
+            result.steps_done = done
+            stages = stages[: stages.index("diffuse") + 1]
         result.outputs = self._outputs(stages, shape, family)
         return result
 
@@ -498,41 +554,59 @@ class SimExecutor(Executor):
         sleeps: list[tuple[str | None, float]],
         steps: int = 1,
         cancel: threading.Event | None = None,
-    ) -> None:
+        span: tuple[int, int] | None = None,
+    ) -> int | None:
         """Spend the prepared loads and stages' time; record each stage's seconds.
 
         With a ``cancel`` flag, as a real device: checked before each stage and, in
-        diffuse, between denoising steps — diffuse sleeps in ``steps`` slices (finer
+        diffuse, between denoising steps — diffuse sleeps in one slice per step (finer
         where a step would exceed :data:`SIM_SLICE_S`), each ending at its share of the
         stage's time from the start (no drift). Loads are not interrupted. The memory
         accounting is that of :meth:`_prepare`, as on the normal path: the loaded
         weights stay resident and the activation peak was never held.
+
+        ``span``: diffuse runs only steps ``[start, stop)`` of ``steps`` (their share of
+        its time; progress counts the request's steps), and a yield on the flag stops it
+        at the next step boundary (a batch passes none: it never yields). Returns the
+        steps done when diffuse stopped before the last one (the stages after it are
+        then not run), else None.
         """
+        total = max(1, steps)
+        start, stop = span if span is not None else (0, total)
         for stage, secs in sleeps:
             if stage is not None and _cancelled(cancel):
                 raise TaskCancelled(f"cancelled before {stage}", partial=result)
             t0 = time.perf_counter()
+            if stage == "diffuse":
+                secs = secs * (stop - start) / total
             if stage != "diffuse" or cancel is None:
                 if secs > 0:
                     await asyncio.sleep(secs)
+                done = stop
             else:
-                n = max(1, steps, math.ceil(secs / SIM_SLICE_S))
-                reported = 0
+                chunk = stop - start
+                n = max(1, chunk, math.ceil(secs / SIM_SLICE_S))
+                reported = done = start
                 for k in range(1, n + 1):
                     delay = t0 + secs * k / n - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
                     if cancel.is_set():
-                        done = max(1, k * steps // n)
+                        done = max(start + 1, start + k * chunk // n)
                         raise TaskCancelled(
                             f"cancelled after denoising step {done} of {steps}", partial=result
                         )
-                    done = k * max(1, steps) // n
+                    done = start + k * chunk // n
                     if done > reported:  # a step ended in this slice, as on a real device
                         reported = done
-                        _report_step(cancel, done, max(1, steps))
+                        _report_step(cancel, done, total)
+                        if span is not None and _yield_requested(cancel) and done < stop:
+                            break  # a yield: pause at this step boundary
             if stage is not None:
                 result.stage_seconds[stage] = time.perf_counter() - t0
+            if stage == "diffuse" and done < total:
+                return done
+        return None
 
     def run_batch(
         self,
@@ -824,6 +898,8 @@ class TorchExecutor(Executor):
         import torch
 
         from trident.pipelines.api import StageCancelled
+        from trident.pipelines.chunks import is_partial
+        from trident.pipelines.chunks import steps_done as chunk_steps_done
 
         result = TaskResult(outputs={}, stage_seconds={})
         sources = dict(options.get("load_sources") or {})
@@ -876,6 +952,11 @@ class TorchExecutor(Executor):
             if peak is not None and start is not None:
                 result.stage_peak_bytes[stage] = max(0, peak - start)
                 result.peak_bytes = max(result.peak_bytes or 0, peak)
+            if stage == "diffuse" and current is not None and is_partial(current):
+                # Paused at a step boundary (a yield or a chunk's end): the state is the
+                # task's output, the stages after diffuse do not run.
+                result.steps_done = chunk_steps_done(current)
+                break
         result.resident_bytes = meter.current()
         result.outputs = {} if follower else dict(current or {})
         return result

@@ -23,7 +23,8 @@ Channels (C client, S scheduler, N node, W worker), each with its own decoder::
     S -> N   node_welcome, reject, reregister, shutdown, kill_worker, error
                                                                SCHEDULER_TO_NODE
     S -> W   worker_welcome, reject, reregister, run_task, run_batch, cancel_task,
-             release, load_stage, unload_stage, shutdown, error SCHEDULER_TO_WORKER
+             yield_task, release, load_stage, unload_stage, shutdown, error
+                                                               SCHEDULER_TO_WORKER
     W -> W   fetch, barrier                                    PEER_REQUEST
     W -> W   data (+frames), missing, go, error                PEER_REPLY
 
@@ -112,6 +113,7 @@ __all__ = [
     "WorkerHello",
     "WorkerStatus",
     "WorkerWelcome",
+    "YieldTask",
     "decode",
     "encode",
     "error_message",
@@ -119,7 +121,8 @@ __all__ = [
 ]
 
 # 3: typed structs (msgspec), cancel_task, kill_worker, stage_load_failed, ping nonce.
-PROTOCOL_VERSION = 4  # 4: output types (Submit.output_type, OutputInfo), status query
+# 4: output types (Submit.output_type, OutputInfo), status query.
+PROTOCOL_VERSION = 5  # 5: yield_task, task_finished.steps_done (a paused diffuse)
 
 # Headers are small maps; anything bigger is malformed or hostile.
 MAX_HEADER_BYTES = 1 << 20
@@ -496,6 +499,15 @@ class CancelTask(_Base, tag="cancel_task"):
     task_id: Id
 
 
+class YieldTask(_Base, tag="yield_task"):
+    """Pause the running task's diffuse at its next denoising step boundary: it then
+    finishes with ``steps_done`` and keeps the chunk state as its output (the stages
+    after diffuse do not run). Ignored for a queued, unknown or batched task, and by a
+    task past its diffuse (it finishes as usual)."""
+
+    task_id: Id
+
+
 class TaskStarted(_Base, tag="task_started"):
     task_id: Id
 
@@ -523,6 +535,10 @@ class TaskFinished(_Base, tag="task_finished"):
     peak_bytes: Count | None = None
     resident_bytes: Count | None = None
     stage_peak_bytes: dict[str, Count] | None = None
+    # Set: the diffuse paused after this many of the request's denoising steps (a yield,
+    # or a chunk ending before the last step); the kept output is its chunk state and
+    # the task's stages after diffuse did not run (nothing rides with a final task).
+    steps_done: Annotated[int, Meta(ge=1, le=100_000)] | None = None
 
 
 class TaskFailed(_Base, tag="task_failed"):
@@ -610,7 +626,7 @@ Message: TypeAlias = (
     Submit | Cancel | Ping | Pong | Result | Error | Progress | StatusQuery | ClusterStatus
     | NodeHello | NodeWelcome | NodeHeartbeat | WorkerExited | NodeBye | KillWorker
     | Reject | Reregister | Shutdown
-    | WorkerHello | WorkerWelcome | Heartbeat | RunTask | RunBatch | CancelTask
+    | WorkerHello | WorkerWelcome | Heartbeat | RunTask | RunBatch | CancelTask | YieldTask
     | TaskStarted | TaskProgress | TaskFinished | TaskFailed | Release | LoadStage | UnloadStage
     | StageLoaded | StageUnloaded | StageLoadFailed
     | Fetch | Data | Missing | Barrier | Go
@@ -652,8 +668,8 @@ SCHEDULER_TO_NODE = Channel("node", (NodeWelcome, Reject, Reregister, Shutdown, 
 SCHEDULER_TO_WORKER = Channel(
     "worker",
     (
-        WorkerWelcome, Reject, Reregister, RunTask, RunBatch, CancelTask, Release,
-        LoadStage, UnloadStage, Shutdown, Error,
+        WorkerWelcome, Reject, Reregister, RunTask, RunBatch, CancelTask, YieldTask,
+        Release, LoadStage, UnloadStage, Shutdown, Error,
     ),
 )  # fmt: skip
 PEER_REQUEST = Channel("peer", (Fetch, Barrier))

@@ -109,6 +109,7 @@ from trident.sched.types import (
     TaskStarted,
     Tick,
     UnloadStage,
+    YieldTask,
     new_stimulus_id,
 )
 
@@ -534,6 +535,12 @@ class SchedulerDaemon:
             for dev in cmd.devices:
                 self._to_worker(dev, protocol.encode(protocol.CancelTask(task_id=cmd.task_id)))
             self.log.info("stage.cancelling", task_id=cmd.task_id, devices=list(cmd.devices))
+        elif isinstance(cmd, YieldTask):
+            # Every rank's worker hears it (degree k: the ranks agree on the step, as for
+            # a cancel); the leader reports task_finished with steps_done.
+            for dev in cmd.devices:
+                self._to_worker(dev, protocol.encode(protocol.YieldTask(task_id=cmd.task_id)))
+            self.log.info("stage.yielding", task_id=cmd.task_id, devices=list(cmd.devices))
         elif isinstance(cmd, ReleaseOutput):
             self._to_worker(cmd.device_id, protocol.encode(protocol.Release(key=cmd.key)))
         elif isinstance(cmd, CompleteRequest):
@@ -657,6 +664,22 @@ class SchedulerDaemon:
                     )
                 )
             self.log.warning("batch.refused", batch_id=cmd.batch_id, degree=cmd.degree)
+            return
+        resumed = {t.task_id for t in cmd.tasks if t.options.get("diffuse_steps") is not None}
+        if resumed:
+            # Members share one options map and a batched diffuse runs every step from
+            # noise: a paused diffuse cannot resume in a batch. A policy bug: the resumed
+            # members fail, the others are re-planned.
+            for t in cmd.tasks:
+                self.feed(
+                    TaskFailed(
+                        t.task_id,
+                        "internal" if t.task_id in resumed else "stage_failed",
+                        f"batch {cmd.batch_id}: a paused diffuse cannot resume in a batch",
+                        retryable=t.task_id not in resumed,
+                    )
+                )
+            self.log.warning("batch.refused", batch_id=cmd.batch_id, resumed=sorted(resumed))
             return
         conn = self.workers.get(cmd.devices[0])
         if conn is None or not conn.up:
@@ -1223,9 +1246,11 @@ class SchedulerDaemon:
             if cmd is None or cmd.devices[0] != dev:
                 return  # a late or foreign report (the task was given up on)
             del self.task_info[msg.task_id]
-            if cmd.final and cmd.request_id in self.pending:
+            paused = msg.steps_done is not None
+            if cmd.final and not paused and cmd.request_id in self.pending:
                 # Held only until the core completes the request (a request already
-                # failed or cancelled would never claim it: don't keep it).
+                # failed or cancelled would never claim it: don't keep it). A paused
+                # diffuse's state stays on its worker, like any kept output.
                 self.results[cmd.request_id] = (list(msg.tensors or []), frames, msg.output)
             self.feed(
                 TaskFinished(
@@ -1234,8 +1259,17 @@ class SchedulerDaemon:
                     transfer_seconds=msg.transfer_seconds,
                     load_seconds=msg.load_seconds,
                     output_bytes=msg.output_bytes,
+                    steps_done=msg.steps_done,
                 )
             )
+            if paused:
+                self.log.info(
+                    "stage.yielded",
+                    task_id=msg.task_id,
+                    request_id=cmd.request_id,
+                    device_id=dev,
+                    steps_done=msg.steps_done,
+                )
             self.log.info(
                 "stage.finished",
                 task_id=msg.task_id,

@@ -20,6 +20,11 @@ executor checks between denoising steps (degree k: the ranks agree on the step).
 The same flag hears each denoising step: rank 0 reports them (``task_progress``,
 throttled to one per 0.5 s plus the last step, sent without waiting: dropped when the
 queue to the scheduler is full).
+``yield_task`` asks the running task's diffuse to pause at its next step boundary (the
+flag's yield order; degree k: every rank hears it and they agree on the step): the task
+then finishes with ``steps_done``, keeping the chunk state under its task id like any
+output, never sent on even from a final task. A yield for a queued or unknown task, or
+a batch, is ignored.
 Every loop is supervised: one that dies exits the worker with status 1 and its node
 restarts it. Re-registration (``reregister``) happens on the control loop without
 blocking it: hello, then on welcome the old executor is closed and a new one made.
@@ -407,6 +412,8 @@ class Worker:
                 self._enqueue_batch(msg)
             elif isinstance(msg, protocol.CancelTask):
                 await self._cancel(msg.task_id)
+            elif isinstance(msg, protocol.YieldTask):
+                self._yield(msg.task_id)
             elif isinstance(msg, protocol.Release):
                 self.outputs.pop(msg.key, None)
                 if self.shm is not None:
@@ -490,6 +497,29 @@ class Worker:
             self.cancelled_members.add(task_id)
             if ids <= self.cancelled_members and self.running_cancel is not None:
                 self.running_cancel.set()
+
+    def _yield(self, task_id: str) -> None:
+        """Pause the running task's diffuse at its next step boundary. A task that is
+        queued (the core only yields started ones: a late order), unknown, or riding in
+        a batch (batches never pause) is left alone."""
+        running, flag = self.running, self.running_cancel
+        if (
+            running is None
+            or not isinstance(running.msg, protocol.RunTask)
+            or running.task_id != task_id
+            or not isinstance(flag, ProgressFlag)
+        ):
+            where = (
+                "batch"
+                if running is not None and any(m.task_id == task_id for m in running.members)
+                else "queued"
+                if any(t.task_id == task_id for t in self.queue)
+                else "unknown"
+            )
+            self.log.debug("stage.yield_ignored", task_id=task_id, where=where)
+            return
+        flag.request_yield()
+        self.log.info("stage.yield_requested", task_id=task_id)
 
     async def _report_cancelled(self, task_id: str) -> None:
         self.log.info("stage.cancelled", task_id=task_id, where="queued")
@@ -768,7 +798,11 @@ class Worker:
     ) -> bool:
         """Report a task done: a final output goes to the scheduler (for the client),
         encoded as the request's ``output`` (type, fps) asks, any other is kept here under
-        the task id for the next stage to fetch. False when encoding failed (reported)."""
+        the task id for the next stage to fetch. A paused diffuse (``steps_done``) keeps
+        its chunk state here even when the task was final. False when encoding failed
+        (reported)."""
+        if result.steps_done is not None:
+            final = False  # its later stages did not run: the state waits for its resume
         outputs, info = result.outputs, None
         if final and output is not None:
             try:
@@ -797,7 +831,10 @@ class Worker:
             peak_bytes=result.peak_bytes,
             resident_bytes=result.resident_bytes,
             stage_peak_bytes=dict(result.stage_peak_bytes) or None,
+            steps_done=result.steps_done,
         )
+        if result.steps_done is not None:
+            self.log.info("stage.yielded", task_id=task_id, steps_done=result.steps_done)
         if final:
             await self._send(report, frames)
         else:

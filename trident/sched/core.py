@@ -457,6 +457,8 @@ class SchedulerCore:
             raise ValueError(f"batches run at degree 1, not {len(devices)}")
         if len({(r.spec.model, r.spec.shape, r.next_stage) for r in reqs}) != 1:
             raise ValueError("batch members must share model, shape and next stage")
+        if any(r.steps_done > 0 for r in reqs):
+            raise ValueError("a paused diffuse resumes alone, never in a batch")
         # Same shape and device: _make_task gives every member the same options.
         tasks = tuple(self._make_task(r, stages, devices, options) for r in reqs)
         self._task_seq += 1
