@@ -24,7 +24,7 @@ whichever degree serve the objective best. Pure: no clock, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,32 +100,41 @@ def _victims(policy: TridentPolicy, cfg: PreemptConfig, now: float) -> list[_Vic
 
 
 def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> list[Command]:
-    """Pauses (and the urgent requests' tasks on the paused devices) for this round."""
+    """Pauses (and the urgent requests' tasks on the paused devices) for this round.
+
+    Cheap when nothing is urgent: a waiting request is examined only if it is late
+    waiting for the earliest device and could still be on time from now; at most
+    ``4 * max_per_round`` of them, in deadline order, meet the victims."""
     if not cfg.enabled or not policy.waiting:
         return []
-    urgent = sorted(
-        (
-            r
-            for r in policy.waiting.values()
-            if r.task_id is None
-            and r.deadline is not None
-            and not r.cancelled
-            and r.pending_stages
-            and r.pending_stages[0] in ("encode", "diffuse")
-        ),
-        key=lambda r: r.deadline or 0.0,
-    )
+    free = min((d.busy_until for d in policy.devices.values() if d.up), default=now)
+    start = max(now, free)
+    urgent: list[tuple[float, RequestState, float]] = []
+    for r in policy.waiting.values():
+        if (
+            r.task_id is not None
+            or r.deadline is None
+            or r.cancelled
+            or not r.pending_stages
+            or r.pending_stages[0] not in ("encode", "diffuse")
+        ):
+            continue
+        alone = _alone_seconds(policy, r)
+        if start + alone <= r.deadline or now + alone > r.deadline:
+            continue  # on time without a pause, or late even with the cluster to itself
+        urgent.append((r.deadline, r, alone))
     if not urgent:
         return []
+    urgent.sort(key=lambda x: (x[0], x[1].request_id))
     victims = _victims(policy, cfg, now)
     if not victims:
         return []
-    up = [d.device_id for d in policy.devices.values() if d.up]
+    source = policy.load_sources()
     out: list[Command] = []
-    for req in urgent:
-        if len(out) >= 2 * cfg.max_per_round or not victims:
+    for _, req, _alone in urgent[: 4 * cfg.max_per_round]:
+        if len(out) >= 3 * cfg.max_per_round or not victims:
             break
-        choice = _best_swap(policy, req, victims, up, now, cfg)
+        choice = _best_swap(policy, req, victims, now, source)
         if choice is None:
             continue
         victim, devices, stages, end = choice
@@ -152,13 +161,23 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     return out
 
 
+def _alone_seconds(policy: TridentPolicy, req: RequestState) -> float:
+    """The request's remaining stages alone at its best efficient degree."""
+    info = policy.models[req.spec.model]
+    k = best_degree(
+        policy.cost, req.family, req.spec.shape, info.max_degree, policy.config.efficiency
+    )
+    return sum(
+        _stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in req.pending_stages
+    )
+
+
 def _best_swap(
     policy: TridentPolicy,
     req: RequestState,
     victims: Sequence[_Victim],
-    up: Sequence[str],
     now: float,
-    cfg: PreemptConfig,
+    source: Callable[[str, str, Stage], str],
 ) -> tuple[_Victim, tuple[str, ...], tuple[Stage, ...], float] | None:
     info = policy.models[req.spec.model]
     shape = req.spec.shape
@@ -166,13 +185,7 @@ def _best_swap(
     pending = req.pending_stages
     stages: tuple[Stage, ...] = tuple(pending[: pending.index("diffuse") + 1])
     decode_s = _stage_seconds(policy, req, "decode", 1)
-    # Without a pause: the earliest any device frees up, then the request alone.
-    free = min((policy.devices[d].busy_until for d in up), default=now)
-    k_best = best_degree(policy.cost, req.family, shape, info.max_degree, policy.config.efficiency)
-    supported = supported_degrees(policy.cost, req.family, shape, info.max_degree) or [1]
-    alone = sum(_stage_seconds(policy, req, s, k_best if s == "diffuse" else 1) for s in stages)
-    if max(now, free) + alone + decode_s <= deadline:
-        return None  # it is on time without taking anyone's devices
+    supported = supported_degrees(policy.cost, req.family, shape, info.max_degree) or (1,)
     best: tuple[float, _Victim, tuple[str, ...], tuple[Stage, ...], float] | None = None
     for v in victims:
         group = sorted(v.task.cmd.devices, key=lambda d: policy.devices[d].info.index)
@@ -184,7 +197,7 @@ def _best_swap(
         devices = tuple(group[:k])
         if not _fits(policy, req, stages, devices, k):
             continue
-        load = max(_load_s(policy, req, stages, d) for d in devices)
+        load = max(_load_s(policy, req, stages, d, source) for d in devices)
         start = now + v.step_s + load
         run = sum(_stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in stages)
         end = start + run
@@ -201,10 +214,15 @@ def _best_swap(
     return None if best is None else best[1:]
 
 
-def _load_s(policy: TridentPolicy, req: RequestState, stages: Sequence[Stage], dev: str) -> float:
+def _load_s(
+    policy: TridentPolicy,
+    req: RequestState,
+    stages: Sequence[Stage],
+    dev: str,
+    source: Callable[[str, str, Stage], str],
+) -> float:
     """Seconds ``dev`` spends loading the weights of ``stages`` it lacks."""
     st = policy.devices[dev]
-    source = policy.load_sources()
     return sum(
         policy._load_seconds(req.spec.model, s, source(dev, req.spec.model, s))
         for s in stages
