@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,13 +19,15 @@ import pytest
 from tests.pipelines.conftest import TinyModels
 from trident import AsyncClient
 from trident.bench.cluster import LocalCluster, NodeSpec
-from trident.runtime.shm import SHM_DIR, list_segments, node_prefix
+from trident.runtime.shm import SHM_DIR, list_segments, node_prefix, pool_cap
 
 from .conftest import read_log
 
 pytestmark = pytest.mark.timeout(400)
 
-REQUEST = dict(prompt="a tiny flux test", height=32, width=32, num_inference_steps=2, seed=5)
+REQUEST: dict[str, Any] = dict(
+    prompt="a tiny flux test", height=32, width=32, num_inference_steps=2, seed=5
+)
 
 
 def _wait_no_segments(node_id: str, timeout: float = 10.0) -> list[str]:
@@ -36,7 +39,9 @@ def _wait_no_segments(node_id: str, timeout: float = 10.0) -> list[str]:
         time.sleep(0.05)
 
 
-def _run_tiny(tiny: Path, log_dir: Path, node_id: str) -> tuple[np.ndarray, dict]:
+def _run_tiny(
+    tiny: Path, log_dir: Path, node_id: str, requests: int = 1
+) -> tuple[np.ndarray, dict]:
     cluster = LocalCluster(
         [f"tiny-flux={tiny}"],
         [NodeSpec("cpu:3", node_id=node_id, threads=1)],
@@ -46,16 +51,28 @@ def _run_tiny(tiny: Path, log_dir: Path, node_id: str) -> tuple[np.ndarray, dict
     )
     with cluster:
 
-        async def run() -> tuple[np.ndarray, dict]:
+        async def run() -> list[tuple[np.ndarray, dict]]:
             async with AsyncClient(cluster.client_addr, timeout=240) as c:
-                res = await c.generate(model="tiny-flux", **REQUEST)
-                return res.array, dict(res.devices)
+                out = []
+                for _ in range(requests):  # one after the other: the later ones recycle
+                    res = await c.generate(model="tiny-flux", **REQUEST)
+                    out.append((res.array, dict(res.devices)))
+                return out
 
-        array, devices = asyncio.run(run())
-        # The request is over: its kept outputs are released, their segments unlinked.
-        left = _wait_no_segments(node_id)
-    assert left == [], left
-    return array, devices
+        results = asyncio.run(run())
+        # The requests are over: their kept outputs are released and their segments
+        # back in their producers' pools (encode's and diffuse's workers), recycled by
+        # each later request rather than made anew: at most one per producer remains,
+        # within the pool cap, however many requests ran.
+        time.sleep(0.5)
+        left = list_segments(node_prefix(node_id))
+        assert len(left) <= 2, left
+        assert sum((SHM_DIR / n).stat().st_size for n in left) <= 2 * pool_cap(), left
+    # The workers stopped cleanly: they unlinked their pools.
+    assert _wait_no_segments(node_id) == []
+    for array, _ in results[1:]:
+        assert array.tobytes() == results[0][0].tobytes()
+    return results[0]
 
 
 def test_tiny_flux_over_shared_memory_is_bit_identical_to_tcp_and_frees_segments(
@@ -63,12 +80,12 @@ def test_tiny_flux_over_shared_memory_is_bit_identical_to_tcp_and_frees_segments
 ) -> None:
     tiny = TinyModels(tmp_path / "tiny")("flux")
     node = f"shm{os.getpid()}"
-    shm_out, devices = _run_tiny(tiny, tmp_path / "shm", node)
+    shm_out, devices = _run_tiny(tiny, tmp_path / "shm", node, requests=2)
     assert len({d for group in devices.values() for d in group}) == 3, devices
     fetched = [
         e for e in read_log(tmp_path / "shm" / "trident.log") if e.get("event") == "input.fetched"
     ]
-    assert {e["via"] for e in fetched} == {"shm"} and len(fetched) == 2, fetched
+    assert {e["via"] for e in fetched} == {"shm"} and len(fetched) == 4, fetched
 
     monkeypatch.setenv("TRIDENT_SHM", "0")
     tcp_out, _ = _run_tiny(tiny, tmp_path / "tcp", node + "t")

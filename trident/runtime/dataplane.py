@@ -7,8 +7,9 @@ same sockets. Nothing here decides anything: what to keep and release is the
 scheduler's call.
 
 Same node: a fetcher on the holder's node asks ``fetch(shm=True)``; the holder copies
-the output once into a shared-memory segment (:mod:`trident.runtime.shm`) and answers
-with its name instead of frames, and the fetcher maps it. Either side falls back to the
+the output once into a shared-memory segment (:mod:`trident.runtime.shm`; recycled from
+its pool when one of the size is free) and answers with its name and generation instead
+of frames, and the fetcher maps it (its mappings are cached). Either side falls back to the
 frames when the segment cannot be made or mapped.
 """
 
@@ -34,6 +35,11 @@ from trident.runtime.transport import CurveKeys, bound_address, make_socket
 __all__ = ["FetchMissing", "PeerClient", "PeerServer"]
 
 FETCH_TIMEOUT_S = 120.0
+INLINE_COPY_BYTES = 8 << 20  # smaller shm exports are copied on the event loop
+
+
+def _nbytes(tensors: Mapping[str, Any]) -> int:
+    return sum(int(getattr(t, "nbytes", 0) or 0) for t in tensors.values())
 
 
 class FetchMissing(Exception):
@@ -112,7 +118,10 @@ class PeerServer:
         seg = self.shm.get(msg.key)
         if seg is None:
             try:
-                made: ShmSegment = await asyncio.to_thread(self.shm.create, kept)
+                if _nbytes(kept) <= INLINE_COPY_BYTES:  # a thread hop costs more
+                    made: ShmSegment = self.shm.create(kept)
+                else:
+                    made = await asyncio.to_thread(self.shm.create, kept)
             except ShmError as exc:
                 self.shm_failures += 1
                 if self.on_error and self.shm_failures == 1:
@@ -134,7 +143,7 @@ class PeerServer:
             key=msg.key,
             rid=msg.rid,
             tensors=[protocol.TensorDesc(**m) for m in seg.meta],
-            shm=protocol.ShmRef(name=seg.name, size=seg.size, offsets=list(seg.offsets)),
+            shm=protocol.ShmRef(name=seg.ref, size=seg.size, offsets=list(seg.offsets)),
         )
         await self._send([ident, protocol.encode(head)])
 

@@ -11,12 +11,17 @@ code, so the tensors are bit-identical).
 Naming and lifetime (docs/runtime.md, "Same-node hand-off"):
 
 - ``trident-<node>-<index>-<pid>-<seq>``: the producing worker's node id, device index
-  and pid, then a counter (:func:`segment_prefix`). One segment per kept output.
-- The producer unlinks a segment when its kept output is released (the scheduler's
-  ``release``: the stage that consumed it finished, or the request ended), when it
-  forgets its outputs (re-registration), and all of its segments at a clean shutdown
-  (:meth:`ShmStore.close`). A consumer's mapping outlives the unlink: the kernel frees
-  the memory when the last mapping goes.
+  and pid, then a counter (:func:`segment_prefix`). A reply names ``<file>.<gen>``: the
+  file and its generation (also in the segment's header).
+- Recycling: when a kept output is released (the scheduler's ``release``: the stage
+  that consumed it finished, or the request ended) or forgotten (re-registration), its
+  segment goes back to the producer's bounded pool (:class:`ShmStore`, power-of-two
+  size classes, LRU-trimmed to :func:`pool_cap`) and is rewritten, already faulted in,
+  for a later output under a new generation. The consumer caches its read-only
+  mappings (:func:`attach`), so a recycled segment maps for free; a kept output that
+  aliases a mapping must be copied out first (:func:`detach`), as the bytes change
+  when the producer recycles. At a clean shutdown the producer unlinks all of its
+  segments, pooled ones included (:meth:`ShmStore.close`).
 - A worker that dies unlinks nothing; its node does, by the dead pid's prefix
   (:func:`unlink_segments`), and a node starting up removes any segment of its node id
   whose pid is gone (:func:`sweep_dead`, after a node crash).
@@ -32,6 +37,10 @@ import itertools
 import mmap
 import os
 import re
+import struct
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +58,16 @@ __all__ = [
     "attach",
     "cuda_ipc_export",
     "cuda_ipc_import",
+    "detach",
+    "drop_mappings",
+    "in_segment",
     "list_segments",
     "node_prefix",
+    "pool_cap",
     "segment_prefix",
     "shm_enabled",
+    "size_class",
+    "split_ref",
     "sweep_dead",
     "unlink_segments",
 ]
@@ -151,63 +166,134 @@ def sweep_dead(node_id: str, directory: Path | None = None) -> list[str]:
 
 # ---------------------------------------------------------------------- segments
 
+# Every segment starts with a header: magic, the generation it holds now, the bytes in
+# use. The tensors follow at ALIGN-aligned offsets.
+_MAGIC = b"TRIDSHM1"
+_HEADER = struct.Struct("<8sQQ")
+HEADER_BYTES = ALIGN
+MIN_CLASS = 1 << 16  # smallest pooled segment (64 KiB)
+POOL_MAX_BYTES = 2 << 30
+POOL_SHM_FRACTION = 0.25  # of /dev/shm's free space when the store starts
+
+
+def pool_cap(directory: Path | None = None) -> int:
+    """Bytes of released segments a worker keeps for reuse: ``TRIDENT_SHM_POOL_BYTES``,
+    else min(2 GiB, a quarter of the directory's free space); 0 turns reuse off."""
+    env = os.environ.get("TRIDENT_SHM_POOL_BYTES", "").strip()
+    if env:
+        return max(0, int(env))
+    try:
+        st = os.statvfs(directory or SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
+    return int(min(POOL_MAX_BYTES, free * POOL_SHM_FRACTION))
+
+
+def size_class(nbytes: int) -> int:
+    """The file size a segment holding ``nbytes`` gets: the next power of two (at least
+    :data:`MIN_CLASS`), so released segments fit later outputs of similar size."""
+    return max(MIN_CLASS, 1 << max(0, int(nbytes) - 1).bit_length())
+
 
 @dataclass(frozen=True)
 class ShmSegment:
     """A kept output copied into a segment: what a ``data`` reply says about it."""
 
-    name: str
-    size: int
+    name: str  # the file's name
+    size: int  # bytes in use (header + tensors); the file may be larger (its class)
     meta: list[dict[str, Any]]  # serial.pack_tensors' descriptions
     offsets: list[int]
+    gen: int = 0  # how many times the file was written, this one included
+
+    @property
+    def ref(self) -> str:
+        """The name a ``data`` reply carries: ``<file>.<gen>`` (ShmRef.name's pattern
+        allows the dot; the file's last field is digits only)."""
+        return f"{self.name}.{self.gen}"
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """(file name, generation) of a reply's segment name; generation None if absent."""
+    head, dash, last = ref.rpartition("-")
+    seq, dot, gen = last.partition(".")
+    if dash and dot and seq.isdigit() and gen.isdigit():
+        return f"{head}-{seq}", int(gen)
+    return ref, None
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _create(path: Path, tensors: Mapping[str, Any]) -> tuple[int, list[dict[str, Any]], list[int]]:
-    """Write ``tensors`` into a new segment at ``path``: (size, meta, offsets)."""
-    meta, frames = pack_tensors(tensors)
-    offsets, size = [], 0
+def _layout(frames: Sequence[Any]) -> tuple[int, list[int]]:
+    offsets, size = [], HEADER_BYTES
     for f in frames:
         offsets.append(size)
         size = _align(size + memoryview(f).nbytes)
-    size = max(size, ALIGN)  # mmap cannot map an empty file
+    return size, offsets
+
+
+@dataclass
+class _Slot:
+    """A segment file of ours, mapped writable (already faulted in) for reuse."""
+
+    name: str
+    capacity: int
+    mm: mmap.mmap
+    view: Any  # uint8 numpy view of mm
+    gen: int = 0
+
+
+def _new_slot(path: Path, capacity: int) -> _Slot:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         # Reserve the pages now: a full tmpfs fails here (ENOSPC) instead of raising
         # SIGBUS on the first write through the mapping.
-        os.posix_fallocate(fd, 0, size)
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) as mm:
-            dst = np.frombuffer(mm, dtype=np.uint8)
-            for off, f in zip(offsets, frames, strict=True):
-                src = np.frombuffer(f, dtype=np.uint8)
-                dst[off : off + src.nbytes] = src
-            del dst
+        os.posix_fallocate(fd, 0, capacity)
+        mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
     os.close(fd)
-    return size, meta, offsets
+    return _Slot(name=path.name, capacity=capacity, mm=mm, view=np.frombuffer(mm, np.uint8))
+
+
+def _close_slot(slot: _Slot, path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    slot.view = None
+    with contextlib.suppress(BufferError, ValueError):
+        slot.mm.close()
 
 
 class ShmStore:
-    """The producer's side: one segment per kept output, by key.
+    """The producer's side: one segment per kept output, by key, from a pool.
 
-    :meth:`create` does the copy (callable from a thread); :meth:`adopt`,
+    A released output's segment goes back to a free pool (LRU, at most :func:`pool_cap`
+    bytes) instead of being unlinked; the next output of its size class is written into
+    it (pages already faulted in, the fetchers' mappings cached) with the generation
+    bumped. :meth:`create` does the copy (callable from a thread); :meth:`adopt`,
     :meth:`release`, :meth:`clear` and :meth:`close` book-keep (the event loop's).
     """
 
-    def __init__(self, prefix: str, directory: Path | None = None) -> None:
+    def __init__(
+        self, prefix: str, directory: Path | None = None, *, pool_bytes: int | None = None
+    ) -> None:
         if not NAME_RE.match(prefix + "0"):
             raise ValueError(f"bad segment prefix {prefix!r}")
         self.prefix = prefix
         self.directory = directory or SHM_DIR
         self.segments: dict[str, ShmSegment] = {}
+        self.pool_bytes = pool_cap(self.directory) if pool_bytes is None else pool_bytes
+        self._slots: dict[str, _Slot] = {}  # every file of ours, in use or free
+        self._free: OrderedDict[str, _Slot] = OrderedDict()  # LRU first
+        self._free_bytes = 0
+        self._lock = threading.Lock()
         self._seq = itertools.count()
+        self.reused = 0  # outputs written into a recycled segment (bench, tests)
 
     def __contains__(self, key: object) -> bool:
         return key in self.segments
@@ -215,21 +301,56 @@ class ShmStore:
     def __len__(self) -> int:
         return len(self.segments)
 
+    @property
+    def free_bytes(self) -> int:
+        return self._free_bytes
+
+    def pooled(self) -> list[str]:
+        """Names of the free (released, kept for reuse) segments."""
+        with self._lock:
+            return list(self._free)
+
     def get(self, key: str) -> ShmSegment | None:
         return self.segments.get(key)
 
+    def _take(self, capacity: int) -> _Slot | None:
+        with self._lock:
+            for name in reversed(self._free):  # the most recently used: warmest
+                slot = self._free[name]
+                if slot.capacity == capacity:
+                    del self._free[name]
+                    self._free_bytes -= capacity
+                    return slot
+        return None
+
     def create(self, tensors: Mapping[str, Any]) -> ShmSegment:
-        """A new segment holding ``tensors`` (not yet kept under any key). Raises
-        ShmError when the segment cannot be made."""
-        name = f"{self.prefix}{next(self._seq)}"
-        try:
-            size, meta, offsets = _create(self.directory / name, tensors)
-        except OSError as exc:
-            raise ShmError(f"cannot create segment {name}: {exc}") from exc
-        return ShmSegment(name=name, size=size, meta=meta, offsets=offsets)
+        """A segment holding ``tensors`` (not yet kept under any key): a free one of its
+        size class, else a new one. Raises ShmError when the segment cannot be made."""
+        meta, frames = pack_tensors(tensors)
+        size, offsets = _layout(frames)
+        capacity = size_class(size)
+        slot = self._take(capacity)
+        if slot is None:
+            name = f"{self.prefix}{next(self._seq)}"
+            try:
+                slot = _new_slot(self.directory / name, capacity)
+            except OSError as exc:
+                raise ShmError(f"cannot create segment {name}: {exc}") from exc
+            with self._lock:
+                self._slots[name] = slot
+        else:
+            self.reused += 1
+        slot.gen += 1
+        dst = slot.view
+        for off, f in zip(offsets, frames, strict=True):
+            src = np.frombuffer(f, dtype=np.uint8)
+            dst[off : off + src.nbytes] = src
+        # The header last: a fetcher checks the generation it was told against it.
+        _HEADER.pack_into(slot.mm, 0, _MAGIC, slot.gen, size)
+        return ShmSegment(name=slot.name, size=size, meta=meta, offsets=offsets, gen=slot.gen)
 
     def adopt(self, key: str, seg: ShmSegment) -> ShmSegment:
-        """Keep ``seg`` under ``key``; if one is kept already, ``seg`` is unlinked and
+        """Keep ``seg`` under ``key``; if one is kept already, ``seg`` is discarded and
         the kept one returned."""
         kept = self.segments.get(key)
         if kept is not None:
@@ -243,11 +364,29 @@ class ShmStore:
         return self.segments.get(key) or self.adopt(key, self.create(tensors))
 
     def discard(self, seg: ShmSegment) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.directory / seg.name)
+        """A segment no output holds any more: back to the pool (its LRU end), or
+        unlinked when the pool would exceed its cap; then the pool is trimmed."""
+        gone: list[_Slot] = []
+        with self._lock:
+            slot = self._slots.get(seg.name)
+            if slot is None or seg.name in self._free:
+                return
+            if slot.capacity > self.pool_bytes:
+                del self._slots[seg.name]
+                gone.append(slot)
+            else:
+                self._free[seg.name] = slot
+                self._free_bytes += slot.capacity
+                while self._free_bytes > self.pool_bytes:
+                    _, old = self._free.popitem(last=False)
+                    self._free_bytes -= old.capacity
+                    del self._slots[old.name]
+                    gone.append(old)
+        for old in gone:
+            _close_slot(old, self.directory / old.name)
 
     def release(self, key: str) -> bool:
-        """Unlink the segment of ``key`` (its output was released); whether there was one."""
+        """Recycle the segment of ``key`` (its output was released); whether there was one."""
         seg = self.segments.pop(key, None)
         if seg is None:
             return False
@@ -259,8 +398,15 @@ class ShmStore:
             self.release(key)
 
     def close(self) -> None:
-        """Clean shutdown: unlink every segment of ours, also any not adopted."""
-        self.clear()
+        """Clean shutdown: unlink every segment of ours (kept, pooled, or never adopted)."""
+        self.segments.clear()
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+            self._free.clear()
+            self._free_bytes = 0
+        for slot in slots:
+            _close_slot(slot, self.directory / slot.name)
         unlink_segments(self.prefix, self.directory)
 
 
@@ -278,6 +424,99 @@ def _nbytes(desc: Any) -> int:
     return count * width
 
 
+# ---------------------------------------------------------------------- the consumer
+
+
+@dataclass
+class _Mapping:
+    path: Path
+    ino: tuple[int, int]  # (st_dev, st_ino): a name reused for another file misses
+    size: int
+    mm: mmap.mmap
+    view: memoryview
+
+
+MAP_CACHE_ENTRIES = 64
+_cache: OrderedDict[str, _Mapping] = OrderedDict()  # by path, LRU first
+_cache_bytes = 0
+# Every live read-only mapping of a segment this process made (cached or evicted), by
+# start address: (end, the mmap, weakly). Tensors whose memory lies in one of them alias
+# a producer's segment that may be rewritten after its release (:func:`detach`).
+_regions: dict[int, tuple[int, weakref.ref[mmap.mmap]]] = {}
+_cache_lock = threading.Lock()
+
+
+def _map_cap() -> int:
+    env = os.environ.get("TRIDENT_SHM_MAP_CACHE_BYTES", "").strip()
+    return max(0, int(env)) if env else POOL_MAX_BYTES
+
+
+def _evict(path: str) -> None:
+    global _cache_bytes
+    m = _cache.pop(path, None)
+    if m is not None:
+        _cache_bytes -= m.size  # the mapping itself lives while tensors use it
+
+
+def _map(path: Path, name: str, size: int) -> _Mapping:
+    """A read-only mapping of the segment file at ``path`` (whole file), cached: the
+    same file (device + inode) is mapped once, so a recycled segment costs no page
+    faults. Stale entries (file gone or replaced) are dropped on every call."""
+    global _cache_bytes
+    key = str(path)
+    with _cache_lock:
+        for k in list(_cache):
+            m = _cache[k]
+            try:
+                st = os.stat(m.path, follow_symlinks=False)
+                alive = (st.st_dev, st.st_ino) == m.ino
+            except OSError:
+                alive = False
+            if not alive:
+                _evict(k)
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            if size > hit.size:
+                raise ShmError(f"segment {name}: {size} bytes announced, {hit.size} present")
+            return hit
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ShmError(f"cannot open segment {name}: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if size <= 0 or size > st.st_size:
+            raise ShmError(f"segment {name}: {size} bytes announced, {st.st_size} present")
+        mm = mmap.mmap(
+            fd, st.st_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
+        )
+    except OSError as exc:
+        raise ShmError(f"cannot map segment {name}: {exc}") from exc
+    finally:
+        os.close(fd)
+    m = _Mapping(path, (st.st_dev, st.st_ino), st.st_size, mm, memoryview(mm))
+    start = int(np.frombuffer(mm, np.uint8).ctypes.data)
+    with _cache_lock:
+        for s in [s for s, (_, ref) in _regions.items() if ref() is None]:
+            del _regions[s]
+        _regions[start] = (start + m.size, weakref.ref(mm))
+        cap = _map_cap()
+        if m.size <= cap:
+            _cache[key] = m
+            _cache_bytes += m.size
+            while _cache_bytes > cap or len(_cache) > MAP_CACHE_ENTRIES:
+                _evict(next(iter(_cache)))
+    return m
+
+
+def drop_mappings() -> None:
+    """Forget every cached mapping (tests; the mappings live while tensors use them)."""
+    with _cache_lock:
+        for k in list(_cache):
+            _evict(k)
+
+
 def attach(
     name: str,
     size: int,
@@ -287,38 +526,74 @@ def attach(
     directory: Path | None = None,
     as_torch: bool | None = None,
 ) -> dict[str, Any]:
-    """The consumer's side: map segment ``name`` read-only and rebuild its tensors over
-    the mapping (no copy; read-only, like tensors rebuilt over received frames). The
-    mapping lives as long as the tensors do. Raises ShmError."""
+    """The consumer's side: map segment ``name`` (``<file>.<gen>`` as
+    :attr:`ShmSegment.ref` gives, or a plain file name) read-only and rebuild its
+    tensors over the mapping (no copy; read-only, like tensors rebuilt over received
+    frames). The mapping is cached and lives as long as the tensors do; the generation,
+    when given, must match the segment's header (else it was recycled). The tensors may
+    be overwritten once the producer's output is released: whoever keeps them past the
+    task passes them through :func:`detach`. Raises ShmError."""
     if not NAME_RE.match(name):
         raise ShmError(f"bad segment name {name!r}")
     if len(offsets) != len(meta):
         raise ShmError(f"{len(meta)} tensors described, {len(offsets)} offsets")
-    path = (directory or SHM_DIR) / name
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ShmError(f"cannot open segment {name}: {exc}") from exc
-    try:
-        actual = os.fstat(fd).st_size
-        if size <= 0 or size > actual:
-            raise ShmError(f"segment {name}: {size} bytes announced, {actual} present")
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-    except OSError as exc:
-        raise ShmError(f"cannot map segment {name}: {exc}") from exc
-    finally:
-        os.close(fd)
-    view = memoryview(mm)
+    file, gen = split_ref(name)
+    m = _map((directory or SHM_DIR) / file, name, size)
+    if gen is not None:
+        try:
+            magic, have, _ = _HEADER.unpack_from(m.mm, 0)
+        except struct.error as exc:
+            raise ShmError(f"segment {name}: no header") from exc
+        if magic != _MAGIC or have != gen:
+            raise ShmError(f"segment {name}: holds generation {have}, not {gen} (recycled)")
     frames = []
     for desc, off in zip(meta, offsets, strict=True):
         n = _nbytes(desc)
         if off < 0 or off + n > size:
             raise ShmError(f"segment {name}: tensor at {off}+{n} outside {size} bytes")
-        frames.append(view[off : off + n])
+        frames.append(m.view[off : off + n])
     try:
         return unpack_tensors(meta, frames, as_torch=as_torch)
     except Exception as exc:
         raise ShmError(f"segment {name}: {exc}") from exc
+
+
+def _low_address(value: Any) -> int | None:
+    """Where a tensor's memory starts (torch: its storage; numpy: its lowest byte)."""
+    if isinstance(value, np.ndarray):
+        if value.size == 0:
+            return None
+        low, _ = np.lib.array_utils.byte_bounds(value)
+        return int(low)
+    storage = getattr(value, "untyped_storage", None)
+    if storage is None or getattr(getattr(value, "device", None), "type", "cpu") != "cpu":
+        return None
+    st = storage()
+    return int(st.data_ptr()) if st.nbytes() else None
+
+
+def in_segment(value: Any) -> bool:
+    """Whether ``value``'s memory lies inside a segment mapping of this process."""
+    addr = _low_address(value)
+    if addr is None:
+        return False
+    with _cache_lock:
+        regions = list(_regions.items())
+    return any(start <= addr < end and ref() is not None for start, (end, ref) in regions)
+
+
+def detach(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` with every tensor that aliases a producer's segment copied out, so
+    it survives the producer recycling the segment (a kept output that passes an input
+    through; docs/runtime.md). The others are returned as they are (no copy)."""
+    if not _regions:
+        return dict(tensors)
+    out: dict[str, Any] = {}
+    for k, v in tensors.items():
+        if in_segment(v):
+            v = v.copy() if isinstance(v, np.ndarray) else v.clone()
+        out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------- CUDA IPC

@@ -71,7 +71,7 @@ from trident.runtime.encode import DEFAULT_FPS, OUTPUT_TYPES, encode_output
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.serial import pack_tensors
-from trident.runtime.shm import ShmStore, segment_prefix, shm_enabled
+from trident.runtime.shm import ShmStore, detach, segment_prefix, shm_enabled
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
@@ -188,8 +188,8 @@ class Worker:
         self.peers: PeerClient | None = None
         self.peer_addr = ""
         self.outputs: dict[str, dict[str, Any]] = {}  # kept stage outputs by task id
-        # Their same-node shared-memory copies (made on a same-node fetch, unlinked
-        # with the output; trident/runtime/shm.py); None: TRIDENT_SHM=0.
+        # Their same-node shared-memory copies (made on a same-node fetch, recycled
+        # into a bounded pool with the output; trident/runtime/shm.py); None: TRIDENT_SHM=0.
         self.shm: ShmStore | None = None
         self.queue: deque[_Task] = deque()
         self.queue_event = asyncio.Event()
@@ -363,7 +363,7 @@ class Worker:
         if self.server is not None:
             self.server.close()
         if self.shm is not None:
-            self.shm.close()  # a clean exit unlinks our segments (the node: a dead one's)
+            self.shm.close()  # a clean exit unlinks our segments, pooled ones too (the node: a dead one's)
         if self.executor is not None:
             self.executor.close()
         self.ctl.close(0)
@@ -838,7 +838,9 @@ class Worker:
         if final:
             await self._send(report, frames)
         else:
-            self.outputs[task_id] = result.outputs
+            # Kept past the task: a tensor aliasing a producer's shm segment (an input
+            # passed through) is copied out, as the producer recycles it at release.
+            self.outputs[task_id] = detach(result.outputs)
             await self._send(report)
         return True
 
