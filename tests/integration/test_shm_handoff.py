@@ -23,7 +23,7 @@ from trident.runtime.shm import SHM_DIR, list_segments, node_prefix, pool_cap
 
 from .conftest import read_log
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 REQUEST: dict[str, Any] = dict(
     prompt="a tiny flux test", height=32, width=32, num_inference_steps=2, seed=5

@@ -13,7 +13,7 @@ import pytest
 from trident.pipelines.profile import validate_profile
 from trident.sched.cost import ReferenceCostModel, read_profile
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "run.py"
 FAMILIES = ("sd3", "flux", "cogvideox", "wan", "hunyuanvideo")
