@@ -996,22 +996,27 @@ class TorchExecutor(Executor):
         current: list[Mapping[str, Any] | None] = list(inputs)
         stage_seconds: dict[str, float] = {}
         self.meter.reset()  # the call's peak, on every member (_stamp_memory)
+
+        def singly(si: int) -> list[Any]:
+            """The rest of the stages, from ``stages[si]``, member by member."""
+            return _stamp_memory(
+                self.meter,
+                self._finish_singly(
+                    pipe,
+                    stages[si:],
+                    current,
+                    params,
+                    options,
+                    stage_seconds,
+                    load_seconds,
+                    loaded,
+                    cancel,
+                ),
+            )
+
         for si, stage in enumerate(stages):
             if batched is None:
-                return _stamp_memory(
-                    self.meter,
-                    self._finish_singly(
-                        pipe,
-                        stages[si:],
-                        current,
-                        params,
-                        options,
-                        stage_seconds,
-                        load_seconds,
-                        loaded,
-                        cancel,
-                    ),
-                )
+                return singly(si)
             if _cancelled(cancel):
                 raise TaskCancelled(
                     f"cancelled before {stage}",
@@ -1041,20 +1046,7 @@ class TorchExecutor(Executor):
                 # go on one by one.
                 if self.kind == "cuda":
                     torch.cuda.empty_cache()
-                return _stamp_memory(
-                    self.meter,
-                    self._finish_singly(
-                        pipe,
-                        stages[si:],
-                        current,
-                        params,
-                        options,
-                        stage_seconds,
-                        load_seconds,
-                        loaded,
-                        cancel,
-                    ),
-                )
+                return singly(si)
             stage_seconds[stage] = time.perf_counter() - t0
             current = list(outs)
         return _stamp_memory(
