@@ -336,6 +336,8 @@ class PlacedPolicy(SchedulerCore):
                     extra = False
                     if cost.stage_peak_bytes(fam, s, it.shape, 1) <= stage_free(it.model, s):
                         continue
+                if extra and self.extra_home_protected(now) - {it.model}:
+                    continue  # other models' traffic needs their devices
                 if self._home(it.model, s, it.shape, ks, views, out, new_only=extra):
                     changed = True
                     views[:] = self.device_views(now)
@@ -367,6 +369,13 @@ class PlacedPolicy(SchedulerCore):
                     )
             items[:] = [i for i in items if i.request_id in self.waiting]
         return changed
+
+    def extra_home_protected(self, now: float) -> frozenset[str]:
+        """Models with traffic of their own: while any model other than the backlogged
+        one is among them, :meth:`ensure_homes` adds no *further* homes (only first
+        ones). None here; :class:`TridentPolicy` names every model with recent
+        arrivals."""
+        return frozenset()
 
     def _home(
         self,

@@ -107,8 +107,12 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     ``4 * max_per_round`` of them, in deadline order, meet the victims."""
     if not cfg.enabled or not policy.waiting:
         return []
-    free = min((d.busy_until for d in policy.devices.values() if d.up), default=now)
-    start = max(now, free)
+    free_any = min((d.busy_until for d in policy.devices.values() if d.up), default=now)
+    # When a request could start without a pause: its model's earliest-free diffuse
+    # home (any device's only if it has none: it must load somewhere anyway). A free
+    # device of another model does not serve it (four pipelines: sd3's 2 s deadlines
+    # passed while flux devices idled, and nothing was paused).
+    free_of: dict[str, float] = {}
     urgent: list[tuple[float, RequestState, float]] = []
     for r in policy.waiting.values():
         if (
@@ -119,6 +123,15 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
             or r.pending_stages[0] not in ("encode", "diffuse")
         ):
             continue
+        m = r.spec.model
+        if m not in free_of:
+            homes = [
+                policy.devices[d].busy_until
+                for d in policy.graph.devices_holding(m, "diffuse")
+                if d in policy.devices and policy.devices[d].up
+            ]
+            free_of[m] = min(homes, default=free_any)
+        start = max(now, free_of[m])
         alone = _alone_seconds(policy, r)
         if start + alone <= r.deadline or now + alone > r.deadline:
             continue  # on time without a pause, or late even with the cluster to itself

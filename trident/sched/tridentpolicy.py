@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -85,6 +86,9 @@ class TridentConfig:
     # Work conservation: an idle device holding nothing any waiting request can use is
     # re-homed to a waiting request's model when that request would otherwise wait
     # longer than this (and than twice the load) for a device of its own.
+    # Adjust on dispatch may give a backlogged shape that few groups fit further groups,
+    # up to this share of the devices per degree (PlacedPolicy.ensure_homes).
+    extra_home_share: float = 0.125
     rehome_idle: bool = True
     rehome_min_wait_s: float = 10.0
     # ... and only a device idle this long (a device between two bursts of its own
@@ -156,6 +160,7 @@ class TridentPolicy(PlacedPolicy):
         self.tconfig = copy.deepcopy(config) if config is not None else TridentConfig()
         c = self.tconfig
         super().__init__(models, cost, c.core)
+        self.extra_home_share = c.extra_home_share
         self.dispatcher = Dispatcher(cost, c.dispatch)
         self.monitor = Monitor(**dataclasses.asdict(c.monitor))
         self.trigger = ReplanTrigger(c.trigger)
@@ -493,6 +498,17 @@ class TridentPolicy(PlacedPolicy):
             )
         return out
 
+    def extra_home_protected(self, now: float) -> frozenset[str]:
+        """Every model with arrivals in the monitor's window. With several models
+        sharing the cluster, further homes for one model's backlog (adjust on
+        dispatch) are off: on four pipelines on 128 devices they put hunyuanvideo on
+        sd3's devices for minutes while sd3's 2-5 s deadlines passed, and re-made
+        cogvideox ⟨D⟩ groups after every re-plan (SLO 0.777 with them, 0.872 without,
+        bench/sim.md "Four pipelines"). Moving capacity between models is the
+        orchestrator's job, idle devices are :meth:`_rehome_idle`'s. A single model's
+        backlog (hunyuanvideo 720x1280x129, few groups fit) still gets them."""
+        return frozenset(m for m, rate in self.monitor.rates(now).items() if rate > 0)
+
     def _rehome_idle(
         self, items: list[QueueItem], views: list[DeviceView], now: float, out: list[Command]
     ) -> bool:
@@ -557,13 +573,18 @@ class TridentPolicy(PlacedPolicy):
         # A model's last diffuse home is kept too: the plan reserved it (a rare, long
         # model's only group), and taking it makes the next request of that model wait
         # for a load somewhere else (the step trace's phase 1 lost 1.3-2.9 points).
+        # More generally, a model keeps as many diffuse homes as its own windowed
+        # traffic needs (``_diffuse_reserve``): sd3's devices sit idle between its
+        # short requests, and re-homing them to video left its 2 s deadlines queueing
+        # (four pipelines: 68 of 149 sd3 256x256 late).
         dif_homes = {m: len(fs) for (m, s), fs in homes.items() if s == "diffuse"}
+        reserve = self._diffuse_reserve(now)
         kept = {
             v.device_id: {
                 m
                 for m, held in v.holds.items()
                 for s in held
-                if keeps(m, s) or (s == "diffuse" and dif_homes.get(m, 0) <= 1)
+                if keeps(m, s) or (s == "diffuse" and dif_homes.get(m, 0) <= reserve.get(m, 1))
             }
             for v in idle
         }
@@ -626,7 +647,7 @@ class TridentPolicy(PlacedPolicy):
                 for m, ev in evict:
                     if ev == "diffuse" and m in dif_homes:
                         dif_homes[m] -= 1
-                        if dif_homes[m] <= 1:  # its last home now: no longer offered
+                        if dif_homes[m] <= reserve.get(m, 1):  # its reserve: not offered
                             for o in idle:
                                 if "diffuse" in o.holds.get(m, frozenset()):
                                     kept[o.device_id].add(m)
@@ -637,6 +658,28 @@ class TridentPolicy(PlacedPolicy):
                     homes[it.model, s].sort()
                 changed = True
         return changed
+
+    def _diffuse_reserve(self, now: float) -> dict[str, int]:
+        """Per model with windowed demand: the diffuse homes its own traffic needs —
+        its diffuse device-seconds per second over ``rho_max`` (the utilisation a 2.5x
+        SLO tolerates), plus one, at least 1, for a model still arriving. Re-homing
+        never takes a model below it (below one diffuse home for the rest)."""
+        rho = min(1.0, max(1e-3, self.tconfig.placement.rho_max))
+        demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
+        rates = self.monitor.rates(now)
+        last: dict[str, float] = {}
+        for t, m, _ in self.monitor.arrivals:
+            last[m] = t
+        out: dict[str, int] = {}
+        for m, st in demand.items():
+            work = st.get("diffuse", 0.0)
+            rate = rates.get(m, 0.0)
+            # A model whose arrivals stopped (no arrival for three of its mean gaps) is
+            # not reserved for: its window still counts the traffic that has ended.
+            if work <= 0 or rate <= 0 or now - last.get(m, -math.inf) > 3.0 / rate:
+                continue
+            out[m] = max(1, math.ceil(work / rho) + 1)
+        return out
 
     def _rehome_options(
         self,
