@@ -101,3 +101,24 @@ def test_no_request_is_preempted_more_than_the_bound_and_none_is_lost(seed: int)
     assert max(paused.values(), default=0) <= bound.max_preemptions
     assert res.stats.get("yields", 0) <= len(pre)
     assert not res.stats.get("stuck_tasks")
+
+
+def test_an_idle_device_of_another_model_does_not_stop_a_preemption() -> None:
+    # The same clips on three devices, one of which holds flux and idles after its one
+    # image. The short clip's own model has no free device: it must still pause a long
+    # clip (urgency is judged by the model's own homes, not by any free device).
+    trace = [
+        TraceRequest(0.0, "flux", 512, 512, 1, 28),
+        TraceRequest(0.5, "wan", 480, 832, 81, 50),
+        TraceRequest(1.0, "wan", 480, 832, 81, 50),
+        TraceRequest(30.0, "wan", 480, 832, 9, 10),
+    ]
+    np_res, np_pre = _run("trident-np", trace, devices=3, models=("wan", "flux"))
+    res, pre = _run("trident", trace, devices=3, models=("wan", "flux"))
+    short_np = max(np_res.records, key=lambda r: r.arrival)
+    short = max(res.records, key=lambda r: r.arrival)
+    assert all(r.status == "completed" for r in (*res.records, *np_res.records))
+    assert np_pre == [] and not short_np.met_slo
+    assert [p["request_id"] for p in pre] == [short.request_id]
+    assert short.met_slo
+    assert short.finish < short_np.finish - 1000.0
