@@ -63,7 +63,7 @@ OLD_TRIDENT_DEFAULTS: dict[str, Any] = {
     "move_penalty": 0.05,
     "move_horizon_s": 300.0,
     "load_weight": 1.0,
-    "window_s": 60.0,
+    "window_s": 180.0,  # 60 s until session 7 (four pipelines, bench/sim.md)
     "min_model_arrivals": 8,
     "max_window_s": 300.0,
     "imbalance": 1.5,

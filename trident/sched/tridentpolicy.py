@@ -75,7 +75,10 @@ class TridentConfig:
     )
     batching: BatchConfig = field(default_factory=BatchConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # 180 s, not MonitorConfig's 60 s: on four pipelines sharing 128 devices a 60 s
+    # window holds ~8 cogvideox and ~10 hunyuanvideo arrivals, and the plan swung by
+    # dozens of devices every 30 s (SLO 0.873 -> 0.919 with 180 s; bench/sim.md).
+    monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(window_s=180.0))
     # predicted completion pays load_seconds(source) for weights not yet loaded
     load_cost: bool = True
     replan_interval_s: float = 5.0  # trigger check period
