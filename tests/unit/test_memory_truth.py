@@ -8,6 +8,7 @@ No GPU here: ``torch.cuda`` is faked where the code reads it; torch's real
 from __future__ import annotations
 
 import gc
+import mmap
 import weakref
 from types import SimpleNamespace
 from typing import Any
@@ -139,9 +140,12 @@ def test_rss_meter_sees_a_peak_and_resets_it() -> None:
     start = meter.reset()
     if start is None:
         pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
-    block = bytearray(64 << 20)  # touched: 64 MiB resident
-    block[::4096] = b"x" * len(block[::4096])
-    del block
+    # An anonymous mapping, touched (64 MiB resident) and unmapped: unlike a freed
+    # bytearray, which malloc may keep, the pages surely leave the process.
+    block = mmap.mmap(-1, 64 << 20)
+    for off in range(0, 64 << 20, 4096):
+        block[off] = 1
+    block.close()
     peak = meter.peak()
     assert peak is not None and peak >= start + (60 << 20)
     again = meter.reset()

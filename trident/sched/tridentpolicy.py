@@ -174,6 +174,9 @@ class TridentPolicy(PlacedPolicy):
         self.batching: BatchConfig = c.batching
         self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
         self._idle_since: dict[str, float] = {}  # device id -> first seen idle (re-homing)
+        # Per-round figures from the monitor, cached by _monitor_key.
+        self._reserve_cache: tuple[tuple[int, float, int], dict[str, int]] | None = None
+        self._protected_cache: tuple[tuple[int, float, int], frozenset[str]] | None = None
 
     # ------------------------------------------------------------------ load cost
 
@@ -510,7 +513,19 @@ class TridentPolicy(PlacedPolicy):
         bench/sim.md "Four pipelines"). Moving capacity between models is the
         orchestrator's job, idle devices are :meth:`_rehome_idle`'s. A single model's
         backlog (hunyuanvideo 720x1280x129, few groups fit) still gets them."""
-        return frozenset(m for m, rate in self.monitor.rates(now).items() if rate > 0)
+        key = self._monitor_key(now)
+        if self._protected_cache is None or self._protected_cache[0] != key:
+            rates = self.monitor.rates(now)
+            self._protected_cache = (key, frozenset(m for m, r in rates.items() if r > 0))
+        return self._protected_cache[1]
+
+    def _monitor_key(self, now: float) -> tuple[int, float, int]:
+        """What the monitor-derived per-round figures (reserve, protected models)
+        depend on: the arrivals it holds and the time, in 5 s steps (they trim and
+        age slowly). Recomputing them every round was 38% of the policy's time on four
+        pipelines with a 180 s window."""
+        arr = self.monitor.arrivals
+        return (len(arr), arr[-1][0] if arr else -1.0, int(now // 5.0))
 
     def _rehome_idle(
         self, items: list[QueueItem], views: list[DeviceView], now: float, out: list[Command]
@@ -667,6 +682,9 @@ class TridentPolicy(PlacedPolicy):
         its diffuse device-seconds per second over ``rho_max`` (the utilisation a 2.5x
         SLO tolerates), plus one, at least 1, for a model still arriving. Re-homing
         never takes a model below it (below one diffuse home for the rest)."""
+        key = self._monitor_key(now)
+        if self._reserve_cache is not None and self._reserve_cache[0] == key:
+            return self._reserve_cache[1]
         rho = min(1.0, max(1e-3, self.tconfig.placement.rho_max))
         demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
         rates = self.monitor.rates(now)
@@ -682,6 +700,7 @@ class TridentPolicy(PlacedPolicy):
             if work <= 0 or rate <= 0 or now - last.get(m, -math.inf) > 3.0 / rate:
                 continue
             out[m] = max(1, math.ceil(work / rho) + 1)
+        self._reserve_cache = (key, out)
         return out
 
     def _rehome_options(
