@@ -86,12 +86,12 @@ class TridentConfig:
     # trident-static: plan once, this long after the first arrival (None: window_s)
     static_plan_after_s: float | None = None
     log_empty_rounds: bool = False  # log dispatch.solved for rounds with nothing to solve
+    # Adjust on dispatch may give a backlogged shape that few groups fit further groups,
+    # up to this share of the devices per degree (PlacedPolicy.ensure_homes).
+    extra_home_share: float = PlacedPolicy.extra_home_share
     # Work conservation: an idle device holding nothing any waiting request can use is
     # re-homed to a waiting request's model when that request would otherwise wait
     # longer than this (and than twice the load) for a device of its own.
-    # Adjust on dispatch may give a backlogged shape that few groups fit further groups,
-    # up to this share of the devices per degree (PlacedPolicy.ensure_homes).
-    extra_home_share: float = 0.125
     rehome_idle: bool = True
     rehome_min_wait_s: float = 10.0
     # ... and only a device idle this long (a device between two bursts of its own
@@ -174,9 +174,9 @@ class TridentPolicy(PlacedPolicy):
         self.batching: BatchConfig = c.batching
         self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
         self._idle_since: dict[str, float] = {}  # device id -> first seen idle (re-homing)
-        # Per-round figures from the monitor, cached by _monitor_key.
-        self._reserve_cache: tuple[tuple[int, float, int], dict[str, int]] | None = None
-        self._protected_cache: tuple[tuple[int, float, int], frozenset[str]] | None = None
+        # (key, reserve, protected models): _monitor_figures' cache.
+        self._figures: tuple[tuple[int, float, int], dict[str, int], frozenset[str]] | None
+        self._figures = None
 
     # ------------------------------------------------------------------ load cost
 
@@ -513,19 +513,37 @@ class TridentPolicy(PlacedPolicy):
         bench/sim.md "Four pipelines"). Moving capacity between models is the
         orchestrator's job, idle devices are :meth:`_rehome_idle`'s. A single model's
         backlog (hunyuanvideo 720x1280x129, few groups fit) still gets them."""
-        key = self._monitor_key(now)
-        if self._protected_cache is None or self._protected_cache[0] != key:
-            rates = self.monitor.rates(now)
-            self._protected_cache = (key, frozenset(m for m, r in rates.items() if r > 0))
-        return self._protected_cache[1]
+        return self._monitor_figures(now)[1]
 
-    def _monitor_key(self, now: float) -> tuple[int, float, int]:
-        """What the monitor-derived per-round figures (reserve, protected models)
-        depend on: the arrivals it holds and the time, in 5 s steps (they trim and
-        age slowly). Recomputing them every round was 38% of the policy's time on four
-        pipelines with a 180 s window."""
+    def _monitor_figures(self, now: float) -> tuple[dict[str, int], frozenset[str]]:
+        """The per-round figures taken from the monitor: each arriving model's diffuse
+        reserve (:meth:`_diffuse_reserve`) and the models with arrivals
+        (:meth:`extra_home_protected`). Cached by what they depend on: the arrivals
+        the monitor holds and the time, in 5 s steps (they trim and age slowly).
+        Recomputing them every round was 38% of the policy's time on four pipelines
+        with a 180 s window."""
         arr = self.monitor.arrivals
-        return (len(arr), arr[-1][0] if arr else -1.0, int(now // 5.0))
+        key = (len(arr), arr[-1][0] if arr else -1.0, int(now // 5.0))
+        if self._figures is not None and self._figures[0] == key:
+            return self._figures[1], self._figures[2]
+        rho = min(1.0, max(1e-3, self.tconfig.placement.rho_max))
+        demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
+        rates = self.monitor.rates(now)
+        last: dict[str, float] = {}
+        for t, m, _ in arr:
+            last[m] = t
+        reserve: dict[str, int] = {}
+        for m, st in demand.items():
+            work = st.get("diffuse", 0.0)
+            rate = rates.get(m, 0.0)
+            # A model whose arrivals stopped (no arrival for three of its mean gaps) is
+            # not reserved for: its window still counts the traffic that has ended.
+            if work <= 0 or rate <= 0 or now - last.get(m, -math.inf) > 3.0 / rate:
+                continue
+            reserve[m] = max(1, math.ceil(work / rho) + 1)
+        protected = frozenset(m for m, r in rates.items() if r > 0)
+        self._figures = (key, reserve, protected)
+        return reserve, protected
 
     def _rehome_idle(
         self, items: list[QueueItem], views: list[DeviceView], now: float, out: list[Command]
@@ -682,26 +700,7 @@ class TridentPolicy(PlacedPolicy):
         its diffuse device-seconds per second over ``rho_max`` (the utilisation a 2.5x
         SLO tolerates), plus one, at least 1, for a model still arriving. Re-homing
         never takes a model below it (below one diffuse home for the rest)."""
-        key = self._monitor_key(now)
-        if self._reserve_cache is not None and self._reserve_cache[0] == key:
-            return self._reserve_cache[1]
-        rho = min(1.0, max(1e-3, self.tconfig.placement.rho_max))
-        demand = self.monitor.demand(self.cost, self.models, now, self.config.efficiency)
-        rates = self.monitor.rates(now)
-        last: dict[str, float] = {}
-        for t, m, _ in self.monitor.arrivals:
-            last[m] = t
-        out: dict[str, int] = {}
-        for m, st in demand.items():
-            work = st.get("diffuse", 0.0)
-            rate = rates.get(m, 0.0)
-            # A model whose arrivals stopped (no arrival for three of its mean gaps) is
-            # not reserved for: its window still counts the traffic that has ended.
-            if work <= 0 or rate <= 0 or now - last.get(m, -math.inf) > 3.0 / rate:
-                continue
-            out[m] = max(1, math.ceil(work / rho) + 1)
-        self._reserve_cache = (key, out)
-        return out
+        return self._monitor_figures(now)[0]
 
     def _rehome_options(
         self,
