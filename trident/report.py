@@ -126,6 +126,9 @@ class LogSummary:
     memory: dict[str, list[tuple[int | None, int | None]]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    # Weight-load seconds by where they came from (``stage.loaded``'s source: "peer",
+    # "node-cache", "disk"; docs/runtime.md "Peer weight copies").
+    loads: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     @property
     def requests(self) -> int:
@@ -163,6 +166,19 @@ class LogSummary:
             "mean_stage_s": {k: v / n for k, v in self.stage_totals.items()},
             "timeline_events": dict(self.event_counts),
             "memory": self.memory_summary(),
+            "loads": self.load_summary(),
+        }
+
+    def load_summary(self) -> dict[str, dict[str, Any]]:
+        """Per load source: loads, total and mean seconds."""
+        return {
+            src: {
+                "loads": len(xs),
+                "total_s": round(sum(xs), 4),
+                "mean_s": round(sum(xs) / len(xs), 4),
+            }
+            for src, xs in sorted(self.loads.items())
+            if xs
         }
 
     def memory_summary(self) -> dict[str, dict[str, Any]]:
@@ -402,6 +418,12 @@ def summarize(path: str | Path) -> LogSummary:
                 mark(ts, nd, "node_lost", f"node {node} lost")
                 if nd is not None:
                     close_tasks_on(nd, ts)
+        elif ev == "stage.loaded":
+            # The scheduler logs every load it hears of; the worker's own line (same
+            # load, in a shared log) is not counted twice.
+            secs = e.get("seconds")
+            if e.get("component") != "worker" and isinstance(secs, int | float):
+                s.loads[str(e.get("source") or "?")].append(float(secs))
         elif ev == "task.memory":
             measured = e.get("measured_stage_peak_bytes") or {}
             for stage, planned in (e.get("planned_stage_peak_bytes") or {}).items():
@@ -593,6 +615,13 @@ def main(argv: list[str] | None = None) -> int:
             f"memory {key}: {m['tasks']} tasks, peak measured "
             f"{_gib(m['max_measured_peak_bytes'])} / planned {_gib(m['max_planned_peak_bytes'])}"
             + (f" ({ratio:.2f}x)" if ratio is not None else "")
+        )
+    if d["loads"]:
+        print(
+            "weight loads: "
+            + ", ".join(
+                f"{src} {m['loads']} (mean {m['mean_s']:.3f}s)" for src, m in d["loads"].items()
+            )
         )
     if s.event_counts:
         print(

@@ -30,6 +30,12 @@ REQUEST: dict[str, Any] = dict(
 )
 
 
+def _output_segments(node_id: str) -> list[str]:
+    """The node's stage-output segments (not its stage weight files, ``...-w<digest>``:
+    tests/integration/test_peer_weights.py)."""
+    return [n for n in list_segments(node_prefix(node_id)) if n.rsplit("-", 1)[1][0] != "w"]
+
+
 def _wait_no_segments(node_id: str, timeout: float = 10.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
@@ -65,7 +71,7 @@ def _run_tiny(
         # each later request rather than made anew: at most one per producer remains,
         # within the pool cap, however many requests ran.
         time.sleep(0.5)
-        left = list_segments(node_prefix(node_id))
+        left = _output_segments(node_id)
         assert len(left) <= 2, left
         assert sum((SHM_DIR / n).stat().st_size for n in left) <= 2 * pool_cap(), left
     # The workers stopped cleanly: they unlinked their pools.

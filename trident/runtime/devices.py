@@ -46,12 +46,16 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trident.errors import ConfigError
+from trident.log import get_logger
 from trident.sched.types import DTYPE_BYTES, Shape
+
+if TYPE_CHECKING:
+    from trident.runtime.peerweights import PeerWeights
 
 __all__ = [
     "CudaMeter",
@@ -798,11 +802,20 @@ class TorchExecutor(Executor):
     """Runs the real diffusers stages of ``trident.pipelines`` on a CPU or CUDA device."""
 
     def __init__(
-        self, models: Mapping[str, Mapping[str, Any]], device: str, threads: int | None = None
+        self,
+        models: Mapping[str, Mapping[str, Any]],
+        device: str,
+        threads: int | None = None,
+        peers: PeerWeights | None = None,
     ) -> None:
         import torch
 
         self.kind = "cuda" if device.startswith("cuda") else "cpu"
+        # Same-node weight sharing (trident.runtime.peerweights); None: every load reads
+        # the model directory.
+        self.peers = peers
+        self._publisher: Any = None  # one background thread writing shared copies
+        self._publishing: list[Any] = []  # their futures, until flushed
         if threads:
             torch.set_num_threads(threads)
         self.device = device
@@ -837,20 +850,113 @@ class TorchExecutor(Executor):
         return getattr(torch, name)
 
     def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
+        """Make ``stage`` resident. ``source`` "peer": from the node's shared copy of a
+        device that holds it (:mod:`trident.runtime.peerweights`), falling back to the
+        model directory if no live peer published one (then reported "node-cache").
+        From the directory, the weights come from the OS page cache once any device of
+        this node read them; the first such load publishes them for the node's peers."""
         pipe = self._pipe(model)
         if stage in pipe.loaded():
             return 0.0, "resident"
-        # Weights are read from the model directory; once any device of this node has
-        # read them they come from the OS page cache (the node's shared CPU copy).
-        # A GPU-to-GPU copy from a peer is the upgrade path; until then "peer" reads
-        # the node copy too.
+        key = self._key(model, stage)
+        t0 = time.perf_counter()
+        if source == "peer" and self.peers is not None:
+            secs = self._load_from_peer(pipe, key)
+            if secs is not None:
+                return secs, "peer"
         used = "node-cache" if source in ("peer", "node-cache") else "disk"
-        return float(pipe.load(stage)), used
+        pipe.load(stage)
+        secs = time.perf_counter() - t0
+        self._publish(pipe, key)
+        return secs, used
+
+    def _key(self, model: str, stage: str) -> Any:
+        from trident.runtime.peerweights import WeightKey
+
+        return WeightKey(model, stage, str(self.dtype(model)).removeprefix("torch."))
+
+    def _load_from_peer(self, pipe: Any, key: Any) -> float | None:
+        from trident.pipelines.weights import WeightsError
+
+        assert self.peers is not None
+        t0 = time.perf_counter()
+        try:
+            weights = self.peers.open(key)
+            if weights is None:
+                return None
+            pipe.load(key.stage, weights=weights)
+        except (OSError, ValueError, WeightsError) as exc:
+            self.peers.drop(key)
+            get_logger("devices").warning(
+                "weights.peer_failed", model=key.model, stage=key.stage, error=repr(exc)
+            )
+            return None
+        return time.perf_counter() - t0
+
+    def _publish(self, pipe: Any, key: Any) -> None:
+        """Offer a stage just read from disk to the node's other devices, unless a live
+        peer already has, in the background (the load does not wait for the copy)."""
+        peers = self.peers
+        if peers is None or peers.holds(key) or peers.has_peer(key):
+            return
+        if self._publisher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="weights-publish")
+        self._publishing.append(self._publisher.submit(self._publish_now, pipe, key))
+
+    def _publish_now(self, pipe: Any, key: Any) -> None:
+        """Write the node's shared copy of ``key``; on CPU our modules then use it (one
+        copy of those weights on the node however many devices hold the stage)."""
+        from trident.pipelines.weights import WeightsError
+
+        peers = self.peers
+        assert peers is not None
+        t0 = time.perf_counter()
+        try:
+            mapped = peers.publish(key, pipe.stage_tensors(key.stage))
+            kept = pipe.rebase(key.stage, mapped) if self.kind == "cpu" else True
+            if not kept or key.stage not in pipe.loaded():
+                peers.drop(key)  # unloaded meanwhile
+                return
+        except Exception as exc:  # a failed copy costs only the sharing
+            peers.drop(key)
+            get_logger("devices").warning(
+                "weights.publish_failed", model=key.model, stage=key.stage, error=repr(exc)
+            )
+            if not isinstance(exc, OSError | ValueError | WeightsError):
+                raise
+            return
+        get_logger("devices").info(
+            "weights.published",
+            model=key.model,
+            stage=key.stage,
+            dtype=key.dtype,
+            seconds=round(time.perf_counter() - t0, 4),
+        )
+
+    def flush(self) -> None:
+        """Wait until every background publish has ended (tests; unload; close)."""
+        while self._publishing:
+            fut = self._publishing.pop(0)
+            with contextlib.suppress(Exception):
+                fut.result()
 
     def unload(self, model: str, stage: str) -> None:
+        self.flush()
         pipe = self.pipes.get(model)
         if pipe is not None:
             pipe.unload(stage)
+        if self.peers is not None:
+            self.peers.drop(self._key(model, stage))
+
+    def close(self) -> None:
+        self.flush()
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
+        if self.peers is not None:
+            self.peers.close()
 
     def free_memory(self) -> dict[str, int]:
         """After an out-of-memory failure: collect the failed call's garbage, then hand
@@ -1131,11 +1237,12 @@ def make_executor(
     time_scale: float = 1.0,
     speed: float = 1.0,
     threads: int | None = None,
+    peers: PeerWeights | None = None,
 ) -> Executor:
     if kind == "sim":
         return SimExecutor(models, memory_bytes, time_scale=time_scale, speed=speed)
     if kind == "cpu":
-        return TorchExecutor(models, "cpu", threads=threads)
+        return TorchExecutor(models, "cpu", threads=threads, peers=peers)
     if kind == "cuda":
-        return TorchExecutor(models, f"cuda:{ordinal}", threads=threads)
+        return TorchExecutor(models, f"cuda:{ordinal}", threads=threads, peers=peers)
     raise ConfigError(f"unknown device kind {kind!r}")

@@ -68,6 +68,7 @@ from trident.runtime.devices import (
     make_executor,
 )
 from trident.runtime.encode import DEFAULT_FPS, OUTPUT_TYPES, encode_output
+from trident.runtime.peerweights import PeerWeights, peer_weights_enabled
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.serial import pack_tensors
@@ -347,6 +348,11 @@ class Worker:
             n: {"family": m.family, "path": m.path, "dtype": m.dtype} for n, m in msg.models.items()
         }
         self.args.heartbeat_s = float(msg.heartbeat_s)
+        if self.executor is not None:
+            self.executor.close()  # a re-registration: the new one starts empty
+        peers = None
+        if a.kind in ("cpu", "cuda") and shm_enabled() and peer_weights_enabled():
+            peers = PeerWeights(a.node_id, a.index, os.getpid())
         self.executor = make_executor(
             a.kind,
             self.models,
@@ -355,6 +361,7 @@ class Worker:
             time_scale=a.time_scale,
             speed=a.speed,
             threads=a.threads,
+            peers=peers,
         )
 
     async def _close(self) -> None:

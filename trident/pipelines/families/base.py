@@ -42,6 +42,7 @@ from trident.pipelines.api import (
 from trident.pipelines.chunks import DiffuseChunk, chunk_interrupt, chunk_steps
 from trident.pipelines.meta import stage_components
 from trident.pipelines.parallel import AgreedCancel, broadcast_inputs, diffuse_context
+from trident.pipelines.weights import StageTensors, build_modules, module_components, stage_tensors
 
 __all__ = [
     "PER_MEMBER_PARAMS",
@@ -151,21 +152,45 @@ class FamilyStages:
 
         return getattr(diffusers, self.meta.pipeline_class)
 
-    def load(self, stage: StageName) -> float:
-        """Make ``stage``'s weights resident; returns seconds spent (0 if already)."""
+    def load(self, stage: StageName, weights: StageTensors | None = None) -> float:
+        """Make ``stage``'s weights resident; returns seconds spent (0 if already).
+
+        ``weights``: the stage's tensors from a device that holds it
+        (:meth:`stage_tensors`, moved by the runtime); the modules are built from their
+        configs around those tensors instead of reading the weight files
+        (:mod:`trident.pipelines.weights`; raises its ``WeightsError`` if they do not
+        fit)."""
         self._check_stage(stage)
         with self._lock:
             if stage in self._pipes:
                 return 0.0
             t0 = time.perf_counter()
-            keep = set(stage_components(self._components, stage))
-            absent = {name: None for name in self._components if name not in keep}
-            pipe = self._pipeline_class().from_pretrained(self._root, dtype=self.dtype, **absent)
-            pipe.to(self.device)
-            pipe.set_progress_bar_config(disable=True)
-            self._configure(pipe)
-            self._pipes[stage] = pipe
+            self._pipes[stage] = self._build(stage, weights)
             return time.perf_counter() - t0
+
+    def rebase(self, stage: StageName, weights: StageTensors) -> bool:
+        """A loaded ``stage`` swapped for one built around ``weights`` (the same values:
+        a shared copy of its own tensors), so its private copy can go. A call running on
+        the old modules finishes on them. False if ``stage`` is no longer loaded."""
+        self._check_stage(stage)
+        pipe = self._build(stage, weights)
+        with self._lock:
+            if stage not in self._pipes:
+                return False
+            self._pipes[stage] = pipe
+            return True
+
+    def _build(self, stage: StageName, weights: StageTensors | None) -> Any:
+        names = stage_components(self._components, stage)
+        keep = set(names)
+        absent: dict[str, Any] = {name: None for name in self._components if name not in keep}
+        if weights is not None:
+            absent.update(build_modules(self._root, self._components, names, weights, self.dtype))
+        pipe = self._pipeline_class().from_pretrained(self._root, dtype=self.dtype, **absent)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self._configure(pipe)
+        return pipe
 
     def unload(self, stage: StageName) -> None:
         self._check_stage(stage)
@@ -177,6 +202,12 @@ class FamilyStages:
 
     def loaded(self) -> set[StageName]:
         return set(self._pipes)
+
+    def stage_tensors(self, stage: StageName) -> StageTensors:
+        """Every tensor of a loaded ``stage``'s modules (for a peer's :meth:`load`)."""
+        self._check_stage(stage)
+        pipe = self._pipes[stage]
+        return stage_tensors(module_components(pipe, stage_components(self._components, stage)))
 
     def _pipe(self, stage: StageName) -> Any:
         if stage not in self._pipes:
