@@ -90,11 +90,11 @@ def _component_class(library: str, class_name: str) -> Any:
 def _empty_module(root: Path, name: str, library: str, class_name: str, dtype: torch.dtype) -> Any:
     """``name``'s module built from its config with every parameter and buffer on the
     meta device (no memory, no initialisation)."""
-    from accelerate import init_empty_weights
-
     cls = _component_class(library, class_name)
     folder = root / name
-    with init_empty_weights(include_buffers=True):
+    # torch's device context is per thread (accelerate's init_empty_weights patches
+    # nn.Module for the whole process, which a load in another thread would see).
+    with torch.device("meta"):
         if library == "transformers":
             config = cls.config_class.from_pretrained(folder)
             module = cls._from_config(config, dtype=dtype)

@@ -816,6 +816,9 @@ class TorchExecutor(Executor):
         self.peers = peers
         self._publisher: Any = None  # one background thread writing shared copies
         self._publishing: list[Any] = []  # their futures, until flushed
+        # Written copies our modules switch to at the next load (compute thread).
+        self._rebase_ready: list[tuple[Any, Any, Any]] = []
+        self._rebase_lock = threading.Lock()
         if threads:
             torch.set_num_threads(threads)
         self.device = device
@@ -855,6 +858,7 @@ class TorchExecutor(Executor):
         model directory if no live peer published one (then reported "node-cache").
         From the directory, the weights come from the OS page cache once any device of
         this node read them; the first such load publishes them for the node's peers."""
+        self._apply_rebases()
         pipe = self._pipe(model)
         if stage in pipe.loaded():
             return 0.0, "resident"
@@ -906,8 +910,11 @@ class TorchExecutor(Executor):
         self._publishing.append(self._publisher.submit(self._publish_now, pipe, key))
 
     def _publish_now(self, pipe: Any, key: Any) -> None:
-        """Write the node's shared copy of ``key``; on CPU our modules then use it (one
-        copy of those weights on the node however many devices hold the stage)."""
+        """Write the node's shared copy of ``key`` (in the background thread: reads the
+        stage's tensors, writes a file, touches no global state). On CPU our modules
+        switch to it later, in the compute thread (:meth:`_apply_rebases`): building
+        modules sets process-wide torch state (the default dtype) that a stage running
+        meanwhile would see."""
         from trident.pipelines.weights import WeightsError
 
         peers = self.peers
@@ -915,10 +922,9 @@ class TorchExecutor(Executor):
         t0 = time.perf_counter()
         try:
             mapped = peers.publish(key, pipe.stage_tensors(key.stage))
-            kept = pipe.rebase(key.stage, mapped) if self.kind == "cpu" else True
-            if not kept or key.stage not in pipe.loaded():
-                peers.drop(key)  # unloaded meanwhile
-                return
+            if self.kind == "cpu":
+                with self._rebase_lock:
+                    self._rebase_ready.append((pipe, key, mapped))
         except Exception as exc:  # a failed copy costs only the sharing
             peers.drop(key)
             get_logger("devices").warning(
@@ -935,12 +941,33 @@ class TorchExecutor(Executor):
             seconds=round(time.perf_counter() - t0, 4),
         )
 
+    def _apply_rebases(self) -> None:
+        """Switch stages whose shared copy is written to modules over it (one copy of
+        those weights on the node however many devices hold the stage); in the compute
+        thread, between stage calls."""
+        from trident.pipelines.weights import WeightsError
+
+        with self._rebase_lock:
+            ready, self._rebase_ready = self._rebase_ready, []
+        for pipe, key, mapped in ready:
+            try:
+                kept = pipe.rebase(key.stage, mapped)
+            except (OSError, ValueError, WeightsError) as exc:
+                kept = False
+                get_logger("devices").warning(
+                    "weights.rebase_failed", model=key.model, stage=key.stage, error=repr(exc)
+                )
+            if not kept and self.peers is not None:
+                self.peers.drop(key)  # unloaded meanwhile, or not ours to share
+
     def flush(self) -> None:
-        """Wait until every background publish has ended (tests; unload; close)."""
+        """Wait until every background publish has ended and apply its switch (tests;
+        unload; close: never while a stage runs in another thread)."""
         while self._publishing:
             fut = self._publishing.pop(0)
             with contextlib.suppress(Exception):
                 fut.result()
+        self._apply_rebases()
 
     def unload(self, model: str, stage: str) -> None:
         self.flush()
