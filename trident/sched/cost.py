@@ -60,6 +60,7 @@ __all__ = [
     "best_degree",
     "efficient_degrees",
     "load_cost_model",
+    "memo_table",
     "model_weight_bytes",
     "on_device",
     "read_profile",
@@ -70,6 +71,9 @@ PROFILE_FORMAT = "trident-profile/1"
 DEFAULT_EFFICIENCY = 0.8
 GB = 10**9
 MB = 10**6
+# Entries a cost model's memo table (:func:`memo_table`) holds before it starts afresh
+# (bounds memory on traces with unbounded shape variety; never changes a figure).
+MEMO_LIMIT = 1 << 16
 
 
 def on_device(seconds: float, speed: float) -> float:
@@ -450,6 +454,10 @@ class ReferenceCostModel:
     ) -> None:
         self.links = links or LinkModel()
         self.efficiency = efficiency
+        # Memoised figures (pure functions of the family data; add_profile drops them).
+        self._generation = 0
+        self._seconds: dict[tuple[str, str, Shape, int], float] = {}
+        self._memos: dict[str, dict[Any, Any]] = {}
         estimates = dict(families or REFERENCE_FAMILIES)
         table = _load_reference_table()
         self._families: dict[str, _Family] = {}
@@ -470,6 +478,26 @@ class ReferenceCostModel:
 
     def add_profile(self, prof: ProfileFile) -> None:
         """Measured entries override the reference for their (stage, degree)."""
+        self._invalidate()
+        try:
+            self._add_profile(prof)
+        finally:
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Drop every memoised figure (the family data changed)."""
+        self._generation += 1
+        self._seconds = {}
+        self._memos = {}
+
+    def _memo(self, name: str) -> dict[Any, Any]:
+        """The memo table ``name`` (see :func:`memo_table`)."""
+        table = self._memos.get(name)
+        if table is None or len(table) >= MEMO_LIMIT:
+            table = self._memos[name] = {}
+        return table
+
+    def _add_profile(self, prof: ProfileFile) -> None:
         fam = self._families.get(prof.family)
         if fam is None:
             base = REFERENCE_FAMILIES.get(prof.family) or replace(
@@ -530,6 +558,20 @@ class ReferenceCostModel:
         return tuple(sorted(ks)) or (1,)
 
     def stage_seconds(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> float:
+        key = (family, stage, shape, degree)
+        memo = self._seconds
+        try:
+            hit = memo.get(key)
+        except TypeError:  # an unhashable shape-like argument: no memo
+            return self._stage_seconds(family, stage, shape, degree)
+        if hit is None:
+            hit = self._stage_seconds(family, stage, shape, degree)
+            if len(memo) >= MEMO_LIMIT:
+                memo = self._seconds = {}
+            memo[key] = hit
+        return hit
+
+    def _stage_seconds(self, family: str, stage: Stage, shape: Shape, degree: int) -> float:
         fam = self._fam(family)
         est = fam.est
         px = shape.pixels
@@ -660,6 +702,20 @@ class ReferenceCostModel:
         )
 
 
+def memo_table(cost: object, name: str) -> dict[Any, Any] | None:
+    """A dict in which to memoise figures derived from ``cost``'s answers alone (pure
+    functions of their arguments and the cost model), or None when ``cost`` may not be
+    memoised. Only the built-in models are (exactly :class:`ReferenceCostModel` and
+    :class:`ScaledCostModel` over one; a subclass may answer differently): each holds
+    its own tables (never shared between two models), dropped when the model changes
+    (:meth:`ReferenceCostModel.add_profile`; a Scaled model's ``base`` or ``factor``).
+    Keys must be hashable and include every argument the figure depends on."""
+    t = type(cost)
+    if t is ReferenceCostModel or t is ScaledCostModel:
+        return cost._memo(name)  # type: ignore[attr-defined, no-any-return]
+    return None
+
+
 def efficient_degrees(
     cost: object,
     family: str,
@@ -668,7 +724,24 @@ def efficient_degrees(
     efficiency: float = DEFAULT_EFFICIENCY,
 ) -> tuple[int, ...]:
     """Degrees k (powers of two up to ``max_degree``) with (t1/tk)/k >= ``efficiency``.
-    Degree 1 is always efficient. Works with any CostModel."""
+    Degree 1 is always efficient. Works with any CostModel (memoised for the built-in
+    ones, :func:`memo_table`)."""
+    memo = memo_table(cost, "efficient_degrees")
+    if memo is None:
+        return _efficient_degrees(cost, family, shape, max_degree, efficiency)
+    key = (family, shape, max_degree, efficiency)
+    try:
+        hit: tuple[int, ...] | None = memo.get(key)
+    except TypeError:
+        return _efficient_degrees(cost, family, shape, max_degree, efficiency)
+    if hit is None:
+        hit = memo[key] = _efficient_degrees(cost, family, shape, max_degree, efficiency)
+    return hit
+
+
+def _efficient_degrees(
+    cost: object, family: str, shape: Shape, max_degree: int, efficiency: float
+) -> tuple[int, ...]:
     sec = cost.stage_seconds  # type: ignore[attr-defined]
     t1 = sec(family, "diffuse", shape, 1)
     out = [1]
@@ -685,7 +758,22 @@ def supported_degrees(
     cost: object, family: str, shape: Shape, max_degree: int = 8
 ) -> tuple[int, ...]:
     """Degrees k (powers of two up to ``max_degree``) the diffuse stage can run at (finite
-    time in the cost model); 1 always. Works with any CostModel."""
+    time in the cost model); 1 always. Works with any CostModel (memoised for the
+    built-in ones, :func:`memo_table`)."""
+    memo = memo_table(cost, "supported_degrees")
+    if memo is None:
+        return _supported_degrees(cost, family, shape, max_degree)
+    key = (family, shape, max_degree)
+    try:
+        hit: tuple[int, ...] | None = memo.get(key)
+    except TypeError:
+        return _supported_degrees(cost, family, shape, max_degree)
+    if hit is None:
+        hit = memo[key] = _supported_degrees(cost, family, shape, max_degree)
+    return hit
+
+
+def _supported_degrees(cost: object, family: str, shape: Shape, max_degree: int) -> tuple[int, ...]:
     sec = cost.stage_seconds  # type: ignore[attr-defined]
     out = [1]
     k = 2
@@ -717,7 +805,24 @@ def best_degree(
     max_degree: int = 8,
     efficiency: float = DEFAULT_EFFICIENCY,
 ) -> int:
-    """The efficient degree with the shortest diffuse time."""
+    """The efficient degree with the shortest diffuse time (memoised for the built-in
+    cost models, :func:`memo_table`)."""
+    memo = memo_table(cost, "best_degree")
+    if memo is None:
+        return _best_degree(cost, family, shape, max_degree, efficiency)
+    key = (family, shape, max_degree, efficiency)
+    try:
+        hit: int | None = memo.get(key)
+    except TypeError:
+        return _best_degree(cost, family, shape, max_degree, efficiency)
+    if hit is None:
+        hit = memo[key] = _best_degree(cost, family, shape, max_degree, efficiency)
+    return hit
+
+
+def _best_degree(
+    cost: object, family: str, shape: Shape, max_degree: int, efficiency: float
+) -> int:
     sec = cost.stage_seconds  # type: ignore[attr-defined]
     ks = efficient_degrees(cost, family, shape, max_degree, efficiency)
     return min(ks, key=lambda k: (sec(family, "diffuse", shape, k), k))
@@ -760,6 +865,24 @@ class ScaledCostModel:
             raise ValueError(f"time scale must be >= 0, got {factor}")
         self.base = base
         self.factor = factor
+        self._memos: dict[str, dict[Any, Any]] = {}
+        self._memo_key: tuple[object, int, float] | None = None
+
+    def _memo(self, name: str) -> dict[Any, Any] | None:
+        """The memo table ``name`` (see :func:`memo_table`): valid while ``base`` is the
+        same :class:`ReferenceCostModel`, unchanged, and ``factor`` the same; None for
+        any other base."""
+        base = self.base
+        if type(base) is not ReferenceCostModel:
+            return None
+        key = self._memo_key
+        if key is None or key[0] is not base or key[1] != base._generation or key[2] != self.factor:
+            self._memos = {}
+            self._memo_key = (base, base._generation, self.factor)
+        table = self._memos.get(name)
+        if table is None or len(table) >= MEMO_LIMIT:
+            table = self._memos[name] = {}
+        return table
 
     def stage_seconds(self, family: str, stage: Stage, shape: Shape, degree: int = 1) -> float:
         return self.base.stage_seconds(family, stage, shape, degree) * self.factor

@@ -270,7 +270,9 @@ class Monitor:
 
     def window(self, now: float) -> list[tuple[str, Shape]]:
         """(model, shape) of the arrivals in each model's window (:meth:`model_spans`)."""
-        spans = self.model_spans(now)
+        return self._window(now, self.model_spans(now))
+
+    def _window(self, now: float, spans: Mapping[str, float]) -> list[tuple[str, Shape]]:
         return [(m, s) for t, m, s in self.arrivals if m in spans and t >= now - spans[m]]
 
     def rates(self, now: float) -> dict[str, float]:
@@ -298,14 +300,14 @@ class Monitor:
         self, cost: CostModel, models: Mapping[str, ModelInfo], now: float, efficiency: float = 0.8
     ) -> Demand:
         spans = self.model_spans(now)
-        win = self.window(now)
+        by_model: dict[str, list[tuple[str, Shape]]] = {}
+        for x in self._window(now, spans):
+            by_model.setdefault(x[0], []).append(x)
         out: Demand = {m: dict.fromkeys(STAGES, 0.0) for m in models}
         for m, span in spans.items():
             if m not in models:
                 continue
-            part = demand_from_window(
-                cost, {m: models[m]}, [x for x in win if x[0] == m], span, efficiency
-            )
+            part = demand_from_window(cost, {m: models[m]}, by_model.get(m, []), span, efficiency)
             out[m] = part[m]
         return out
 

@@ -16,12 +16,19 @@ with the least harm. Subclasses say where the plan comes from
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import fields
+from typing import Any
 
 from trident.sched.core import CoreConfig, RequestState, SchedulerCore
-from trident.sched.cost import efficient_degrees, model_weight_bytes, supported_degrees
-from trident.sched.dispatcher import DeviceView, QueueItem, _aligned, best_group_free
+from trident.sched.cost import (
+    efficient_degrees,
+    memo_table,
+    model_weight_bytes,
+    supported_degrees,
+)
+from trident.sched.dispatcher import DeviceView, QueueItem, _aligned
 from trident.sched.graph import ClusterGraph, placement_type
 from trident.sched.types import (
     STAGES,
@@ -260,8 +267,10 @@ class PlacedPolicy(SchedulerCore):
         sfree: dict[tuple[str, Stage], int] = {}
 
         def group_free(m: str, k: int) -> int:
+            # best_group_free(views, m, k), from the same groups count_fit counts.
             if (m, k) not in gfree:
-                gfree[m, k] = best_group_free(views, m, k)
+                mins = group_mins(m, k)
+                gfree[m, k] = max(-1, mins[-1]) if mins else -1
             return gfree[m, k]
 
         def stage_free(m: str, s: Stage) -> int:
@@ -273,20 +282,33 @@ class PlacedPolicy(SchedulerCore):
             return sfree[m, s]
 
         cfit: dict[tuple[str, int, int], int] = {}
+        # Same round: per model, its diffuse holders by node and index; per (model, k),
+        # the sorted least free memory of each aligned degree-k group of them (one pass
+        # per model and per (m, k), not per (m, k, peak)).
+        cnodes: dict[str, dict[str, dict[int, DeviceView]]] = {}
+        cmins: dict[tuple[str, int], list[int]] = {}
+
+        def group_mins(m: str, k: int) -> list[int]:
+            mins = cmins.get((m, k))
+            if mins is None:
+                by_node = cnodes.get(m)
+                if by_node is None:
+                    by_node = cnodes[m] = {}
+                    for v in views:
+                        if "diffuse" in v.holds.get(m, frozenset()):
+                            by_node.setdefault(v.node_id, {})[v.index] = v
+                mins = cmins[m, k] = sorted(
+                    min(g.free_memory for g in grp)
+                    for idx in by_node.values()
+                    for grp in _aligned(idx, k)
+                )
+            return mins
 
         def count_fit(m: str, k: int, peak: int) -> int:
             """Aligned degree-k groups holding m's diffuse with room for ``peak``."""
             if (m, k, peak) not in cfit:
-                by_node: dict[str, dict[int, DeviceView]] = {}
-                for v in views:
-                    if "diffuse" in v.holds.get(m, frozenset()):
-                        by_node.setdefault(v.node_id, {})[v.index] = v
-                cfit[m, k, peak] = sum(
-                    1
-                    for idx in by_node.values()
-                    for grp in _aligned(idx, k)
-                    if min(g.free_memory for g in grp) >= peak
-                )
+                mins = group_mins(m, k)
+                cfit[m, k, peak] = len(mins) - bisect_left(mins, peak)
             return cfit[m, k, peak]
 
         backlog: dict[tuple[str, Stage, Shape], int] = {}
@@ -344,6 +366,8 @@ class PlacedPolicy(SchedulerCore):
                     gfree.clear()
                     sfree.clear()
                     cfit.clear()
+                    cnodes.clear()
+                    cmins.clear()
                 elif not extra and all(
                     self.graph.is_up(d.device_id) for d in self.graph.devices(up_only=False)
                 ):
@@ -510,17 +534,35 @@ class PlacedPolicy(SchedulerCore):
     # ------------------------------------------------------------------ helpers
 
     def weights_on(self, device_id: str) -> int:
+        return self._weights_on(device_id, memo_table(self.cost, "stage_set_weights"))
+
+    def _weights_on(self, device_id: str, memo: dict[Any, Any] | None) -> int:
+        # Per (model, stages): (the ModelInfo it was computed for, bytes), memoised on
+        # the cost model when it allows (memo_table); a different info is recomputed.
         total = 0
         for m, stages in self.graph.placement(device_id).items():
             info = self.models.get(m)
             if info is None:
                 continue
-            for s in stages:
-                total += model_weight_bytes(self.cost, info, s)
+            key = (m, stages)
+            try:
+                hit = None if memo is None else memo.get(key)
+            except TypeError:  # stages not a frozenset: no memo
+                memo = None
+            if memo is None:
+                total += sum(model_weight_bytes(self.cost, info, s) for s in stages)
+                continue
+            if hit is None or hit[0] is not info:
+                hit = memo[key] = (
+                    info,
+                    sum(model_weight_bytes(self.cost, info, s) for s in stages),
+                )
+            total += hit[1]
         return total
 
     def device_views(self, now: float) -> list[DeviceView]:
         limit = self.config.max_inflight_per_device
+        memo = memo_table(self.cost, "stage_set_weights")
         out = []
         for st in self.devices.values():
             if not st.up or st.device_id not in self.graph:
@@ -535,7 +577,7 @@ class PlacedPolicy(SchedulerCore):
                     # An idle device is free now, whatever the estimate said: tasks
                     # often finish before their predicted end.
                     free_at=max(now, st.busy_until) if st.inflight else now,
-                    free_memory=info.memory_bytes - self.weights_on(info.device_id),
+                    free_memory=info.memory_bytes - self._weights_on(info.device_id, memo),
                     holds=dict(self.graph.placement(info.device_id)),
                     available=len(st.inflight) < limit,
                 )
