@@ -176,8 +176,9 @@ def run_policies(
             log(
                 f"  {name:<10} slo={s.slo_attainment:.3f} mean={s.mean_latency_s:.1f}s "
                 f"p95={s.p95_latency_s:.1f}s done={s.completed} failed={s.failed} "
-                f"({time.perf_counter() - t0:.1f}s wall, policy {res.policy_seconds:.1f}s "
-                f"= {100 * s.policy_time_share:.2f}% of simulated time)"
+                f"({time.perf_counter() - t0:.1f}s wall, policy {res.policy_cpu_seconds:.1f}s "
+                f"CPU = {100 * s.policy_time_share:.2f}% of simulated time, "
+                f"{res.policy_seconds:.1f}s wall)"
             )
     return out, info
 

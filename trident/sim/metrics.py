@@ -56,8 +56,10 @@ class Summary:
     end_time_s: float = 0.0
     wall_s: float = 0.0
     policy_wall_s: float = 0.0
-    # Policy wall time over simulated time: what share of a real-time scheduler's CPU
+    policy_cpu_s: float = 0.0
+    # Policy CPU time over simulated time: what share of a real-time scheduler's CPU
     # this policy would need at this scale (a live scheduler must stay well below 1).
+    # CPU, not wall time: on a shared machine wall time counts other processes too.
     policy_time_share: float = 0.0
     events: int = 0
     stage_mean_s: dict[str, float] = field(default_factory=dict)
@@ -104,6 +106,9 @@ def summarize(result: SimResult | Sequence[RequestRecord]) -> Summary:
         s.end_time_s = result.end_time
         s.wall_s = result.wall_s
         s.policy_wall_s = result.policy_seconds
-        s.policy_time_share = result.policy_seconds / result.end_time if result.end_time else 0.0
+        s.policy_cpu_s = result.policy_cpu_seconds
+        s.policy_time_share = (
+            result.policy_cpu_seconds / result.end_time if result.end_time else 0.0
+        )
         s.events = result.events
     return s
