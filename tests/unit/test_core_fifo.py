@@ -325,3 +325,47 @@ def test_a_booting_node_joins_once_all_its_devices_are_up_or_after_the_grace() -
     assert [d.info.device_id for d in late.up_devices()] == ["n0/sim:0"]
     late.handle(DeviceUp(devs[1]), 11.0)  # after the grace: joins alone, at once
     assert len(late.up_devices()) == 2
+
+
+def test_a_long_720p_video_decode_is_tiled_though_its_tiled_peak_would_fit() -> None:
+    """The reference decode figures of a video family are tiled ones; the decision weighs
+    the untiled peak (HunyuanVideo 720x1280x129: ~130 GB untiled, ~11 GB tiled), so an
+    80 GB device does not run it untiled into an out-of-memory."""
+    from trident.sched.cost import decode_peak_bytes, load_cost_model
+
+    cost = load_cost_model()
+    models = {"hy": ModelInfo("hy", "hunyuanvideo")}
+    core = FifoPolicy(models, cost, CoreConfig(preload=False))
+    core.handle(node(1), 0.0)
+    shape = Shape(720, 1280, 129, 8)
+    assert cost.stage_peak_bytes("hunyuanvideo", "decode", shape, 1) < 0.5 * (80 << 30)
+    assert decode_peak_bytes(cost, "hunyuanvideo", shape, tiled=False) > 80 << 30
+    out = core.handle(RequestArrived(RequestSpec("v", "hy", shape, arrival=0.0)), 0.0)
+    while True:
+        [task] = runs(out)
+        if "decode" in task.stages:
+            break
+        out = core.handle(TaskFinished(task.task_id, {task.stages[0]: 1.0}), 1.0)
+    assert task.options.get("vae_tiling") is True
+
+
+def test_the_tiling_decision_counts_the_weights_the_device_holds() -> None:
+    """An untiled decode that fits an empty device but not beside resident weights."""
+    from trident.sched.cost import decode_peak_bytes, load_cost_model
+
+    cost = load_cost_model()
+    shape = Shape(768, 1360, 81, 6)
+    untiled = decode_peak_bytes(cost, "cogvideox", shape, tiled=False)
+    weights = sum(cost.weight_bytes("cogvideox", s) for s in ("encode", "diffuse", "decode"))
+    memory = 48 * 10**9
+    assert untiled < 0.5 * memory and untiled > 0.5 * (memory - weights)  # the premise
+    core = FifoPolicy({"cv": ModelInfo("cv", "cogvideox")}, cost, CoreConfig(preload=False))
+    dev = DeviceInfo("n0/sim:0", "n0", "sim", 0, memory)
+    core.handle(NodeJoined("n0", (dev,)), 0.0)
+    core.handle(RequestArrived(RequestSpec("v", "cv", shape, arrival=0.0)), 0.0)
+    req = core.requests["v"]
+    holds = core.devices[dev.device_id].holds
+    holds.clear()
+    assert not core._decode_needs_tiling(req, dev.device_id)
+    holds.update({("cv", "encode"), ("cv", "diffuse"), ("cv", "decode")})
+    assert core._decode_needs_tiling(req, dev.device_id)

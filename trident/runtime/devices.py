@@ -467,10 +467,11 @@ class SimExecutor(Executor):
         decode cost ``batch`` times one member, diffuse the cost model's batched time;
         memory holds the batched peak (:func:`trident.sched.cost.batch_peak_bytes`).
         """
-        from trident.sched.cost import batch_peak_bytes, batch_stage_seconds
+        from trident.sched.cost import batch_peak_bytes, batch_stage_seconds, decode_peak_bytes
 
         family = self._family(model)
         degree = int(options.get("degree", 1))
+        tiled = bool(options.get("vae_tiling"))
         shape = self._shape(params)
         result = TaskResult(outputs={}, stage_seconds={})
         result.evicted, self.evicted = self.evicted, []
@@ -491,7 +492,10 @@ class SimExecutor(Executor):
             sleeps.append((None, secs))
         for stage in stages:
             # batch 1 is one request's figures; encode and decode run member by member.
-            peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
+            if stage == "decode":  # its peak depends on tiling (the core's choice)
+                peak = decode_peak_bytes(self.cost, family, shape, tiled)
+            else:
+                peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
             secs = batch_stage_seconds(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
             result.evicted += self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
             sleeps.append((stage, secs / self.speed * self.time_scale))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from trident.sched.cost import best_degree
+from trident.sched.cost import best_degree, decode_peak_bytes, model_weight_bytes
 from trident.sched.residency import LoadSource, choose_load_source
 from trident.sched.solver import Clock, no_clock
 from trident.sched.types import (
@@ -546,12 +546,20 @@ class SchedulerCore:
             st.busy_until = max(st.busy_until, now) + est_seconds
 
     def _decode_needs_tiling(self, req: RequestState, device_id: str) -> bool:
-        """Tile the VAE when the untiled decode would crowd the device's memory."""
+        """Tile the VAE when the *untiled* decode (a video family's reference decode
+        figures are tiled ones: :func:`trident.sched.cost.decode_peak_bytes`) would take
+        more than ``vae_tiling_fraction`` of what the device's resident weights leave."""
         dev = self.devices.get(device_id)
         if self.cost is None or dev is None:
             return False
-        peak = self.cost.stage_peak_bytes(req.family, "decode", req.spec.shape, 1)
-        return peak > self.config.vae_tiling_fraction * dev.info.memory_bytes
+        peak = decode_peak_bytes(self.cost, req.family, req.spec.shape, tiled=False)
+        weights = 0
+        for model, stage in dev.holds:
+            info = self.models.get(model)
+            if info is not None:
+                weights += model_weight_bytes(self.cost, info, stage)
+        free = max(0, dev.info.memory_bytes - weights)
+        return peak > self.config.vae_tiling_fraction * free
 
     # ------------------------------------------------------------------ event handlers
 

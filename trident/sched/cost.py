@@ -58,6 +58,7 @@ __all__ = [
     "batch_peak_bytes",
     "batch_stage_seconds",
     "best_degree",
+    "decode_peak_bytes",
     "efficient_degrees",
     "load_cost_model",
     "memo_table",
@@ -173,6 +174,9 @@ class FamilyEstimate:
     encode_peak: int
     decode_base_s: float
     decode_s_per_px: float  # VAE decode FLOPs are proportional to output pixels
+    # Decode's activation peak: base + per_px x output pixels (all frames). For video
+    # families these are the figures *with* VAE tiling (how their decode must run at
+    # the reference sizes); images decode untiled.
     decode_peak_base: int
     decode_peak_per_px: float
     diffuse_peak_base: int
@@ -183,6 +187,12 @@ class FamilyEstimate:
     vae_temporal: int = 1
     # wan has no published row: its diffuse table is another family's scaled by this.
     diffuse_from: tuple[str, float] | None = None
+    # Untiled decode of a video VAE (what the core weighs to decide on tiling,
+    # :func:`decode_peak_bytes`): base + this x height x width x the frames one decoder
+    # call holds (``decode_frames_per_call``; None: all of them). None: the figures
+    # above are untiled already (images).
+    decode_untiled_peak_per_px: float | None = None
+    decode_frames_per_call: int | None = None
     notes: str = ""
 
 
@@ -260,6 +270,11 @@ REFERENCE_FAMILIES: dict[str, FamilyEstimate] = {
             decode_peak_per_px=24.0,
             diffuse_peak_base=2 * GB,
             diffuse_peak_per_px=400.0,
+            # Untiled: 128 channels at full resolution, bf16, ~4 live tensors (conv in
+            # and out, norm) -> ~1 KB per output pixel; the VAE decodes 2 latent frames
+            # (8 output frames) per call.
+            decode_untiled_peak_per_px=1024.0,
+            decode_frames_per_call=8,
             text_bytes=2 * 226 * 4096 * 2,
             latent_channels=16,
             notes="diffuse from authors' table; everything else estimated",
@@ -281,6 +296,9 @@ REFERENCE_FAMILIES: dict[str, FamilyEstimate] = {
             decode_peak_per_px=24.0,
             diffuse_peak_base=2 * GB,
             diffuse_peak_per_px=600.0,
+            # Untiled: 128 channels at full resolution over every frame at once, ~1 KB
+            # per output pixel: 720x1280x129 -> ~130 GB, which is why it must tile.
+            decode_untiled_peak_per_px=1024.0,
             text_bytes=256 * 4096 * 2 + 768 * 2,
             latent_channels=16,
             notes="diffuse from authors' table; everything else estimated",
@@ -304,6 +322,10 @@ REFERENCE_FAMILIES: dict[str, FamilyEstimate] = {
             decode_peak_per_px=24.0,
             diffuse_peak_base=2 * GB,
             diffuse_peak_per_px=1200.0,
+            # Untiled: 96 channels at full resolution, ~4 live tensors (~768 B per output
+            # pixel); the causal Wan-VAE decodes one latent frame (4 frames) per call.
+            decode_untiled_peak_per_px=768.0,
+            decode_frames_per_call=4,
             text_bytes=2 * 512 * 4096 * 2,
             latent_channels=16,
             diffuse_from=("hunyuanvideo", (14.0 / 12.8) * 2.0),
@@ -359,6 +381,12 @@ class ProfileFile:
     model: str
     weights_bytes: Mapping[str, int]
     entries: tuple[ProfileEntry, ...]
+    # Whether its decode entries ran with VAE tiling (the document's decode_options).
+    decode_tiled: bool = False
+
+
+def _decode_tiled(options: object) -> bool:
+    return isinstance(options, Mapping) and bool(options.get("vae_tiling"))
 
 
 def read_profile(source: str | os.PathLike[str] | Mapping[str, object]) -> ProfileFile:
@@ -402,6 +430,7 @@ def read_profile(source: str | os.PathLike[str] | Mapping[str, object]) -> Profi
         model=str(doc.get("model", "")),
         weights_bytes={str(k): int(v) for k, v in wb.items()},
         entries=tuple(entries),
+        decode_tiled=_decode_tiled(doc.get("decode_options")),
     )
 
 
@@ -439,6 +468,7 @@ class _Family:
     # Batched diffuse calls from profiles: degree -> curve over pixels x batch.
     batched: dict[int, _Measured] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
+    decode_tiled: bool = False  # the measured decode entries ran with VAE tiling
 
 
 class ReferenceCostModel:
@@ -510,6 +540,8 @@ class ReferenceCostModel:
         for stage, nbytes in prof.weights_bytes.items():
             if stage in STAGES and nbytes > 0:
                 fam.weights[stage] = int(nbytes)
+        if any(e.stage == "decode" for e in prof.entries):
+            fam.decode_tiled = prof.decode_tiled
         groups: dict[tuple[str, int], list[ProfileEntry]] = {}
         batched: dict[int, list[ProfileEntry]] = {}
         for e in prof.entries:
@@ -652,6 +684,27 @@ class ReferenceCostModel:
         cfg = 2.0 if (shape.cfg and not est.cfg_in_reference) else 1.0
         return int(est.diffuse_peak_base + est.diffuse_peak_per_px * px * cfg / max(1, degree))
 
+    def decode_peak_bytes(self, family: str, shape: Shape, tiled: bool) -> int:
+        """Decode's activation peak with or without VAE tiling. A profile's figure where
+        it was measured that way; else the family's estimate (:class:`FamilyEstimate`:
+        a video family's reference figures are tiled, its untiled one separate)."""
+        fam = self._fam(family)
+        est = fam.est
+        m = fam.measured.get(("decode", 1))
+        if m is not None and m.peak is not None and fam.decode_tiled == tiled:
+            return math.ceil(m.peak(shape.pixels) - 1e-6)
+        if est.decode_untiled_peak_per_px is None:  # images: one figure, either way
+            if m is not None and m.peak is not None:
+                return math.ceil(m.peak(shape.pixels) - 1e-6)
+            return int(est.decode_peak_base + est.decode_peak_per_px * shape.pixels)
+        if tiled:
+            return int(est.decode_peak_base + est.decode_peak_per_px * shape.pixels)
+        frames = max(1, int(shape.num_frames or 1))
+        if est.decode_frames_per_call:
+            frames = min(frames, est.decode_frames_per_call)
+        px = int(shape.height) * int(shape.width) * frames
+        return int(est.decode_peak_base + est.decode_untiled_peak_per_px * px)
+
     def weight_bytes(self, family: str, stage: Stage) -> int:
         return self._fam(family).weights.get(stage, 0)
 
@@ -700,6 +753,16 @@ class ReferenceCostModel:
             + self.stage_seconds(family, "diffuse", shape, degree)
             + self.stage_seconds(family, "decode", shape)
         )
+
+
+def decode_peak_bytes(cost: object, family: str, shape: Shape, tiled: bool) -> int:
+    """Decode's activation peak with (``tiled``) or without VAE tiling, from any
+    CostModel: its ``decode_peak_bytes`` where it has one, else its decode peak (one
+    figure for both)."""
+    fn = getattr(cost, "decode_peak_bytes", None)
+    if fn is not None:
+        return int(fn(family, shape, tiled))
+    return int(cost.stage_peak_bytes(family, "decode", shape, 1))  # type: ignore[attr-defined]
 
 
 def memo_table(cost: object, name: str) -> dict[Any, Any] | None:
@@ -902,6 +965,9 @@ class ScaledCostModel:
 
     def weight_bytes(self, family: str, stage: Stage) -> int:
         return self.base.weight_bytes(family, stage)
+
+    def decode_peak_bytes(self, family: str, shape: Shape, tiled: bool) -> int:
+        return decode_peak_bytes(self.base, family, shape, tiled)
 
     def output_bytes(self, family: str, stage: Stage, shape: Shape) -> int:
         return self.base.output_bytes(family, stage, shape)

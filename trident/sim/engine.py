@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trident.sched.cost import batch_peak_bytes, batch_stage_seconds
+from trident.sched.cost import batch_peak_bytes, batch_stage_seconds, decode_peak_bytes
 from trident.sched.residency import choose_load_source, victims
 from trident.sched.types import (
     Command,
@@ -616,7 +616,14 @@ class Simulator:
         keys = [(cmd.model, s) for s in cmd.stages]
         keep = set(keys)
         b = len(task.members)
-        peak = max(int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b)) for s in cmd.stages)
+        tiled = bool(cmd.options.get("vae_tiling"))
+        peak = max(
+            # decode's peak depends on tiling (the core's choice for this task)
+            decode_peak_bytes(self.cost, fam, task.shape, tiled)
+            if s == "decode"
+            else int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b))
+            for s in cmd.stages
+        )
         load_s = 0.0
         loads: list[tuple[_Dev, _Key, float, str]] = []
         for dev_id in cmd.devices:
