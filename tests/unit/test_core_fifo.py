@@ -367,5 +367,7 @@ def test_the_tiling_decision_counts_the_weights_the_device_holds() -> None:
     holds = core.devices[dev.device_id].holds
     holds.clear()
     assert not core._decode_needs_tiling(req, dev.device_id)
+    # Nothing resident yet, but the task itself loads the whole pipeline there.
+    assert core._decode_needs_tiling(req, dev.device_id, ("encode", "diffuse", "decode"))
     holds.update({("cv", "encode"), ("cv", "diffuse"), ("cv", "decode")})
     assert core._decode_needs_tiling(req, dev.device_id)

@@ -507,7 +507,7 @@ class SchedulerCore:
         if (
             "decode" in stages
             and "vae_tiling" not in options
-            and self._decode_needs_tiling(req, devices[0])
+            and self._decode_needs_tiling(req, devices[0], stages)
         ):
             options["vae_tiling"] = True
         if req.steps_done > 0:
@@ -545,16 +545,19 @@ class SchedulerCore:
             st.inflight.append(unit)
             st.busy_until = max(st.busy_until, now) + est_seconds
 
-    def _decode_needs_tiling(self, req: RequestState, device_id: str) -> bool:
+    def _decode_needs_tiling(
+        self, req: RequestState, device_id: str, stages: Sequence[Stage] = ()
+    ) -> bool:
         """Tile the VAE when the *untiled* decode (a video family's reference decode
         figures are tiled ones: :func:`trident.sched.cost.decode_peak_bytes`) would take
-        more than ``vae_tiling_fraction`` of what the device's resident weights leave."""
+        more than ``vae_tiling_fraction`` of what the weights leave: those the device
+        holds and those the task's ``stages`` load there."""
         dev = self.devices.get(device_id)
         if self.cost is None or dev is None:
             return False
         peak = decode_peak_bytes(self.cost, req.family, req.spec.shape, tiled=False)
         weights = 0
-        for model, stage in dev.holds:
+        for model, stage in dev.holds | {(req.spec.model, s) for s in stages}:
             info = self.models.get(model)
             if info is not None:
                 weights += model_weight_bytes(self.cost, info, stage)
