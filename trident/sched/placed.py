@@ -343,9 +343,11 @@ class PlacedPolicy(SchedulerCore):
                     if any(peaks[k] <= group_free(it.model, k) for k in ks):
                         # Homed already. A shape that only few groups fit (e.g. one
                         # homed ⟨D⟩ group) with a backlog gets more groups, up to
-                        # ``extra_home_share`` of the devices per degree.
+                        # ``extra_home_share`` of the devices per degree; as many as it
+                        # needs when nothing else waits (devices idle otherwise).
                         need = backlog.get(key, 0)
-                        share = self.extra_home_share * len(views)
+                        alone = all(bk == key for bk, n in backlog.items() if n > 0)
+                        share = len(views) if alone else self.extra_home_share * len(views)
                         if not any(
                             (have := count_fit(it.model, k, peaks[k])) < min(need, share // k)
                             and have > 0
