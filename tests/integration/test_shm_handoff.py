@@ -91,7 +91,17 @@ def test_tiny_flux_over_shared_memory_is_bit_identical_to_tcp_and_frees_segments
     fetched = [
         e for e in read_log(tmp_path / "shm" / "trident.log") if e.get("event") == "input.fetched"
     ]
-    assert {e["via"] for e in fetched} == {"shm"} and len(fetched) == 4, fetched
+    # Each kept output was exported when its task finished; the scheduler passed the
+    # reference on, and the consumer attached it with no fetch.
+    assert {e["via"] for e in fetched} == {"shm_ref"} and len(fetched) == 4, fetched
+
+    monkeypatch.setenv("TRIDENT_SHM_EAGER", "0")  # the segment made on a fetch(shm=True)
+    lazy_out, _ = _run_tiny(tiny, tmp_path / "lazy", node + "l")
+    fetched = [
+        e for e in read_log(tmp_path / "lazy" / "trident.log") if e.get("event") == "input.fetched"
+    ]
+    assert {e["via"] for e in fetched} == {"shm"} and len(fetched) == 2, fetched
+    assert lazy_out.tobytes() == shm_out.tobytes()
 
     monkeypatch.setenv("TRIDENT_SHM", "0")
     tcp_out, _ = _run_tiny(tiny, tmp_path / "tcp", node + "t")

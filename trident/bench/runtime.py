@@ -15,7 +15,13 @@ scheduler's ``release`` does), several in a row: the first hand-off of a size ma
 maps a fresh segment, the later ones recycle it from the holder's pool into the
 fetcher's cached mapping; the first and the steady state (median of the rest) are
 reported apart, beside a plain memcpy of the same bytes in the fetcher's process (into
-a fresh buffer, and into a reused one).
+a fresh buffer, and into a reused one). And the eager hand-off (what workers do now): the
+holder exports the kept output into a pooled segment as its task finishes
+(``PeerServer.export``, timed in the holder) and the consumer attaches the reference
+the scheduler passes on (``attach_output``, timed in the consumer, with one read of
+the tensor), no fetch; its cost is the sum of the two (the reference itself rides in
+``task_finished`` / ``run_task``, sent either way). The command's own round trip that
+asks the holder to export is not counted.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
@@ -40,7 +48,8 @@ from trident.bench.cluster import LocalCluster, NodeSpec
 from trident.client import AsyncClient
 from trident.cliformat import DefaultsHelpFormatter
 from trident.errors import RequestError
-from trident.runtime.dataplane import PeerClient, PeerServer
+from trident.runtime import protocol
+from trident.runtime.dataplane import PeerClient, PeerServer, attach_output, shm_output
 from trident.runtime.shm import ShmStore, segment_prefix
 from trident.runtime.transport import bound_address, make_socket
 
@@ -63,6 +72,7 @@ def _holder(sizes: list[int], conn: Any) -> None:
         raw = make_socket(ctx, zmq.ROUTER)
         raw.bind("tcp://127.0.0.1:*")
         buffers = {str(s).encode(): store[f"t{s}"]["x"] for s in sizes}
+        scratch = {f"t{s}": np.empty_like(store[f"t{s}"]["x"]) for s in sizes}
         conn.send((server.address, bound_address(raw)))
 
         async def raw_loop() -> None:
@@ -73,6 +83,19 @@ def _holder(sizes: list[int], conn: Any) -> None:
                 if what.startswith(b"release:"):  # the scheduler's release of an output
                     shm.release(what.split(b":", 1)[1].decode())
                     await raw.send_multipart([ident, b"ok"])
+                    continue
+                if what.startswith(b"export:"):  # a task keeping its output (eager export)
+                    key = what.split(b":", 1)[1].decode()
+                    # the holder's own memcpy of the same bytes, just before (reused buffer)
+                    t0 = time.perf_counter()
+                    np.copyto(scratch[key.split("/", 1)[0]], store.get(key)["x"])
+                    copy_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    seg = await server.export(key)
+                    secs = time.perf_counter() - t0
+                    assert seg is not None
+                    ref = msgspec.msgpack.encode(shm_output(seg))
+                    await raw.send_multipart([ident, struct.pack("<dd", secs, copy_s), ref])
                     continue
                 await raw.send_multipart([ident, buffers[what]], copy=False)
 
@@ -117,6 +140,7 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
             src = np.ones(size // 4, dtype=np.float32)
             reused = np.empty_like(src)
             t_runtime, t_raw, t_shm, t_fresh, t_warm = [], [], [], [], []
+            t_export, t_attach, t_eager, t_hcopy = [], [], [], []
             for i in range(n):
                 t0 = time.perf_counter()
                 tensors, _, via = await client.fetch_via(peer_addr, f"t{size}/{i}", shm=True)
@@ -134,6 +158,23 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 np.copyto(reused, src)
                 t_warm.append(time.perf_counter() - t0)
+                # eager: exported by the holder as its task ends, attached by reference
+                key = f"t{size}/e{i}"
+                await raw.send_multipart([f"export:{key}".encode()])
+                secs_b, ref_b = await raw.recv_multipart()
+                ref = msgspec.msgpack.decode(ref_b, type=protocol.ShmOutput)
+                t0 = time.perf_counter()
+                tensors = attach_output(ref, "bench")
+                assert tensors["x"].nbytes == size
+                float(tensors["x"][-1])
+                t_attach.append(time.perf_counter() - t0)
+                export_s, holder_copy_s = struct.unpack("<dd", secs_b)
+                t_export.append(export_s)
+                t_hcopy.append(holder_copy_s)
+                t_eager.append(t_export[-1] + t_attach[-1])
+                del tensors
+                await raw.send_multipart([f"release:{key}".encode()])
+                await raw.recv_multipart()
                 t0 = time.perf_counter()
                 tensors, _ = await client.fetch(peer_addr, f"t{size}")
                 assert tensors["x"].nbytes == size
@@ -145,7 +186,21 @@ def data_plane(sizes_mb: list[int], repeats: int = 10) -> dict[str, Any]:
                 t_raw.append(time.perf_counter() - t0)
             rt, rw = statistics.median(t_runtime), statistics.median(t_raw)
             ts, tf, tw = (statistics.median(t) for t in (t_shm[1:], t_fresh, t_warm))
+            te, tx, ta = (statistics.median(t[1:]) for t in (t_eager, t_export, t_attach))
             results[f"{size // MB}MB"] = {
+                # eager hand-off, steady state (2..n): holder's export + consumer's attach
+                "eager_first_ms": t_eager[0] * 1e3,
+                "eager_p50_ms": te * 1e3,
+                "eager_export_p50_ms": tx * 1e3,
+                "eager_attach_p50_ms": ta * 1e3,
+                # the holder's memcpy of the same bytes into a reused buffer, just
+                # before each export (same process, same moment: the export's yardstick)
+                "holder_memcpy_reused_p50_ms": statistics.median(t_hcopy) * 1e3,
+                "eager_GBps": size / te / 1e9,
+                "tcp_time_over_eager": rt / te,
+                "fetch_shm_time_over_eager": ts / te,
+                "eager_time_over_memcpy_fresh": te / tf,
+                "eager_time_over_memcpy_reused": te / tw,
                 "shm_first_ms": t_shm[0] * 1e3,
                 "shm_GBps": size / ts / 1e9,
                 "shm_p50_ms": ts * 1e3,  # steady state: hand-offs 2..n
@@ -300,6 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['shm_time_over_memcpy_fresh']:.2f}x)  reused "
                 f"{r['memcpy_reused_p50_ms']:.1f} ms ({r['shm_time_over_memcpy_reused']:.2f}x)"
             )
+        print("eager hand-off (holder exports as its task ends + consumer attaches, no fetch):")
+        for size, r in dp.items():
+            print(
+                f"  {size:>5}: {r['eager_p50_ms']:.2f} ms (export {r['eager_export_p50_ms']:.2f} "
+                f"+ attach {r['eager_attach_p50_ms']:.3f}; holder memcpy "
+                f"{r['holder_memcpy_reused_p50_ms']:.2f})  tcp/eager "
+                f"{r['tcp_time_over_eager']:.2f}x  fetch-shm/eager "
+                f"{r['fetch_shm_time_over_eager']:.2f}x  eager/memcpy fresh "
+                f"{r['eager_time_over_memcpy_fresh']:.2f}x, reused "
+                f"{r['eager_time_over_memcpy_reused']:.2f}x"
+            )
     if not args.skip_control:
         cp = control_plane(args.requests, args.devices, policy=args.policy)
         out["control_plane"] = cp
@@ -312,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  scheduler CPU: {cp['scheduler_cpu_us_per_dispatch']:.0f} us per dispatch -> "
             f"{cp['scheduler_ceiling_dispatches_per_s']:.0f} dispatches/s on a core of its own"
         )
+    out["machine"]["load_avg_after"] = os.getloadavg()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -10,7 +10,10 @@ Same node: a fetcher on the holder's node asks ``fetch(shm=True)``; the holder c
 the output once into a shared-memory segment (:mod:`trident.runtime.shm`; recycled from
 its pool when one of the size is free) and answers with its name and generation instead
 of frames, and the fetcher maps it (its mappings are cached). Either side falls back to the
-frames when the segment cannot be made or mapped.
+frames when the segment cannot be made or mapped. A worker keeping an output exports it
+at once (:meth:`PeerServer.export`) and reports the segment with ``task_finished``; the
+scheduler hands it to the consumer, which attaches it with no fetch at all
+(:func:`shm_output`, :func:`attach_output`; docs/runtime.md, "Same-node hand-off").
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import zmq.asyncio
 from trident.errors import ProtocolError
 from trident.runtime import protocol
 from trident.runtime.serial import pack_tensors, unpack_tensors
-from trident.runtime.shm import ShmError, ShmSegment, ShmStore, attach
+from trident.runtime.shm import ShmError, ShmSegment, ShmStore, attach, node_prefix
 from trident.runtime.transport import CurveKeys, bound_address, make_socket
 
-__all__ = ["FetchMissing", "PeerClient", "PeerServer"]
+__all__ = ["FetchMissing", "PeerClient", "PeerServer", "attach_output", "shm_output"]
 
 FETCH_TIMEOUT_S = 120.0
 INLINE_COPY_BYTES = 8 << 20  # smaller shm exports are copied on the event loop
@@ -40,6 +43,28 @@ INLINE_COPY_BYTES = 8 << 20  # smaller shm exports are copied on the event loop
 
 def _nbytes(tensors: Mapping[str, Any]) -> int:
     return sum(int(getattr(t, "nbytes", 0) or 0) for t in tensors.values())
+
+
+def shm_output(seg: ShmSegment) -> protocol.ShmOutput:
+    """What ``task_finished`` (and then the consumer's ``InputAddr``) says about an
+    eagerly exported output: the segment's name with its generation, its layout, and
+    the tensors' descriptions."""
+    return protocol.ShmOutput(
+        name=seg.ref,
+        size=seg.size,
+        offsets=list(seg.offsets),
+        tensors=[protocol.TensorDesc(**m) for m in seg.meta],
+    )
+
+
+def attach_output(ref: protocol.ShmOutput, holder_node: str) -> dict[str, Any]:
+    """The tensors of an eagerly exported output, over a (cached) read-only mapping of
+    its segment; no request to the holder. Raises ShmError when the segment is not one
+    of ``holder_node``'s, is gone, or holds another generation (it was recycled after
+    the output's release): the caller fetches instead, and never reads the wrong output."""
+    if not ref.name.startswith(node_prefix(holder_node)):
+        raise ShmError(f"segment {ref.name} is not one of node {holder_node}'s")
+    return attach(ref.name, ref.size, ref.tensors, ref.offsets)
 
 
 class FetchMissing(Exception):
@@ -112,20 +137,47 @@ class PeerServer:
             elif isinstance(msg, protocol.Barrier) and self.on_barrier is not None:
                 self.on_barrier(msg.task_id, msg.rank, ident)
 
+    async def _create(self, kept: Mapping[str, Any]) -> ShmSegment | None:
+        """A new segment holding ``kept`` (copied on the loop when small, else in a
+        thread); None when it cannot be made (counted, the first one reported)."""
+        assert self.shm is not None
+        try:
+            if _nbytes(kept) <= INLINE_COPY_BYTES:  # a thread hop costs more
+                return self.shm.create(kept)
+            return await asyncio.to_thread(self.shm.create, kept)
+        except ShmError as exc:
+            self.shm_failures += 1
+            if self.on_error and self.shm_failures == 1:
+                self.on_error(f"shared memory unavailable, using tcp: {exc}")
+            return None
+
+    async def export(self, key: str) -> ShmSegment | None:
+        """The kept output ``key``'s segment, made now if it has none (the worker's
+        eager export when a task keeps its output); None when shm is off, ``key`` is
+        not kept (or was released or replaced while copying) or no segment can be made."""
+        if self.shm is None:
+            return None
+        kept = self.store.get(key)
+        if kept is None:
+            return None
+        seg = self.shm.get(key)
+        if seg is not None:
+            return seg
+        made = await self._create(kept)
+        if made is None:
+            return None
+        if self.store.get(key) is not kept:  # released (or replaced) while we copied
+            self.shm.discard(made)
+            return None
+        return self.shm.adopt(key, made)
+
     async def _send_shm(self, ident: bytes, msg: protocol.Fetch, kept: Mapping[str, Any]) -> None:
         """Answer a same-node fetch with the output's segment (made on first use)."""
         assert self.shm is not None
         seg = self.shm.get(msg.key)
         if seg is None:
-            try:
-                if _nbytes(kept) <= INLINE_COPY_BYTES:  # a thread hop costs more
-                    made: ShmSegment = self.shm.create(kept)
-                else:
-                    made = await asyncio.to_thread(self.shm.create, kept)
-            except ShmError as exc:
-                self.shm_failures += 1
-                if self.on_error and self.shm_failures == 1:
-                    self.on_error(f"shared memory unavailable, using tcp: {exc}")
+            made = await self._create(kept)
+            if made is None:
                 meta, frames = pack_tensors(kept)
                 head = protocol.Data(
                     key=msg.key, rid=msg.rid, tensors=[protocol.TensorDesc(**m) for m in meta]

@@ -56,6 +56,7 @@ __all__ = [
     "SCHEDULER_TO_CLIENT",
     "SCHEDULER_TO_NODE",
     "SCHEDULER_TO_WORKER",
+    "SHM_NAME_PATTERN",
     "Barrier",
     "BatchMember",
     "Cancel",
@@ -95,6 +96,7 @@ __all__ = [
     "RunBatch",
     "RunTask",
     "RunningTask",
+    "ShmOutput",
     "ShmRef",
     "Shutdown",
     "StageLoadFailed",
@@ -122,7 +124,9 @@ __all__ = [
 
 # 3: typed structs (msgspec), cancel_task, kill_worker, stage_load_failed, ping nonce.
 # 4: output types (Submit.output_type, OutputInfo), status query.
-PROTOCOL_VERSION = 5  # 5: yield_task, task_finished.steps_done (a paused diffuse)
+# 5: yield_task, task_finished.steps_done (a paused diffuse).
+# 6: task_finished.kept_shm, InputAddr.shm (a same-node input attached without a fetch).
+PROTOCOL_VERSION = 6
 
 # Headers are small maps; anything bigger is malformed or hostile.
 MAX_HEADER_BYTES = 1 << 20
@@ -154,6 +158,16 @@ OUTPUT_TYPES: tuple[OutputType, ...] = ("np", "uint8", "png", "mp4")
 OUTPUT_TYPE_PARAM = "output_type"
 OUTPUT_FPS_PARAM = "output_fps"
 Fps = Annotated[int, Meta(ge=1, le=240)]
+# A shared-memory segment's name (trident/runtime/shm.py NAME_RE, the same pattern: a
+# file in /dev/shm, never a path); an eagerly exported output's also ends in
+# ``-<seq>.<generation>`` (ShmSegment.ref), so a recycled segment is told apart.
+SHM_NAME_PATTERN = r"^trident-[A-Za-z0-9_.-]{1,200}$"
+ShmName = Annotated[str, Meta(pattern=SHM_NAME_PATTERN)]
+ShmGenName = Annotated[
+    str, Meta(max_length=256, pattern=r"^trident-[A-Za-z0-9_.-]{1,200}-[0-9]{1,20}\.[0-9]{1,20}$")
+]
+ShmSize = Annotated[int, Meta(ge=1, le=1 << 40)]
+ShmOffsets = Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(max_length=256)]
 
 
 class _Base(Struct, tag_field="t", omit_defaults=False):
@@ -437,12 +451,33 @@ class Heartbeat(_Base, tag="heartbeat"):
     queued: Count = 0
 
 
+class ShmOutput(Struct):
+    """A kept stage output its worker already wrote into one of its shared-memory
+    segments when the task finished (docs/runtime.md, "Same-node hand-off"): what a
+    consumer on the holder's node needs to attach it with no fetch (trident/runtime/shm.py
+    ``attach``). ``name`` carries the segment's generation: a recycled segment no
+    longer matches, and the consumer falls back to a fetch."""
+
+    name: ShmGenName
+    size: ShmSize
+    offsets: ShmOffsets
+    tensors: Tensors
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) != len(self.tensors):
+            raise ValueError(f"{len(self.tensors)} tensors described, {len(self.offsets)} offsets")
+        if any(off > self.size for off in self.offsets):
+            raise ValueError(f"an offset lies past the segment's {self.size} bytes")
+
+
 class InputAddr(Struct):
-    """A kept stage output and the peer address of the worker keeping it."""
+    """A kept stage output and the peer address of the worker keeping it; ``shm``: the
+    holder exported it into shared memory (a consumer on its node may attach it)."""
 
     key: Id
     device_id: Id
     addr: Addr
+    shm: ShmOutput | None = None
 
 
 class GroupSpec(Struct):
@@ -539,6 +574,10 @@ class TaskFinished(_Base, tag="task_finished"):
     # or a chunk ending before the last step); the kept output is its chunk state and
     # the task's stages after diffuse did not run (nothing rides with a final task).
     steps_done: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    # A kept (not final) output already in the worker's shared-memory segment (eager
+    # export; None: shm off or the segment could not be made). The scheduler passes it
+    # on in the consumer's InputAddr.shm.
+    kept_shm: ShmOutput | None = None
 
 
 class TaskFailed(_Base, tag="task_failed"):
@@ -595,9 +634,9 @@ class Fetch(_Base, tag="fetch"):
 class ShmRef(Struct):
     """A kept output in a same-node shared-memory segment (trident/runtime/shm.py)."""
 
-    name: Annotated[str, Meta(pattern=r"^trident-[A-Za-z0-9_.-]{1,200}$")]
-    size: Annotated[int, Meta(ge=1, le=1 << 40)]
-    offsets: Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(max_length=256)]
+    name: ShmName
+    size: ShmSize
+    offsets: ShmOffsets
 
 
 class Data(_Base, tag="data"):

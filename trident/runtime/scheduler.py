@@ -76,6 +76,7 @@ from trident.runtime.protocol import (
 )
 from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.registry import ServedModel, build_request_shape, register_models
+from trident.runtime.shm import node_prefix, segment_prefix
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 from trident.sched.core import SchedulerCore, handle_events
@@ -144,6 +145,22 @@ class _WorkerConn:
     up: bool = True
     store_addr: str | None = None  # torch rendezvous store (cpu/cuda workers)
     resident: set[tuple[str, str]] = field(default_factory=set)  # (model, stage) it reported
+    # Its kept outputs already in its shared-memory segments (task_finished.kept_shm), by
+    # key, until released: passed on in a consumer's InputAddr.shm. Dies with the conn.
+    shm_refs: dict[str, protocol.ShmOutput] = field(default_factory=dict)
+
+    def own_segment(self, name: str) -> bool:
+        """Whether ``name`` is one of this worker's segments (its node, index, pid)."""
+        if self.pid is not None:
+            prefix = segment_prefix(self.info.node_id, self.info.index, self.pid)
+        else:
+            prefix = f"{node_prefix(self.info.node_id)}{int(self.info.index)}-"
+        return name.startswith(prefix)
+
+
+# Bound on one worker's remembered shm references (only an optimisation: past it the
+# oldest are forgotten and their consumers fetch).
+MAX_SHM_REFS = 4096
 
 
 @dataclass
@@ -542,6 +559,9 @@ class SchedulerDaemon:
                 self._to_worker(dev, protocol.encode(protocol.YieldTask(task_id=cmd.task_id)))
             self.log.info("stage.yielding", task_id=cmd.task_id, devices=list(cmd.devices))
         elif isinstance(cmd, ReleaseOutput):
+            holder = self.workers.get(cmd.device_id)
+            if holder is not None:
+                holder.shm_refs.pop(cmd.key, None)
             self._to_worker(cmd.device_id, protocol.encode(protocol.Release(key=cmd.key)))
         elif isinstance(cmd, CompleteRequest):
             self._complete(cmd)
@@ -583,7 +603,12 @@ class SchedulerDaemon:
             if holder is None or not holder.up:
                 return None
             inputs.append(
-                protocol.InputAddr(key=ref.key, device_id=ref.device_id, addr=holder.peer_addr)
+                protocol.InputAddr(
+                    key=ref.key,
+                    device_id=ref.device_id,
+                    addr=holder.peer_addr,
+                    shm=holder.shm_refs.get(ref.key),
+                )
             )
         return inputs
 
@@ -1252,6 +1277,8 @@ class SchedulerDaemon:
                 # failed or cancelled would never claim it: don't keep it). A paused
                 # diffuse's state stays on its worker, like any kept output.
                 self.results[cmd.request_id] = (list(msg.tensors or []), frames, msg.output)
+            elif msg.kept_shm is not None and (paused or not cmd.final):
+                self._keep_shm_ref(conn, msg.task_id, msg.kept_shm)
             self.feed(
                 TaskFinished(
                     msg.task_id,
@@ -1333,6 +1360,20 @@ class SchedulerDaemon:
                 stage=msg.stage,
                 message=msg.message,
             )
+
+    def _keep_shm_ref(self, conn: _WorkerConn, key: str, ref: protocol.ShmOutput) -> None:
+        """Remember a kept output's segment for its consumers (validated at decode; here
+        also that it names one of the reporting worker's own segments)."""
+        if not conn.own_segment(ref.name):
+            self.rejections.note(
+                conn.info.device_id,
+                channel="shm_ref",
+                error=f"task_finished names segment {ref.name[:80]!r}, not one of its own",
+            )
+            return
+        conn.shm_refs[key] = ref
+        while len(conn.shm_refs) > MAX_SHM_REFS:
+            del conn.shm_refs[next(iter(conn.shm_refs))]
 
     def _log_task_memory(
         self, conn: _WorkerConn, cmd: RunTask, msg: protocol.TaskFinished, batch: int
@@ -1442,6 +1483,7 @@ class SchedulerDaemon:
         if conn is None or not conn.up:
             return
         conn.up = False
+        conn.shm_refs.clear()
         node = self.nodes.get(conn.info.node_id)
         for task_id in [t for t, c in self.task_info.items() if device_id in c.devices]:
             del self.task_info[task_id]  # it will never report
@@ -1469,6 +1511,7 @@ class SchedulerDaemon:
         for conn in self.workers.values():
             if conn.info.node_id == node_id and conn.up:
                 conn.up = False
+                conn.shm_refs.clear()
         for task_id in [
             t
             for t, c in self.task_info.items()

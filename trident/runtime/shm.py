@@ -1,12 +1,13 @@
 """Same-node hand-off of kept stage outputs: POSIX shared memory on CPU, CUDA IPC on GPUs.
 
 A worker whose next stage runs on another worker of the **same node** does not send
-the output over TCP: on the first same-node ``fetch`` of a kept output the producer
-copies it, once, into a shared-memory segment (a file in :data:`SHM_DIR`, ``/dev/shm``)
-and answers with the segment's name and layout; the consumer maps it read-only and
-rebuilds the tensors over the mapping without a copy (:func:`attach`), exactly as the
-TCP path rebuilds them over the received frames (the same :mod:`trident.runtime.serial`
-code, so the tensors are bit-identical).
+the output over TCP: when it keeps the output (:func:`eager_export_enabled`), or else on
+the first same-node ``fetch`` of it, the producer copies it, once, into a shared-memory
+segment (a file in :data:`SHM_DIR`, ``/dev/shm``); the segment's name and layout reach
+the consumer (through the scheduler's ``run_task``, or in the ``fetch`` reply), which
+maps it read-only and rebuilds the tensors over the mapping without a copy
+(:func:`attach`), exactly as the TCP path rebuilds them over the received frames (the
+same :mod:`trident.runtime.serial` code, so the tensors are bit-identical).
 
 Naming and lifetime (docs/runtime.md, "Same-node hand-off"):
 
@@ -60,6 +61,7 @@ __all__ = [
     "cuda_ipc_import",
     "detach",
     "drop_mappings",
+    "eager_export_enabled",
     "in_segment",
     "list_segments",
     "node_prefix",
@@ -87,6 +89,15 @@ class ShmError(Exception):
 def shm_enabled() -> bool:
     """Whether same-node fetches may use shared memory (``TRIDENT_SHM``, default on)."""
     return os.environ.get("TRIDENT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def eager_export_enabled() -> bool:
+    """Whether a worker writes a kept output into a segment when its task finishes
+    (``TRIDENT_SHM_EAGER``, default on; with ``TRIDENT_SHM`` on), so that a consumer
+    on its node attaches it with no fetch. Off: the segment is made on the first
+    same-node fetch, as before."""
+    eager = os.environ.get("TRIDENT_SHM_EAGER", "1").strip().lower()
+    return shm_enabled() and eager not in ("0", "false", "no", "off")
 
 
 def _safe(node_id: str) -> str:

@@ -57,7 +57,13 @@ from trident.errors import ProtocolError
 from trident.families import STAGES
 from trident.log import configure_logging, get_logger
 from trident.runtime import protocol
-from trident.runtime.dataplane import FetchMissing, PeerClient, PeerServer
+from trident.runtime.dataplane import (
+    FetchMissing,
+    PeerClient,
+    PeerServer,
+    attach_output,
+    shm_output,
+)
 from trident.runtime.devices import (
     Executor,
     OutOfMemory,
@@ -72,7 +78,14 @@ from trident.runtime.peerweights import PeerWeights, peer_weights_enabled
 from trident.runtime.protocol import SCHEDULER_TO_WORKER
 from trident.runtime.ratelimit import RejectionLog
 from trident.runtime.serial import pack_tensors
-from trident.runtime.shm import ShmStore, detach, segment_prefix, shm_enabled
+from trident.runtime.shm import (
+    ShmError,
+    ShmStore,
+    detach,
+    eager_export_enabled,
+    segment_prefix,
+    shm_enabled,
+)
 from trident.runtime.supervise import supervised
 from trident.runtime.transport import make_socket
 
@@ -189,9 +202,12 @@ class Worker:
         self.peers: PeerClient | None = None
         self.peer_addr = ""
         self.outputs: dict[str, dict[str, Any]] = {}  # kept stage outputs by task id
-        # Their same-node shared-memory copies (made on a same-node fetch, recycled
-        # into a bounded pool with the output; trident/runtime/shm.py); None: TRIDENT_SHM=0.
+        # Their same-node shared-memory copies (made when the output is kept, or on a
+        # same-node fetch; recycled into a bounded pool with the output;
+        # trident/runtime/shm.py); None: TRIDENT_SHM=0.
         self.shm: ShmStore | None = None
+        # Export a kept output into shared memory before reporting it (TRIDENT_SHM_EAGER).
+        self.eager_shm = eager_export_enabled()
         self.queue: deque[_Task] = deque()
         self.queue_event = asyncio.Event()
         self.models: dict[str, dict[str, Any]] = {}
@@ -570,13 +586,33 @@ class Worker:
                     raise InputLost(f"input {ref.key} is no longer kept on this device")
                 merged.update(local)
                 continue
+            # A holder on our node (device ids are "<node>/<kind>:<i>") may have put the
+            # output in shared memory already (ref.shm, from its task_finished): attach
+            # it, no fetch; else it may answer a fetch with shared memory instead of frames.
+            holder_node = ref.device_id.split("/", 1)[0]
+            same_node = holder_node == self.args.node_id and self.shm is not None
+            if same_node and ref.shm is not None:
+                t0 = time.perf_counter()
+                try:
+                    tensors = attach_output(ref.shm, holder_node)
+                except ShmError as exc:
+                    # Recycled (a stale generation), gone or unreadable: fetch it.
+                    self.log.info("input.shm_ref_refused", key=ref.key, error=str(exc)[:300])
+                else:
+                    secs = time.perf_counter() - t0
+                    merged.update(tensors)
+                    total += secs
+                    self.log.info(
+                        "input.fetched",
+                        task_id=task.task_id,
+                        key=ref.key,
+                        holder=ref.device_id,
+                        via="shm_ref",
+                        seconds=round(secs, 6),
+                    )
+                    continue
             try:
-                # A holder on our node (device ids are "<node>/<kind>:<i>") may answer
-                # with shared memory instead of frames.
-                same_node = ref.device_id.split("/", 1)[0] == self.args.node_id
-                tensors, secs, via = await self.peers.fetch_via(
-                    ref.addr, ref.key, shm=same_node and self.shm is not None
-                )
+                tensors, secs, via = await self.peers.fetch_via(ref.addr, ref.key, shm=same_node)
             except FetchMissing:
                 raise InputLost(f"input {ref.key} is no longer kept on {ref.device_id}") from None
             except TimeoutError:
@@ -848,6 +884,12 @@ class Worker:
             # Kept past the task: a tensor aliasing a producer's shm segment (an input
             # passed through) is copied out, as the producer recycles it at release.
             self.outputs[task_id] = detach(result.outputs)
+            if self.eager_shm and self.server is not None:
+                # Into a pooled segment now, so a consumer on this node attaches it with
+                # no fetch (the scheduler passes the reference on; release recycles it).
+                seg = await self.server.export(task_id)
+                if seg is not None and task_id in self.outputs:
+                    report.kept_shm = shm_output(seg)
             await self._send(report)
         return True
 
