@@ -23,6 +23,17 @@ _configured = False
 _out: TextIO | None = None
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is at each write (not the stream of the moment logging was
+    configured: a test runner swaps and closes its captured streams)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     log_file: str | None = None,
     *,
@@ -41,7 +52,7 @@ def configure_logging(
         out = open(log_file, "a", buffering=(1 << 16) if buffered else 1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
         _out = out
     else:
-        out = stream or sys.stderr
+        out = stream or _Stderr()  # type: ignore[assignment]  # a TextIO for print()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -371,3 +371,54 @@ def test_the_tiling_decision_counts_the_weights_the_device_holds() -> None:
     assert core._decode_needs_tiling(req, dev.device_id, ("encode", "diffuse", "decode"))
     holds.update({("cv", "encode"), ("cv", "diffuse"), ("cv", "decode")})
     assert core._decode_needs_tiling(req, dev.device_id)
+
+
+def test_a_float32_model_is_planned_with_twice_the_activation_bytes() -> None:
+    """The cost model's activation figures are bfloat16; a model served in float32 needs
+    twice them (#12 item 1): its decode tiles where the same model in bfloat16 does not."""
+    from trident.sched.cost import decode_peak_bytes, load_cost_model
+
+    cost = load_cost_model()
+    shape = Shape(768, 432, 17, 6)
+    untiled = decode_peak_bytes(cost, "cogvideox", shape, tiled=False)
+    memory = 40 * 10**9
+    assert untiled < 0.5 * memory < 2 * untiled  # the premise
+
+    def tiles(dtype: str) -> bool:
+        models = {"cv": ModelInfo("cv", "cogvideox", dtype=dtype)}
+        core = FifoPolicy(models, cost, CoreConfig(preload=False))
+        dev = DeviceInfo("n0/sim:0", "n0", "sim", 0, memory)
+        core.handle(NodeJoined("n0", (dev,)), 0.0)
+        core.handle(RequestArrived(RequestSpec("v", "cv", shape, arrival=0.0)), 0.0)
+        core.devices[dev.device_id].holds.clear()
+        return core._decode_needs_tiling(core.requests["v"], dev.device_id)
+
+    assert not tiles("bfloat16")
+    assert not tiles("auto")  # sized as bfloat16, as its weights are
+    assert tiles("float32")
+
+
+def test_a_float32_model_needs_twice_the_activations_to_fit_a_device() -> None:
+    """A shape whose bfloat16 diffuse fits beside its weights at degree 1 is refused in
+    float32 on a cluster too small for its doubled activations at any degree."""
+    from trident.sched.cost import load_cost_model
+    from trident.sched.placed import PlacedPolicy
+    from trident.sim.scenario import make_sim_policy
+
+    cost = load_cost_model()
+    shape = Shape(2048, 2048, 1, 28)
+    peak = cost.stage_peak_bytes("flux", "diffuse", shape, 1)
+    weights = cost.weight_bytes("flux", "diffuse")
+    memory = int(2 * weights + 1.2 * peak)  # float32 weights fit, doubled peak does not
+
+    def misfit(dtype: str) -> str | None:
+        models = {"f": ModelInfo("f", "flux", dtype=dtype, max_degree=1)}
+        policy = make_sim_policy("trident", models, cost)
+        assert isinstance(policy, PlacedPolicy)
+        dev = DeviceInfo("n0/sim:0", "n0", "sim", 0, memory)
+        policy.handle(NodeJoined("n0", (dev,)), 0.0)
+        return policy.memory_misfit("f", shape)
+
+    assert misfit("bfloat16") is None
+    msg = misfit("float32")
+    assert msg is not None and "diffuse" in msg

@@ -472,6 +472,9 @@ class SimExecutor(Executor):
         family = self._family(model)
         degree = int(options.get("degree", 1))
         tiled = bool(options.get("vae_tiling"))
+        # The model's activations against the family's bfloat16 figures (its dtype).
+        name = str((self.models.get(model) or {}).get("dtype") or "auto")
+        act = DTYPE_BYTES.get(name, 2) / 2
         shape = self._shape(params)
         result = TaskResult(outputs={}, stage_seconds={})
         result.evicted, self.evicted = self.evicted, []
@@ -496,6 +499,7 @@ class SimExecutor(Executor):
                 peak = decode_peak_bytes(self.cost, family, shape, tiled)
             else:
                 peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
+            peak = int(act * peak)
             secs = batch_stage_seconds(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
             result.evicted += self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
             sleeps.append((stage, secs / self.speed * self.time_scale))

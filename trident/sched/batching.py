@@ -189,7 +189,10 @@ def _fitting_size(cost: CostModel, head: QueueItem, b_max: int, room: int) -> in
     bytes (1 when even a pair does not)."""
     stages: tuple[Stage, ...] = STAGES if head.next_stage == "encode" else STAGES[1:]
     for b in range(b_max, 1, -1):
-        peak = max(batch_peak_bytes(cost, head.family, s, head.shape, 1, b) for s in stages)
+        peak = max(
+            head.bytes_scale * batch_peak_bytes(cost, head.family, s, head.shape, 1, b)
+            for s in stages
+        )
         if peak <= room:
             return b
     return 1

@@ -20,7 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from trident.sched.cost import best_degree, decode_peak_bytes, model_weight_bytes
+from trident.sched.cost import (
+    activation_scale,
+    best_degree,
+    decode_peak_bytes,
+    model_weight_bytes,
+)
 from trident.sched.residency import LoadSource, choose_load_source
 from trident.sched.solver import Clock, no_clock
 from trident.sched.types import (
@@ -556,6 +561,9 @@ class SchedulerCore:
         if self.cost is None or dev is None:
             return False
         peak = decode_peak_bytes(self.cost, req.family, req.spec.shape, tiled=False)
+        model_info = self.models.get(req.spec.model)
+        if model_info is not None:
+            peak = int(activation_scale(model_info) * peak)
         weights = 0
         for model, stage in dev.holds | {(req.spec.model, s) for s in stages}:
             info = self.models.get(model)

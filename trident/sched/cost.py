@@ -55,6 +55,7 @@ __all__ = [
     "ProfileFile",
     "ReferenceCostModel",
     "ScaledCostModel",
+    "activation_scale",
     "batch_peak_bytes",
     "batch_stage_seconds",
     "best_degree",
@@ -859,6 +860,13 @@ def model_weight_bytes(cost: object, info: object, stage: Stage) -> int:
     # The family's figures are bfloat16 (2 bytes per weight): scale to the model's dtype.
     per = DTYPE_BYTES.get(str(getattr(info, "dtype", "bfloat16")), 2)
     return int(cost.weight_bytes(info.family, stage)) * per // 2  # type: ignore[attr-defined]
+
+
+def activation_scale(info: object) -> float:
+    """How a served model's activation bytes compare with the cost model's family
+    figures (bfloat16): its dtype's bytes per element / 2 (float32: 2; "auto" is sized
+    as bfloat16, as its weights are: ``model_weight_bytes``). Works with any ModelInfo."""
+    return DTYPE_BYTES.get(str(getattr(info, "dtype", "bfloat16")), 2) / 2
 
 
 def best_degree(

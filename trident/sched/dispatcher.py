@@ -91,6 +91,9 @@ class QueueItem:
     # Share of the diffuse still to run: below 1 for a paused diffuse that resumes
     # (docs/planner.md "Preemption"); its diffuse times are scaled by it.
     diffuse_fraction: float = 1.0
+    # Activation bytes of this model against the cost model's (bfloat16) figures: its
+    # dtype's (trident.sched.cost.activation_scale; float32: 2).
+    bytes_scale: float = 1.0
 
     @property
     def size(self) -> int:
@@ -235,17 +238,24 @@ class Dispatcher:
     config: DispatchConfig = field(default_factory=DispatchConfig)
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)
     relaxed: bool = False  # whether the last round was relaxed (see candidates)
-    _shapes: dict[tuple[str, Shape, int, int, float], _ShapeInfo] = field(
+    _shapes: dict[tuple[str, Shape, int, int, float, float], _ShapeInfo] = field(
         default_factory=dict, repr=False
     )
 
     def _shape_info(
-        self, family: str, shape: Shape, max_degree: int, batch: int = 1, fraction: float = 1.0
+        self,
+        family: str,
+        shape: Shape,
+        max_degree: int,
+        batch: int = 1,
+        fraction: float = 1.0,
+        scale: float = 1.0,
     ) -> _ShapeInfo:
         """Figures of one call for ``batch`` requests of ``shape`` (batches: degree 1;
         output bytes are every member's together); ``fraction``: share of the diffuse
-        steps still to run (a resumed chunk)."""
-        key = (family, shape, max_degree, batch, fraction)
+        steps still to run (a resumed chunk); ``scale``: the model's activation bytes
+        against the family's (its dtype: ``QueueItem.bytes_scale``)."""
+        key = (family, shape, max_degree, batch, fraction, scale)
         got = self._shapes.get(key)
         if got is not None:
             return got
@@ -261,15 +271,15 @@ class Dispatcher:
             diffuse={
                 k: (
                     fraction * batch_stage_seconds(cost, family, "diffuse", shape, k, batch),
-                    batch_peak_bytes(cost, family, "diffuse", shape, k, batch),
+                    int(scale * batch_peak_bytes(cost, family, "diffuse", shape, k, batch)),
                 )
                 for k in ks
             },
             enc_t=batch_stage_seconds(cost, family, "encode", shape, 1, batch),
             dec_t=batch_stage_seconds(cost, family, "decode", shape, 1, batch),
-            enc_peak=batch_peak_bytes(cost, family, "encode", shape, 1, batch),
-            dec_peak=batch_peak_bytes(cost, family, "decode", shape, 1, batch),
-            text_b=batch * cost.output_bytes(family, "encode", shape),
+            enc_peak=int(scale * batch_peak_bytes(cost, family, "encode", shape, 1, batch)),
+            dec_peak=int(scale * batch_peak_bytes(cost, family, "decode", shape, 1, batch)),
+            text_b=int(batch * scale * cost.output_bytes(family, "encode", shape)),
             lat_b=batch * cost.output_bytes(family, "diffuse", shape),
         )
         if len(self._shapes) >= 4096:
@@ -329,7 +339,12 @@ class Dispatcher:
         """Seconds the request still needs with no queueing at its fastest supported
         degree (a lower bound on its remaining time)."""
         info = self._shape_info(
-            item.family, item.shape, item.max_degree, item.size, item.diffuse_fraction
+            item.family,
+            item.shape,
+            item.max_degree,
+            item.size,
+            item.diffuse_fraction,
+            item.bytes_scale,
         )
         dif = min((t for t, _ in info.diffuse.values()), default=0.0)
         return (info.enc_t if item.next_stage == "encode" else 0.0) + dif + info.dec_t
@@ -358,7 +373,8 @@ class Dispatcher:
         for d in devices:
             if not d.available or "decode" not in d.holds.get(item.model, frozenset()):
                 continue
-            if self.cost.stage_peak_bytes(item.family, "decode", item.shape) > d.free_memory:
+            peak = item.bytes_scale * self.cost.stage_peak_bytes(item.family, "decode", item.shape)
+            if peak > d.free_memory:
                 continue
             xfer = 0.0
             cross = 0
@@ -480,7 +496,9 @@ class Dispatcher:
                 continue
             before = len(out)
             fam, shape, model = item.family, item.shape, item.model
-            info = self._shape_info(fam, shape, item.max_degree, item.size, item.diffuse_fraction)
+            info = self._shape_info(
+                fam, shape, item.max_degree, item.size, item.diffuse_fraction, item.bytes_scale
+            )
 
             def room_of(k: int, m: str = model) -> int:
                 return _cached_group_free(gfree, dev.values(), m, k)

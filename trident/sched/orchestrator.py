@@ -43,7 +43,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trident.sched.cost import best_degree, efficient_degrees, memo_table, model_weight_bytes
+from trident.sched.cost import (
+    activation_scale,
+    best_degree,
+    efficient_degrees,
+    memo_table,
+    model_weight_bytes,
+)
 from trident.sched.dispatcher import SolverName
 from trident.sched.graph import PLACEMENT_TYPES, placement_type, stages_of_type
 from trident.sched.solver import Clock, no_clock, optimize, preload, solver_library
@@ -223,7 +229,7 @@ def _stage_peak(
         else:
             p = cost.stage_peak_bytes(fam, stage, shape, 1)
         peak = max(peak, p)
-    return peak
+    return int(activation_scale(info) * peak)
 
 
 def type_fits(

@@ -23,6 +23,7 @@ from typing import Any
 
 from trident.sched.core import CoreConfig, RequestState, SchedulerCore
 from trident.sched.cost import (
+    activation_scale,
     efficient_degrees,
     memo_table,
     model_weight_bytes,
@@ -206,6 +207,7 @@ class PlacedPolicy(SchedulerCore):
         if not devs or info is None:
             return None
         cost, fam = self.cost, info.family
+        act = activation_scale(info)
         top = max(d.memory_bytes for d in devs)
         per_node: dict[str, dict[int, int]] = {}
         for d in devs:
@@ -213,14 +215,14 @@ class PlacedPolicy(SchedulerCore):
         for s in ("encode", "diffuse", "decode"):
             w = model_weight_bytes(cost, info, s)
             if s != "diffuse":
-                need, k_best = w + cost.stage_peak_bytes(fam, s, shape, 1), 1
+                need, k_best = w + int(act * cost.stage_peak_bytes(fam, s, shape, 1)), 1
                 if need <= top:
                     continue
             else:
                 options: list[tuple[int, int]] = []
                 ok = False
                 for k in supported_degrees(cost, fam, shape, info.max_degree):
-                    need_k = w + cost.stage_peak_bytes(fam, s, shape, k)
+                    need_k = w + int(act * cost.stage_peak_bytes(fam, s, shape, k))
                     best = _best_aligned_memory(per_node, k)
                     if best < 0:
                         continue  # no node has an aligned group of k devices
@@ -230,7 +232,8 @@ class PlacedPolicy(SchedulerCore):
                     options.append((need_k, k))
                 if ok:
                     continue
-                need, k_best = min(options, default=(w + cost.stage_peak_bytes(fam, s, shape), 1))
+                fallback = w + int(act * cost.stage_peak_bytes(fam, s, shape))
+                need, k_best = min(options, default=(fallback, 1))
             peak = need - w
             return (
                 f"model {model!r} at {shape.height}x{shape.width}x{shape.num_frames} "
@@ -338,7 +341,8 @@ class PlacedPolicy(SchedulerCore):
                         for k in supported_degrees(cost, fam, it.shape, info.max_degree)
                         if k not in ks
                     ]
-                    peaks = {k: cost.stage_peak_bytes(fam, s, it.shape, k) for k in ks}
+                    act = activation_scale(info)
+                    peaks = {k: int(act * cost.stage_peak_bytes(fam, s, it.shape, k)) for k in ks}
                     extra = False
                     if any(peaks[k] <= group_free(it.model, k) for k in ks):
                         # Homed already. A shape that only few groups fit (e.g. one
@@ -358,7 +362,8 @@ class PlacedPolicy(SchedulerCore):
                 else:
                     ks = [1]
                     extra = False
-                    if cost.stage_peak_bytes(fam, s, it.shape, 1) <= stage_free(it.model, s):
+                    peak1 = activation_scale(info) * cost.stage_peak_bytes(fam, s, it.shape, 1)
+                    if peak1 <= stage_free(it.model, s):
                         continue
                 if extra and self.extra_home_protected(now) - {it.model}:
                     continue  # other models' traffic needs their devices
@@ -426,7 +431,9 @@ class PlacedPolicy(SchedulerCore):
         for v in views:
             by_node.setdefault(v.node_id, {})[v.index] = v
         for k in ks:
-            peak = self.cost.stage_peak_bytes(info.family, stage, shape, k)
+            peak = int(
+                activation_scale(info) * self.cost.stage_peak_bytes(info.family, stage, shape, k)
+            )
             best: tuple[tuple[float, ...], list[DeviceView], list[list[tuple[str, Stage]]]] | None
             best = None
             for node in sorted(by_node):
@@ -599,6 +606,7 @@ class PlacedPolicy(SchedulerCore):
             input_device=req.output.device_id if req.output is not None else None,
             max_degree=info.max_degree,
             diffuse_fraction=req.remaining_diffuse_fraction,
+            bytes_scale=activation_scale(info),
         )
 
     def issue(

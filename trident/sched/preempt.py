@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trident.sched.cost import (
+    activation_scale,
     batch_peak_bytes,
     best_degree,
     model_weight_bytes,
@@ -262,8 +263,10 @@ def _fits(
             for s in mine
             if (req.spec.model, s) not in st.holds
         )
+        act = activation_scale(info)
         peak = max(
-            int(batch_peak_bytes(policy.cost, req.family, s, req.spec.shape, k, 1)) for s in mine
+            int(act * batch_peak_bytes(policy.cost, req.family, s, req.spec.shape, k, 1))
+            for s in mine
         )
         keep = sum(
             model_weight_bytes(policy.cost, policy.models[m], s)

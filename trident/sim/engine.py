@@ -43,7 +43,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trident.sched.cost import batch_peak_bytes, batch_stage_seconds, decode_peak_bytes
+from trident.sched.cost import (
+    activation_scale,
+    batch_peak_bytes,
+    batch_stage_seconds,
+    decode_peak_bytes,
+    model_weight_bytes,
+)
 from trident.sched.residency import choose_load_source, victims
 from trident.sched.types import (
     Command,
@@ -420,6 +426,15 @@ class Simulator:
 
     # ------------------------------------------------------------------ commands
 
+    def _weight(self, model: str, stage: Stage) -> int:
+        """Weights of ``model``'s ``stage`` on a device: the planner's figure
+        (:func:`trident.sched.cost.model_weight_bytes`: its own, else the family's at
+        its dtype)."""
+        info = self.models.get(model)
+        if info is None:
+            return int(self.cost.weight_bytes(self._family(model), stage))
+        return model_weight_bytes(self.cost, info, stage)
+
     def _family(self, model: str) -> str:
         info = self.models.get(model)
         return info.family if info is not None else model
@@ -543,7 +558,7 @@ class Simulator:
                     d.queue.popleft()
                     continue
                 family = self._family(head.model)
-                need = int(self.cost.weight_bytes(family, head.stage))
+                need = self._weight(head.model, head.stage)
                 if not self._make_room(d, need, set()):
                     self.stats["load_ops_skipped_oom"] += 1
                     d.queue.popleft()
@@ -617,19 +632,24 @@ class Simulator:
         keep = set(keys)
         b = len(task.members)
         tiled = bool(cmd.options.get("vae_tiling"))
-        peak = max(
-            # decode's peak depends on tiling (the core's choice for this task)
-            decode_peak_bytes(self.cost, fam, task.shape, tiled)
-            if s == "decode"
-            else int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b))
-            for s in cmd.stages
+        info = self.models.get(cmd.model)
+        act = activation_scale(info) if info is not None else 1.0  # the model's dtype
+        peak = int(
+            act
+            * max(
+                # decode's peak depends on tiling (the core's choice for this task)
+                decode_peak_bytes(self.cost, fam, task.shape, tiled)
+                if s == "decode"
+                else int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b))
+                for s in cmd.stages
+            )
         )
         load_s = 0.0
         loads: list[tuple[_Dev, _Key, float, str]] = []
         for dev_id in cmd.devices:
             d = self.devs[dev_id]
             missing = [k for k in keys if k not in d.resident]
-            need = sum(int(self.cost.weight_bytes(fam, k[1])) for k in missing) + peak
+            need = sum(self._weight(k[0], k[1]) for k in missing) + peak
             if not self._make_room(d, need, keep):
                 self._oom(task, d, need)
                 return
@@ -644,7 +664,7 @@ class Simulator:
                 loads.append((d, k, secs, src))
             load_s = max(load_s, dev_load)
         for d, k, secs, _src in loads:
-            self._add_resident(d, k, int(self.cost.weight_bytes(fam, k[1])))
+            self._add_resident(d, k, self._weight(k[0], k[1]))
             self.stats["loads"] += 1
             self.stats["load_seconds"] += secs
         for dev_id in cmd.devices:
