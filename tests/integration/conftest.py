@@ -14,8 +14,14 @@ from trident.bench.cluster import LocalCluster, NodeSpec
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every complete JSON line of a log the daemons may still be writing: a last line
+    without its newline (a block-buffered writer flushed half of it) is left for the
+    next read."""
+    text = Path(path).read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
     lines = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line.startswith("{"):
             lines.append(json.loads(line))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,8 +25,32 @@ from trident.errors import TridentError
 __all__ = ["LocalCluster", "NodeSpec", "free_port"]
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port *below* the kernel's ephemeral range. A port from that range
+    (what binding port 0 gives) invites a TCP self-connect: a node started before its
+    scheduler binds retries its connect, and once in a while the kernel picks the
+    target port itself as the source port, joining the node's socket to itself; the
+    scheduler then never hears that node (a cluster-start flake seen about once per
+    suite run: "nodes [] after 60 s")."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: any port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
