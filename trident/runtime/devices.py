@@ -396,9 +396,13 @@ class SimExecutor(Executor):
     def _weight_bytes(self, model: str, family: str, stage: str) -> int:
         """The cost model's (bfloat16) weights of ``stage``, at the model's dtype
         ("auto" on a simulated GPU: bfloat16), as the planner sizes them."""
+        return int(self.cost.weight_bytes(family, stage)) * self._dtype_bytes(model) // 2  # type: ignore[arg-type]
+
+    def _dtype_bytes(self, model: str) -> int:
+        """Bytes per element of ``model``'s dtype ("auto" on a simulated GPU: bfloat16);
+        the cost model's figures are bfloat16 (2)."""
         name = str((self.models.get(model) or {}).get("dtype") or "auto")
-        per = DTYPE_BYTES.get(name, 2)
-        return int(self.cost.weight_bytes(family, stage)) * per // 2  # type: ignore[arg-type]
+        return DTYPE_BYTES.get(name, 2)
 
     def load(self, model: str, stage: str, source: str = "disk") -> tuple[float, str]:
         if (model, stage) in self.resident:
@@ -472,9 +476,7 @@ class SimExecutor(Executor):
         family = self._family(model)
         degree = int(options.get("degree", 1))
         tiled = bool(options.get("vae_tiling"))
-        # The model's activations against the family's bfloat16 figures (its dtype).
-        name = str((self.models.get(model) or {}).get("dtype") or "auto")
-        act = DTYPE_BYTES.get(name, 2) / 2
+        act = self._dtype_bytes(model) / 2  # activations at the model's dtype
         shape = self._shape(params)
         result = TaskResult(outputs={}, stage_seconds={})
         result.evicted, self.evicted = self.evicted, []

@@ -591,34 +591,28 @@ class Worker:
             # it, no fetch; else it may answer a fetch with shared memory instead of frames.
             holder_node = ref.device_id.split("/", 1)[0]
             same_node = holder_node == self.args.node_id and self.shm is not None
+            tensors: dict[str, Any] | None = None
             if same_node and ref.shm is not None:
                 t0 = time.perf_counter()
                 try:
-                    tensors = attach_output(ref.shm, holder_node)
+                    tensors, via = attach_output(ref.shm, holder_node), "shm_ref"
+                    secs = time.perf_counter() - t0
                 except ShmError as exc:
                     # Recycled (a stale generation), gone or unreadable: fetch it.
                     self.log.info("input.shm_ref_refused", key=ref.key, error=str(exc)[:300])
-                else:
-                    secs = time.perf_counter() - t0
-                    merged.update(tensors)
-                    total += secs
-                    self.log.info(
-                        "input.fetched",
-                        task_id=task.task_id,
-                        key=ref.key,
-                        holder=ref.device_id,
-                        via="shm_ref",
-                        seconds=round(secs, 6),
+            if tensors is None:
+                try:
+                    tensors, secs, via = await self.peers.fetch_via(
+                        ref.addr, ref.key, shm=same_node
                     )
-                    continue
-            try:
-                tensors, secs, via = await self.peers.fetch_via(ref.addr, ref.key, shm=same_node)
-            except FetchMissing:
-                raise InputLost(f"input {ref.key} is no longer kept on {ref.device_id}") from None
-            except TimeoutError:
-                raise InputLost(
-                    f"input {ref.key} is unreachable: {ref.device_id} did not answer"
-                ) from None
+                except FetchMissing:
+                    raise InputLost(
+                        f"input {ref.key} is no longer kept on {ref.device_id}"
+                    ) from None
+                except TimeoutError:
+                    raise InputLost(
+                        f"input {ref.key} is unreachable: {ref.device_id} did not answer"
+                    ) from None
             merged.update(tensors)
             total += secs
             self.log.info(

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from trident.sched.core import CoreConfig, DeviceState, RequestState
-from trident.sched.cost import activation_scale, best_degree, efficient_degrees
+from trident.sched.cost import best_degree, efficient_degrees, model_peak_bytes
 from trident.sched.dispatcher import SolverName
 from trident.sched.placed import PlacedPolicy, Placement, core_aliases
 from trident.sched.solver import optimize, solver_library
@@ -201,14 +201,14 @@ class _PipelineBase(PlacedPolicy):
 
     def fits(self, req: RequestState, grp: Sequence[str], stages: Sequence[Stage]) -> bool:
         k = len(grp)
-        act = activation_scale(self.models[req.spec.model])
+        info = self.models[req.spec.model]
         for d in grp:
             free = self.devices[d].info.memory_bytes - self.weights_on(d)
             for s in stages:
                 if s != "diffuse" and d != grp[0]:
                     continue
-                peak = act * self.cost.stage_peak_bytes(
-                    req.family, s, req.spec.shape, k if s == "diffuse" else 1
+                peak = model_peak_bytes(
+                    self.cost, info, s, req.spec.shape, k if s == "diffuse" else 1
                 )
                 if peak > free:
                     return False

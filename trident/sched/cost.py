@@ -35,7 +35,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -63,6 +63,7 @@ __all__ = [
     "efficient_degrees",
     "load_cost_model",
     "memo_table",
+    "model_peak_bytes",
     "model_weight_bytes",
     "on_device",
     "read_profile",
@@ -780,6 +781,21 @@ def memo_table(cost: object, name: str) -> dict[Any, Any] | None:
     return None
 
 
+def _memoised(cost: object, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(cost, *args)``, from ``cost``'s memo table named after ``fn`` when it has one
+    (:func:`memo_table`) and the arguments are hashable."""
+    memo = memo_table(cost, fn.__name__)
+    if memo is None:
+        return fn(cost, *args)
+    try:
+        hit = memo.get(args)
+    except TypeError:  # an unhashable shape-like argument: no memo
+        return fn(cost, *args)
+    if hit is None:
+        hit = memo[args] = fn(cost, *args)
+    return hit
+
+
 def efficient_degrees(
     cost: object,
     family: str,
@@ -790,17 +806,7 @@ def efficient_degrees(
     """Degrees k (powers of two up to ``max_degree``) with (t1/tk)/k >= ``efficiency``.
     Degree 1 is always efficient. Works with any CostModel (memoised for the built-in
     ones, :func:`memo_table`)."""
-    memo = memo_table(cost, "efficient_degrees")
-    if memo is None:
-        return _efficient_degrees(cost, family, shape, max_degree, efficiency)
-    key = (family, shape, max_degree, efficiency)
-    try:
-        hit: tuple[int, ...] | None = memo.get(key)
-    except TypeError:
-        return _efficient_degrees(cost, family, shape, max_degree, efficiency)
-    if hit is None:
-        hit = memo[key] = _efficient_degrees(cost, family, shape, max_degree, efficiency)
-    return hit
+    return _memoised(cost, _efficient_degrees, family, shape, max_degree, efficiency)  # type: ignore[no-any-return]
 
 
 def _efficient_degrees(
@@ -824,17 +830,7 @@ def supported_degrees(
     """Degrees k (powers of two up to ``max_degree``) the diffuse stage can run at (finite
     time in the cost model); 1 always. Works with any CostModel (memoised for the
     built-in ones, :func:`memo_table`)."""
-    memo = memo_table(cost, "supported_degrees")
-    if memo is None:
-        return _supported_degrees(cost, family, shape, max_degree)
-    key = (family, shape, max_degree)
-    try:
-        hit: tuple[int, ...] | None = memo.get(key)
-    except TypeError:
-        return _supported_degrees(cost, family, shape, max_degree)
-    if hit is None:
-        hit = memo[key] = _supported_degrees(cost, family, shape, max_degree)
-    return hit
+    return _memoised(cost, _supported_degrees, family, shape, max_degree)  # type: ignore[no-any-return]
 
 
 def _supported_degrees(cost: object, family: str, shape: Shape, max_degree: int) -> tuple[int, ...]:
@@ -862,6 +858,15 @@ def model_weight_bytes(cost: object, info: object, stage: Stage) -> int:
     return int(cost.weight_bytes(info.family, stage)) * per // 2  # type: ignore[attr-defined]
 
 
+def model_peak_bytes(
+    cost: object, info: object, stage: Stage, shape: Shape, degree: int = 1
+) -> int:
+    """Peak activation bytes of a served model's ``stage``: the cost model's family
+    figure at the model's dtype (:func:`activation_scale`). Works with any CostModel."""
+    peak = cost.stage_peak_bytes(info.family, stage, shape, degree)  # type: ignore[attr-defined]
+    return int(activation_scale(info) * peak)
+
+
 def activation_scale(info: object) -> float:
     """How a served model's activation bytes compare with the cost model's family
     figures (bfloat16): its dtype's bytes per element / 2 (float32: 2; "auto" is sized
@@ -878,17 +883,7 @@ def best_degree(
 ) -> int:
     """The efficient degree with the shortest diffuse time (memoised for the built-in
     cost models, :func:`memo_table`)."""
-    memo = memo_table(cost, "best_degree")
-    if memo is None:
-        return _best_degree(cost, family, shape, max_degree, efficiency)
-    key = (family, shape, max_degree, efficiency)
-    try:
-        hit: int | None = memo.get(key)
-    except TypeError:
-        return _best_degree(cost, family, shape, max_degree, efficiency)
-    if hit is None:
-        hit = memo[key] = _best_degree(cost, family, shape, max_degree, efficiency)
-    return hit
+    return _memoised(cost, _best_degree, family, shape, max_degree, efficiency)  # type: ignore[no-any-return]
 
 
 def _best_degree(

@@ -26,6 +26,7 @@ from trident.sched.cost import (
     activation_scale,
     efficient_degrees,
     memo_table,
+    model_peak_bytes,
     model_weight_bytes,
     supported_degrees,
 )
@@ -207,7 +208,6 @@ class PlacedPolicy(SchedulerCore):
         if not devs or info is None:
             return None
         cost, fam = self.cost, info.family
-        act = activation_scale(info)
         top = max(d.memory_bytes for d in devs)
         per_node: dict[str, dict[int, int]] = {}
         for d in devs:
@@ -215,14 +215,14 @@ class PlacedPolicy(SchedulerCore):
         for s in ("encode", "diffuse", "decode"):
             w = model_weight_bytes(cost, info, s)
             if s != "diffuse":
-                need, k_best = w + int(act * cost.stage_peak_bytes(fam, s, shape, 1)), 1
+                need, k_best = w + model_peak_bytes(cost, info, s, shape), 1
                 if need <= top:
                     continue
             else:
                 options: list[tuple[int, int]] = []
                 ok = False
                 for k in supported_degrees(cost, fam, shape, info.max_degree):
-                    need_k = w + int(act * cost.stage_peak_bytes(fam, s, shape, k))
+                    need_k = w + model_peak_bytes(cost, info, s, shape, k)
                     best = _best_aligned_memory(per_node, k)
                     if best < 0:
                         continue  # no node has an aligned group of k devices
@@ -232,7 +232,7 @@ class PlacedPolicy(SchedulerCore):
                     options.append((need_k, k))
                 if ok:
                     continue
-                fallback = w + int(act * cost.stage_peak_bytes(fam, s, shape))
+                fallback = w + model_peak_bytes(cost, info, s, shape)
                 need, k_best = min(options, default=(fallback, 1))
             peak = need - w
             return (
@@ -341,8 +341,7 @@ class PlacedPolicy(SchedulerCore):
                         for k in supported_degrees(cost, fam, it.shape, info.max_degree)
                         if k not in ks
                     ]
-                    act = activation_scale(info)
-                    peaks = {k: int(act * cost.stage_peak_bytes(fam, s, it.shape, k)) for k in ks}
+                    peaks = {k: model_peak_bytes(cost, info, s, it.shape, k) for k in ks}
                     extra = False
                     if any(peaks[k] <= group_free(it.model, k) for k in ks):
                         # Homed already. A shape that only few groups fit (e.g. one
@@ -362,8 +361,7 @@ class PlacedPolicy(SchedulerCore):
                 else:
                     ks = [1]
                     extra = False
-                    peak1 = activation_scale(info) * cost.stage_peak_bytes(fam, s, it.shape, 1)
-                    if peak1 <= stage_free(it.model, s):
+                    if model_peak_bytes(cost, info, s, it.shape) <= stage_free(it.model, s):
                         continue
                 if extra and self.extra_home_protected(now) - {it.model}:
                     continue  # other models' traffic needs their devices
@@ -431,9 +429,7 @@ class PlacedPolicy(SchedulerCore):
         for v in views:
             by_node.setdefault(v.node_id, {})[v.index] = v
         for k in ks:
-            peak = int(
-                activation_scale(info) * self.cost.stage_peak_bytes(info.family, stage, shape, k)
-            )
+            peak = model_peak_bytes(self.cost, info, stage, shape, k)
             best: tuple[tuple[float, ...], list[DeviceView], list[list[tuple[str, Stage]]]] | None
             best = None
             for node in sorted(by_node):

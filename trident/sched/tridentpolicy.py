@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from trident.sched.batching import BatchConfig, batch_key, form_batches
 from trident.sched.core import CoreConfig
-from trident.sched.cost import activation_scale, model_weight_bytes, supported_degrees
+from trident.sched.cost import model_peak_bytes, model_weight_bytes, supported_degrees
 from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
 from trident.sched.graph import placement_type
 from trident.sched.monitor import Monitor, MonitorConfig, MonitorSnapshot, mix_of
@@ -644,8 +644,7 @@ class TridentPolicy(PlacedPolicy):
                 continue
             if 1 not in supported_degrees(cost, info.family, it.shape, info.max_degree):
                 continue  # a shape that needs a group: the orchestrator's job
-            act = activation_scale(info)
-            peak = max(int(act * cost.stage_peak_bytes(info.family, s, it.shape, 1)) for s in need)
+            peak = max(model_peak_bytes(cost, info, s, it.shape) for s in need)
             key = (it.model, tuple(need), peak)
             if key not in options:
                 options[key] = self._rehome_options(
