@@ -17,6 +17,7 @@ from trident.sched.orchestrator import (
     model_capacity_ratio,
     orchestrate,
     plan_capacity_ratio,
+    placement_solver,
     plan_served,
     proportional_plan,
     requirement_factors,
@@ -178,6 +179,28 @@ def test_orchestrator_speed_128_devices() -> None:
     res = orchestrate(COST, models, devs, demand, config=OrchestratorConfig(solver="highs"))
     assert res.solver == "mip"
     assert res.ms < 2000
+
+
+def test_auto_solver_takes_cbc_on_large_clusters_with_the_same_optimum() -> None:
+    cfg = OrchestratorConfig()
+    assert cfg.solver == "auto"
+    assert placement_solver(cfg, 128) == "highs"
+    assert placement_solver(cfg, 1024) == "cbc"
+    assert placement_solver(OrchestratorConfig(solver="highs"), 1024) == "highs"
+    models = {m: ModelInfo(m, m) for m in ("flux", "sd3", "cogvideox", "hunyuanvideo")}
+    devs = _devs(1024, nodes=128)
+    window = [("flux", Shape(1024, 1024, 1, 28))] * 40 + [("sd3", Shape(1024, 1024, 1, 20))] * 40
+    window += [("cogvideox", Shape(768, 1360, 33, 6))] * 10 + [
+        ("hunyuanvideo", Shape(720, 1280, 33, 10))
+    ] * 5
+    demand = demand_from_window(COST, models, window, 60.0)
+    served = {}
+    for solver in ("auto", "highs"):
+        res = orchestrate(COST, models, devs, demand, config=OrchestratorConfig(solver=solver))
+        assert (res.solver, res.reason) == ("mip", "optimal")
+        assert sum(1 for v in res.plan.values() if v is not None) == 1024
+        served[solver] = res.served
+    assert served["auto"] == pytest.approx(served["highs"], rel=1e-3)
 
 
 def test_more_models_than_devices_cover_every_stage_within_memory() -> None:

@@ -58,7 +58,7 @@ OLD_TRIDENT_DEFAULTS: dict[str, Any] = {
     "max_batch": 4,
     "batch_min_gain": 1.2,
     "load_cost": True,
-    "placement_solver": "highs",
+    "placement_solver": "auto",  # "highs" until session 9 (the same at <= 256 devices)
     "placement_max_nodes": 500,
     "move_penalty": 0.05,
     "move_horizon_s": 300.0,
@@ -238,7 +238,7 @@ def test_nested_sections_reach_the_parts() -> None:
     assert isinstance(pol, TridentPolicy)
     assert pol.dispatcher.config.max_nodes == 7
     assert pol.dispatcher.config.on_time_reward == 500.0
-    assert pol._orch_config().max_nodes == 11 and pol._orch_config().solver == "highs"
+    assert pol._orch_config().max_nodes == 11 and pol._orch_config().solver == "auto"
     assert pol.config.efficiency == pol.dispatcher.config.efficiency == 0.7
     assert pol._orch_config().efficiency == 0.7
     assert pol.trigger.config.imbalance == pol.monitor.imbalance == 2.0

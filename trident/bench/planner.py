@@ -22,7 +22,12 @@ from trident.cliformat import DefaultsHelpFormatter
 from trident.sched.batching import BatchConfig, form_batches
 from trident.sched.cost import load_cost_model
 from trident.sched.dispatcher import DeviceView, DispatchConfig, Dispatcher, QueueItem
-from trident.sched.orchestrator import OrchestratorConfig, demand_from_window, orchestrate
+from trident.sched.orchestrator import (
+    OrchestratorConfig,
+    demand_from_window,
+    orchestrate,
+    placement_solver,
+)
 from trident.sched.solver import loaded_ms, preload
 from trident.sched.types import DeviceInfo, ModelInfo, Shape
 
@@ -66,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--queue", type=int, default=256, help="waiting requests per dispatch round")
     ap.add_argument("--solver", choices=["cbc", "highs"], default="cbc", help="dispatcher solver")
     ap.add_argument(
-        "--placement-solver", choices=["cbc", "highs"], default="highs", help="orchestrator solver"
+        "--placement-solver",
+        choices=["auto", "cbc", "highs"],
+        default="auto",
+        help="orchestrator solver (auto: HiGHS up to 256 devices, CBC above)",
     )
     ap.add_argument("--rounds", type=int, default=100, help="dispatcher rounds")
     ap.add_argument("--max-batch", type=int, default=4, help="batching before each round (1: off)")
@@ -110,12 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i in range(a.gpus_per_node)
     ]
 
-    for solver in (a.placement_solver, a.solver):  # timed here, outside every solve
+    orch_cfg = OrchestratorConfig(solver=a.placement_solver)
+    for solver in (placement_solver(orch_cfg, len(devs)), a.solver):  # timed, outside solves
         preload(solver, clock=time.perf_counter)
     disp_cfg = DispatchConfig(solver=a.solver)
     if a.max_nodes is not None:
         disp_cfg.max_nodes = a.max_nodes
-    orch_cfg = OrchestratorConfig(solver=a.placement_solver)
     if a.placement_max_nodes is not None:
         orch_cfg.max_nodes = a.placement_max_nodes
 
@@ -228,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "queue": a.queue,
             "solver": a.solver,
             "placement_solver": a.placement_solver,
+            "placement_solver_used": placement_solver(orch_cfg, len(devs)),
             "max_nodes": disp_cfg.max_nodes,
             "placement_max_nodes": orch_cfg.max_nodes,
             "rounds": a.rounds,

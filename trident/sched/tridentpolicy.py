@@ -70,9 +70,7 @@ class TridentConfig:
 
     core: CoreConfig = field(default_factory=CoreConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
-    placement: OrchestratorConfig = field(
-        default_factory=lambda: OrchestratorConfig(solver="highs")
-    )
+    placement: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     # 180 s, not MonitorConfig's 60 s: on four pipelines sharing 128 devices a 60 s
