@@ -66,7 +66,9 @@ def plot_sweep(
 ) -> None:
     """Lines per policy against the swept parameter: SLO attainment, mean, P95 latency.
 
-    ``points``: ``[{"value": x, "policies": {name: summary-dict}}, ...]``.
+    ``points``: ``[{"value": x, "policies": {name: summary-dict}}, ...]``; a point's
+    ``"bound"`` (``{"slo_attainment": b}``, the LP upper bound) is drawn dashed on the
+    SLO panel.
     """
     plt = _plt()
     xs = [float(p["value"]) for p in points]
@@ -90,6 +92,9 @@ def plot_sweep(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if key == "slo_attainment":
+            bound = [_val(p.get("bound", {}).get("slo_attainment")) for p in points]
+            if any(math.isfinite(b) for b in bound):
+                ax.plot(xs, bound, linestyle="--", color="black", label="upper bound (LP)")
             ax.set_ylim(-0.02, 1.02)
         elif any(
             math.isfinite(_val(p["policies"].get(n, {}).get(key))) for p in points for n in names
