@@ -87,6 +87,36 @@ def test_a_stage_loaded_from_a_peer_gives_the_same_pixels_without_a_second_copy(
     assert _weight_files(tmp_path) == []
 
 
+def test_shared_copies_keep_the_directory_loads_alignment_and_its_exact_pixels(
+    flux: Path, tmp_path: Path
+) -> None:
+    """A directory load leaves tensors where the safetensors file put them (not on 64
+    bytes); AVX-512 kernels round differently with a weight's alignment. The publisher's
+    switch to the shared copy and a peer's load keep each tensor's address modulo 64,
+    and so the pixels of a plain directory load, bit for bit."""
+    plain = TorchExecutor({"f": {"family": "flux", "path": str(flux)}}, "cpu", threads=1)
+    a, b = _executor(flux, 0, tmp_path), _executor(flux, 1, tmp_path)
+    try:
+        for stage in STAGES:
+            plain.load("f", stage, "disk")
+            a.load("f", stage, "disk")
+        a.flush()  # a now runs over its shared copy
+        for stage in STAGES:
+            assert b.load("f", stage, "peer")[1] == "peer"
+
+        def where(ex: TorchExecutor) -> list[int]:
+            t = ex.pipes["f"]._pipes["diffuse"].transformer
+            return [p.data_ptr() % 64 for p in t.parameters()]
+
+        assert where(a) == where(b) == where(plain)
+        want = _image(plain).tobytes()
+        assert _image(a).tobytes() == want
+        assert _image(b).tobytes() == want
+    finally:
+        for ex in (plain, a, b):
+            ex.close()
+
+
 def torch_equal(x: Any, y: Any) -> bool:
     import torch
 

@@ -26,7 +26,8 @@ live device of the node holds the stage:
   a peer keeps serving when that peer dies.
 
 Layout: 16-byte header (magic, manifest length), a msgpack manifest (key, tensors as
-``[name, dtype, shape, offset, nbytes]``, aliases), the tensors at 64-byte offsets.
+``[name, dtype, shape, offset, nbytes]``, aliases), each tensor at the same address
+modulo 64 as the publisher's own copy (:func:`_place`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ class WeightKey:
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _place(offset: int, t: Any) -> int:
+    """Where tensor ``t`` goes at or after ``offset``: at the same address modulo
+    ``_ALIGN`` as ``t`` itself (the mapping starts on a page). AVX-512 CPU kernels give
+    results that differ in the last bits with a weight's alignment (tiny flux's
+    transformer: 8e-7 apart at 0 vs 8 mod 64), and a stage read from the model
+    directory has its tensors where the safetensors file put them: a copy at the same
+    alignment keeps peer loads and the publisher's own switch to its copy bit-identical
+    to a directory load, and so to diffusers."""
+    want = t.data_ptr() % _ALIGN if t.numel() else 0
+    return _align(offset) + want
 
 
 def _dtype_name(t: Any) -> str:
@@ -193,9 +206,10 @@ class PeerWeights:
         offset = 0
         for name, t in weights.tensors.items():
             nbytes = t.numel() * t.element_size()
-            entries.append([name, _dtype_name(t), list(t.shape), offset, nbytes])
+            at = _place(offset, t)
+            entries.append([name, _dtype_name(t), list(t.shape), at, nbytes])
             sources.append(t)
-            offset = _align(offset + nbytes)
+            offset = at + nbytes
         manifest = {"key": key.as_list(), "tensors": entries, "aliases": dict(weights.aliases)}
         # Offsets in the manifest are from the file's start: packed once to size it.
         head = _align(_HEADER.size + len(msgpack.packb(manifest)) + 64 * len(entries) + 64)
