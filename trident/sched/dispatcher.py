@@ -417,9 +417,6 @@ class Dispatcher:
         cfg = self.config
         horizon = now + cfg.lookahead_s
         usable = [d for d in dev.values() if d.available and d.free_at <= horizon]
-        by_node: dict[str, dict[int, DeviceView]] = {}
-        for d in usable:
-            by_node.setdefault(d.node_id, {})[d.index] = d
         # Per model, no more requests than usable devices holding its diffuse stage.
         room: dict[str, int] = {}
         for d in usable:
@@ -439,48 +436,63 @@ class Dispatcher:
             and sum(i.max_degree for i in window) + cfg.relax_reserve * len(dev) <= idle
         )
         self.relaxed = relaxed
-        # Every up device holding a model's diffuse stage, per node (busy ones too): to
-        # tell whether an on-time option exists later (then a late one now is not taken).
+        # Aligned groups of every up device holding a model's diffuse stage (busy ones
+        # too), per (model, k), built once per round: the least free memory of each (what
+        # fits: ``room_of``), when it frees (an on-time option later: then a late one now
+        # is not taken) and whether every member is usable now (the candidates).
         all_by_node: dict[str, dict[int, DeviceView]] = {}
         for d in dev.values():
             all_by_node.setdefault(d.node_id, {})[d.index] = d
+        usable_ids = {d.device_id for d in usable}
+        _Group = tuple[str, list[DeviceView], int, float, bool]
+        all_groups: dict[tuple[str, int], list[_Group]] = {}
+        holders: dict[str, list[tuple[str, dict[int, DeviceView]]]] = {}
+
+        def groups_all(m: str, k: int) -> list[_Group]:
+            got = all_groups.get((m, k))
+            if got is None:
+                hold = holders.get(m)
+                if hold is None:
+                    hold = holders[m] = [
+                        (node, {i: d for i, d in idx.items() if "diffuse" in d.holds.get(m, ())})
+                        for node, idx in sorted(all_by_node.items())
+                    ]
+                got = all_groups[m, k] = [
+                    (
+                        node,
+                        grp,
+                        min(g.free_memory for g in grp),
+                        max(g.free_at for g in grp),
+                        all(g.device_id in usable_ids for g in grp),
+                    )
+                    for node, idx in hold
+                    for grp in _aligned(idx, k)
+                ]
+            return got
+
         later: dict[tuple[str, int], list[tuple[str, list[DeviceView], int]]] = {}
 
         def later_groups(m: str, k: int) -> list[tuple[str, list[DeviceView], int]]:
             got = later.get((m, k))
             if got is None:
-                allg: list[tuple[float, str, list[DeviceView], int]] = []
-                for node in sorted(all_by_node):
-                    idx = all_by_node[node]
-                    hold = {i: d for i, d in idx.items() if "diffuse" in d.holds.get(m, ())}
-                    for grp in _aligned(hold, k):
-                        allg.append(
-                            (
-                                max(g.free_at for g in grp),
-                                grp[0].device_id,
-                                grp,
-                                min(g.free_memory for g in grp),
-                            )
-                        )
-                allg.sort(key=lambda t: (t[0], t[1]))
-                got = later[m, k] = [(g[2][0].node_id, g[2], g[3]) for g in allg[:4]]
+                allg = sorted(groups_all(m, k), key=lambda g: (g[3], g[1][0].device_id))
+                got = later[m, k] = [(g[0], g[1], g[2]) for g in allg[:4]]
             return got
 
         gfree: dict[tuple[str, int], int] = {}
-        # Aligned groups of usable devices holding a model's diffuse stage, per (model,
-        # k), built once per round (with the least free memory of each group).
         groups: dict[tuple[str, int], list[tuple[str, list[DeviceView], int]]] = {}
         aux: dict[tuple[str, Stage, int], DeviceView | None] = {}
 
         def groups_for(m: str, k: int) -> list[tuple[str, list[DeviceView], int]]:
             got = groups.get((m, k))
             if got is None:
-                got = []
-                for node, idx in by_node.items():
-                    hold = {i: d for i, d in idx.items() if "diffuse" in d.holds.get(m, ())}
-                    for grp in _aligned(hold, k):
-                        got.append((node, grp, min(g.free_memory for g in grp)))
-                groups[m, k] = got
+                got = groups[m, k] = [(g[0], g[1], g[2]) for g in groups_all(m, k) if g[4]]
+            return got
+
+        def group_free(m: str, k: int) -> int:
+            got = gfree.get((m, k))
+            if got is None:
+                got = gfree[m, k] = max((g[2] for g in groups_all(m, k)), default=-1)
             return got
 
         def earliest(m: str, stage: Stage, peak: int) -> DeviceView | None:
@@ -501,7 +513,7 @@ class Dispatcher:
             )
 
             def room_of(k: int, m: str = model) -> int:
-                return _cached_group_free(gfree, dev.values(), m, k)
+                return group_free(m, k)
 
             ks = _fitting_degrees(info, room_of)
             enc_t, dec_t = info.enc_t, info.dec_t
@@ -844,16 +856,6 @@ def best_group_free(devices: Iterable[DeviceView], model: str, k: int) -> int:
         for grp in _aligned(idx, k):
             best = max(best, min(g.free_memory for g in grp))
     return best
-
-
-def _cached_group_free(
-    cache: dict[tuple[str, int], int], devices: Iterable[DeviceView], model: str, k: int
-) -> int:
-    key = (model, k)
-    v = cache.get(key)
-    if v is None:
-        v = cache[key] = best_group_free(devices, model, k)
-    return v
 
 
 def _aligned(idx: Mapping[int, DeviceView], k: int) -> list[list[DeviceView]]:

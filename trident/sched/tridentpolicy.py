@@ -95,6 +95,9 @@ class TridentConfig:
     # ... and only a device idle this long (a device between two bursts of its own
     # model's work is not idle in that sense).
     rehome_idle_s: float = 10.0
+    # ... looked for at most this often (the idle and wait thresholds above are 10 s;
+    # searching every round was a fifth of the policy's time on four pipelines).
+    rehome_every_s: float = 1.0
     # Step-level preemption (trident.sched.preempt; docs/planner.md "Preemption").
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
@@ -172,6 +175,7 @@ class TridentPolicy(PlacedPolicy):
         self.batching: BatchConfig = c.batching
         self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
         self._idle_since: dict[str, float] = {}  # device id -> first seen idle (re-homing)
+        self._rehome_next = -math.inf  # when re-homing looks again (rehome_every_s)
         # (key, reserve, protected models): _monitor_figures' cache.
         self._figures: tuple[tuple[int, float, int], dict[str, int], frozenset[str]] | None
         self._figures = None
@@ -584,8 +588,9 @@ class TridentPolicy(PlacedPolicy):
                     idle.append(v)
             else:
                 since.pop(v.device_id, None)
-        if not idle:
+        if not idle or now < self._rehome_next:
             return False
+        self._rehome_next = now + self.tconfig.rehome_every_s
         # Each (model, stage)'s homes by when they free up; a waiting request's turn is
         # its place in its model's deadline order.
         homes: dict[tuple[str, Stage], list[float]] = {}
