@@ -1,8 +1,10 @@
 # Trident tasks. `pip install -e '.[dev]'` provides `just` (rust-just).
 
-# Lint, types, then the full test suite (unit, pipelines, integration, fault; slow ones included)
+# Lint, types, then the full test suite (unit, pipelines, integration, fault; slow ones
+# included), in two worker processes, whole files each (module fixtures built once):
+# most tests wait on daemons and sockets, so two share two cores well.
 test: lint
-    python -m pytest -q -p no:cacheprovider
+    python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # Fast tests only (no real daemons)
 test-unit:
@@ -10,7 +12,7 @@ test-unit:
 
 # Everything but the slow fault tests (fuzz, overload, chaos)
 test-fast:
-    python -m pytest -q -p no:cacheprovider -m "not slow"
+    python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow"
 
 lint:
     ruff check trident tests
