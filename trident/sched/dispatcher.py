@@ -45,7 +45,8 @@ counts every member.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -302,11 +303,13 @@ class Dispatcher:
             preload(cfg.solver)  # once per process
         t0 = clock()
         dev = {d.device_id: d for d in devices}
-        queue = sorted(
-            (i for i in items if i.next_stage != "decode"),
-            key=lambda i: self.window_key(i, now),
+        queue = [i for i in items if i.next_stage != "decode"]
+        cands = self.candidates(
+            _in_window_order(queue, lambda i: self.window_key(i, now)),
+            dev,
+            now,
+            degree_sum=sum(i.max_degree for i in queue),
         )
-        cands = self.candidates(queue, dev, now)
         if not cands:
             return DispatchResult([], "greedy", "empty", (clock() - t0) * 1e3)
         greedy = self.greedy(cands)
@@ -357,8 +360,9 @@ class Dispatcher:
     def window_key(self, item: QueueItem, now: float) -> tuple[int, float, float, str]:
         """Window order: requests that can still make their deadline first, earliest
         deadline first; then the hopeless ones, shortest remaining time first."""
-        if self.hopeless(item, now):
-            return (1, self.best_case(item, now), item.arrival, item.request_id)
+        best = self.best_case(item, now)  # once: hopeless() is the same test
+        if now + best > item.deadline + 1e-9:
+            return (1, best, item.arrival, item.request_id)
         return (0, item.deadline, item.arrival, item.request_id)
 
     def follow_decode(
@@ -412,8 +416,15 @@ class Dispatcher:
     # ------------------------------------------------------------------ candidates
 
     def candidates(
-        self, window: Iterable[QueueItem], dev: Mapping[str, DeviceView], now: float
+        self,
+        window: Iterable[QueueItem],
+        dev: Mapping[str, DeviceView],
+        now: float,
+        degree_sum: int | None = None,
     ) -> list[_Cand]:
+        """Candidates for the requests of ``window`` in its order, until
+        ``max_requests`` have some. ``degree_sum``: the whole window's Σ max degree (for
+        the relaxed test) when ``window`` is a lazy iterator; else it is summed here."""
         cfg = self.config
         horizon = now + cfg.lookahead_s
         usable = [d for d in dev.values() if d.available and d.free_at <= horizon]
@@ -428,12 +439,14 @@ class Dispatcher:
         # Relaxed: enough idle devices to give every waiting request a whole node and
         # still leave ``relax_reserve`` of the cluster idle, so lower latency costs
         # nothing — prefer the fastest efficient degree over the thriftiest.
-        window = list(window)
+        if degree_sum is None:
+            window = list(window)
+            degree_sum = sum(i.max_degree for i in window)
         idle = sum(1 for d in usable if d.free_at <= now)
         relaxed = (
             cfg.relax_when_idle
-            and bool(window)
-            and sum(i.max_degree for i in window) + cfg.relax_reserve * len(dev) <= idle
+            and degree_sum > 0
+            and degree_sum + cfg.relax_reserve * len(dev) <= idle
         )
         self.relaxed = relaxed
         # Aligned groups of every up device holding a model's diffuse stage (busy ones
@@ -856,6 +869,17 @@ def best_group_free(devices: Iterable[DeviceView], model: str, k: int) -> int:
         for grp in _aligned(idx, k):
             best = max(best, min(g.free_memory for g in grp))
     return best
+
+
+def _in_window_order(
+    items: Sequence[QueueItem], key: Callable[[QueueItem], tuple[int, float, float, str]]
+) -> Iterator[QueueItem]:
+    """``items`` by ``key``, lazily: a round takes candidates from the first few dozen
+    only, and sorting a 3,000-request backlog every round was most of its cost."""
+    heap = [(key(it), n, it) for n, it in enumerate(items)]
+    heapq.heapify(heap)
+    while heap:
+        yield heapq.heappop(heap)[2]
 
 
 def _aligned(idx: Mapping[int, DeviceView], k: int) -> list[list[DeviceView]]:
