@@ -514,9 +514,10 @@ class Dispatcher:
                 aux[key] = _earliest(usable, m, stage, peak, now)
             return aux[key]
 
+        open_models = sum(1 for v in room.values() if v > 0)
         for item in window:
-            if taken >= cfg.max_requests:
-                break
+            if taken >= cfg.max_requests or open_models == 0:
+                break  # (no model has a usable device left: every later item is skipped)
             if room.get(item.model, 0) <= 0:
                 continue
             before = len(out)
@@ -597,6 +598,8 @@ class Dispatcher:
             if len(out) > before:
                 taken += 1
                 room[item.model] -= 1
+                if room[item.model] == 0:
+                    open_models -= 1
         return out
 
     def _on_time_later(
