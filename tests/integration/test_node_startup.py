@@ -22,7 +22,9 @@ def test_a_node_started_before_its_scheduler_joins_when_it_comes_up(tmp_path: Pa
     cluster = LocalCluster(["flux"], [], log_dir=tmp_path, policy="fifo")
     try:
         node = cluster.start_node(NodeSpec("sim:2", node_id="early", time_scale=0.02), 0)
-        time.sleep(4.0)  # the node says hello to nobody meanwhile
+        # The node says hello to nobody meanwhile, past its first 15 s of silence, when
+        # it gives up that connection and dials the scheduler again on a fresh one.
+        time.sleep(16.5)
         assert node.poll() is None, "the node gave up before its scheduler came up"
         cluster.start()  # the scheduler now (no nodes of its own to start)
         cluster.wait_ready(2)
@@ -31,8 +33,9 @@ def test_a_node_started_before_its_scheduler_joins_when_it_comes_up(tmp_path: Pa
         assert len(res.images) == 1
     finally:
         cluster.stop()
-    joined = [e for e in read_log(cluster.log_file or "") if e["event"] == "node.joined"]
-    assert joined
+    events = [e["event"] for e in read_log(cluster.log_file or "")]
+    assert "node.waiting_for_scheduler" in events and "node.joined" in events
+    assert events.index("node.waiting_for_scheduler") < events.index("node.joined")
 
 
 def test_a_node_with_a_handshake_timeout_gives_up_with_exit_code_3(tmp_path: Path) -> None:

@@ -106,10 +106,8 @@ class NodeDaemon:
             from trident.runtime.security import daemon_keys
 
             keys = daemon_keys(self.args.curve_dir)
-        self.sock = make_socket(
-            self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode(), curve=keys
-        )
-        self.sock.connect(self.args.scheduler)
+        self._keys = keys
+        self.sock = self._scheduler_socket()
         try:
             if not await self._handshake():
                 return 3
@@ -168,6 +166,13 @@ class NodeDaemon:
         self.exit_code = 1
         self.stopping.set()
 
+    def _scheduler_socket(self) -> zmq.asyncio.Socket:
+        sock = make_socket(
+            self.ctx, zmq.DEALER, identity=f"node:{self.args.node_id}".encode(), curve=self._keys
+        )
+        sock.connect(self.args.scheduler)
+        return sock
+
     async def _handshake(self) -> bool:
         hello = self._hello()
         start = time.monotonic()
@@ -183,6 +188,12 @@ class NodeDaemon:
                     self.log.warning(
                         "node.waiting_for_scheduler", scheduler=self.args.scheduler, waited_s=waited
                     )
+                    # A fresh connection: whatever became of the old one (a scheduler
+                    # that answers its clients but never heard this node's hellos for a
+                    # minute was seen in CI, about once per suite run), the next hello
+                    # goes over a new one. Unsent hellos go with the old socket.
+                    self.sock.close(linger=0)
+                    self.sock = self._scheduler_socket()
                 continue
             try:
                 msg, _ = protocol.decode(await self.sock.recv_multipart(), SCHEDULER_TO_NODE)
