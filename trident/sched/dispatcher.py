@@ -67,7 +67,6 @@ __all__ = [
     "Dispatcher",
     "QueueItem",
     "SolverName",
-    "best_group_free",
 ]
 
 SolverName = Literal["cbc", "highs"]
@@ -355,13 +354,13 @@ class Dispatcher:
     def hopeless(self, item: QueueItem, now: float) -> bool:
         """Whether the request cannot meet its deadline even started now on idle devices
         at its fastest degree."""
-        return now + self.best_case(item, now) > item.deadline + 1e-9
+        return _past_deadline(item, now + self.best_case(item, now))
 
     def window_key(self, item: QueueItem, now: float) -> tuple[int, float, float, str]:
         """Window order: requests that can still make their deadline first, earliest
         deadline first; then the hopeless ones, shortest remaining time first."""
-        best = self.best_case(item, now)  # once: hopeless() is the same test
-        if now + best > item.deadline + 1e-9:
+        best = self.best_case(item, now)  # once for both (hopeless() is this test)
+        if _past_deadline(item, now + best):
             return (1, best, item.arrival, item.request_id)
         return (0, item.deadline, item.arrival, item.request_id)
 
@@ -859,19 +858,8 @@ class Dispatcher:
         )
 
 
-def best_group_free(devices: Iterable[DeviceView], model: str, k: int) -> int:
-    """The most free memory (per member, the least of the group) of any aligned degree-k
-    group of ``devices`` that all hold ``model``'s diffuse stage; -1 when there is none.
-    Busy devices count: this is about memory, not time."""
-    by_node: dict[str, dict[int, DeviceView]] = {}
-    for d in devices:
-        if "diffuse" in d.holds.get(model, frozenset()):
-            by_node.setdefault(d.node_id, {})[d.index] = d
-    best = -1
-    for idx in by_node.values():
-        for grp in _aligned(idx, k):
-            best = max(best, min(g.free_memory for g in grp))
-    return best
+def _past_deadline(item: QueueItem, finish: float) -> bool:
+    return finish > item.deadline + 1e-9
 
 
 def _in_window_order(

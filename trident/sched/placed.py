@@ -270,7 +270,8 @@ class PlacedPolicy(SchedulerCore):
         sfree: dict[tuple[str, Stage], int] = {}
 
         def group_free(m: str, k: int) -> int:
-            # best_group_free(views, m, k), from the same groups count_fit counts.
+            # The best free memory of an aligned degree-k group holding m's diffuse,
+            # from the same groups count_fit counts.
             if (m, k) not in gfree:
                 mins = group_mins(m, k)
                 gfree[m, k] = max(-1, mins[-1]) if mins else -1
