@@ -90,11 +90,21 @@ def test_mp4_decodes_to_the_right_frame_count_and_size(size: tuple[int, int]) ->
     assert float(err.mean()) < 8.0
 
 
-def test_encode_mp4_to_a_path_is_the_same_encoder(tmp_path) -> None:
+def test_encode_mp4_to_a_path_is_the_same_encoder(tmp_path, monkeypatch) -> None:
+    import trident.runtime.encode as encode_module
+
     video = _video(5, 16, 16)
     out = encode_mp4(video, tmp_path / "v.mp4", fps=16)
-    assert out.read_bytes() == encode_mp4_bytes(video, fps=16)
     assert not (tmp_path / "v.mp4.part").exists()
+    # The same pictures as the in-memory encoder's. Not the same bytes: two encodes of
+    # one array once differed in their H.264 stream (57 bytes of 1.7 KB) in a CI run
+    # with two pytest workers; never reproduced alone (300 encodes, any alignment).
+    got = decode_mp4(out.read_bytes(), (5, 16, 16, 3)).astype(np.int16)
+    want = decode_mp4(encode_mp4_bytes(video, fps=16), (5, 16, 16, 3)).astype(np.int16)
+    assert float(np.abs(got - want).mean()) < 1.0
+    # ... and what it writes is exactly what encode_mp4_bytes returns.
+    monkeypatch.setattr(encode_module, "encode_mp4_bytes", lambda array, fps=16: b"mp4 bytes")
+    assert encode_mp4(video, tmp_path / "w.mp4").read_bytes() == b"mp4 bytes"
     # the gateway uses this very implementation
     from trident.gateway import encode as gateway_encode
 
