@@ -168,14 +168,19 @@ def test_move_penalty_keeps_plan_and_proportional_fallback() -> None:
     assert flux_idx == list(range(flux_idx[0], flux_idx[0] + len(flux_idx)))
 
 
-def test_orchestrator_speed_128_devices() -> None:
+def _four_models_demand() -> tuple[dict[str, ModelInfo], Demand]:
+    """Four pipelines and a minute's window of their traffic (images and videos)."""
     models = {m: ModelInfo(m, m) for m in ("flux", "sd3", "cogvideox", "hunyuanvideo")}
-    devs = _devs(128, nodes=16)
     window = [("flux", Shape(1024, 1024, 1, 28))] * 40 + [("sd3", Shape(1024, 1024, 1, 20))] * 40
     window += [("cogvideox", Shape(768, 1360, 33, 6))] * 10 + [
         ("hunyuanvideo", Shape(720, 1280, 33, 10))
     ] * 5
-    demand = demand_from_window(COST, models, window, 60.0)
+    return models, demand_from_window(COST, models, window, 60.0)
+
+
+def test_orchestrator_speed_128_devices() -> None:
+    models, demand = _four_models_demand()
+    devs = _devs(128, nodes=16)
     res = orchestrate(COST, models, devs, demand, config=OrchestratorConfig(solver="highs"))
     assert res.solver == "mip"
     assert res.ms < 2000
@@ -187,13 +192,8 @@ def test_auto_solver_takes_cbc_on_large_clusters_with_the_same_optimum() -> None
     assert placement_solver(cfg, 128) == "highs"
     assert placement_solver(cfg, 1024) == "cbc"
     assert placement_solver(OrchestratorConfig(solver="highs"), 1024) == "highs"
-    models = {m: ModelInfo(m, m) for m in ("flux", "sd3", "cogvideox", "hunyuanvideo")}
+    models, demand = _four_models_demand()
     devs = _devs(1024, nodes=128)
-    window = [("flux", Shape(1024, 1024, 1, 28))] * 40 + [("sd3", Shape(1024, 1024, 1, 20))] * 40
-    window += [("cogvideox", Shape(768, 1360, 33, 6))] * 10 + [
-        ("hunyuanvideo", Shape(720, 1280, 33, 10))
-    ] * 5
-    demand = demand_from_window(COST, models, window, 60.0)
     served = {}
     for solver in ("auto", "highs"):
         res = orchestrate(COST, models, devs, demand, config=OrchestratorConfig(solver=solver))

@@ -184,9 +184,7 @@ def _alone_memoised(policy: TridentPolicy, req: RequestState) -> float:
     got = memo.get(req.request_id)
     if got is not None and got[0] == n and got[1] == frac:
         return got[2]
-    if len(memo) > 2 * len(policy.requests) + 256:  # forget ended requests
-        for rid in [r for r in memo if r not in policy.requests]:
-            del memo[rid]
+    policy.forget_ended(memo)
     secs = _alone_seconds(policy, req)
     memo[req.request_id] = (n, frac, secs)
     return secs

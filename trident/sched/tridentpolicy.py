@@ -21,7 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from trident.sched.batching import BatchConfig, batch_key, form_batches
 from trident.sched.core import CoreConfig
@@ -781,6 +781,13 @@ class TridentPolicy(PlacedPolicy):
                 return want, evict
         return None
 
+    def forget_ended(self, memo: dict[str, Any]) -> None:
+        """Drop the entries of ended requests from a per-request memo, once it holds
+        well more than the live ones (amortised: not every round)."""
+        if len(memo) > 2 * len(self.requests) + 256:
+            for rid in [r for r in memo if r not in self.requests]:
+                del memo[rid]
+
     def _batched(
         self, items: list[QueueItem], views: list[DeviceView], now: float
     ) -> list[QueueItem]:
@@ -789,9 +796,7 @@ class TridentPolicy(PlacedPolicy):
         if self.batching.max_batch < 2 or len(items) < 2:
             return items
         keys = self._batch_keys
-        if len(keys) > 2 * len(self.requests) + 256:  # forget ended requests
-            for rid in [r for r in keys if r not in self.requests]:
-                del keys[rid]
+        self.forget_ended(keys)
         for it in items:
             if it.request_id not in keys:
                 req = self.requests[it.request_id]
