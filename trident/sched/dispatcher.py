@@ -241,6 +241,9 @@ class Dispatcher:
     _shapes: dict[tuple[str, Shape, int, int, float, float], _ShapeInfo] = field(
         default_factory=dict, repr=False
     )
+    # request id -> (queue item, its best_case): items are reused from round to round
+    # while their request does not change (PlacedPolicy.queue_item), so is their figure.
+    _best: dict[str, tuple[QueueItem, float]] = field(default_factory=dict, repr=False)
 
     def _shape_info(
         self,
@@ -303,6 +306,8 @@ class Dispatcher:
         t0 = clock()
         dev = {d.device_id: d for d in devices}
         queue = [i for i in items if i.next_stage != "decode"]
+        if len(self._best) > 2 * len(items) + 1024:
+            self._best.clear()  # ended requests' entries
         cands = self.candidates(
             _in_window_order(queue, lambda i: self.window_key(i, now)),
             dev,
@@ -340,6 +345,9 @@ class Dispatcher:
     def best_case(self, item: QueueItem, now: float) -> float:
         """Seconds the request still needs with no queueing at its fastest supported
         degree (a lower bound on its remaining time)."""
+        got = self._best.get(item.request_id)
+        if got is not None and got[0] is item:
+            return got[1]
         info = self._shape_info(
             item.family,
             item.shape,
@@ -349,7 +357,9 @@ class Dispatcher:
             item.bytes_scale,
         )
         dif = min((t for t, _ in info.diffuse.values()), default=0.0)
-        return (info.enc_t if item.next_stage == "encode" else 0.0) + dif + info.dec_t
+        best = (info.enc_t if item.next_stage == "encode" else 0.0) + dif + info.dec_t
+        self._best[item.request_id] = (item, best)
+        return best
 
     def hopeless(self, item: QueueItem, now: float) -> bool:
         """Whether the request cannot meet its deadline even started now on idle devices

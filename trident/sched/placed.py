@@ -86,6 +86,10 @@ class PlacedPolicy(SchedulerCore):
         self.cost: CostModel = cost
         self.graph = ClusterGraph()
         self._misfit: dict[tuple[str, Shape], str | None] = {}  # memory check cache
+        # (plan version and up devices, then ensure_homes' placement figures).
+        self._homes_memo: tuple[Any, ...] | None = None
+        # request id -> (what its queue item depends on, the item): queue_item's cache.
+        self._items: dict[str, tuple[tuple[int, int, float | None, object], QueueItem]] = {}
 
     # ------------------------------------------------------------------ events
 
@@ -264,10 +268,16 @@ class PlacedPolicy(SchedulerCore):
         seen: set[tuple[str, Stage, Shape]] = set()
         impossible: set[tuple[str, Stage, Shape]] = set()
         ef = self.config.efficiency
-        # Per round (reset when the plan changes): best free memory of a degree-k group
-        # holding a model's diffuse stage; most free memory of a device holding (m, s).
-        gfree: dict[tuple[str, int], int] = {}
-        sfree: dict[tuple[str, Stage], int] = {}
+        # Figures of the placement alone (what each device holds, its free memory after
+        # weights, its node and index): kept from round to round while the plan and the
+        # up devices stay the same, reset when this pass changes the plan. Best free
+        # memory of a degree-k group holding a model's diffuse stage; most free memory
+        # of a device holding (m, s).
+        sig = (self.graph.version, tuple(v.device_id for v in views))
+        if self._homes_memo is None or self._homes_memo[0] != sig:
+            self._homes_memo = (sig, {}, {}, {}, {}, {})
+        gfree: dict[tuple[str, int], int] = self._homes_memo[1]
+        sfree: dict[tuple[str, Stage], int] = self._homes_memo[2]
 
         def group_free(m: str, k: int) -> int:
             # The best free memory of an aligned degree-k group holding m's diffuse,
@@ -285,12 +295,12 @@ class PlacedPolicy(SchedulerCore):
                 )
             return sfree[m, s]
 
-        cfit: dict[tuple[str, int, int], int] = {}
-        # Same round: per model, its diffuse holders by node and index; per (model, k),
+        cfit: dict[tuple[str, int, int], int] = self._homes_memo[3]
+        # Likewise: per model, its diffuse holders by node and index; per (model, k),
         # the sorted least free memory of each aligned degree-k group of them (one pass
         # per model and per (m, k), not per (m, k, peak)).
-        cnodes: dict[str, dict[str, dict[int, DeviceView]]] = {}
-        cmins: dict[tuple[str, int], list[int]] = {}
+        cnodes: dict[str, dict[str, dict[int, DeviceView]]] = self._homes_memo[4]
+        cmins: dict[tuple[str, int], list[int]] = self._homes_memo[5]
 
         def group_mins(m: str, k: int) -> list[int]:
             mins = cmins.get((m, k))
@@ -590,7 +600,28 @@ class PlacedPolicy(SchedulerCore):
             )
         return out
 
+    def forget_ended(self, memo: dict[str, Any]) -> None:
+        """Drop the entries of ended requests from a per-request memo, once it holds
+        well more than the live ones (amortised: not every round)."""
+        if len(memo) > 2 * len(self.requests) + 256:
+            for rid in [r for r in memo if r not in self.requests]:
+                del memo[rid]
+
     def queue_item(self, req: RequestState) -> QueueItem:
+        """The request as the dispatcher sees it; the same object from round to round
+        until its next stage, its kept output, its diffuse progress or its deadline
+        changes (the dispatcher keeps per-item figures by identity; building ~3,000
+        items every round under overload was a tenth of the policy's time)."""
+        sig = (req.next_stage, req.steps_done, req.deadline, req.output)
+        got = self._items.get(req.request_id)
+        if got is not None and got[0][:3] == sig[:3] and got[0][3] is sig[3]:
+            return got[1]
+        self.forget_ended(self._items)
+        item = self._make_queue_item(req)
+        self._items[req.request_id] = (sig, item)
+        return item
+
+    def _make_queue_item(self, req: RequestState) -> QueueItem:
         info = self.models[req.spec.model]
         return QueueItem(
             request_id=req.request_id,

@@ -63,6 +63,7 @@ class _Victim:
     end: float  # predicted end of its task if left alone
     step_s: float  # seconds of one of its diffuse steps (the wait for its boundary)
     rest_s: float  # its remaining stage seconds after a pause (resume included)
+    group: tuple[str, ...] = ()  # its devices by index
 
 
 def _stage_seconds(policy: TridentPolicy, req: RequestState, stage: Stage, k: int) -> float:
@@ -96,7 +97,8 @@ def _victims(policy: TridentPolicy, cfg: PreemptConfig, now: float) -> list[_Vic
         steps = max(1, req.total_steps - req.steps_done)
         step_s = secs["diffuse"] / steps
         after = sum(secs[s] for s in cmd.stages[cmd.stages.index("diffuse") + 1 :])
-        out.append(_Victim(task, req, end, step_s, left + cfg.chunk_overhead_s + after))
+        group = tuple(sorted(cmd.devices, key=lambda d: policy.devices[d].info.index))
+        out.append(_Victim(task, req, end, step_s, left + cfg.chunk_overhead_s + after, group))
     return out
 
 
@@ -216,25 +218,35 @@ def _best_swap(
     decode_s = _stage_seconds(policy, req, "decode", 1)
     supported = supported_degrees(policy.cost, req.family, shape, info.max_degree) or (1,)
     best: tuple[float, _Victim, tuple[str, ...], tuple[Stage, ...], float] | None = None
+    runs: dict[int, float] = {}
     for v in victims:
-        group = sorted(v.task.cmd.devices, key=lambda d: policy.devices[d].info.index)
+        group = v.group
         # R takes the victim's whole group where its shape supports that degree: the
         # paused devices would idle otherwise, R ends (and the victim resumes) sooner,
         # and the group frees as one, so the victim can resume at its own degree.
         ks = [k for k in supported if k <= len(group) and len(group) % k == 0]
         k = max(ks, default=1)
-        devices = tuple(group[:k])
+        run = runs.get(k)
+        if run is None:
+            run = runs[k] = sum(
+                _stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in stages
+            )
+        if v.rest_s <= run:
+            continue  # the victim has less left than the urgent request needs
+        # The tests below with no weight load first (the end only grows with one), so
+        # most victims are turned down before the memory check (under overload every
+        # round met ~50 victims for each of its urgent requests).
+        v_deadline = v.req.deadline if v.req.deadline is not None else float("inf")
+        soonest = now + v.step_s + run
+        if soonest + decode_s > deadline or v.end <= v_deadline < soonest + v.rest_s:
+            continue
+        devices = group[:k]
         if not _fits(policy, req, stages, devices, k):
             continue
         load = max(_load_s(policy, req, stages, d, source) for d in devices)
-        start = now + v.step_s + load
-        run = sum(_stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in stages)
-        end = start + run
+        end = now + v.step_s + load + run
         if end + decode_s > deadline:
             continue  # no gain: it would be late even so
-        if v.rest_s <= run:
-            continue  # the victim has less left than the urgent request needs
-        v_deadline = v.req.deadline if v.req.deadline is not None else float("inf")
         if v.end <= v_deadline < end + v.rest_s:
             continue  # the pause would make the victim late
         slack = v_deadline - (end + v.rest_s)

@@ -21,7 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from trident.sched.batching import BatchConfig, batch_key, form_batches
 from trident.sched.core import CoreConfig
@@ -780,13 +780,6 @@ class TridentPolicy(PlacedPolicy):
             if free >= peak:
                 return want, evict
         return None
-
-    def forget_ended(self, memo: dict[str, Any]) -> None:
-        """Drop the entries of ended requests from a per-request memo, once it holds
-        well more than the live ones (amortised: not every round)."""
-        if len(memo) > 2 * len(self.requests) + 256:
-            for rid in [r for r in memo if r not in self.requests]:
-                del memo[rid]
 
     def _batched(
         self, items: list[QueueItem], views: list[DeviceView], now: float

@@ -103,6 +103,19 @@ class Shape:
     num_frames: int = 1  # 1 for images
     num_inference_steps: int = 28
     cfg: bool = False  # classifier-free guidance doubles the diffuse batch
+    # The policy keys many per-round dicts by shape (tens of millions of lookups in an
+    # overloaded simulated run): hash the fields once, not at every lookup.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "_hash",
+            hash((self.height, self.width, self.num_frames, self.num_inference_steps, self.cfg)),
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def pixels(self) -> int:
