@@ -31,6 +31,7 @@ AV=$(df --output=avail -B1G /dev/shm | tail -1)
 WD=/dev/shm/trident-models
 [ "$AV" -lt 50 ] && WD=/tmp/trident-models
 echo "models in $WD (/dev/shm: ${AV}G free)"
+rm -rf /tmp/gpu-res  # a rerun on the same machine must not pack the last run's files
 mkdir -p /tmp/gpu-res
 timeout 100 python3 bench/gpu/ipc_check.py --out /tmp/gpu-res/ipc.json > "$RES/ipc.log" 2>&1
 echo "ipc_check rc $? after $(( $(date +%s) - T0 )) s"
