@@ -155,6 +155,7 @@ class DispatchConfig:
     lookahead_s: float = 2.0
     efficiency: float = 0.8
     on_time_reward: float = 1000.0
+    drop_late_if_on_time: bool = True
     late_reward: float = 100.0  # base reward for serving a request that will be late
     cross_node_penalty: float = 5.0  # per inter-node hand-off
     transfer_penalty: float = 1.0  # per hand-off between different devices
@@ -603,6 +604,11 @@ class Dispatcher:
                 and self._on_time_later(item, ks, info, later_groups, now, aux_enc, aux_dec, dev)
             ):
                 item_cands = []  # wait for the on-time option rather than miss now
+            elif cfg.drop_late_if_on_time and any(c.on_time for c in item_cands):
+                # Where another request takes its on-time group, it waits for the next
+                # one rather than take a late leftover (a 33-frame video ran late at
+                # degree 1 with 100 s of slack left).
+                item_cands = [c for c in item_cands if c.on_time]
             out.extend(item_cands)
             if len(out) > before:
                 taken += 1
