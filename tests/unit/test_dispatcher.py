@@ -276,3 +276,23 @@ def test_requests_that_can_still_make_it_come_before_hopeless_ones() -> None:
     long_shape = Shape(768, 1360, 33, 50)
     h2 = _cog_item("late-long", 10.0, long_shape, arrival=-200.0)
     assert sorted([h2, hopeless], key=lambda i: d.window_key(i, 0.0))[0] is hopeless
+
+
+@pytest.mark.parametrize("use_mip", [False, True])
+def test_a_request_whose_on_time_group_is_taken_waits_rather_than_take_a_late_leftover(
+    use_mip: bool,
+) -> None:
+    t1, t2, _ = _cog_times()
+    first, second = _cog_item("first", t2 + 15.0), _cog_item("second", t2 + 20.0)
+    assert t1 > second.deadline  # degree 1 is late even with no queue
+    # Devices 0-2 idle, 3 frees in 10 s: "first" takes the idle pair; "second" could
+    # still be on time on (2, 3) then, so it must not run late on device 2 alone now.
+    views = [_cog_view(0, 0.0), _cog_view(1, 0.0), _cog_view(2, 0.0), _cog_view(3, 10.0)]
+    res = Dispatcher(COST, DispatchConfig(use_mip=use_mip)).solve([first, second], views, 0.0)
+    assert [(a.request_id, a.degree, a.on_time) for a in res.assignments] == [("first", 2, True)]
+    # The same round with the late leftover allowed (the behaviour before): device 2
+    # serves "second" at degree 1, certain to miss its deadline.
+    cfg = DispatchConfig(use_mip=use_mip, drop_late_if_on_time=False)
+    res = Dispatcher(COST, cfg).solve([first, second], views, 0.0)
+    got = sorted((a.request_id, a.degree, a.on_time) for a in res.assignments)
+    assert got == [("first", 2, True), ("second", 1, False)]

@@ -122,3 +122,32 @@ def test_an_idle_device_of_another_model_does_not_stop_a_preemption() -> None:
     assert [p["request_id"] for p in pre] == [short.request_id]
     assert short.met_slo
     assert short.finish < short_np.finish - 1000.0
+
+
+def test_two_degree_1_diffuses_pause_together_for_a_clip_that_needs_a_pair() -> None:
+    # Two 81-frame cogvideox clips run at degree 1, one per device. A 33-frame clip
+    # arrives 30 s in: at degree 1 it cannot meet its deadline even alone, at degree 2
+    # it can. No single victim has two devices, so both pause together at a step
+    # boundary, the short clip runs on the pair, and both long clips resume on time.
+    trace = [
+        TraceRequest(0.0, "cogvideox", 768, 432, 81, 50),
+        TraceRequest(1.0, "cogvideox", 768, 432, 81, 50),
+        TraceRequest(30.0, "cogvideox", 768, 432, 33, 50),
+    ]
+    np_res, np_pre = _run("trident-np", trace, models=("cogvideox",))
+    res, pre = _run("trident", trace, models=("cogvideox",))
+    assert all(r.status == "completed" for r in (*res.records, *np_res.records))
+    *longs, short = sorted(res.records, key=lambda r: r.arrival)
+    *longs_np, short_np = sorted(np_res.records, key=lambda r: r.arrival)
+    assert np_pre == [] and not short_np.met_slo  # it waits ~290 s for the pair
+    assert short.met_slo and len(short.devices["diffuse"]) == 2
+    assert sorted(p["paused_request_id"] for p in pre) == sorted(r.request_id for r in longs)
+    assert {p["request_id"] for p in pre} == {short.request_id}
+    assert res.stats["yields"] == 2
+    assert all(r.met_slo for r in (*longs, *longs_np))
+    # Each long clip runs the same steps (plus the resumed chunk's overhead) and ends
+    # later by about the short clip's run on its device.
+    overhead = SimConfig().chunk_overhead_s
+    for r, r_np in zip(longs, longs_np, strict=True):
+        assert r.timings["diffuse"] == pytest.approx(r_np.timings["diffuse"] + overhead)
+        assert r_np.finish < r.finish < r_np.finish + short.latency + 10.0
