@@ -53,6 +53,9 @@ class ClusterGraph:
         # Bumped by every change of membership, up state or placement: callers cache
         # derived structures (aligned groups, holders) keyed by it.
         self.version = 0
+        # devices_holding's answers, valid while the version is _holding_version.
+        self._holding: dict[tuple[str, Stage, bool], list[str]] = {}
+        self._holding_version = -1
         self.intra_node_bw = intra_node_bw
         self.inter_node_bw = inter_node_bw
 
@@ -179,7 +182,17 @@ class ClusterGraph:
         return placement_type(self.placement(device_id).get(model, frozenset()))
 
     def devices_holding(self, model: str, stage: Stage, up_only: bool = True) -> list[str]:
-        return [d.device_id for d in self.devices(up_only) if self.holds(d.device_id, model, stage)]
+        key = (model, stage, up_only)
+        memo = self._holding
+        if self._holding_version != self.version:
+            memo.clear()
+            self._holding_version = self.version
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = [
+                d.device_id for d in self.devices(up_only) if self.holds(d.device_id, model, stage)
+            ]
+        return list(got)  # a copy: callers may change theirs
 
     def plan(self) -> dict[str, dict[str, frozenset[Stage]]]:
         """device -> model -> stages (a copy)."""

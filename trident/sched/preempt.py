@@ -29,6 +29,7 @@ whichever degree serve the objective best. Pure: no clock, no I/O.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -118,16 +119,15 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     if not cfg.enabled or not policy.waiting:
         return []
     free_any = min((d.busy_until for d in policy.devices.values() if d.up), default=now)
-    urgent = _queue_urgent(policy, now, free_any)
+    urgent = _queue_urgent(policy, now, free_any, 4 * cfg.max_per_round)
     if not urgent:
         return []
-    urgent.sort(key=lambda x: (x[0], x[1].request_id))
     victims = _victims(policy, cfg, now)
     if not victims:
         return []
     source = policy.load_sources()
     out: list[Command] = []
-    for _, req, _alone in urgent[: 4 * cfg.max_per_round]:
+    for _, req, _alone in urgent:  # deadline order
         if len(out) >= 3 * cfg.max_per_round or not victims:
             break
         choice = _best_swap(policy, req, victims, now, source)
@@ -160,21 +160,18 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
 
 
 def _queue_urgent(
-    policy: TridentPolicy, now: float, free_any: float
+    policy: TridentPolicy, now: float, free_any: float, limit: int
 ) -> list[tuple[float, RequestState, float]]:
-    """Waiting requests, earliest deadline first, that would miss their deadline where
-    they stand in the queue and could still be on time if started now. In deadline
-    order each takes the next aligned group of its best degree among its model's up
-    diffuse homes, in the order the groups free (a group taken is not counted free
-    again: pessimistic). Judged by the earliest free device alone, as before, every
+    """Up to ``limit`` waiting requests, earliest deadline first, that would miss their
+    deadline where they stand in the queue and could still be on time if started now.
+    In deadline order each takes the next aligned group of its best degree among its
+    model's up diffuse homes, in the order the groups free (a group taken is not counted
+    free again: pessimistic). Judged by the earliest free device alone, as before, every
     waiting request looked on time under load (128 busy devices free one every few
     seconds) and almost nothing was paused: cogvideox 0.4, 1 pause in 720 requests.
     A free device of another model does not serve it (four pipelines: sd3's 2 s
     deadlines passed while flux devices idled, and nothing was paused)."""
-    frees: dict[tuple[str, int], list[float]] = {}
-    pos: dict[tuple[str, int], int] = {}
-    info_of = policy.models
-    cands = []
+    cands: list[tuple[float, str, RequestState, float, int]] = []
     for r in policy.waiting.values():
         if (
             r.task_id is not None
@@ -184,21 +181,28 @@ def _queue_urgent(
             or r.pending_stages[0] not in ("encode", "diffuse")
         ):
             continue
-        alone = _alone_memoised(policy, r)
+        alone, k = _alone_memoised(policy, r)
         if now + alone > r.deadline:
             continue  # late even with the cluster to itself
-        cands.append((r.deadline, r.request_id, r, alone))
-    cands.sort(key=lambda c: (c[0], c[1]))
+        cands.append((r.deadline, r.request_id, r, alone, k))
+    # Deadline order, lazily: the walk stops at ``limit`` urgent ones, and those come
+    # once the groups run out (under a 3x overload ~3,000 wait; sorting them all every
+    # round cost more than the rest of preemption).
+    heapq.heapify(cands)
+    homes: dict[str, dict[str, dict[int, float]]] = {}
+    frees: dict[tuple[str, int], list[float]] = {}
+    pos: dict[tuple[str, int], int] = {}
     out: list[tuple[float, RequestState, float]] = []
-    for deadline, _rid, r, alone in cands:
+    while cands and len(out) < limit:
+        deadline, _rid, r, alone, k = heapq.heappop(cands)
         m = r.spec.model
-        k = best_degree(
-            policy.cost, r.family, r.spec.shape, info_of[m].max_degree, policy.config.efficiency
-        )
         key = (m, k)
         fl = frees.get(key)
         if fl is None:
-            fl = frees[key] = _group_free_times(policy, m, k, now) or [max(now, free_any)]
+            by_node = homes.get(m)
+            if by_node is None:
+                by_node = homes[m] = _home_free_times(policy, m, now)
+            fl = frees[key] = _group_free_times(by_node, k) or [max(now, free_any)]
             pos[key] = 0
         j = pos[key]
         start = fl[j] if j < len(fl) else float("inf")
@@ -208,14 +212,19 @@ def _queue_urgent(
     return out
 
 
-def _group_free_times(policy: TridentPolicy, model: str, k: int, now: float) -> list[float]:
-    """When each aligned k-group of the model's up diffuse homes frees (the dispatcher
-    runs degree k on such groups only), earliest first."""
+def _home_free_times(policy: TridentPolicy, model: str, now: float) -> dict[str, dict[int, float]]:
+    """node -> device index -> when it frees, for the model's up diffuse homes."""
     by_node: dict[str, dict[int, float]] = {}
     for d in policy.graph.devices_holding(model, "diffuse"):
         st = policy.devices.get(d)
         if st is not None and st.up:
             by_node.setdefault(st.info.node_id, {})[st.info.index] = max(now, st.busy_until)
+    return by_node
+
+
+def _group_free_times(by_node: dict[str, dict[int, float]], k: int) -> list[float]:
+    """When each aligned k-group of ``by_node`` frees (the dispatcher runs degree k on
+    such groups only), earliest first."""
     out = []
     for idx in by_node.values():
         for j in range(max(idx) // k + 1):
@@ -226,30 +235,32 @@ def _group_free_times(policy: TridentPolicy, model: str, k: int, now: float) -> 
     return out
 
 
-def _alone_memoised(policy: TridentPolicy, req: RequestState) -> float:
-    """:func:`_alone_seconds`, kept per request until its pending stages or its diffuse
-    share change (under a 3x overload the filter met ~3,000 waiting requests per round:
-    a third of the policy's time went into these figures)."""
+def _alone_memoised(policy: TridentPolicy, req: RequestState) -> tuple[float, int]:
+    """:func:`_alone_seconds` and the degree it is at, kept per request until its
+    pending stages or its diffuse share change (under a 3x overload the filter met
+    ~3,000 waiting requests per round: a third of the policy's time went into these
+    figures)."""
     memo = policy._alone_memo
     n, frac = len(req.pending_stages), req.remaining_diffuse_fraction
     got = memo.get(req.request_id)
     if got is not None and got[0] == n and got[1] == frac:
-        return got[2]
+        return got[2], got[3]
     policy.forget_ended(memo)
-    secs = _alone_seconds(policy, req)
-    memo[req.request_id] = (n, frac, secs)
-    return secs
+    secs, k = _alone_seconds(policy, req)
+    memo[req.request_id] = (n, frac, secs, k)
+    return secs, k
 
 
-def _alone_seconds(policy: TridentPolicy, req: RequestState) -> float:
-    """The request's remaining stages alone at its best efficient degree."""
+def _alone_seconds(policy: TridentPolicy, req: RequestState) -> tuple[float, int]:
+    """The request's remaining stages alone at its best efficient degree, and that degree."""
     info = policy.models[req.spec.model]
     k = best_degree(
         policy.cost, req.family, req.spec.shape, info.max_degree, policy.config.efficiency
     )
-    return sum(
+    secs = sum(
         _stage_seconds(policy, req, s, k if s == "diffuse" else 1) for s in req.pending_stages
     )
+    return secs, k
 
 
 def _best_swap(
