@@ -136,7 +136,6 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
         if choice is None:
             continue
         paused, devices, stages, end = choice
-        # (_victims lists only tasks yield_task accepts: running single diffuses.)
         pauses = [policy.yield_task(v.task.cmd.task_id) for v in paused]
         for v in paused:
             victims.remove(v)
@@ -203,14 +202,11 @@ def _queue_urgent(
             by_node = homes.get(m)
             if by_node is None:
                 by_node = homes[m] = _home_free_times(policy, m, now)
-            fl = frees[key] = _group_free_times(by_node, k)
+            fl = frees[key] = _group_free_times(by_node, k) or [max(now, free_any)]
             pos[key] = 0
         j = pos[key]
+        start = fl[j] if j < len(fl) else float("inf")
         pos[key] += 1
-        if not fl:  # no home of that degree: it loads wherever a device frees first
-            start = max(now, free_any)
-        else:
-            start = fl[j] if j < len(fl) else float("inf")
         if start + alone > deadline:
             out.append((deadline, r, alone))
     return out
