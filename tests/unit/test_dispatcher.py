@@ -296,3 +296,34 @@ def test_a_request_whose_on_time_group_is_taken_waits_rather_than_take_a_late_le
     res = Dispatcher(COST, cfg).solve([first, second], views, 0.0)
     got = sorted((a.request_id, a.degree, a.on_time) for a in res.assignments)
     assert got == [("first", 2, True), ("second", 1, False)]
+
+
+@pytest.mark.parametrize("use_mip", [False, True])
+def test_a_wide_request_waiting_for_its_group_holds_it_others_only_backfill(
+    use_mip: bool,
+) -> None:
+    t1, t2, _ = _cog_times()
+    wide = _cog_item("wide", t2 + 20.0)  # only degree 2 is on time: it waits for (0, 1)
+    assert t1 > wide.deadline
+    narrow = _cog_item("narrow", 1e6, Shape(768, 432, 17, 50))  # ~65 s at degree 1
+    short = _cog_item("short", 1e6, Shape(768, 432, 17, 1))  # a few seconds
+    views = [_cog_view(0, 0.0), _cog_view(1, 10.0)]  # device 1 frees in 10 s
+    cfg = DispatchConfig(use_mip=use_mip)
+    # Held: the narrow request would still run on device 0 when the pair frees.
+    res = Dispatcher(COST, cfg).solve([wide, narrow], views, 0.0)
+    assert res.assignments == []
+    # A request done before the pair frees backfills device 0.
+    res = Dispatcher(COST, cfg).solve([wide, short], views, 0.0)
+    assert [(a.request_id, a.devices) for a in res.assignments] == [("short", ("n0/sim:0",))]
+    assert res.assignments[0].task_end <= 10.0
+    # The hold lasts across rounds: 5 s later the narrow request is still kept off.
+    d = Dispatcher(COST, cfg)
+    d.solve([wide], views, 0.0)
+    res = d.solve([wide, narrow], [_cog_view(0, 5.0), _cog_view(1, 10.0)], 5.0)
+    assert res.assignments == []
+    # Without holds (the behaviour before) the narrow request takes device 0 at once,
+    # and the wide one waits a whole narrow run for its pair.
+    res = Dispatcher(COST, DispatchConfig(use_mip=use_mip, max_holds=0)).solve(
+        [wide, narrow], views, 0.0
+    )
+    assert [a.request_id for a in res.assignments] == ["narrow"]

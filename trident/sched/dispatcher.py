@@ -15,6 +15,10 @@ Model (kept small on purpose: on a 2-core machine CBC needed 30 s for a 2,000-bi
 - Wait rather than miss: a request whose candidates are all late gets none when some
   group (busy ones included, at its predicted free time) would still complete it on
   time.
+- Hold rather than starve: such a waiting request of degree > 1 holds the group it
+  waits for, across rounds (at most ``max_holds`` requests): others take its devices
+  only for tasks that end before the group frees (backfilling), so a 4- or 8-device
+  clip is not kept waiting while degree-1 work refills each device in turn.
 - Variables ``x[r, g]`` only for efficient degrees ((t1/tk)/k >= threshold) and
   memory-feasible aligned groups ``g``; per (r, k) only the ``groups_per_degree`` groups
   with the earliest predicted completion.
@@ -156,6 +160,12 @@ class DispatchConfig:
     efficiency: float = 0.8
     on_time_reward: float = 1000.0
     drop_late_if_on_time: bool = True
+    # Requests of degree > 1 waiting for an on-time group that frees later hold it
+    # (at most this many at once): other requests use its devices only for tasks done
+    # before it frees; a hold ends when its request is dispatched, becomes hopeless,
+    # leaves the queue, or hold_grace_s after the group should have freed.
+    max_holds: int = 4
+    hold_grace_s: float = 5.0
     late_reward: float = 100.0  # base reward for serving a request that will be late
     cross_node_penalty: float = 5.0  # per inter-node hand-off
     transfer_penalty: float = 1.0  # per hand-off between different devices
@@ -239,6 +249,8 @@ class Dispatcher:
     config: DispatchConfig = field(default_factory=DispatchConfig)
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)
     relaxed: bool = False  # whether the last round was relaxed (see candidates)
+    _held: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict, repr=False)
+    _queued: set[str] = field(default_factory=set, repr=False)
     _shapes: dict[tuple[str, Shape, int, int, float, float], _ShapeInfo] = field(
         default_factory=dict, repr=False
     )
@@ -307,6 +319,7 @@ class Dispatcher:
         t0 = clock()
         dev = {d.device_id: d for d in devices}
         queue = [i for i in items if i.next_stage != "decode"]
+        self._queued = {i.request_id for i in queue if not self.hopeless(i, now)}
         if len(self._best) > 2 * len(items) + 1024:
             self._best.clear()  # ended requests' entries
         cands = self.candidates(
@@ -524,6 +537,16 @@ class Dispatcher:
                 aux[key] = _earliest(usable, m, stage, peak, now)
             return aux[key]
 
+        # Groups held for waiting wide requests (kept across rounds until the request is
+        # dispatched, becomes hopeless or leaves): others only backfill them.
+        inf = float("inf")
+        held: dict[str, tuple[str, float]] = {}
+        for rid, (grp_ids, frees) in list(self._held.items()):
+            if rid not in self._queued or now > frees + cfg.hold_grace_s:
+                del self._held[rid]
+                continue
+            for dev_id in grp_ids:
+                held[dev_id] = (rid, frees)
         open_models = sum(1 for v in room.values() if v > 0)
         for item in window:
             if taken >= cfg.max_requests or open_models == 0:
@@ -554,6 +577,13 @@ class Dispatcher:
                 for node, grp, least_free in groups_for(model, k):
                     if least_free < dif_peak:
                         continue
+                    until = inf
+                    for g in grp:
+                        h = held.get(g.device_id)
+                        if h is not None and h[0] != item.request_id and h[1] < until:
+                            until = h[1]
+                    if until < inf and now + dif_t > until:
+                        continue  # held for a wider request: backfill only
                     c = self._predict(
                         item,
                         k,
@@ -571,7 +601,7 @@ class Dispatcher:
                         aux_dec,
                         dev,
                     )
-                    if c is None:
+                    if c is None or c.task_end > until:
                         continue
                     late = c.finish > item.deadline + 1e-9
                     c.on_time = not late
@@ -597,18 +627,25 @@ class Dispatcher:
                     per_k.append(c)
                 per_k.sort(key=lambda c: (-c.weight, c.group))
                 item_cands.extend(per_k[: cfg.groups_per_degree])
+            wait = None
+            # (With no candidate at all a request may still hold a group: see below.)
             if (
                 cfg.wait_for_on_time
-                and item_cands
                 and not any(c.on_time for c in item_cands)
-                and self._on_time_later(item, ks, info, later_groups, now, aux_enc, aux_dec, dev)
+                and (item_cands or (cfg.max_holds and item.max_degree > 1))
             ):
+                wait = self._on_time_later(item, ks, info, later_groups, now, aux_enc, aux_dec, dev)
+            if wait is not None:
                 item_cands = []  # wait for the on-time option rather than miss now
-            elif cfg.drop_late_if_on_time and any(c.on_time for c in item_cands):
-                # Where another request takes its on-time group, it waits for the next
-                # one rather than take a late leftover (a 33-frame video ran late at
-                # degree 1 with 100 s of slack left).
-                item_cands = [c for c in item_cands if c.on_time]
+                if wait.k > 1:
+                    self._hold(item.request_id, wait.group, dev, held, now)
+            elif any(c.on_time for c in item_cands):
+                self._held.pop(item.request_id, None)
+                if cfg.drop_late_if_on_time:
+                    # Where another request takes its on-time group, it waits for the
+                    # next one rather than take a late leftover (a 33-frame video ran
+                    # late at degree 1 with 100 s of slack left).
+                    item_cands = [c for c in item_cands if c.on_time]
             out.extend(item_cands)
             if len(out) > before:
                 taken += 1
@@ -616,6 +653,29 @@ class Dispatcher:
                 if room[item.model] == 0:
                     open_models -= 1
         return out
+
+    def _hold(
+        self,
+        rid: str,
+        group: tuple[str, ...],
+        dev: Mapping[str, DeviceView],
+        held: dict[str, tuple[str, float]],
+        now: float,
+    ) -> None:
+        """Hold ``group`` for request ``rid`` (or move its hold there) unless another
+        request holds one of its devices or ``max_holds`` requests already hold one."""
+        if any(held.get(d, (rid,))[0] != rid for d in group):
+            return
+        if rid not in self._held and len(self._held) >= self.config.max_holds:
+            return
+        old = self._held.get(rid)
+        if old is not None:
+            for d in old[0]:
+                held.pop(d, None)
+        frees = max(now, max(dev[d].free_at for d in group))
+        self._held[rid] = (group, frees)
+        for d in group:
+            held[d] = (rid, frees)
 
     def _on_time_later(
         self,
@@ -627,11 +687,11 @@ class Dispatcher:
         aux_enc: DeviceView | None,
         aux_dec: DeviceView | None,
         dev: Mapping[str, DeviceView],
-    ) -> bool:
-        """Whether some group (busy ones included, at its predicted free time) would
-        still complete the request on time — then it should wait for it."""
+    ) -> _Cand | None:
+        """A group (busy ones included, at its predicted free time) that would still
+        complete the request on time — then it should wait for it."""
         if self.hopeless(item, now):
-            return False
+            return None
         for k in ks:
             dif_t, dif_peak = info.diffuse[k]
             for node, grp, least_free in later_groups(item.model, k):
@@ -655,8 +715,8 @@ class Dispatcher:
                     dev,
                 )
                 if c is not None and c.finish <= item.deadline + 1e-9:
-                    return True
-        return False
+                    return c
+        return None
 
     def _predict(
         self,
