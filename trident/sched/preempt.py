@@ -267,16 +267,24 @@ def _alone_seconds(policy: TridentPolicy, req: RequestState) -> tuple[float, int
     return secs, k
 
 
+# A swap: the victims that pause, R's devices and stages, R's predicted task end.
+_Swap = tuple[list[_Victim], tuple[str, ...], tuple[Stage, ...], float]
+
+
+def _deadline_of(req: RequestState) -> float:
+    return req.deadline if req.deadline is not None else float("inf")
+
+
 def _best_swap(
     policy: TridentPolicy,
     req: RequestState,
     victims: Sequence[_Victim],
     now: float,
     source: Callable[[str, str, Stage], str],
-) -> tuple[list[_Victim], tuple[str, ...], tuple[Stage, ...], float] | None:
+) -> _Swap | None:
     info = policy.models[req.spec.model]
     shape = req.spec.shape
-    deadline = req.deadline if req.deadline is not None else float("inf")
+    deadline = _deadline_of(req)
     pending = req.pending_stages
     stages: tuple[Stage, ...] = tuple(pending[: pending.index("diffuse") + 1])
     decode_s = _stage_seconds(policy, req, "decode", 1)
@@ -300,7 +308,7 @@ def _best_swap(
         # The tests below with no weight load first (the end only grows with one), so
         # most victims are turned down before the memory check (under overload every
         # round met ~50 victims for each of its urgent requests).
-        v_deadline = v.req.deadline if v.req.deadline is not None else float("inf")
+        v_deadline = _deadline_of(v.req)
         soonest = now + v.step_s + run
         if soonest + decode_s > deadline or v.end <= v_deadline < soonest + v.rest_s:
             continue
@@ -325,7 +333,7 @@ def _best_group_swap(
     victims: Sequence[_Victim],
     now: float,
     source: Callable[[str, str, Stage], str],
-) -> tuple[list[_Victim], tuple[str, ...], tuple[Stage, ...], float] | None:
+) -> _Swap | None:
     """R at its best degree k > 1 on an aligned group of k devices made of smaller
     victims' whole groups, where no single victim's group is that large (on cogvideox
     most diffuses run at degree 1: an urgent clip needing 2 or 4 devices found no single
@@ -337,7 +345,7 @@ def _best_group_swap(
     k = best_degree(policy.cost, req.family, shape, info.max_degree, policy.config.efficiency)
     if k <= 1:
         return None
-    deadline = req.deadline if req.deadline is not None else float("inf")
+    deadline = _deadline_of(req)
     pending = req.pending_stages
     stages: tuple[Stage, ...] = tuple(pending[: pending.index("diffuse") + 1])
     decode_s = _stage_seconds(policy, req, "decode", 1)
@@ -346,7 +354,7 @@ def _best_group_swap(
     for v in victims:
         if len(v.group) >= k or v.rest_s <= run:
             continue
-        v_deadline = v.req.deadline if v.req.deadline is not None else float("inf")
+        v_deadline = _deadline_of(v.req)
         if v.end <= v_deadline < now + v.step_s + run + v.rest_s:
             continue  # the pause would make it late even with no load
         for d in v.group:
@@ -380,7 +388,7 @@ def _best_group_swap(
                 continue
             slack = float("inf")
             for v in paused:
-                v_deadline = v.req.deadline if v.req.deadline is not None else float("inf")
+                v_deadline = _deadline_of(v.req)
                 if v.end <= v_deadline < end + v.rest_s:
                     break
                 slack = min(slack, v_deadline - (end + v.rest_s))
