@@ -52,7 +52,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from trident.sched.cost import (
     batch_peak_bytes,
@@ -949,7 +949,12 @@ def _in_window_order(
         yield heapq.heappop(heap)[2]
 
 
-def _aligned(idx: Mapping[int, DeviceView], k: int) -> list[list[DeviceView]]:
+_T = TypeVar("_T")
+
+
+def _aligned(idx: Mapping[int, _T], k: int) -> list[list[_T]]:
+    """The aligned groups of ``k`` (indices jk .. jk+k-1) whose members all appear in
+    ``idx`` (index -> device, or any figure of it)."""
     if not idx:
         return []
     out = []

@@ -41,6 +41,7 @@ from trident.sched.cost import (
     model_weight_bytes,
     supported_degrees,
 )
+from trident.sched.dispatcher import _aligned
 from trident.sched.types import Command, LogEvent, Stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -229,14 +230,7 @@ def _home_free_times(policy: TridentPolicy, model: str, now: float) -> dict[str,
 def _group_free_times(by_node: dict[str, dict[int, float]], k: int) -> list[float]:
     """When each aligned k-group of ``by_node`` frees (the dispatcher runs degree k on
     such groups only), earliest first."""
-    out = []
-    for idx in by_node.values():
-        for j in range(max(idx) // k + 1):
-            members = [idx.get(i) for i in range(j * k, (j + 1) * k)]
-            if all(t is not None for t in members):
-                out.append(max(t for t in members if t is not None))
-    out.sort()
-    return out
+    return sorted(max(grp) for idx in by_node.values() for grp in _aligned(idx, k))
 
 
 def _alone_memoised(policy: TridentPolicy, req: RequestState) -> tuple[float, int]:
@@ -340,9 +334,7 @@ def _best_group_swap(
     victim). Idle devices do not join such a group: with them, hunyuanvideo clips ran
     out of memory in the simulator on devices whose resident weights the check did not
     see (tests/unit/test_shared_cluster.py), not understood yet."""
-    info = policy.models[req.spec.model]
-    shape = req.spec.shape
-    k = best_degree(policy.cost, req.family, shape, info.max_degree, policy.config.efficiency)
+    _alone, k = _alone_memoised(policy, req)  # the degree the urgency walk judged it at
     if k <= 1:
         return None
     deadline = _deadline_of(req)
@@ -367,12 +359,8 @@ def _best_group_swap(
         nodes.setdefault(st.info.node_id, {})[st.info.index] = dev_id
     best: tuple[float, list[_Victim], tuple[str, ...], float] | None = None
     for node in sorted({policy.devices[d].info.node_id for d in by_dev}):
-        idx = nodes[node]
-        for j in range(max(idx) // k + 1):
-            members = [idx.get(i) for i in range(j * k, (j + 1) * k)]
-            if any(m is None for m in members):
-                continue
-            devices = tuple(m for m in members if m is not None)
+        for members in _aligned(nodes[node], k):
+            devices = tuple(members)
             paused: list[_Victim] = []
             for d in devices:
                 owner = by_dev[d]  # every member is a victim's device
