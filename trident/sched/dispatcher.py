@@ -49,6 +49,7 @@ counts every member.
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,6 +197,13 @@ class _Cand:
     dev_seconds: float
     weight: float = 0.0
     xfers: int = 0
+
+    def for_item(self, item: QueueItem) -> _Cand:
+        """The same option for another item of the same shape and input (unweighed)."""
+        c = copy.copy(self)
+        c.item = item
+        c.weight = 0.0
+        return c
 
     def assignment(self) -> Assignment:
         return Assignment(
@@ -548,26 +556,71 @@ class Dispatcher:
             for dev_id in grp_ids:
                 held[dev_id] = (rid, frees)
         open_models = sum(1 for v in room.values() if v > 0)
+        _Geo = tuple[str, Shape, int, int, float, float]
+        geos: dict[
+            _Geo, tuple[_ShapeInfo, tuple[int, ...], bool, DeviceView | None, DeviceView | None]
+        ] = {}
+        later_opts: dict[tuple[_Geo, Stage, str | None], list[_Cand]] = {}
+        # (geo, next stage, input, group) -> the prediction, for another item alike.
+        predicted: dict[tuple[_Geo, Stage, str | None, tuple[str, ...]], _Cand | None] = {}
         for item in window:
             if taken >= cfg.max_requests or open_models == 0:
                 break  # (no model has a usable device left: every later item is skipped)
             if room.get(item.model, 0) <= 0:
                 continue
             before = len(out)
-            fam, shape, model = item.family, item.shape, item.model
-            info = self._shape_info(
-                fam, shape, item.max_degree, item.size, item.diffuse_fraction, item.bytes_scale
+            shape, model = item.shape, item.model
+            # Everything below but the deadline's tests depends on the item's model,
+            # shape and input only: computed once per round for all items alike (under
+            # overload a round walks hundreds of same-shape requests in EDF order).
+            geo = (
+                model,
+                shape,
+                item.max_degree,
+                item.size,
+                item.diffuse_fraction,
+                item.bytes_scale,
             )
+            per_geo = geos.get(geo)
+            if per_geo is None:
+                info = self._shape_info(
+                    item.family,
+                    shape,
+                    item.max_degree,
+                    item.size,
+                    item.diffuse_fraction,
+                    item.bytes_scale,
+                )
 
-            def room_of(k: int, m: str = model) -> int:
-                return group_free(m, k)
+                def room_of(k: int, m: str = model) -> int:
+                    return group_free(m, k)
 
-            ks = _fitting_degrees(info, room_of)
+                ks = _fitting_degrees(info, room_of)
+                # Whether a usable group of an offered degree has room at all.
+                fits = any(
+                    least >= info.diffuse[k][1] for k in ks for _, _, least in groups_for(model, k)
+                )
+                per_geo = geos[geo] = (
+                    info,
+                    ks,
+                    fits,
+                    earliest(model, "encode", info.enc_peak),
+                    earliest(model, "decode", info.dec_peak),
+                )
+            info, ks, fits, aux_enc, aux_dec = per_geo
+            # With no room anywhere the item can only hold a busy group (below); when it
+            # cannot, skip it: in an overload most of the backlog is such items.
+            if not fits and not (
+                cfg.max_holds
+                and item.max_degree > 1
+                and cfg.wait_for_on_time
+                and (item.request_id in self._held or len(self._held) < cfg.max_holds)
+            ):
+                continue
             enc_t, dec_t = info.enc_t, info.dec_t
             enc_peak, dec_peak = info.enc_peak, info.dec_peak
             text_b, lat_b = info.text_b, info.lat_b
-            aux_enc = earliest(model, "encode", enc_peak)
-            aux_dec = earliest(model, "decode", dec_peak)
+            src = item.input_device if item.next_stage == "diffuse" else None
             budget = max(1e-6, item.deadline - item.arrival)
             age = max(0.0, now - item.arrival) / budget
             item_cands: list[_Cand] = []
@@ -584,23 +637,31 @@ class Dispatcher:
                             until = h[1]
                     if until < inf and now + dif_t > until:
                         continue  # held for a wider request: backfill only
-                    c = self._predict(
-                        item,
-                        k,
-                        grp,
-                        node,
-                        now,
-                        enc_t,
-                        dif_t,
-                        dec_t,
-                        enc_peak,
-                        dec_peak,
-                        text_b,
-                        lat_b,
-                        aux_enc,
-                        aux_dec,
-                        dev,
-                    )
+                    pkey = (geo, item.next_stage, src, tuple(g.device_id for g in grp))
+                    if pkey in predicted:
+                        c = predicted[pkey]
+                        if c is not None:
+                            c = c.for_item(item)
+                    else:
+                        c = predicted[pkey] = self._predict(
+                            item,
+                            k,
+                            grp,
+                            node,
+                            now,
+                            enc_t,
+                            dif_t,
+                            dec_t,
+                            enc_peak,
+                            dec_peak,
+                            text_b,
+                            lat_b,
+                            aux_enc,
+                            aux_dec,
+                            dev,
+                        )
+                        if c is not None:
+                            c = c.for_item(item)  # the memo keeps its own
                     if c is None or c.task_end > until:
                         continue
                     late = c.finish > item.deadline + 1e-9
@@ -633,8 +694,16 @@ class Dispatcher:
                 cfg.wait_for_on_time
                 and not any(c.on_time for c in item_cands)
                 and (item_cands or (cfg.max_holds and item.max_degree > 1))
-            ):
-                wait = self._on_time_later(item, ks, info, later_groups, now, aux_enc, aux_dec, dev)
+            ) and not self.hopeless(item, now):
+                # The options depend on the item's shape and input, not its deadline:
+                # one list per round for every item alike (EDF order: many).
+                lkey = (geo, item.next_stage, src)
+                opts = later_opts.get(lkey)
+                if opts is None:
+                    opts = later_opts[lkey] = self._later_options(
+                        item, ks, info, later_groups, now, aux_enc, aux_dec, dev
+                    )
+                wait = next((c for c in opts if c.finish <= item.deadline + 1e-9), None)
             if wait is not None:
                 item_cands = []  # wait for the on-time option rather than miss now
                 if wait.k > 1:
@@ -677,7 +746,7 @@ class Dispatcher:
         for d in group:
             held[d] = (rid, frees)
 
-    def _on_time_later(
+    def _later_options(
         self,
         item: QueueItem,
         ks: Sequence[int],
@@ -687,11 +756,12 @@ class Dispatcher:
         aux_enc: DeviceView | None,
         aux_dec: DeviceView | None,
         dev: Mapping[str, DeviceView],
-    ) -> _Cand | None:
-        """A group (busy ones included, at its predicted free time) that would still
-        complete the request on time — then it should wait for it."""
-        if self.hopeless(item, now):
-            return None
+    ) -> list[_Cand]:
+        """The request's options on the groups that free first (busy ones included, at
+        their predicted free time), degree by degree: where one still completes it on
+        time it should wait for it. Only ``k``, ``group`` and ``finish`` are read (the
+        list serves every item of the same shape and input in a round)."""
+        out: list[_Cand] = []
         for k in ks:
             dif_t, dif_peak = info.diffuse[k]
             for node, grp, least_free in later_groups(item.model, k):
@@ -714,9 +784,9 @@ class Dispatcher:
                     aux_dec,
                     dev,
                 )
-                if c is not None and c.finish <= item.deadline + 1e-9:
-                    return c
-        return None
+                if c is not None:
+                    out.append(c)
+        return out
 
     def _predict(
         self,

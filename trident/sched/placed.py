@@ -56,6 +56,7 @@ __all__ = ["PlacedPolicy", "Placement", "core_aliases"]
 # Core settings that only the core's FIFO reads (a placed policy places and sizes groups
 # itself): no flat option of the placed policies.
 _FIFO_ONLY = frozenset({"preload", "diffuse_degree"})
+_DIFFUSE = STAGES.index("diffuse")
 
 
 def core_aliases() -> dict[str, tuple[str, ...]]:
@@ -325,21 +326,28 @@ class PlacedPolicy(SchedulerCore):
                 cfit[m, k, peak] = len(mins) - bisect_left(mins, peak)
             return cfit[m, k, peak]
 
+        # One pass over the backlog: diffuse demand per (model, shape), and the first
+        # request of each (model, shape, next stage) — every later one needs the same
+        # stages (the walk below would only skip it), and under overload the backlog is
+        # thousands of requests every round.
         backlog: dict[tuple[str, Stage, Shape], int] = {}
+        firsts: dict[tuple[str, Shape, int], tuple[QueueItem, tuple[Stage, ...]]] = {}
         for it in items:
             r = self.requests.get(it.request_id)
-            if r is not None and r.task_id is None and "diffuse" in r.pending_stages:
+            if r is None:
+                continue
+            fk = (it.model, it.shape, r.next_stage)
+            if fk not in firsts:
+                firsts[fk] = (it, r.pending_stages)
+            if r.task_id is None and r.next_stage <= _DIFFUSE:
                 bk: tuple[str, Stage, Shape] = (it.model, "diffuse", it.shape)
                 backlog[bk] = backlog.get(bk, 0) + 1
 
-        for it in items:
+        for it, pending in list(firsts.values()):
             info = self.models.get(it.model)
             if info is None:
                 continue
-            req = self.requests.get(it.request_id)
-            if req is None:
-                continue
-            for s in req.pending_stages:
+            for s in pending:
                 key = (it.model, s, it.shape)
                 if key in seen:
                     continue
