@@ -326,12 +326,14 @@ class Dispatcher:
             preload(cfg.solver)  # once per process
         t0 = clock()
         dev = {d.device_id: d for d in devices}
-        queue = [i for i in items if i.next_stage != "decode"]
-        self._queued = {i.request_id for i in queue if not self.hopeless(i, now)}
         if len(self._best) > 2 * len(items) + 1024:
             self._best.clear()  # ended requests' entries
+        queue = [i for i in items if i.next_stage != "decode"]
+        # One key per request (its first field is hopeless()), for both uses.
+        keyed = [(self.window_key(it, now), n, it) for n, it in enumerate(queue)]
+        self._queued = {it.request_id for key, _, it in keyed if key[0] == 0}
         cands = self.candidates(
-            _in_window_order(queue, lambda i: self.window_key(i, now)),
+            _in_window_order(keyed),
             dev,
             now,
             degree_sum=sum(i.max_degree for i in queue),
@@ -1009,14 +1011,14 @@ def _past_deadline(item: QueueItem, finish: float) -> bool:
 
 
 def _in_window_order(
-    items: Sequence[QueueItem], key: Callable[[QueueItem], tuple[int, float, float, str]]
+    keyed: list[tuple[tuple[int, float, float, str], int, QueueItem]],
 ) -> Iterator[QueueItem]:
-    """``items`` by ``key``, lazily: a round takes candidates from the first few dozen
-    only, and sorting a 3,000-request backlog every round was most of its cost."""
-    heap = [(key(it), n, it) for n, it in enumerate(items)]
-    heapq.heapify(heap)
-    while heap:
-        yield heapq.heappop(heap)[2]
+    """The items of ``keyed`` ((window key, position, item)) in key order, lazily: a
+    round takes candidates from the first few dozen only, and sorting a 3,000-request
+    backlog every round was most of its cost. Consumes ``keyed``."""
+    heapq.heapify(keyed)
+    while keyed:
+        yield heapq.heappop(keyed)[2]
 
 
 _T = TypeVar("_T")

@@ -42,7 +42,7 @@ from trident.sched.cost import (
     supported_degrees,
 )
 from trident.sched.dispatcher import _aligned
-from trident.sched.types import Command, LogEvent, Stage
+from trident.sched.types import STAGES, Command, LogEvent, Stage
 
 if TYPE_CHECKING:  # pragma: no cover
     from trident.sched.core import RequestState, TaskState
@@ -61,6 +61,9 @@ class PreemptConfig:
     # ``chunk_overhead_s`` is the truth; this is the planner's estimate of it).
     chunk_overhead_s: float = 0.05
     max_per_round: int = 4  # pauses issued per dispatch round
+
+
+_DIFFUSE = STAGES.index("diffuse")
 
 
 @dataclass
@@ -174,19 +177,17 @@ def _queue_urgent(
     A free device of another model does not serve it (four pipelines: sd3's 2 s
     deadlines passed while flux devices idled, and nothing was paused)."""
     cands: list[tuple[float, str, RequestState, float, int]] = []
+    memo = policy._alone_memo
     for r in policy.waiting.values():
-        if (
-            r.task_id is not None
-            or r.deadline is None
-            or r.cancelled
-            or not r.pending_stages
-            or r.pending_stages[0] not in ("encode", "diffuse")
-        ):
+        if r.task_id is not None or r.deadline is None or r.cancelled or r.next_stage > _DIFFUSE:
             continue
-        alone, k = _alone_memoised(policy, r)
-        if now + alone > r.deadline:
+        got = memo.get(r.request_id)  # (_alone_memoised inlined: every waiting request)
+        if got is None or got[0] != r.next_stage or got[1] != r.steps_done:
+            _alone_memoised(policy, r)
+            got = memo[r.request_id]
+        if now + got[2] > r.deadline:
             continue  # late even with the cluster to itself
-        cands.append((r.deadline, r.request_id, r, alone, k))
+        cands.append((r.deadline, r.request_id, r, got[2], got[3]))
     # Deadline order, lazily: the walk stops at ``limit`` urgent ones, and those come
     # once the groups run out (under a 3x overload ~3,000 wait; sorting them all every
     # round cost more than the rest of preemption).
@@ -239,13 +240,12 @@ def _alone_memoised(policy: TridentPolicy, req: RequestState) -> tuple[float, in
     ~3,000 waiting requests per round: a third of the policy's time went into these
     figures)."""
     memo = policy._alone_memo
-    n, frac = len(req.pending_stages), req.remaining_diffuse_fraction
     got = memo.get(req.request_id)
-    if got is not None and got[0] == n and got[1] == frac:
+    if got is not None and got[0] == req.next_stage and got[1] == req.steps_done:
         return got[2], got[3]
     policy.forget_ended(memo)
     secs, k = _alone_seconds(policy, req)
-    memo[req.request_id] = (n, frac, secs, k)
+    memo[req.request_id] = (req.next_stage, req.steps_done, secs, k)
     return secs, k
 
 

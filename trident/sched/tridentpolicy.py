@@ -175,9 +175,9 @@ class TridentPolicy(PlacedPolicy):
         self.batching: BatchConfig = c.batching
         self._batch_keys: dict[str, Hashable | None] = {}  # request id -> batch_key
         self._idle_since: dict[str, float] = {}  # device id -> first seen idle (re-homing)
-        # request id -> (stages pending, diffuse share left, seconds alone): preemption's
+        # request id -> (next stage, steps done, seconds alone, degree): preemption's
         # urgency filter looks at every waiting request each round (trident.sched.preempt)
-        self._alone_memo: dict[str, tuple[int, float, float, int]] = {}
+        self._alone_memo: dict[str, tuple[int, int, float, int]] = {}
         self._rehome_next = -math.inf  # when re-homing looks again (rehome_every_s)
         # (key, reserve, protected models): _monitor_figures' cache.
         self._figures: tuple[tuple[int, float, int], dict[str, int], frozenset[str]] | None
