@@ -67,3 +67,22 @@ def test_runtime_sim_device_evicts_in_the_same_order() -> None:
     assert ("sd3", "diffuse") not in ex.resident  # (largest-first would drop flux encode)
     assert ("flux", "encode") in ex.resident and ("flux", "diffuse") in ex.resident
     assert ex.evicted == [("sd3", "diffuse")]
+
+
+def test_the_other_ranks_of_a_merged_task_hold_only_diffuse() -> None:
+    """Encode+diffuse at degree 2: the leader loads both stages, the other rank only
+    diffuse (it runs diffuse alone), so a 14 GB text encoder is not copied to every
+    member of the group — on the runtime's sim devices and in the simulator alike."""
+    models = {"hunyuanvideo": {"family": "hunyuanvideo"}}
+    params = {"height": 544, "width": 960, "num_frames": 65, "num_inference_steps": 8}
+    stages = ("encode", "diffuse")
+    ranks = []
+    for rank in (0, 1):
+        ex = SimExecutor(models, 80 * GB, time_scale=0.0)
+        result = ex.run("hunyuanvideo", stages, None, params, {"degree": 2, "rank": rank})
+        ranks.append((sorted(s for _, s, _, _ in result.loaded), set(ex.resident)))
+    assert ranks[0] == (
+        ["diffuse", "encode"],
+        {("hunyuanvideo", "diffuse"), ("hunyuanvideo", "encode")},
+    )
+    assert ranks[1] == (["diffuse"], {("hunyuanvideo", "diffuse")})

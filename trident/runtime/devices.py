@@ -482,7 +482,12 @@ class SimExecutor(Executor):
         result.evicted, self.evicted = self.evicted, []
         sources = dict(options.get("load_sources") or {})
         sleeps: list[tuple[str | None, float]] = []
+        # Merged stages at degree k: the other ranks run diffuse only (as a torch
+        # device), so they neither load nor hold the other stages' weights and peaks.
+        follower = degree > 1 and int(options.get("rank", 0)) != 0
         for stage in stages:
+            if follower and stage != "diffuse":
+                continue
             if (model, stage) in self.resident:
                 self._touch((model, stage))
                 continue
@@ -501,7 +506,7 @@ class SimExecutor(Executor):
                 peak = decode_peak_bytes(self.cost, family, shape, tiled)
             else:
                 peak = batch_peak_bytes(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
-            peak = int(act * peak)
+            peak = 0 if follower and stage != "diffuse" else int(act * peak)
             secs = batch_stage_seconds(self.cost, family, stage, shape, degree, batch)  # type: ignore[arg-type]
             result.evicted += self._make_room(0, keep={(model, s) for s in stages}, peak=peak)
             sleeps.append((stage, secs / self.speed * self.time_scale))
@@ -1046,14 +1051,16 @@ class TorchExecutor(Executor):
 
         result = TaskResult(outputs={}, stage_seconds={})
         sources = dict(options.get("load_sources") or {})
+        follower = parallel is not None and parallel.rank != 0
         for stage in stages:
+            if follower and stage != "diffuse":
+                continue  # run on the leader only (below): its weights are not needed here
             secs, source = self._load_for_task(model, stage, str(sources.get(stage, "disk")))
             if source != "resident":
                 result.load_seconds += secs
                 result.loaded.append((model, stage, secs, source))
         pipe = self._pipe(model)
         current: Mapping[str, Any] | None = inputs
-        follower = parallel is not None and parallel.rank != 0
         meter = self.meter
         for stage in stages:
             if follower and stage != "diffuse":

@@ -790,6 +790,7 @@ class Worker:
                 log.debug("stage.started")
             options = dict(msg.options)
             options["degree"] = degree
+            options["rank"] = rank
             params, output = _take_output(msg.params)
             try:
                 if parallel is None:

@@ -331,9 +331,9 @@ def _best_group_swap(
     """R at its best degree k > 1 on an aligned group of k devices made of smaller
     victims' whole groups, where no single victim's group is that large (on cogvideox
     most diffuses run at degree 1: an urgent clip needing 2 or 4 devices found no single
-    victim). Idle devices do not join such a group: with them, hunyuanvideo clips ran
-    out of memory in the simulator on devices whose resident weights the check did not
-    see (tests/unit/test_shared_cluster.py), not understood yet."""
+    victim). Devices with no task at all complete such a group too (:func:`_fits`
+    counts R's resident weights: without that, an idle leader holding hunyuanvideo's
+    encoders ran out of memory, tests/unit/test_shared_cluster.py)."""
     _alone, k = _alone_memoised(policy, req)  # the degree the urgency walk judged it at
     if k <= 1:
         return None
@@ -353,8 +353,14 @@ def _best_group_swap(
             by_dev[d] = v
     if not by_dev:
         return None
+    # Devices with no task at all (this round's issues included) complete a group too.
+    idle = [
+        d
+        for d, st in policy.devices.items()
+        if st.up and not st.inflight and d not in by_dev and policy.graph.is_up(d)
+    ]
     nodes: dict[str, dict[int, str]] = {}
-    for dev_id in by_dev:
+    for dev_id in [*by_dev, *idle]:
         st = policy.devices[dev_id]
         nodes.setdefault(st.info.node_id, {})[st.info.index] = dev_id
     best: tuple[float, list[_Victim], tuple[str, ...], float] | None = None
@@ -363,8 +369,8 @@ def _best_group_swap(
             devices = tuple(members)
             paused: list[_Victim] = []
             for d in devices:
-                owner = by_dev[d]  # every member is a victim's device
-                if owner not in paused:
+                owner = by_dev.get(d)  # None: an idle device
+                if owner is not None and owner not in paused:
                     paused.append(owner)
             if not paused or any(d not in devices for v in paused for d in v.group):
                 continue
@@ -411,18 +417,18 @@ def _fits(
     devices: Sequence[str],
     k: int,
 ) -> bool:
-    """R's missing weights and its peak fit beside what each device must keep (weights
-    of other models' stages may be evicted by the device model except the paused
-    victim's diffuse, which it resumes with)."""
+    """R's weights and its peak fit beside what each device must keep: resident diffuse
+    weights (the paused victim resumes with its own; the device model may evict the
+    other stages). Degree k: the other ranks hold diffuse only, as the workers do."""
     info = policy.models[req.spec.model]
+    model = req.spec.model
     for rank, dev in enumerate(devices):
         st = policy.devices[dev]
         mine = stages if rank == 0 else tuple(s for s in stages if s == "diffuse")
-        need = sum(
-            model_weight_bytes(policy.cost, info, s)
-            for s in mine
-            if (req.spec.model, s) not in st.holds
-        )
+        # R's own weights whether resident or not: resident ones cannot be evicted for
+        # its peak either (an idle leader holding hunyuanvideo's 14 GB encoders ran
+        # out of memory in the simulator when only the missing ones were counted).
+        need = sum(model_weight_bytes(policy.cost, info, s) for s in mine)
         act = activation_scale(info)
         peak = max(
             int(act * batch_peak_bytes(policy.cost, req.family, s, req.spec.shape, k, 1))
@@ -431,7 +437,7 @@ def _fits(
         keep = sum(
             model_weight_bytes(policy.cost, policy.models[m], s)
             for m, s in st.holds
-            if m in policy.models and s == "diffuse"
+            if m in policy.models and s == "diffuse" and not (m == model and s in mine)
         )
         if need + peak + keep > st.info.memory_bytes:
             return False

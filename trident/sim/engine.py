@@ -629,28 +629,38 @@ class Simulator:
         fam = task.family
         deg = len(cmd.devices)
         keys = [(cmd.model, s) for s in cmd.stages]
-        keep = set(keys)
         b = len(task.members)
         tiled = bool(cmd.options.get("vae_tiling"))
         info = self.models.get(cmd.model)
         act = activation_scale(info) if info is not None else 1.0  # the model's dtype
-        peak = int(
-            act
-            * max(
-                # decode's peak depends on tiling (the core's choice for this task)
-                decode_peak_bytes(self.cost, fam, task.shape, tiled)
-                if s == "decode"
-                else int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b))
-                for s in cmd.stages
+
+        def peak_of(stages: Sequence[Stage]) -> int:
+            return int(
+                act
+                * max(
+                    # decode's peak depends on tiling (the core's choice for this task)
+                    decode_peak_bytes(self.cost, fam, task.shape, tiled)
+                    if s == "decode"
+                    else int(batch_peak_bytes(self.cost, fam, s, task.shape, deg, b))
+                    for s in stages
+                )
             )
-        )
+
+        peak = peak_of(cmd.stages)
+        # Merged stages at degree k: the other ranks run diffuse only (as the workers
+        # do), holding neither the other stages' weights nor their peaks.
+        follower_keys = [k for k in keys if k[1] == "diffuse"] or keys
+        follower_peak = peak_of([k[1] for k in follower_keys])
         load_s = 0.0
         loads: list[tuple[_Dev, _Key, float, str]] = []
-        for dev_id in cmd.devices:
+        for rank, dev_id in enumerate(cmd.devices):
             d = self.devs[dev_id]
-            missing = [k for k in keys if k not in d.resident]
-            need = sum(self._weight(k[0], k[1]) for k in missing) + peak
-            if not self._make_room(d, need, keep):
+            mine = keys if rank == 0 else follower_keys
+            missing = [k for k in mine if k not in d.resident]
+            need = sum(self._weight(k[0], k[1]) for k in missing) + (
+                peak if rank == 0 else follower_peak
+            )
+            if not self._make_room(d, need, set(mine)):
                 self._oom(task, d, need)
                 return
             dev_load = 0.0
@@ -667,10 +677,10 @@ class Simulator:
             self._add_resident(d, k, self._weight(k[0], k[1]))
             self.stats["loads"] += 1
             self.stats["load_seconds"] += secs
-        for dev_id in cmd.devices:
+        for rank, dev_id in enumerate(cmd.devices):
             d = self.devs[dev_id]
             d.busy = True
-            for k in keys:
+            for k in keys if rank == 0 else follower_keys:
                 d.last_use[k] = self.now
         task.state = "loading"
         task.load_s = load_s
