@@ -42,7 +42,8 @@ from trident.sched.cost import (
     supported_degrees,
 )
 from trident.sched.dispatcher import _aligned
-from trident.sched.types import STAGES, Command, LogEvent, Stage
+from trident.sched.placed import _DIFFUSE
+from trident.sched.types import Command, LogEvent, Stage
 
 if TYPE_CHECKING:  # pragma: no cover
     from trident.sched.core import RequestState, TaskState
@@ -61,9 +62,6 @@ class PreemptConfig:
     # ``chunk_overhead_s`` is the truth; this is the planner's estimate of it).
     chunk_overhead_s: float = 0.05
     max_per_round: int = 4  # pauses issued per dispatch round
-
-
-_DIFFUSE = STAGES.index("diffuse")
 
 
 @dataclass
