@@ -128,13 +128,18 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     if not victims:
         return []
     source = policy.load_sources()
+    # Devices with no task may complete a group pause (re-checked at use: this round's
+    # pauses issue tasks).
+    idle = [
+        d for d, st in policy.devices.items() if st.up and not st.inflight and policy.graph.is_up(d)
+    ]
     out: list[Command] = []
     for _, req, _alone in urgent:  # deadline order
         if len(out) >= 3 * cfg.max_per_round or not victims:
             break
         choice = _best_swap(policy, req, victims, now, source)
         if choice is None:
-            choice = _best_group_swap(policy, req, victims, now, source)
+            choice = _best_group_swap(policy, req, victims, idle, now, source)
         if choice is None:
             continue
         paused, devices, stages, end = choice
@@ -175,17 +180,13 @@ def _queue_urgent(
     A free device of another model does not serve it (four pipelines: sd3's 2 s
     deadlines passed while flux devices idled, and nothing was paused)."""
     cands: list[tuple[float, str, RequestState, float, int]] = []
-    memo = policy._alone_memo
     for r in policy.waiting.values():
         if r.task_id is not None or r.deadline is None or r.cancelled or r.next_stage > _DIFFUSE:
             continue
-        got = memo.get(r.request_id)  # (_alone_memoised inlined: every waiting request)
-        if got is None or got[0] != r.next_stage or got[1] != r.steps_done:
-            _alone_memoised(policy, r)
-            got = memo[r.request_id]
-        if now + got[2] > r.deadline:
+        alone, k = _alone_memoised(policy, r)
+        if now + alone > r.deadline:
             continue  # late even with the cluster to itself
-        cands.append((r.deadline, r.request_id, r, got[2], got[3]))
+        cands.append((r.deadline, r.request_id, r, alone, k))
     # Deadline order, lazily: the walk stops at ``limit`` urgent ones, and those come
     # once the groups run out (under a 3x overload ~3,000 wait; sorting them all every
     # round cost more than the rest of preemption).
@@ -323,6 +324,7 @@ def _best_group_swap(
     policy: TridentPolicy,
     req: RequestState,
     victims: Sequence[_Victim],
+    idle: Sequence[str],
     now: float,
     source: Callable[[str, str, Stage], str],
 ) -> _Swap | None:
@@ -352,13 +354,9 @@ def _best_group_swap(
     if not by_dev:
         return None
     # Devices with no task at all (this round's issues included) complete a group too.
-    idle = [
-        d
-        for d, st in policy.devices.items()
-        if st.up and not st.inflight and d not in by_dev and policy.graph.is_up(d)
-    ]
+    free = [d for d in idle if not policy.devices[d].inflight and d not in by_dev]
     nodes: dict[str, dict[int, str]] = {}
-    for dev_id in [*by_dev, *idle]:
+    for dev_id in [*by_dev, *free]:
         st = policy.devices[dev_id]
         nodes.setdefault(st.info.node_id, {})[st.info.index] = dev_id
     best: tuple[float, list[_Victim], tuple[str, ...], float] | None = None
