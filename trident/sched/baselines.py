@@ -34,7 +34,7 @@ from trident.sched.core import CoreConfig, DeviceState, RequestState
 from trident.sched.cost import best_degree, efficient_degrees, model_peak_bytes
 from trident.sched.dispatcher import SolverName
 from trident.sched.placed import PlacedPolicy, Placement, core_aliases
-from trident.sched.solver import optimize, solver_library
+from trident.sched.solver import optimize, preload, solver_library
 from trident.sched.types import STAGES, Command, CostModel, DeviceInfo, LogEvent, ModelInfo, Stage
 
 __all__ = [
@@ -454,6 +454,7 @@ class AuthorsPolicy(_PipelineBase):
     ) -> list[tuple[RequestState, int, str, float]]:
         import mip
 
+        preload(self.aconfig.solver)  # once per process (trident.sched.solver)
         t0 = self.clock()
         self._last_log = LogEvent("dispatch.solved", {"solver": "mip", "ms": 0.0})
         m = mip.Model(sense=mip.MAXIMIZE, solver_name=solver_library(self.aconfig.solver))

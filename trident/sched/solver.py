@@ -11,7 +11,14 @@ incumbent is as reproducible as an optimum.
 
 **Library load.** The first ``mip.Model(solver_name=...)`` in a process loads the
 solver's shared library (CBC or HiGHS: ~100-250 ms measured on the dev machine); the
-callers :func:`preload` it before their first solve.
+callers :func:`preload` it before their first solve. Preloading also solves a one-variable
+model and collects it, so that no later solve can hang: python-mip reaches the library
+through cffi, which binds each function and parses each C type on first use under one
+non-reentrant lock. A model freed by the garbage collector in the middle of the first
+solve's type parsing (which holds that lock) called the not-yet-bound
+``Cbc_deleteModel`` from its ``__del__`` and waited for the lock forever: a simulator
+run froze with no CPU use (seen in session 13 of bench/sim.md); in the scheduler it
+would stop all dispatch.
 
 **Stopwatch.** The core never reads a clock to decide anything. Solve times are still
 worth logging, so callers take a :data:`Clock` (the daemon and the benchmarks pass
@@ -20,6 +27,7 @@ worth logging, so callers take a :data:`Clock` (the daemon and the benchmarks pa
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +60,11 @@ def preload(solver: str, clock: Clock = no_clock) -> float:
 
         m = mip.Model(solver_name=key)
         m.verbose = 0
-        del m
+        x = m.add_var(var_type=mip.BINARY)
+        m.objective = mip.maximize(x)
+        optimize(m, 1)  # parses the progress callback's C type (under cffi's lock)
+        del x, m
+        gc.collect()  # binds the library's model destructor outside that lock
     except Exception:  # missing library: the callers fall back on their own
         pass
     ms = (clock() - t0) * 1e3

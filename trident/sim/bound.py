@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trident.sched.cost import supported_degrees
-from trident.sched.solver import solver_library
+from trident.sched.solver import preload, solver_library
 from trident.sched.types import CostModel, ModelInfo, RequestSpec
 
 __all__ = ["AttainmentBound", "slo_attainment_bound"]
@@ -74,6 +74,7 @@ def slo_attainment_bound(
         return AttainmentBound(1.0 if n == 0 else 0.0, n, len(timed), 0, "empty")
     import mip
 
+    preload(solver)  # once per process (trident.sched.solver: no hang in a later solve)
     m = mip.Model(sense=mip.MAXIMIZE, solver_name=solver_library(solver))
     m.verbose = 0
     m.threads = 1
