@@ -35,11 +35,12 @@ def _run(
 
     def recording(ev: Event, now: float) -> list[Any]:
         cmds = handle(ev, now)
-        preempted.extend(
-            dict(c.fields)
-            for c in cmds
-            if isinstance(c, LogEvent) and c.event == "dispatch.preempted"
-        )
+        for c in cmds:
+            if isinstance(c, LogEvent) and c.event == "dispatch.preempted":
+                preempted.append(dict(c.fields))
+            elif isinstance(c, LogEvent) and c.event == "dispatch.widening":
+                # A widening pauses too (trident.sched.widen): same bound, same count.
+                preempted.append({"paused_request_id": c.fields["request_id"], "widen": True})
         return cmds
 
     policy.handle = recording  # type: ignore[method-assign]
@@ -60,6 +61,7 @@ def test_a_short_request_preempts_a_long_diffuse_which_ends_with_the_predicted_d
     np_res, np_pre = _run("trident-np", trace)
     res, pre = _run("trident", trace)
     assert np_pre == [] and np_res.stats.get("yields") is None
+    assert not [p for p in pre if p.get("widen")]  # both devices stay busy
     long_np, _, short_np = sorted(np_res.records, key=lambda r: r.arrival)
     long1, long2, short = sorted(res.records, key=lambda r: r.arrival)
     assert all(r.status == "completed" for r in (*res.records, *np_res.records))

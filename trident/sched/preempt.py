@@ -62,6 +62,14 @@ class PreemptConfig:
     # ``chunk_overhead_s`` is the truth; this is the planner's estimate of it).
     chunk_overhead_s: float = 0.05
     max_per_round: int = 4  # pauses issued per dispatch round
+    # Widening (trident.sched.widen): a running diffuse pauses to resume at a wider
+    # efficient degree on idle devices beside it when that saves at least this much.
+    widen: bool = True
+    widen_min_gain_s: float = 10.0
+    # While requests of its model wait, a diffuse on time at its own degree widens only
+    # if this is set (their next group may be forming on those idle devices).
+    widen_on_time_while_queued: bool = False
+    max_widen_per_round: int = 4
 
 
 @dataclass
@@ -130,8 +138,11 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     source = policy.load_sources()
     # Devices with no task may complete a group pause (re-checked at use: this round's
     # pauses issue tasks).
+    reserved = {d for grp in policy._widen.values() for d in grp}
     idle = [
-        d for d, st in policy.devices.items() if st.up and not st.inflight and policy.graph.is_up(d)
+        d
+        for d, st in policy.devices.items()
+        if st.up and not st.inflight and policy.graph.is_up(d) and d not in reserved
     ]
     out: list[Command] = []
     for _, req, _alone in urgent:  # deadline order

@@ -54,6 +54,7 @@ from trident.sched.types import (
     Tick,
     UnloadStage,
 )
+from trident.sched.widen import plan_widening, resume_widened, widen_reserved
 
 __all__ = ["TridentConfig", "TridentPolicy", "TridentStaticPolicy"]
 
@@ -178,6 +179,8 @@ class TridentPolicy(PlacedPolicy):
         # request id -> (next stage, steps done, seconds alone, degree): preemption's
         # urgency filter looks at every waiting request each round (trident.sched.preempt)
         self._alone_memo: dict[str, tuple[int, int, float, int]] = {}
+        # request id -> the wider group a pausing diffuse resumes on (trident.sched.widen)
+        self._widen: dict[str, tuple[str, ...]] = {}
         self._rehome_next = -math.inf  # when re-homing looks again (rehome_every_s)
         # (key, reserve, protected models): _monitor_figures' cache.
         self._figures: tuple[tuple[int, float, int], dict[str, int], frozenset[str]] | None
@@ -446,11 +449,23 @@ class TridentPolicy(PlacedPolicy):
 
     def plan(self, now: float) -> list[Command]:
         out: list[Command] = []
+        pcfg = self.tconfig.preempt
+        if self._widen:
+            out.extend(resume_widened(self, now, pcfg))
         if not self.waiting:
+            if pcfg.widen and pcfg.enabled and self.tasks:
+                views = self.device_views(now)
+                by_dev = {v.device_id: v for v in views}
+                out.extend(plan_widening(self, now, pcfg, by_dev, self._held_devices()))
             return out
         views = self.device_views(now)
         if not views:
             return out
+        if self._widen:
+            reserved = widen_reserved(self)
+            for v in views:
+                if v.device_id in reserved:
+                    v.available = False
         items = [self.queue_item(r) for r in self.waiting.values()]
         self.ensure_homes(items, views, now, out)
         if self.tconfig.rehome_idle and self._rehome_idle(items, views, now, out):
@@ -492,7 +507,9 @@ class TridentPolicy(PlacedPolicy):
                 )
             elif reqs:
                 out.append(self.issue(reqs[0], a.stages, a.devices, now, a.task_end))
-        out.extend(plan_preemptions(self, now, self.tconfig.preempt))
+        out.extend(plan_preemptions(self, now, pcfg))
+        if pcfg.widen and pcfg.enabled:
+            out.extend(plan_widening(self, now, pcfg, by_id, self._held_devices()))
         if res.variables or self.tconfig.log_empty_rounds:
             out.append(
                 LogEvent(
@@ -508,6 +525,10 @@ class TridentPolicy(PlacedPolicy):
                 )
             )
         return out
+
+    def _held_devices(self) -> dict[str, str]:
+        """Device -> the request the dispatcher holds it for."""
+        return {d: rid for rid, (grp, _) in self.dispatcher._held.items() for d in grp}
 
     def extra_home_protected(self, now: float) -> frozenset[str]:
         """Every model with arrivals in the monitor's window. With several models
