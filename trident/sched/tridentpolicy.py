@@ -454,9 +454,7 @@ class TridentPolicy(PlacedPolicy):
             out.extend(resume_widened(self, now, pcfg))
         if not self.waiting:
             if pcfg.widen and pcfg.enabled and self.tasks:
-                views = self.device_views(now)
-                by_dev = {v.device_id: v for v in views}
-                out.extend(plan_widening(self, now, pcfg, by_dev, self._held_devices()))
+                out.extend(plan_widening(self, now, pcfg, self._held_devices()))
             return out
         views = self.device_views(now)
         if not views:
@@ -509,7 +507,7 @@ class TridentPolicy(PlacedPolicy):
                 out.append(self.issue(reqs[0], a.stages, a.devices, now, a.task_end))
         out.extend(plan_preemptions(self, now, pcfg))
         if pcfg.widen and pcfg.enabled:
-            out.extend(plan_widening(self, now, pcfg, by_id, self._held_devices()))
+            out.extend(plan_widening(self, now, pcfg, self._held_devices()))
         if res.variables or self.tconfig.log_empty_rounds:
             out.append(
                 LogEvent(

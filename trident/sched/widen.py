@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from trident.sched.cost import batch_peak_bytes, efficient_degrees
-from trident.sched.dispatcher import DeviceView, _aligned
+from trident.sched.dispatcher import _aligned
 from trident.sched.placed import _DIFFUSE
 from trident.sched.types import Command, LogEvent, Stage
 
@@ -101,24 +101,24 @@ def plan_widening(
     policy: TridentPolicy,
     now: float,
     cfg: PreemptConfig,
-    views: Mapping[str, DeviceView],
     held: Mapping[str, str],
 ) -> list[Command]:
     """Pauses of running diffuses that resume wider on idle devices beside them.
-    ``views``: this round's device views (memory room, planned stages); ``held``:
-    device -> the waiting request the dispatcher holds it for (not widened onto)."""
+    ``held``: device -> the waiting request the dispatcher holds it for (not widened
+    onto)."""
     if not cfg.enabled or not cfg.widen:
         return []
     reserved = widen_reserved(policy)
     idle: dict[str, dict[int, str]] = {}
     for d, st in policy.devices.items():
-        if st.up and not st.inflight and d not in reserved and d in views:
+        if st.up and not st.inflight and d not in reserved and policy.graph.is_up(d):
             idle.setdefault(st.info.node_id, {})[st.info.index] = d
     if not idle:
         return []
     # Models with a request waiting for encode or diffuse: their idle devices may be
     # waited for (a group about to form): only a diffuse that would be late widens there.
-    queued = {r.spec.model for r in policy.waiting.values() if r.next_stage <= _DIFFUSE}
+    # (Found on first need: under overload thousands wait.)
+    queued: set[str] | None = None
     options: list[tuple[float, str, tuple[str, ...]]] = []
     for task_id, task in policy.tasks.items():
         cmd = task.cmd
@@ -137,8 +137,10 @@ def plan_widening(
         if any(policy.devices[d].inflight != [task_id] for d in cmd.devices):
             continue  # something queued behind it would run first
         here = {i: d for i, d in idle[first.info.node_id].items() if d not in held}
+        if queued is None:
+            queued = {r.spec.model for r in policy.waiting.values() if r.next_stage <= _DIFFUSE}
         late_only = not cfg.widen_on_time_while_queued and req.spec.model in queued
-        got = _wider(policy, cfg, task, req, here, views, now, late_only)
+        got = _wider(policy, cfg, task, req, here, now, late_only)
         if got is not None:
             options.append((-got[0], req.request_id, got[1]))
     if not options:
@@ -181,7 +183,6 @@ def _wider(
     task: TaskState,
     req: RequestState,
     idle_here: Mapping[int, str],
-    views: Mapping[str, DeviceView],
     now: float,
     late_only: bool,
 ) -> tuple[float, tuple[str, ...]] | None:
@@ -223,18 +224,19 @@ def _wider(
             grp = tuple(members)
             if not mine.issubset(grp):
                 continue
-            if all(_can_join(views.get(d), model, peak, d in mine) for d in grp):
+            if all(d in mine or _can_join(policy, d, model, peak) for d in grp):
                 best = (saved, grp)
                 break
     return best
 
 
-def _can_join(v: DeviceView | None, model: str, peak: int, member: bool) -> bool:
-    """A device of the wider group: plans and holds the model's diffuse (no load) and,
-    unless already running V, has room for the wider degree's peak."""
+def _can_join(policy: TridentPolicy, dev: str, model: str, peak: int) -> bool:
+    """An idle device joins the wider group if its plan has the model's diffuse, the
+    weights are resident (no load), and its memory beside its planned weights has room
+    for the wider degree's peak."""
+    st = policy.devices[dev]
     return (
-        v is not None
-        and "diffuse" in v.holds.get(model, frozenset())
-        and v.load(model, "diffuse") <= 0
-        and (member or v.free_memory >= peak)
+        "diffuse" in policy.graph.placement(dev).get(model, frozenset())
+        and (model, "diffuse") in st.holds
+        and st.info.memory_bytes - policy.weights_on(dev) >= peak
     )
