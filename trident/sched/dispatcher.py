@@ -407,10 +407,10 @@ class Dispatcher:
         size = self.cost.output_bytes(item.family, "diffuse", item.shape)
         src = item.input_device
         src_node = next((d.node_id for d in devices if d.device_id == src), None)
+        peak = item.bytes_scale * self.cost.stage_peak_bytes(item.family, "decode", item.shape)
         for d in devices:
             if not d.available or "decode" not in d.holds.get(item.model, frozenset()):
                 continue
-            peak = item.bytes_scale * self.cost.stage_peak_bytes(item.family, "decode", item.shape)
             if peak > d.free_memory:
                 continue
             xfer = 0.0

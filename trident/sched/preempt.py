@@ -295,13 +295,16 @@ def _best_swap(
     supported = supported_degrees(policy.cost, req.family, shape, info.max_degree) or (1,)
     best: tuple[float, _Victim, tuple[str, ...], tuple[Stage, ...], float] | None = None
     runs: dict[int, float] = {}
+    degree_for: dict[int, int] = {}  # group size -> R's degree there
     for v in victims:
         group = v.group
         # R takes the victim's whole group where its shape supports that degree: the
         # paused devices would idle otherwise, R ends (and the victim resumes) sooner,
         # and the group frees as one, so the victim can resume at its own degree.
-        ks = [k for k in supported if k <= len(group) and len(group) % k == 0]
-        k = max(ks, default=1)
+        n = len(group)
+        k = degree_for.get(n, 0)
+        if not k:
+            k = degree_for[n] = max((k for k in supported if k <= n and n % k == 0), default=1)
         run = runs.get(k)
         if run is None:
             run = runs[k] = sum(

@@ -49,6 +49,7 @@ from trident.sched.types import (
     LogEvent,
     ModelInfo,
     RequestArrived,
+    Shape,
     Stage,
     TaskFinished,
     Tick,
@@ -470,9 +471,16 @@ class TridentPolicy(PlacedPolicy):
             views = self.device_views(now)
         by_id = {v.device_id: v for v in views}
         # Decode follows diffuse.
+        # (model, shape) with no decode device free this round: issuing only takes
+        # devices, so it stays so for the round (under a 3x overload ~20 decodes waited
+        # per round, each scanning every device).
+        no_decode: set[tuple[str, Shape]] = set()
         for it in sorted((i for i in items if i.next_stage == "decode"), key=lambda i: i.deadline):
+            if (it.model, it.shape) in no_decode:
+                continue
             a = self.dispatcher.follow_decode(it, views, now)
             if a is None:
+                no_decode.add((it.model, it.shape))
                 continue
             out.append(
                 self.issue(self.requests[it.request_id], a.stages, a.devices, now, a.task_end)
