@@ -967,7 +967,9 @@ class Dispatcher:
             by_dev: dict[str, list[int]] = {}
             for j, c in enumerate(cands):
                 by_req.setdefault(c.item.request_id, []).append(j)
-                for d in set(c.group) | set(c.devices):
+                # In a fixed order (not a set's, which follows PYTHONHASHSEED): the
+                # constraints' order decides among equal plans within the node budget.
+                for d in dict.fromkeys((*c.group, *c.devices)):
                     by_dev.setdefault(d, []).append(j)
             for js in by_req.values():
                 if len(js) > 1:
