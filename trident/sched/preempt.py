@@ -44,6 +44,7 @@ from trident.sched.cost import (
 from trident.sched.dispatcher import _aligned
 from trident.sched.placed import _DIFFUSE
 from trident.sched.types import Command, LogEvent, Stage
+from trident.sched.widen import widen_reserved
 
 if TYPE_CHECKING:  # pragma: no cover
     from trident.sched.core import RequestState, TaskState
@@ -138,7 +139,7 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     source = policy.load_sources()
     # Devices with no task may complete a group pause (re-checked at use: this round's
     # pauses issue tasks).
-    reserved = {d for grp in policy._widen.values() for d in grp}
+    reserved = widen_reserved(policy)
     idle = [
         d
         for d, st in policy.devices.items()

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from trident.sched.cost import batch_peak_bytes, efficient_degrees
+from trident.sched.cost import efficient_degrees, model_peak_bytes
 from trident.sched.dispatcher import _aligned
 from trident.sched.placed import _DIFFUSE
 from trident.sched.types import Command, LogEvent, Stage
@@ -79,8 +79,13 @@ def resume_widened(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> lis
         k = len(group)
         secs = policy.cost.stage_seconds(req.family, "diffuse", req.spec.shape, k)
         end = now + cfg.chunk_overhead_s + secs * req.remaining_diffuse_fraction
-        if (model, "decode") in lead.holds and "decode" in policy.graph.placement(group[0]).get(
-            model, frozenset()
+        # Decode merged where the leader holds it and has room for its peak (as the
+        # dispatcher merges it).
+        if (
+            (model, "decode") in lead.holds
+            and "decode" in policy.graph.placement(group[0]).get(model, frozenset())
+            and lead.info.memory_bytes - policy.weights_on(group[0])
+            >= model_peak_bytes(policy.cost, policy.models[model], "decode", req.spec.shape)
         ):
             stages = ("diffuse", "decode")
             end += policy.cost.stage_seconds(req.family, "decode", req.spec.shape, 1)
@@ -226,7 +231,7 @@ def _wider(
         saved = left - (step_s + cfg.chunk_overhead_s + rest)
         if saved < cfg.widen_min_gain_s or (best is not None and saved <= best[0]):
             continue
-        peak = batch_peak_bytes(cost, family, "diffuse", shape, kk, 1)
+        peak = model_peak_bytes(cost, info, "diffuse", shape, kk)
         for members in _aligned(pool, kk):
             grp = tuple(members)
             if not mine.issubset(grp):
