@@ -44,7 +44,7 @@ from trident.sched.cost import (
 from trident.sched.dispatcher import _aligned
 from trident.sched.placed import _DIFFUSE
 from trident.sched.types import Command, LogEvent, Stage
-from trident.sched.widen import widen_reserved
+from trident.sched.widen import idle_devices
 
 if TYPE_CHECKING:  # pragma: no cover
     from trident.sched.core import RequestState, TaskState
@@ -139,12 +139,7 @@ def plan_preemptions(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> l
     source = policy.load_sources()
     # Devices with no task may complete a group pause (re-checked at use: this round's
     # pauses issue tasks).
-    reserved = widen_reserved(policy)
-    idle = [
-        d
-        for d, st in policy.devices.items()
-        if st.up and not st.inflight and policy.graph.is_up(d) and d not in reserved
-    ]
+    idle = idle_devices(policy)
     out: list[Command] = []
     for _, req, _alone in urgent:  # deadline order
         if len(out) >= 3 * cfg.max_per_round or not victims:

@@ -46,12 +46,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from trident.sched.preempt import PreemptConfig
     from trident.sched.tridentpolicy import TridentPolicy
 
-__all__ = ["plan_widening", "resume_widened", "widen_reserved"]
+__all__ = ["idle_devices", "plan_widening", "resume_widened", "widen_reserved"]
 
 
 def widen_reserved(policy: TridentPolicy) -> set[str]:
     """Devices reserved for a widened diffuse's resume."""
     return {d for grp in policy._widen.values() for d in grp}
+
+
+def idle_devices(policy: TridentPolicy) -> list[str]:
+    """Up devices with no task that no widened diffuse has reserved (what a group pause
+    or a widening may take)."""
+    reserved = widen_reserved(policy)
+    return [
+        d
+        for d, st in policy.devices.items()
+        if st.up and not st.inflight and d not in reserved and policy.graph.is_up(d)
+    ]
 
 
 def resume_widened(policy: TridentPolicy, now: float, cfg: PreemptConfig) -> list[Command]:
@@ -116,11 +127,10 @@ def plan_widening(
     onto)."""
     if not cfg.enabled or not cfg.widen:
         return []
-    reserved = widen_reserved(policy)
     idle: dict[str, dict[int, str]] = {}
-    for d, st in policy.devices.items():
-        if st.up and not st.inflight and d not in reserved and policy.graph.is_up(d):
-            idle.setdefault(st.info.node_id, {})[st.info.index] = d
+    for d in idle_devices(policy):
+        info = policy.devices[d].info
+        idle.setdefault(info.node_id, {})[info.index] = d
     if not idle:
         return []
     # Models with a request waiting for encode or diffuse: their idle devices may be
@@ -139,8 +149,6 @@ def plan_widening(
             continue
         req = policy.requests.get(cmd.request_id)
         if req is None or req.cancelled or req.preemptions >= cfg.max_preemptions:
-            continue
-        if req.request_id in policy._widen:
             continue
         if any(policy.devices[d].inflight != [task_id] for d in cmd.devices):
             continue  # something queued behind it would run first
